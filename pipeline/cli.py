@@ -1,0 +1,204 @@
+"""`pipeline` command line: one subcommand per stage, plus data, status and summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config, parse_overrides
+from pipeline.data import DataError
+from pipeline.settings import Settings
+
+MLFLOW_UI_HINT = "make mlflow-ui   (or: .venv/bin/mlflow ui --backend-store-uri {uri})"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", type=Path, help="params file (default: params.yaml in the project)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. --set train.optimizer.name=adam (repeatable)",
+    )
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise DataError(f"{path} not found; run `pipeline {what}` first")
+    return json.loads(path.read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="materialize and version a dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pull = data_sub.add_parser("pull", help="write the dataset to data/, dvc add + push it")
+    _common(pull)
+    pull.add_argument("--dataset", help="digits | mnist | fashion_mnist | cifar10 | imagefolder")
+    pull.add_argument("--source-dir", type=Path, help="raw files / class folders (data.source_dir)")
+
+    for name, text in (
+        ("check-data", "check data/ is present and matches data.dvc"),
+        ("validate", "run the Great Expectations suite; write Data Docs"),
+        ("train", "train on validated data; log to MLflow"),
+    ):
+        _common(sub.add_parser(name, help=text))
+    for name, text in (
+        ("evaluate", "score the trained model on the test split"),
+        ("register", "register the model; promote it if it passes the gate"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--run-id", help="MLflow run (default: the one in outputs/train.json)")
+
+    status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    try:
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from pipeline.train import TrainingDiverged
+        from pipeline.validate import ValidationFailed
+
+        if isinstance(exc, ValidationFailed | TrainingDiverged):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline import stages
+
+    if args.command == "status":
+        return _status(settings, args.json)
+    if args.command == "summary":
+        return _summary(settings)
+    overrides = parse_overrides(args.overrides)
+    if getattr(args, "dataset", None):
+        overrides["base.dataset"] = args.dataset
+    if getattr(args, "source_dir", None):
+        overrides["data.source_dir"] = str(args.source_dir.resolve())
+    cfg = load_config(args.params or settings.params, overrides)
+
+    if args.command == "data":
+        from pipeline.data import materialize
+
+        source = Path(cfg.data.source_dir) if cfg.data.source_dir else None
+        md5 = materialize(
+            cfg.base.dataset,
+            settings.root,
+            settings.data_dir,
+            source,
+            cfg.data.download,
+            cfg.data.test_fraction,
+            cfg.data.image_size,
+        )
+        print(json.dumps({"dataset": cfg.base.dataset, "data_md5": md5}))
+        return 0
+    if args.command == "check-data":
+        result = stages.check_data_stage(cfg, settings)
+    elif args.command == "validate":
+        result = stages.validate_stage(cfg, settings)
+    elif args.command == "train":
+        validation = _read_json(settings.outputs / "validation.json", "validate")
+        result = stages.train_stage(cfg, settings, validation)
+    else:
+        run_id = args.run_id or _read_json(settings.outputs / "train.json", "train")["run_id"]
+        stage = stages.evaluate_stage if args.command == "evaluate" else stages.register_stage
+        result = stage(cfg, settings, run_id)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _client(settings: Settings):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    return MlflowClient()
+
+
+def _status(settings: Settings, as_json: bool) -> int:
+    from pipeline.registry import model_status
+
+    models = model_status(_client(settings))
+    if as_json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print("no registered models yet; run `make run`")
+    for model in models:
+        print(model["name"])
+        for v in reversed(model["versions"]):
+            acc = "-" if v["test_accuracy"] is None else f"{v['test_accuracy']:.4f}"
+            aliases = ",".join(v["aliases"]) or "-"
+            print(
+                f"  v{v['version']:<3} {aliases:<22} test_accuracy {acc}  "
+                f"data {v['dataset']}@{v['data_md5']}  run {v['run_id']}"
+            )
+    return 0
+
+
+def _summary(settings: Settings) -> int:
+    """The latest run's data version, validation, accuracy, and its registered version."""
+    from pipeline.registry import model_status
+
+    client = _client(settings)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        print("no runs yet; run `make run`")
+        return 1
+    run = runs[0]
+    tags, metrics = run.data.tags, run.data.metrics
+    registered = [
+        (m["name"], v)
+        for m in model_status(client)
+        for v in m["versions"]
+        if v["run_id"] == run.info.run_id
+    ]
+    print("\n=== pipeline run summary ===")
+    print(f"run            {run.info.run_name} ({run.info.run_id}, {run.info.status})")
+    print(f"data version   {tags.get('data.dataset')} md5 {tags.get('data.md5')}")
+    print(
+        f"validation     {'passed' if tags.get('validation.success') == 'true' else 'FAILED'} "
+        f"({tags.get('validation.evaluated')} expectations)"
+    )
+    print(
+        f"test accuracy  {metrics.get('test_accuracy', float('nan')):.4f}"
+        f"   macro-F1 {metrics.get('test_macro_f1', float('nan')):.4f}"
+    )
+    for name, v in registered:
+        aliases = ", ".join(v["aliases"]) or "-"
+        print(f"registered     {name} version {v['version']} aliases: {aliases}")
+    if not registered:
+        print("registered     (not registered)")
+    print(f"MLflow UI      {MLFLOW_UI_HINT.format(uri=settings.tracking_uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Typed configuration loaded from params.yaml plus `key=value` overrides.
+
+Every block rejects unknown keys, wrong types and impossible values before any work starts, and
+the error names the offending key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
+ModelName = Literal["mlp", "cnn"]
+OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
+ScheduleName = Literal["constant", "exponential", "step", "multistep", "cosine", "onecycle"]
+
+
+class ConfigError(ValueError):
+    """params.yaml or an override is invalid; retrying will not help."""
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseConfig(_Block):
+    seed: int = 42
+    dataset: DatasetName = "digits"
+
+
+class DataConfig(_Block):
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    source_dir: str | None = None  # raw files (mnist/cifar) or class folders (imagefolder)
+    download: bool = True
+    image_size: int | None = Field(None, ge=4)  # imagefolder only: resize to a square
+
+
+class ValidateConfig(_Block):
+    min_rows_per_split: int = Field(50, ge=1)
+    pixel_min: float = 0
+    pixel_max: float = 255
+
+
+class ModelConfig(_Block):
+    name: ModelName = "cnn"
+    hidden: int = Field(128, ge=1)  # MLP hidden width / CNN base channel count x 4
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class OptimizerConfig(_Block):
+    name: OptimizerName = "adamw"
+    lr: float = Field(0.003, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov: true needs name: sgd and momentum > 0")
+        return self
+
+
+class ScheduleConfig(_Block):
+    name: ScheduleName = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warmup from 0, in (fractional) epochs
+    gamma: float = Field(0.5, gt=0, le=1)  # exponential (per epoch), step, multistep
+    step_size: int = Field(5, ge=1)  # step: epochs between decays
+    milestones: list[int] = Field(default_factory=lambda: [10, 15])  # multistep: epochs
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
+    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: share of steps spent rising
+    div_factor: float = Field(25.0, ge=1)  # onecycle: start lr = lr / div_factor
+    final_div_factor: float = Field(1e4, ge=1)  # onecycle: end lr = start lr / final_div_factor
+
+
+class TrainConfig(_Block):
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # carved from train; test stays untouched
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_bad_steps: int = Field(3, ge=1)  # consecutive NaN/Inf losses before giving up
+
+
+class RegisterConfig(_Block):
+    model_name: str = Field("image-classifier", min_length=1)
+    metric: Literal["test_accuracy", "test_macro_f1"] = "test_accuracy"
+    floor: float = Field(0.9, ge=0, le=1)  # a model below this is never champion
+
+
+class TrackingConfig(_Block):
+    experiment: str = Field("image-classifier", min_length=1)
+
+
+class Config(_Block):
+    base: BaseConfig = BaseConfig()
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    train: TrainConfig = TrainConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    tracking: TrackingConfig = TrackingConfig()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params (one compare-view column per key)."""
+        return _flatten(self.to_dict())
+
+    def params_hash(self) -> str:
+        """Hash of what determines the trained model (tracking/register do not)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k in ("base", "data", "train")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.epochs=3", "train.optimizer.name=sgd"]` -> {"train.epochs": 3, ...}."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE (e.g. train.epochs=5)")
+        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return overrides
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load params.yaml, apply dotted-key overrides and validate the result."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found; run from the project root or pass --params") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of blocks (base, data, train, ...)")
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    raw = json.loads(json.dumps(raw))  # deep copy; overrides must not leak into the caller's dict
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a block")
+        node = child
+    node[leaf] = value
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(err["loc"][:-1]))
+            lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None
+        )
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def allowed_values(literal: Any) -> tuple[str, ...]:
+    return get_args(literal)

@@ -1,0 +1,87 @@
+"""DVC helpers: the data version in data.dvc, integrity of data/ against it, pull, add, push.
+
+`dvc repro` would silently re-hash and commit changed data, so the pipeline checks data/ against
+data.dvc itself and refuses to go on when they differ.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from pipeline.data.store import DataError
+
+POINTER = "data.dvc"
+
+
+def recorded_md5(repo_root: Path) -> str:
+    """The directory md5 that data.dvc pins (e.g. `0a60....dir`)."""
+    path = Path(repo_root) / POINTER
+    if not path.exists():
+        raise DataError(f"{path} not found; run `pipeline data pull` to create the first version")
+    try:
+        return yaml.safe_load(path.read_text())["outs"][0]["md5"]
+    except (KeyError, IndexError, TypeError, yaml.YAMLError):
+        raise DataError(
+            f"{path} has no outs[0].md5; restore it with `git checkout {POINTER}`"
+        ) from None
+
+
+@contextmanager
+def _repo(repo_root: Path):
+    from dvc.repo import Repo
+
+    repo = Repo(str(repo_root))
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def differences(repo_root: Path) -> list[str]:
+    """Files of data/ that differ from data.dvc ('modified: data/x.npy'); empty when in sync."""
+    with _repo(repo_root) as repo:
+        status = repo.data_status(granular=True, untracked_files="no")
+    changes = status.get("uncommitted", {})
+    return [f"{kind}: {p}" for kind, paths in sorted(changes.items()) for p in paths]
+
+
+def verify(repo_root: Path, data_dir: Path) -> str:
+    """Return the data md5 if data/ matches data.dvc, else raise with what differs and the fixes."""
+    md5 = recorded_md5(repo_root)
+    if not Path(data_dir).exists():
+        raise DataError(f"{data_dir} is missing; run `dvc pull` (or `pipeline data pull`)")
+    diff = differences(repo_root)
+    if diff:
+        raise DataError(
+            f"{data_dir} does not match {POINTER} (md5 {md5}); refusing to use untracked data:\n  "
+            + "\n  ".join(diff)
+            + "\nFix: `dvc checkout data.dvc` to restore the tracked version, or "
+            "`dvc add data && git commit data.dvc` to record this as a new version."
+        )
+    return md5
+
+
+def pull(repo_root: Path) -> None:
+    """Fetch data/ from the DVC remote; a clear error when no remote has this version."""
+    from dvc.exceptions import DvcException
+
+    with _repo(repo_root) as repo:
+        try:
+            repo.pull(targets=[POINTER])
+        except DvcException as exc:
+            raise DataError(
+                f"data version {recorded_md5(repo_root)} is not in the local cache or the DVC "
+                f"remote ({exc}); regenerate it with `pipeline data pull --dataset NAME`, or "
+                "`dvc push` it from a machine that has it"
+            ) from None
+
+
+def add_and_push(repo_root: Path, data_dir: Path) -> str:
+    """Record data/ as the current version in data.dvc and store it in the default remote."""
+    with _repo(repo_root) as repo:
+        repo.add(str(Path(data_dir).relative_to(repo_root)))
+        repo.push(targets=[POINTER])
+    return recorded_md5(repo_root)

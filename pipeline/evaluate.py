@@ -1,0 +1,87 @@
+"""Evaluation: metrics on the untouched test split, confusion matrix and learning-curve plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    x = torch.as_tensor(images, dtype=torch.float32)
+    return torch.cat(
+        [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    ).numpy()
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, preds), 1)
+    return matrix
+
+
+def metrics(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Accuracy, macro-F1 and per-class precision/recall (0 where a class is never predicted)."""
+    cm = confusion(labels, preds, len(classes))
+    tp = np.diag(cm).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / cm.sum(0))
+        recall = np.nan_to_num(tp / cm.sum(1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    out = {"test_accuracy": float(tp.sum() / cm.sum()), "test_macro_f1": float(f1.mean())}
+    for i, name in enumerate(classes):
+        out[f"test_precision.{name}"] = float(precision[i])
+        out[f"test_recall.{name}"] = float(recall[i])
+    return out
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.5 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(
+        xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true"
+    )
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    for (i, j), n in np.ndenumerate(cm):
+        ax.text(
+            j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black"
+        )
+    ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / cm.sum():.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for split in ("train", "val"):
+        if f"{split}_loss" in history[0]:
+            loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
+            acc_ax.plot(epochs, [h[f"{split}_accuracy"] for h in history], label=split)
+    lr_ax.plot(epochs, [h["lr"] for h in history])
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "learning rate")):
+        ax.set(title=title, xlabel="epoch")
+    loss_ax.legend()
+    acc_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,40 @@
+"""Where things live: resolved once by a wrapper (CLI or DAG task) and passed to the stages."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path  # the project checkout (params.yaml, data.dvc, dvc.yaml)
+    tracking_uri: str  # MLflow tracking + registry
+    artifact_root: str  # where new MLflow experiments store artifacts
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @classmethod
+    def from_env(cls, root: str | Path | None = None) -> Settings:
+        """Defaults: the checkout around this package, MLflow on SQLite inside it (git-ignored).
+
+        PIPELINE_ROOT, MLFLOW_TRACKING_URI and MLFLOW_ARTIFACT_ROOT point a deployment elsewhere.
+        """
+        root = Path(root or os.environ.get("PIPELINE_ROOT") or Path(__file__).parents[1]).resolve()
+        store = root / ".mlflow"
+        return cls(
+            root=root,
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}/mlflow.db",
+            artifact_root=os.environ.get("MLFLOW_ARTIFACT_ROOT") or (store / "artifacts").as_uri(),
+        )

@@ -1,0 +1,202 @@
+"""The five stages as plain functions `(config, settings, inputs) -> small JSON-able dict`.
+
+The CLI, dvc.yaml and the Airflow DAG all call these, so the three ways to run give the same
+results. What one stage hands the next is a reference (data md5, MLflow run id), never data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.data import DataError, check_data, read_dataset
+from pipeline.data.store import read_meta
+from pipeline.settings import Settings
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Atomic, so a crash never leaves a half-written hand-off file for the next stage."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def check_data_stage(cfg: Config, settings: Settings) -> dict:
+    return check_data(cfg.base.dataset, settings.root, settings.data_dir)
+
+
+def validate_stage(cfg: Config, settings: Settings) -> dict:
+    """Validate data/ (which must match data.dvc); raise `ValidationFailed` on any failure."""
+    from pipeline.validate import ValidationFailed, validate_dataset
+
+    data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
+    ds = read_dataset(settings.data_dir)
+    report = validate_dataset(
+        ds, read_meta(settings.data_dir), cfg.validate_, settings.outputs / "gx"
+    )
+    result = {**report.to_dict(), "data_md5": data["data_md5"], "dataset": ds.name}
+    _write_json(settings.outputs / "validation.json", result)
+    print(report.describe())
+    if not report.success:
+        raise ValidationFailed(report)
+    return result
+
+
+def train_stage(
+    cfg: Config, settings: Settings, validation: dict, airflow: dict | None = None
+) -> dict:
+    """Train on validated, tracked data and log everything to a new MLflow run."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    from pipeline import lineage, registry
+    from pipeline.train import fit
+
+    data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
+    if not validation.get("success") or validation.get("data_md5") != data["data_md5"]:
+        raise DataError(
+            f"data version {data['data_md5']} has not passed validation (last validated: "
+            f"{validation.get('data_md5')}, success={validation.get('success')}); "
+            "run `pipeline validate` first"
+        )
+    ds = read_dataset(settings.data_dir)
+    registry.configure(settings, cfg.tracking.experiment)
+    tags = lineage.collect(settings.root, cfg, data["data_md5"], airflow)
+    tags.update(
+        {
+            "validation.success": "true",
+            "validation.evaluated": str(validation.get("evaluated")),
+            "data.train_rows": str(len(ds.train.labels)),
+            "data.test_rows": str(len(ds.test.labels)),
+        }
+    )
+    run_name = (
+        f"{ds.name}-{cfg.train.model.name}-{cfg.train.optimizer.name}-{cfg.train.schedule.name}"
+    )
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params(cfg.flat())
+        mlflow.log_dict(cfg.to_dict(), "config.json")
+        docs = Path(validation.get("docs", "")).parent
+        if docs.is_dir():
+            mlflow.log_artifacts(str(docs), "data_docs")
+
+        def log_epoch(row: dict) -> None:
+            step = row["epoch"]
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
+
+        result = fit(cfg.train, ds.train, ds.classes, cfg.base.seed, on_epoch=log_epoch)
+        mlflow.log_dict({"history": result.history}, "history.json")
+        registry.log_weights(result.model, result.spec)
+        example = ds.test.images[:4].astype("float32")
+        with torch.no_grad():
+            signature = infer_signature(example, result.model(torch.from_numpy(example)).numpy())
+        info = mlflow.pytorch.log_model(
+            result.model,
+            name="model",
+            input_example=example,
+            signature=signature,
+            serialization_format="pt2",
+        )
+        mlflow.set_tag("model_uri", info.model_uri)
+    out = {"run_id": run.info.run_id, "model_uri": info.model_uri, "data_md5": data["data_md5"]}
+    _write_json(settings.outputs / "train.json", out)
+    return out
+
+
+def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
+    """Score the run's model on the test split; metrics + plots to MLflow and outputs/."""
+    import mlflow
+
+    from pipeline import evaluate, registry
+
+    data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
+    ds = read_dataset(settings.data_dir)
+    registry.configure(settings, cfg.tracking.experiment)
+    model, _ = registry.load_weights(run_id)
+    preds = evaluate.predict(model, ds.test.images)
+    scores = evaluate.metrics(ds.test.labels, preds, ds.classes)
+    plots = settings.outputs / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    cm = evaluate.confusion(ds.test.labels, preds, len(ds.classes))
+    history = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")["history"]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(scores)
+        mlflow.log_artifact(
+            str(evaluate.plot_confusion(cm, ds.classes, plots / "confusion_matrix.png")), "plots"
+        )
+        mlflow.log_artifact(
+            str(evaluate.plot_learning_curves(history, plots / "learning_curves.png")), "plots"
+        )
+    summary = {
+        "test_accuracy": scores["test_accuracy"],
+        "test_macro_f1": scores["test_macro_f1"],
+        "data_md5": data["data_md5"],
+    }
+    _write_json(settings.outputs / "metrics.json", {**scores, "data_md5": data["data_md5"]})
+    return {"run_id": run_id, **summary}
+
+
+def register_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
+    """Register the run's model (idempotent), alias it challenger, promote through the gate."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import evaluate, registry
+
+    registry.configure(settings, cfg.tracking.experiment)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    name, metric = cfg.register_.model_name, cfg.register_.metric
+    if metric not in run.data.metrics:
+        raise RuntimeError(f"run {run_id} has no {metric}; run `pipeline evaluate` first")
+    score = run.data.metrics[metric]
+    version = registry.find_version(client, name, run_id)
+    if version is None:
+        tags = {
+            k: run.data.tags[k]
+            for k in ("data.md5", "data.dataset", "params.hash", "git.commit")
+            if k in run.data.tags
+        }
+        version = mlflow.register_model(
+            run.data.tags["model_uri"], name, tags={**tags, metric: str(score)}
+        )
+    client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+
+    champion = registry.champion_version(client, name)
+    champion_score = None
+    if champion is not None and champion.version != version.version:
+        # Re-score the champion on this run's test data so the comparison is fair.
+        ds = read_dataset(settings.data_dir)
+        model, spec = registry.load_weights(champion.run_id)
+        if list(spec["shape"]) == list(ds.shape) and spec["classes"] == ds.classes:
+            preds = evaluate.predict(model, ds.test.images)
+            champion_score = evaluate.metrics(ds.test.labels, preds, ds.classes)[metric]
+        else:
+            champion_score = float(
+                "-inf"
+            )  # trained for other inputs/classes: cannot serve this data
+    if champion is not None and champion.version == version.version:
+        decision = registry.Decision(True, "already champion (task retried)")
+    else:
+        decision = registry.decide(score, champion_score, cfg.register_.floor, metric)
+    if decision.promote:
+        client.set_registered_model_alias(name, registry.CHAMPION, version.version)
+    client.set_model_version_tag(name, version.version, "promotion.decision", decision.reason)
+    aliases = [
+        a
+        for a, v in client.get_registered_model(name).aliases.items()
+        if str(v) == str(version.version)
+    ]
+    out = {
+        "model_name": name,
+        "version": int(version.version),
+        "aliases": sorted(aliases),
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        metric: score,
+    }
+    _write_json(settings.outputs / "registered.json", out)
+    return out
