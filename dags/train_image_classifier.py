@@ -1,0 +1,167 @@
+"""Train, evaluate and register an image classifier: check_data -> validate -> train -> evaluate -> register.
+
+Wiring only: the stage functions live in `pipeline.stages` and are imported inside the task bodies,
+so parsing this file never imports torch, MLflow or Great Expectations. Tasks hand each other
+small JSON (resolved config, data md5, MLflow run id), so each may run on a different worker.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+import yaml
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
+SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")
+
+
+def _defaults() -> dict:
+    """The trigger form starts from params.yaml, so an unchanged form reproduces a scheduled run."""
+    try:
+        params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        params = {}  # the first task reports the broken file with a proper message
+    base, train = params.get("base", {}), params.get("train", {})
+    return {
+        "dataset": base.get("dataset", "digits"),
+        "model": train.get("model", {}).get("name", "cnn"),
+        "optimizer": train.get("optimizer", {}).get("name", "adamw"),
+        "lr": train.get("optimizer", {}).get("lr", 0.003),
+        "schedule": train.get("schedule", {}).get("name", "cosine"),
+        "epochs": train.get("epochs", 12),
+        "batch_size": train.get("batch_size", 64),
+    }
+
+
+# Form field -> params.yaml key; run params override params.yaml through these.
+PARAM_KEYS = {
+    "dataset": "base.dataset",
+    "model": "train.model.name",
+    "optimizer": "train.optimizer.name",
+    "lr": "train.optimizer.lr",
+    "schedule": "train.schedule.name",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+}
+DEFAULTS = _defaults()
+
+
+@contextmanager
+def _stage_errors():
+    """Bad config, bad or untracked data and divergence will not fix themselves: fail, no retry."""
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.train import TrainingDiverged
+    from pipeline.validate import ValidationFailed
+
+    try:
+        yield
+    except (ConfigError, DataError, ValidationFailed, TrainingDiverged) as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _settings():
+    from pipeline.settings import Settings
+
+    return Settings.from_env(PROJECT_ROOT)
+
+
+def _config(config: dict):
+    from pipeline.config import config_from_dict
+
+    return config_from_dict(config)
+
+
+@dag(
+    dag_id="train_image_classifier",
+    description="DVC data -> GX validation -> PyTorch training -> evaluation -> MLflow registry",
+    schedule=SCHEDULE,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["ml", "training", "mlflow"],
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    doc_md=__doc__,
+    params={
+        "dataset": Param(
+            DEFAULTS["dataset"],
+            enum=["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"],
+            description="must match the data version in data.dvc",
+        ),
+        "model": Param(DEFAULTS["model"], enum=["mlp", "cnn"]),
+        "optimizer": Param(DEFAULTS["optimizer"], enum=["sgd", "adam", "adamw", "rmsprop"]),
+        "lr": Param(DEFAULTS["lr"], type="number", exclusiveMinimum=0),
+        "schedule": Param(
+            DEFAULTS["schedule"],
+            enum=["constant", "exponential", "step", "multistep", "cosine", "onecycle"],
+        ),
+        "epochs": Param(DEFAULTS["epochs"], type="integer", minimum=1),
+        "batch_size": Param(DEFAULTS["batch_size"], type="integer", minimum=1),
+    },
+)
+def train_image_classifier():
+    @task
+    def check_data() -> dict:
+        """Resolve params.yaml + run params; check data/ is present and matches data.dvc."""
+        from pipeline.config import load_config
+        from pipeline.stages import check_data_stage
+
+        settings = _settings()
+        run_params = get_current_context()["params"]
+        overrides = {key: run_params[name] for name, key in PARAM_KEYS.items() if name in run_params}
+        with _stage_errors():
+            cfg = load_config(settings.params, overrides)
+            data = check_data_stage(cfg, settings)
+        return {"config": cfg.to_dict(), **data}
+
+    @task
+    def validate(checked: dict) -> dict:
+        """Great Expectations suite per split; a failure stops the run before training."""
+        from pipeline.stages import validate_stage
+
+        with _stage_errors():
+            return validate_stage(_config(checked["config"]), _settings())
+
+    @task
+    def train(checked: dict, validation: dict) -> dict:
+        """Train on the validated data version; logs a new MLflow run with lineage tags."""
+        from pipeline.stages import train_stage
+
+        ctx = get_current_context()
+        airflow_ids = {
+            "dag_id": ctx["dag"].dag_id,
+            "run_id": ctx["run_id"],
+            "try_number": ctx["ti"].try_number,
+        }
+        with _stage_errors():
+            return train_stage(_config(checked["config"]), _settings(), validation, airflow_ids)
+
+    @task
+    def evaluate(checked: dict, trained: dict) -> dict:
+        """Test-split metrics, confusion matrix and learning curves into the same MLflow run."""
+        from pipeline.stages import evaluate_stage
+
+        with _stage_errors():
+            return evaluate_stage(_config(checked["config"]), _settings(), trained["run_id"])
+
+    @task
+    def register(checked: dict, evaluated: dict) -> dict:
+        """Register a version (idempotent), alias challenger, promote to champion via the gate."""
+        from pipeline.stages import register_stage
+
+        with _stage_errors():
+            return register_stage(_config(checked["config"]), _settings(), evaluated["run_id"])
+
+    checked = check_data()
+    validation = validate(checked)
+    trained = train(checked, validation)
+    register(checked, evaluate(checked, trained))
+
+
+train_image_classifier()
