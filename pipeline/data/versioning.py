@@ -6,7 +6,7 @@ data.dvc itself and refuses to go on when they differ.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from pathlib import Path
 
 import yaml
@@ -33,11 +33,13 @@ def recorded_md5(repo_root: Path) -> str:
 def _repo(repo_root: Path):
     from dvc.repo import Repo
 
-    repo = Repo(str(repo_root))
-    try:
-        yield repo
-    finally:
-        repo.close()
+    # DVC resolves stage paths against the working directory, so work from the repo root.
+    with chdir(repo_root):
+        repo = Repo(str(repo_root))
+        try:
+            yield repo
+        finally:
+            repo.close()
 
 
 def differences(repo_root: Path) -> list[str]:
@@ -82,6 +84,6 @@ def pull(repo_root: Path) -> None:
 def add_and_push(repo_root: Path, data_dir: Path) -> str:
     """Record data/ as the current version in data.dvc and store it in the default remote."""
     with _repo(repo_root) as repo:
-        repo.add(str(Path(data_dir).relative_to(repo_root)))
+        repo.add(str(Path(data_dir).resolve().relative_to(Path(repo_root).resolve())))
         repo.push(targets=[POINTER])
     return recorded_md5(repo_root)

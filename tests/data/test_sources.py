@@ -1,0 +1,100 @@
+"""Dataset sources read each dataset's real on-disk format, and digits is byte-for-byte stable."""
+
+import hashlib
+import pickle
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.sources import load_source, stratified_split
+from pipeline.data.store import DataError, read_dataset, write_dataset
+
+
+def _md5s(folder):
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_digits_is_written_deterministically_with_every_class_in_both_splits(tmp_path, digits):
+    write_dataset(digits, tmp_path / "a")
+    write_dataset(load_source("digits"), tmp_path / "b")
+    assert _md5s(tmp_path / "a") == _md5s(tmp_path / "b")
+    ds = read_dataset(tmp_path / "a")
+    assert ds.train.images.shape[1:] == (1, 8, 8) and ds.train.images.dtype == np.uint8
+    assert len(ds.train.labels) + len(ds.test.labels) == 1797
+    assert set(ds.test.labels) == set(ds.train.labels) == set(range(10))
+    assert ds.train.images.max() == 255
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = np.repeat(np.arange(4), [100, 50, 20, 10])
+    is_test = stratified_split(labels, 0.2)
+    assert [int(is_test[labels == c].sum()) for c in range(4)] == [20, 10, 4, 2]
+
+
+def _idx(path, array, magic):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_like_reads_idx_files(tmp_path, name, folder):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / folder / "raw"
+    for prefix, n in (("train", 30), ("t10k", 12)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 0x803)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 0x801)
+    ds = load_source(name, tmp_path, download=False)
+    assert ds.train.images.shape == (30, 1, 28, 28) and ds.test.images.shape == (12, 1, 28, 28)
+    assert ds.test.labels.tolist() == (np.arange(12) % 10).tolist()
+    assert len(ds.classes) == 10 and ds.name == name
+
+
+def test_mnist_without_files_or_download_says_where_to_put_them(tmp_path):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        load_source("mnist", tmp_path, download=False)
+
+
+def test_cifar10_reads_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [i % 10] * 4}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    ds = load_source("cifar10", tmp_path, download=False)
+    assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
+    assert ds.test.labels.tolist() == [5] * 4 and ds.classes[0] == "c0"
+
+
+def _imagefolder(root, n=10):
+    for cls, value in (("cat", 30), ("dog", 200)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((6, 6, 3), value + i, np.uint8)).save(root / cls / f"{i}.png")
+
+
+def test_imagefolder_reads_class_folders(tmp_path):
+    _imagefolder(tmp_path)
+    ds = load_source("imagefolder", tmp_path, test_fraction=0.2)
+    assert ds.classes == ["cat", "dog"]
+    assert ds.train.images.shape == (16, 3, 6, 6) and len(ds.test.labels) == 4
+    resized = load_source("imagefolder", tmp_path, image_size=4)
+    assert resized.train.images.shape[2:] == (4, 4)
+
+
+def test_imagefolder_names_a_corrupted_file(tmp_path):
+    _imagefolder(tmp_path)
+    bad = tmp_path / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png"):
+        load_source("imagefolder", tmp_path)
+
+
+def test_datasets_that_need_files_say_so():
+    with pytest.raises(DataError, match="data.source_dir"):
+        load_source("cifar10", None)

@@ -1,0 +1,65 @@
+"""Config: params.yaml loads; every bad value is rejected up front with the key and the fix."""
+
+import pytest
+
+from pipeline.config import ConfigError, config_from_dict, load_config, parse_overrides
+from tests.conftest import REPO
+
+
+def test_committed_params_load_and_flatten_to_one_column_per_hyperparameter():
+    cfg = load_config(REPO / "params.yaml")
+    flat = cfg.flat()
+    for key in ("train.optimizer.name", "train.optimizer.lr", "train.schedule.name", "base.seed"):
+        assert key in flat
+    assert flat["base.dataset"] == "digits"
+
+
+@pytest.mark.parametrize(
+    ("raw", "overrides", "must_mention"),
+    [
+        ({"train": {"optimizr": {}}}, {}, ["train.optimizr", "unknown key", "optimizer", "schedule"]),
+        ({"bogus": 1}, {}, ["bogus", "unknown key", "base", "train"]),
+        ({}, {"train.optimizer.name": "adamx"}, ["train.optimizer.name", "'sgd'", "'adamw'", "adamx"]),
+        ({}, {"train.schedule.name": "linear"}, ["train.schedule.name", "'cosine'", "'onecycle'"]),
+        ({}, {"train.optimizer.lr": 0}, ["train.optimizer.lr", "greater than 0"]),
+        ({}, {"train.optimizer.lr": -0.1}, ["train.optimizer.lr"]),
+        ({}, {"train.epochs": 0}, ["train.epochs", "greater than or equal to 1"]),
+        ({}, {"train.batch_size": "many"}, ["train.batch_size", "integer", "many"]),
+        ({}, {"base.dataset": "imagenet"}, ["base.dataset", "'digits'", "'cifar10'"]),
+        ({}, {"train.optimizer.nesterov": True, "train.optimizer.name": "adam"}, ["nesterov"]),
+    ],
+)
+def test_bad_config_names_the_key_and_what_is_allowed(raw, overrides, must_mention):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, overrides)
+    for text in must_mention:
+        assert text in str(err.value)
+
+
+def test_overrides_parse_yaml_values_and_apply_nested():
+    overrides = parse_overrides(["train.optimizer.name=sgd", "train.optimizer.lr=0.05", "train.epochs=3"])
+    cfg = config_from_dict({}, overrides)
+    assert (cfg.train.optimizer.name, cfg.train.optimizer.lr, cfg.train.epochs) == ("sgd", 0.05, 3)
+
+
+def test_malformed_override_is_a_config_error():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["train.epochs"])
+    with pytest.raises(ConfigError, match="is a value, not a block"):
+        config_from_dict({"train": {"epochs": 3}}, {"train.epochs.x": 1})
+
+
+def test_params_hash_follows_training_inputs_only():
+    base = config_from_dict({})
+    assert base.params_hash() == config_from_dict({}).params_hash()
+    assert base.params_hash() != config_from_dict({}, {"train.optimizer.lr": 0.01}).params_hash()
+    assert base.params_hash() == config_from_dict({}, {"register.floor": 0.5}).params_hash()
+
+
+def test_missing_or_broken_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "params.yaml"
+    broken.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
