@@ -114,7 +114,9 @@ def train_image_classifier():
 
         settings = _settings()
         run_params = get_current_context()["params"]
-        overrides = {key: run_params[name] for name, key in PARAM_KEYS.items() if name in run_params}
+        overrides = {
+            key: run_params[name] for name, key in PARAM_KEYS.items() if name in run_params
+        }
         with _stage_errors():
             cfg = load_config(settings.params, overrides)
             data = check_data_stage(cfg, settings)

@@ -13,14 +13,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # What a fresh clone holds that the pipeline reads (code comes from the installed package).
-PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", ".dvcignore", ".gitignore", ".dvc/config",
-                 ".dvc/.gitignore", "dags"]
+PROJECT_FILES = [
+    "params.yaml",
+    "dvc.yaml",
+    "data.dvc",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "dags",
+    "pipeline",
+]
 
 
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
-        cwd=cwd, check=True, capture_output=True, text=True,
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
 
 
@@ -35,8 +47,10 @@ def project_env(root: Path) -> dict[str, str]:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         GX_ANALYTICS_ENABLED="false",
         MLFLOW_TRACKING_URI=f"sqlite:///{root}/.mlflow/mlflow.db",
-        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost",
-        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@localhost",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@localhost",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@localhost",
     )
     return env
 
@@ -46,7 +60,9 @@ def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 600):
         cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

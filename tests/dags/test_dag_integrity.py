@@ -41,7 +41,9 @@ def test_schedule_retries_tags_and_trigger_form(dagbag):
     assert {"ml", "training"} <= set(dag.tags)
     assert all(t.retries >= 1 for t in dag.tasks)
     params = dag.params
-    assert {"dataset", "model", "optimizer", "lr", "schedule", "epochs", "batch_size"} <= set(params)
+    assert {"dataset", "model", "optimizer", "lr", "schedule", "epochs", "batch_size"} <= set(
+        params
+    )
     assert params["optimizer"] == "adamw" and params["epochs"] == 12  # from params.yaml
     assert "rmsprop" in params.get_param("optimizer").schema["enum"]
 
@@ -49,7 +51,7 @@ def test_schedule_retries_tags_and_trigger_form(dagbag):
 def test_parsing_the_dag_imports_no_heavy_library():
     code = f"""
 import json, sys, runpy
-runpy.run_path({str(REPO / 'dags' / 'train_image_classifier.py')!r})
+runpy.run_path({str(REPO / "dags" / "train_image_classifier.py")!r})
 print(json.dumps([m for m in ("torch", "mlflow", "great_expectations", "dvc", "sklearn")
                   if m in sys.modules]))
 """

@@ -39,7 +39,9 @@ def _idx(path, array, magic):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+@pytest.mark.parametrize(
+    ("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")]
+)
 def test_mnist_like_reads_idx_files(tmp_path, name, folder):
     rng = np.random.default_rng(0)
     raw = tmp_path / folder / "raw"
@@ -65,7 +67,9 @@ def test_cifar10_reads_python_batches(tmp_path):
     for i, name in enumerate(names):
         batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [i % 10] * 4}
         (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [f"c{i}" for i in range(10)]})
+    )
     ds = load_source("cifar10", tmp_path, download=False)
     assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
     assert ds.test.labels.tolist() == [5] * 4 and ds.classes[0] == "c0"

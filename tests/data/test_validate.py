@@ -18,8 +18,13 @@ def _run(ds, tmp_path: Path):
 
 
 def _with_test(ds, images=None, labels=None):
-    return replace(ds, test=Split(ds.test.images if images is None else images,
-                                  ds.test.labels if labels is None else labels))
+    return replace(
+        ds,
+        test=Split(
+            ds.test.images if images is None else images,
+            ds.test.labels if labels is None else labels,
+        ),
+    )
 
 
 def test_clean_digits_pass_and_data_docs_are_written(digits, tmp_path):

@@ -70,6 +70,11 @@ def test_new_dataset_becomes_a_new_version(project, tmp_path):
             Image.fromarray(np.full((4, 4), i * 40 + (cls == "b"), np.uint8)).save(
                 tmp_path / "imgs" / cls / f"{i}.png"
             )
-    md5 = materialize("imagefolder", project, project / "data", tmp_path / "imgs", log=lambda _: None)
-    assert md5 != before and yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"] == md5
+    md5 = materialize(
+        "imagefolder", project, project / "data", tmp_path / "imgs", log=lambda _: None
+    )
+    assert (
+        md5 != before
+        and yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"] == md5
+    )
     assert "data.dvc" in git(project, "status", "--porcelain")

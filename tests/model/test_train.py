@@ -38,19 +38,28 @@ def test_same_seed_same_weights_and_other_seed_differs(digits):
     cfg = _cfg(**{"train.epochs": 1, "train.model.name": "mlp"})
     a, b = (fit(cfg, digits.train, digits.classes, seed=3) for _ in range(2))
     c = fit(cfg, digits.train, digits.classes, seed=4)
-    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+    for (name, pa), pb in zip(
+        a.model.state_dict().items(), b.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.model[1][1].weight, c.model[1][1].weight)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
-@pytest.mark.parametrize("schedule", ["constant", "exponential", "step", "multistep", "cosine", "onecycle"])
+@pytest.mark.parametrize(
+    "schedule", ["constant", "exponential", "step", "multistep", "cosine", "onecycle"]
+)
 def test_every_optimizer_and_schedule_trains(digits, optimizer, schedule):
-    cfg = _cfg(**{
-        "train.model.name": "mlp", "train.epochs": 2, "train.optimizer.name": optimizer,
-        "train.optimizer.lr": 0.001 if optimizer != "sgd" else 0.05, "train.schedule.name": schedule,
-        "train.schedule.warmup_epochs": 0.5,
-    })
+    cfg = _cfg(
+        **{
+            "train.model.name": "mlp",
+            "train.epochs": 2,
+            "train.optimizer.name": optimizer,
+            "train.optimizer.lr": 0.001 if optimizer != "sgd" else 0.05,
+            "train.schedule.name": schedule,
+            "train.schedule.warmup_epochs": 0.5,
+        }
+    )
     result = fit(cfg, digits.train, digits.classes, seed=0)
     assert result.history[-1]["train_accuracy"] > 0.5
     assert all(np.isfinite(h["train_loss"]) for h in result.history)

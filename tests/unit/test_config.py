@@ -17,9 +17,17 @@ def test_committed_params_load_and_flatten_to_one_column_per_hyperparameter():
 @pytest.mark.parametrize(
     ("raw", "overrides", "must_mention"),
     [
-        ({"train": {"optimizr": {}}}, {}, ["train.optimizr", "unknown key", "optimizer", "schedule"]),
+        (
+            {"train": {"optimizr": {}}},
+            {},
+            ["train.optimizr", "unknown key", "optimizer", "schedule"],
+        ),
         ({"bogus": 1}, {}, ["bogus", "unknown key", "base", "train"]),
-        ({}, {"train.optimizer.name": "adamx"}, ["train.optimizer.name", "'sgd'", "'adamw'", "adamx"]),
+        (
+            {},
+            {"train.optimizer.name": "adamx"},
+            ["train.optimizer.name", "'sgd'", "'adamw'", "adamx"],
+        ),
         ({}, {"train.schedule.name": "linear"}, ["train.schedule.name", "'cosine'", "'onecycle'"]),
         ({}, {"train.optimizer.lr": 0}, ["train.optimizer.lr", "greater than 0"]),
         ({}, {"train.optimizer.lr": -0.1}, ["train.optimizer.lr"]),
@@ -37,7 +45,9 @@ def test_bad_config_names_the_key_and_what_is_allowed(raw, overrides, must_menti
 
 
 def test_overrides_parse_yaml_values_and_apply_nested():
-    overrides = parse_overrides(["train.optimizer.name=sgd", "train.optimizer.lr=0.05", "train.epochs=3"])
+    overrides = parse_overrides(
+        ["train.optimizer.name=sgd", "train.optimizer.lr=0.05", "train.epochs=3"]
+    )
     cfg = config_from_dict({}, overrides)
     assert (cfg.train.optimizer.name, cfg.train.optimizer.lr, cfg.train.epochs) == ("sgd", 0.05, 3)
 

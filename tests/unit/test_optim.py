@@ -29,7 +29,11 @@ def test_exponential_decays_once_per_epoch():
 
 def test_step_and_multistep():
     t = table("step", gamma=0.1, step_size=3)
-    assert t[3 * SPE - 1] == 1.0 and t[3 * SPE] == pytest.approx(0.1) and t[6 * SPE] == pytest.approx(0.01)
+    assert (
+        t[3 * SPE - 1] == 1.0
+        and t[3 * SPE] == pytest.approx(0.1)
+        and t[6 * SPE] == pytest.approx(0.01)
+    )
     m = table("multistep", gamma=0.5, milestones=[2, 7])
     assert (m[2 * SPE - 1], m[2 * SPE], m[7 * SPE - 1], m[7 * SPE]) == (1.0, 0.5, 0.5, 0.25)
 

@@ -1,0 +1,125 @@
+"""End to end on a fresh copy of the project: the Airflow DAG, `dvc repro` and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.data.versioning import recorded_md5
+from tests.conftest import git, run
+
+pytestmark = pytest.mark.slow
+DAG = "train_image_classifier"
+
+
+def _client(project):
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+
+
+def _status(project) -> list[dict]:
+    return json.loads(run(["pipeline", "status", "--json"], project).stdout)
+
+
+def _dag_test(project, check=True):
+    return run(["airflow", "dags", "test", DAG], project, check=check)
+
+
+@pytest.fixture
+def airflow_project(project):
+    run(["pipeline", "data", "pull"], project)
+    run(["airflow", "db", "migrate"], project)
+    return project
+
+
+def test_dag_takes_digits_to_a_champion_and_a_second_run_keeps_one(airflow_project):
+    project = airflow_project
+    _dag_test(project)
+    (model,) = _status(project)
+    (v1,) = model["versions"]
+    assert v1["aliases"] == ["challenger", "champion"] and v1["test_accuracy"] >= 0.97
+    assert v1["data_md5"] == recorded_md5(project)
+
+    run_ = _client(project).get_run(v1["run_id"])
+    tags, params = run_.data.tags, run_.data.params
+    assert tags["airflow.dag_id"] == DAG and tags["airflow.run_id"].startswith("manual__")
+    assert tags["airflow.try_number"] == "1"
+    assert tags["git.commit"] == git(project, "rev-parse", "HEAD").strip()
+    assert tags["data.md5"] == recorded_md5(project) and tags["validation.success"] == "true"
+    assert params["train.optimizer.name"] == "adamw" and params["train.schedule.name"] == "cosine"
+    artifacts = {a.path for a in _client(project).list_artifacts(v1["run_id"], "plots")}
+    assert {"plots/confusion_matrix.png", "plots/learning_curves.png"} <= artifacts
+    history = _client(project).get_metric_history(v1["run_id"], "val_loss")
+    assert len(history) == 12
+
+    _dag_test(project)
+    (model,) = _status(project)
+    champions = [v["version"] for v in model["versions"] if "champion" in v["aliases"]]
+    assert len(model["versions"]) == 2 and len(champions) == 1
+    assert "challenger" in model["versions"][-1]["aliases"]
+    assert git(project, "status", "--porcelain") == ""
+
+
+def test_failed_validation_stops_the_dag_before_training(airflow_project):
+    project = airflow_project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"]["min_rows_per_split"] = 10_000
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = _dag_test(project, check=False)
+    log = result.stdout + result.stderr
+    assert "min_rows" in log and "ValidationFailed" in log
+    assert "[DAG TEST] starting task_id=train" not in log
+    assert (
+        _client(project).search_runs(
+            [e.experiment_id for e in _client(project).search_experiments()]
+        )
+        == []
+    )
+    assert _status(project) == []
+    assert (
+        project
+        / "outputs"
+        / "gx"
+        / "gx"
+        / "uncommitted"
+        / "data_docs"
+        / "local_site"
+        / "index.html"
+    ).exists()
+
+
+def test_dvc_repro_reproduces_and_exp_run_overrides(project):
+    run(["pipeline", "data", "pull"], project)
+    out = run(["dvc", "repro"], project)
+    assert "Running stage 'register'" in out.stdout
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    metrics = json.loads((project / "outputs" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.97
+    (model,) = _status(project)
+    assert model["versions"][0]["aliases"] == ["challenger", "champion"]
+
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "lock")
+    run(["dvc", "exp", "run", "-S", "train.optimizer.name=adam"], project)
+    client = _client(project)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.params["train.optimizer.name"] for r in runs) == ["adam", "adamw"]
+
+
+def test_cli_refuses_bad_config_unvalidated_and_untracked_data(project):
+    run(["pipeline", "data", "pull"], project)
+    bad = run(["pipeline", "train", "--set", "train.optimizer.lr=-1"], project, check=False)
+    assert bad.returncode == 2 and "train.optimizer.lr" in bad.stderr
+
+    unvalidated = run(["pipeline", "train"], project, check=False)
+    assert unvalidated.returncode == 1 and "pipeline validate" in unvalidated.stderr
+
+    run(["pipeline", "validate"], project)
+    images = np.load(project / "data" / "test_images.npy")
+    images[0] = 0
+    np.save(project / "data" / "test_images.npy", images)
+    tampered = run(["pipeline", "train"], project, check=False)
+    assert tampered.returncode == 1
+    assert "does not match data.dvc" in tampered.stderr and "test_images.npy" in tampered.stderr
+    assert not (project / ".mlflow").exists() or _status(project) == []
