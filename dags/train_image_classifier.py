@@ -1,4 +1,4 @@
-"""Train, evaluate and register an image classifier: check_data -> validate -> train -> evaluate -> register.
+"""Train an image classifier: check_data -> validate -> train -> evaluate -> register.
 
 Wiring only: the stage functions live in `pipeline.stages` and are imported inside the task bodies,
 so parsing this file never imports torch, MLflow or Great Expectations. Tasks hand each other

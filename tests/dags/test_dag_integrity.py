@@ -30,7 +30,7 @@ def test_tasks_chain_in_order(dagbag):
     dag = dagbag.dags[DAG_ID]
     order = ["check_data", "validate", "train", "evaluate", "register"]
     assert set(dag.task_ids) == set(order)
-    for upstream, downstream in zip(order, order[1:]):
+    for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids
 
 

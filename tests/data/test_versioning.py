@@ -1,4 +1,4 @@
-"""DVC integrity: a fresh clone regenerates the tracked version; tampered or missing data is handled."""
+"""DVC integrity: a fresh clone regenerates the tracked version; bad or missing data is handled."""
 
 import shutil
 

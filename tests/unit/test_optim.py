@@ -42,7 +42,7 @@ def test_cosine_runs_from_one_to_the_floor_through_the_midpoint():
     t = table("cosine", min_lr_ratio=0.1)
     assert t[0] == 1.0 and t[-1] == pytest.approx(0.1)
     assert t[len(t) // 2] == pytest.approx(0.55, abs=0.02)
-    assert all(a >= b for a, b in zip(t, t[1:]))
+    assert all(a >= b for a, b in zip(t, t[1:], strict=False))
 
 
 def test_onecycle_rises_to_peak_then_falls_below_start():
