@@ -1,6 +1,7 @@
 """End to end on a fresh copy of the project: the Airflow DAG, `dvc repro` and the CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.data.versioning import recorded_md5
-from tests.conftest import git, run
+from tests.conftest import BIN, REPO, git, run
 
 pytestmark = pytest.mark.slow
 DAG = "train_image_classifier"
@@ -22,8 +23,9 @@ def _status(project) -> list[dict]:
     return json.loads(run(["pipeline", "status", "--json"], project).stdout)
 
 
-def _dag_test(project, check=True):
-    return run(["airflow", "dags", "test", DAG], project, check=check)
+def _dag_test(project, check=True, conf: dict | None = None):
+    extra = ["-c", json.dumps(conf)] if conf else []
+    return run(["airflow", "dags", "test", DAG, *extra], project, check=check)
 
 
 @pytest.fixture
@@ -33,9 +35,22 @@ def airflow_project(project):
     return project
 
 
-def test_dag_takes_digits_to_a_champion_and_a_second_run_keeps_one(airflow_project):
-    project = airflow_project
-    _dag_test(project)
+def _make_run(project) -> str:
+    """`make run` in the project copy, sharing the already-installed virtual environment."""
+    for name in ("Makefile", "pyproject.toml", "requirements.lock"):
+        shutil.copy2(REPO / name, project / name)
+    (project / ".venv").symlink_to(BIN.parent)
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "Makefile")
+    return run(["make", "run"], project).stdout
+
+
+def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
+    summary = _make_run(project)
+    assert "validation     passed" in summary
+    assert f"digits md5 {recorded_md5(project)}" in summary
+    assert "registered     image-classifier version 1 aliases: challenger, champion" in summary
+    assert "mlflow ui --backend-store-uri" in summary
     (model,) = _status(project)
     (v1,) = model["versions"]
     assert v1["aliases"] == ["challenger", "champion"] and v1["test_accuracy"] >= 0.97
@@ -53,11 +68,23 @@ def test_dag_takes_digits_to_a_champion_and_a_second_run_keeps_one(airflow_proje
     history = _client(project).get_metric_history(v1["run_id"], "val_loss")
     assert len(history) == 12
 
-    _dag_test(project)
+    # A shorter recipe from the trigger form: above the floor, below the champion -> not promoted.
+    _dag_test(project, conf={"optimizer": "sgd", "lr": 0.05, "epochs": 3})
     (model,) = _status(project)
-    champions = [v["version"] for v in model["versions"] if "champion" in v["aliases"]]
-    assert len(model["versions"]) == 2 and len(champions) == 1
-    assert "challenger" in model["versions"][-1]["aliases"]
+    v1, v2 = model["versions"]
+    assert v1["aliases"] == ["champion"] and v2["aliases"] == ["challenger"]
+    assert v2["test_accuracy"] < v1["test_accuracy"]
+    weak = _client(project).get_run(v2["run_id"]).data.params
+    assert (weak["train.optimizer.name"], weak["train.epochs"]) == ("sgd", "3")
+    decision = _client(project).get_model_version("image-classifier", "2").tags
+    assert "< champion's" in decision["promotion.decision"]
+    assert git(project, "status", "--porcelain") == ""
+
+    again = run(["make", "run"], project).stdout
+    assert "version 3" in again
+    (model,) = _status(project)
+    assert len(model["versions"]) == 3
+    assert sum("champion" in v["aliases"] for v in model["versions"]) == 1
     assert git(project, "status", "--porcelain") == ""
 
 
