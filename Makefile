@@ -15,7 +15,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export GX_ANALYTICS_ENABLED ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/.mlflow/mlflow.db
 
-.PHONY: setup run test lint repro mlflow-ui clean
+.PHONY: setup run test lint repro bench mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,9 @@ lint: $(STAMP)
 
 repro: $(STAMP)
 	dvc repro
+
+bench: $(STAMP)
+	python bench/overhead.py
 
 mlflow-ui: $(STAMP)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000

@@ -79,9 +79,8 @@ def train_stage(
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params(cfg.flat())
         mlflow.log_dict(cfg.to_dict(), "config.json")
-        docs = Path(validation.get("docs", "")).parent
-        if docs.is_dir():
-            mlflow.log_artifacts(str(docs), "data_docs")
+        if validation.get("docs") and Path(validation["docs"]).is_file():
+            mlflow.log_artifacts(str(Path(validation["docs"]).parent), "data_docs")
 
         def log_epoch(row: dict) -> None:
             step = row["epoch"]
@@ -139,12 +138,26 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     return {"run_id": run_id, **summary}
 
 
+def _rescore(cfg: Config, settings: Settings, run_id: str, metric: str) -> float | None:
+    """A model's score on this run's test data (fair comparison even when the data changed);
+    None when it was trained for other image shapes or classes and cannot serve this data."""
+    from pipeline import evaluate, registry
+
+    check_data(cfg.base.dataset, settings.root, settings.data_dir)
+    ds = read_dataset(settings.data_dir)
+    model, spec = registry.load_weights(run_id)
+    if list(spec["shape"]) != list(ds.shape) or spec["classes"] != ds.classes:
+        return None
+    preds = evaluate.predict(model, ds.test.images)
+    return evaluate.metrics(ds.test.labels, preds, ds.classes)[metric]
+
+
 def register_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     """Register the run's model (idempotent), alias it challenger, promote through the gate."""
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import evaluate, registry
+    from pipeline import registry
 
     registry.configure(settings, cfg.tracking.experiment)
     client = MlflowClient()
@@ -166,22 +179,19 @@ def register_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
 
     champion = registry.champion_version(client, name)
-    champion_score = None
-    if champion is not None and champion.version != version.version:
-        # Re-score the champion on this run's test data so the comparison is fair.
-        ds = read_dataset(settings.data_dir)
-        model, spec = registry.load_weights(champion.run_id)
-        if list(spec["shape"]) == list(ds.shape) and spec["classes"] == ds.classes:
-            preds = evaluate.predict(model, ds.test.images)
-            champion_score = evaluate.metrics(ds.test.labels, preds, ds.classes)[metric]
-        else:
-            champion_score = float(
-                "-inf"
-            )  # trained for other inputs/classes: cannot serve this data
     if champion is not None and champion.version == version.version:
         decision = registry.Decision(True, "already champion (task retried)")
+    elif champion is None:
+        decision = registry.decide(score, None, cfg.register_.floor, metric)
     else:
+        champion_score = _rescore(cfg, settings, champion.run_id, metric)
         decision = registry.decide(score, champion_score, cfg.register_.floor, metric)
+        if champion_score is None:
+            decision = registry.Decision(
+                decision.promote,
+                f"champion v{champion.version} was built for other inputs or "
+                f"classes; {decision.reason}",
+            )
     if decision.promote:
         client.set_registered_model_alias(name, registry.CHAMPION, version.version)
     client.set_model_version_tag(name, version.version, "promotion.decision", decision.reason)

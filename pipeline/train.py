@@ -129,9 +129,7 @@ def fit(
                         f"loss was NaN/Inf for {bad_steps} consecutive steps (epoch {epoch}); "
                         f"lower train.optimizer.lr (now {cfg.optimizer.lr}) or check the data"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                continue
+                continue  # skip the update; the schedule only counts real steps
             bad_steps = 0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

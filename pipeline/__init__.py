@@ -1,0 +1,1 @@
+"""Reproducible image-classifier training: DVC data, GX validation, PyTorch, MLflow registry."""
