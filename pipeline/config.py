@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -202,7 +202,3 @@ def _allowed_keys(loc: tuple) -> list[str]:
             return []
         model = field.annotation
     return [f.alias or name for name, f in model.model_fields.items()]
-
-
-def allowed_values(literal: Any) -> tuple[str, ...]:
-    return get_args(literal)

@@ -48,6 +48,21 @@ def test_schedule_retries_tags_and_trigger_form(dagbag):
     assert "rmsprop" in params.get_param("optimizer").schema["enum"]
 
 
+def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
+    from typing import get_args
+
+    from pipeline import config
+
+    params = dagbag.dags[DAG_ID].params
+    for name, literal in (
+        ("dataset", config.DatasetName),
+        ("model", config.ModelName),
+        ("optimizer", config.OptimizerName),
+        ("schedule", config.ScheduleName),
+    ):
+        assert params.get_param(name).schema["enum"] == list(get_args(literal)), name
+
+
 def test_parsing_the_dag_imports_no_heavy_library():
     code = f"""
 import json, sys, runpy
