@@ -29,6 +29,8 @@ def _defaults() -> dict:
         params = {}  # the first task reports the broken file with a proper message
     base, train = params.get("base", {}), params.get("train", {})
     return {
+        "preset": base.get("preset"),
+        "presets": sorted(params.get("presets") or {}),
         "dataset": base.get("dataset", "digits"),
         "model": train.get("model", {}).get("name", "cnn"),
         "optimizer": train.get("optimizer", {}).get("name", "adamw"),
@@ -41,6 +43,7 @@ def _defaults() -> dict:
 
 # Form field -> params.yaml key; run params override params.yaml through these.
 PARAM_KEYS = {
+    "preset": "base.preset",
     "dataset": "base.dataset",
     "model": "train.model.name",
     "optimizer": "train.optimizer.name",
@@ -55,6 +58,7 @@ DEFAULTS = _defaults()
 @contextmanager
 def _stage_errors():
     """Bad config, bad or untracked data and divergence will not fix themselves: fail, no retry."""
+    from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.train import TrainingDiverged
@@ -62,7 +66,7 @@ def _stage_errors():
 
     try:
         yield
-    except (ConfigError, DataError, ValidationFailed, TrainingDiverged) as exc:
+    except (ConfigError, DataError, ValidationFailed, TrainingDiverged, CheckpointError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -89,12 +93,18 @@ def _config(config: dict):
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
     params={
+        "preset": Param(
+            DEFAULTS["preset"],
+            type=["null", "string"],
+            enum=[None, *DEFAULTS["presets"]],
+            description="a recipe from params.yaml `presets:`; fields you change below win",
+        ),
         "dataset": Param(
             DEFAULTS["dataset"],
             enum=["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"],
             description="must match the data version in data.dvc",
         ),
-        "model": Param(DEFAULTS["model"], enum=["mlp", "cnn"]),
+        "model": Param(DEFAULTS["model"], enum=["mlp", "cnn", "resnet18"]),
         "optimizer": Param(DEFAULTS["optimizer"], enum=["sgd", "adam", "adamw", "rmsprop"]),
         "lr": Param(DEFAULTS["lr"], type="number", exclusiveMinimum=0),
         "schedule": Param(
@@ -114,8 +124,12 @@ def train_image_classifier():
 
         settings = _settings()
         run_params = get_current_context()["params"]
+        # Only fields changed from the form's defaults override, so a chosen preset is not
+        # undone by the untouched fields (which show params.yaml's values).
         overrides = {
-            key: run_params[name] for name, key in PARAM_KEYS.items() if name in run_params
+            key: run_params[name]
+            for name, key in PARAM_KEYS.items()
+            if name in run_params and run_params[name] != DEFAULTS[name]
         }
         with _stage_errors():
             cfg = load_config(settings.params, overrides)
@@ -132,7 +146,9 @@ def train_image_classifier():
 
     @task
     def train(checked: dict, validation: dict) -> dict:
-        """Train on the validated data version; logs a new MLflow run with lineage tags."""
+        """Train on the validated data version, logging to MLflow with lineage tags.
+
+        A retry resumes from this DAG run's last epoch checkpoint, into the same MLflow run."""
         from pipeline.stages import train_stage
 
         ctx = get_current_context()
@@ -142,7 +158,9 @@ def train_image_classifier():
             "try_number": ctx["ti"].try_number,
         }
         with _stage_errors():
-            return train_stage(_config(checked["config"]), _settings(), validation, airflow_ids)
+            return train_stage(
+                _config(checked["config"]), _settings(), validation, airflow_ids, resume=True
+            )
 
     @task
     def evaluate(checked: dict, trained: dict) -> dict:

@@ -26,6 +26,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a param, e.g. --set train.optimizer.name=adam (repeatable)",
     )
+    parser.add_argument("--preset", help="a recipe from params.yaml `presets:` (base.preset)")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -48,9 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("check-data", "check data/ is present and matches data.dvc"),
         ("validate", "run the Great Expectations suite; write Data Docs"),
-        ("train", "train on validated data; log to MLflow"),
     ):
         _common(sub.add_parser(name, help=text))
+    train = sub.add_parser("train", help="train on validated data; log to MLflow")
+    _common(train)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run of these params and data from its last checkpoint",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (torchrun; one per GPU, gloo on CPU)",
+    )
     for name, text in (
         ("evaluate", "score the trained model on the test split"),
         ("register", "register the model; promote it if it passes the gate"),
@@ -77,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
+        from pipeline.checkpoint import CheckpointError
         from pipeline.train import TrainingDiverged
         from pipeline.validate import ValidationFailed
 
-        if isinstance(exc, ValidationFailed | TrainingDiverged):
+        if isinstance(exc, ValidationFailed | TrainingDiverged | CheckpointError):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
@@ -94,6 +108,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "summary":
         return _summary(settings)
     overrides = parse_overrides(args.overrides)
+    if getattr(args, "preset", None):
+        overrides["base.preset"] = args.preset
     if getattr(args, "dataset", None):
         overrides["base.dataset"] = args.dataset
     if getattr(args, "source_dir", None):
@@ -120,14 +136,32 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "validate":
         result = stages.validate_stage(cfg, settings)
     elif args.command == "train":
+        if args.nproc > 1:
+            from pipeline.distributed import launch
+
+            return launch(args.nproc, _train_argv(args))
         validation = _read_json(settings.outputs / "validation.json", "validate")
-        result = stages.train_stage(cfg, settings, validation)
+        result = stages.train_stage(cfg, settings, validation, resume=args.resume)
+        if not result:
+            return 0  # a torchrun worker: rank 0 reports
     else:
         run_id = args.run_id or _read_json(settings.outputs / "train.json", "train")["run_id"]
         stage = stages.evaluate_stage if args.command == "evaluate" else stages.register_stage
         result = stage(cfg, settings, run_id)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The same `pipeline train` command, for each torchrun process."""
+    argv = ["train"]
+    if args.params:
+        argv += ["--params", str(args.params.resolve())]
+    if args.preset:
+        argv += ["--preset", args.preset]
+    for pair in args.overrides:
+        argv += ["--set", pair]
+    return argv + (["--resume"] if args.resume else [])
 
 
 def _client(settings: Settings):

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
-ModelName = Literal["mlp", "cnn"]
+ModelName = Literal["mlp", "cnn", "resnet18"]
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 ScheduleName = Literal["constant", "exponential", "step", "multistep", "cosine", "onecycle"]
 
@@ -29,8 +29,9 @@ class _Block(BaseModel):
 
 
 class BaseConfig(_Block):
-    seed: int = 42
+    seed: int = 42  # drives python, numpy and torch RNGs (data order, init, dropout, augmentation)
     dataset: DatasetName = "digits"
+    preset: str | None = None  # a name under `presets:`; its keys apply before any --set
 
 
 class DataConfig(_Block):
@@ -48,7 +49,7 @@ class ValidateConfig(_Block):
 
 class ModelConfig(_Block):
     name: ModelName = "cnn"
-    hidden: int = Field(128, ge=1)  # MLP hidden width / CNN base channel count x 4
+    hidden: int = Field(128, ge=1)  # MLP hidden width / CNN base channel count x 4 (not resnet18)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
@@ -79,15 +80,50 @@ class ScheduleConfig(_Block):
     final_div_factor: float = Field(1e4, ge=1)  # onecycle: end lr = start lr / final_div_factor
 
 
+class AugmentConfig(_Block):
+    """Applied on the device to whole batches, train split only."""
+
+    crop_padding: int = Field(0, ge=0)  # random crop after zero-padding by this many pixels
+    flip: bool = False  # random horizontal flip (CIFAR-like photos; not digits)
+
+
+class EarlyStoppingConfig(_Block):
+    patience: int = Field(0, ge=0)  # epochs without val_loss improvement; 0 = off
+    min_delta: float = Field(0.0, ge=0)  # smaller improvements do not count
+
+
+class CudaConfig(_Block):
+    """Speed switches that only apply on a CUDA device; ignored on CPU."""
+
+    amp: Literal["bf16", "fp16", "off"] = "bf16"  # autocast dtype; fp16 adds a grad scaler
+    channels_last: bool = True
+    tf32: bool = True  # TF32 matmuls/convolutions on Ampere and newer
+    fused_optimizer: bool = True
+    compile: bool = False  # torch.compile the model (slower start, faster steps)
+
+
 class TrainConfig(_Block):
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    augment: AugmentConfig = AugmentConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    cuda: CudaConfig = CudaConfig()
     epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # per process when data-parallel
     val_fraction: float = Field(0.1, ge=0, lt=1)  # carved from train; test stays untouched
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(0.0, ge=0)  # max global gradient norm; 0 = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_bad_steps: int = Field(3, ge=1)  # consecutive NaN/Inf losses before giving up
+    loader: Literal["auto", "resident", "stream"] = "auto"  # auto: resident when it fits
+    deterministic: bool = False  # deterministic algorithms (slower on GPU)
+    max_bad_steps: int = Field(10, ge=1)  # a NaN/Inf loss stops training within this many steps
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_validation(self) -> TrainConfig:
+        if self.early_stopping.patience and not self.val_fraction:
+            raise ValueError("early_stopping.patience > 0 needs train.val_fraction > 0")
+        return self
 
 
 class RegisterConfig(_Block):
@@ -107,15 +143,25 @@ class Config(_Block):
     train: TrainConfig = TrainConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     tracking: TrackingConfig = TrackingConfig()
+    presets: dict[str, dict[str, Any]] = {}  # name -> {dotted.key: value}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _preset_exists(self) -> Config:
+        if self.base.preset is not None and self.base.preset not in self.presets:
+            raise ValueError(
+                f"base.preset {self.base.preset!r} is not defined; "
+                f"presets: {', '.join(sorted(self.presets)) or 'none'}"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params (one compare-view column per key)."""
-        return _flatten(self.to_dict())
+        return _flatten({k: v for k, v in self.to_dict().items() if k != "presets"})
 
     def params_hash(self) -> str:
         """Hash of what determines the trained model (tracking/register do not)."""
@@ -160,8 +206,16 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
 
 
 def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Layers, later wins: `raw` (params.yaml), then the selected preset, then `overrides`."""
     raw = json.loads(json.dumps(raw))  # deep copy; overrides must not leak into the caller's dict
-    for key, value in (overrides or {}).items():
+    overrides = overrides or {}
+    preset = overrides.get("base.preset", (raw.get("base") or {}).get("preset"))
+    presets = raw.get("presets") or {}
+    layers = {}
+    if isinstance(preset, str) and isinstance(presets.get(preset), dict):
+        layers.update(presets[preset])
+    layers.update(overrides)
+    for key, value in layers.items():
         _set_dotted(raw, key, value)
     try:
         return Config.model_validate(raw)
@@ -187,6 +241,8 @@ def _explain(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(err["loc"][:-1]))
             lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+        elif not key:  # a cross-field check on the whole config: its message names the keys
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -75,12 +75,12 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
     for split in ("train", "val"):
         if f"{split}_loss" in history[0]:
             loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
-            acc_ax.plot(epochs, [h[f"{split}_accuracy"] for h in history], label=split)
+    if "val_accuracy" in history[0]:  # train accuracy is not tracked: it would slow every step
+        acc_ax.plot(epochs, [h["val_accuracy"] for h in history], label="val")
     lr_ax.plot(epochs, [h["lr"] for h in history])
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "learning rate")):
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "val accuracy"), (lr_ax, "learning rate")):
         ax.set(title=title, xlabel="epoch")
     loss_ax.legend()
-    acc_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

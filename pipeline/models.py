@@ -1,4 +1,4 @@
-"""Model zoo: the classic tutorial MLP and a small CNN, built from config and input shape."""
+"""Model zoo: the classic tutorial MLP, a small CNN and ResNet-18, built from config and shape."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ def build_model(cfg: ModelConfig, shape: tuple[int, int, int], num_classes: int)
         return mlp(shape, num_classes, cfg.hidden, cfg.dropout)
     if cfg.name == "cnn":
         return small_cnn(shape, num_classes, cfg.hidden, cfg.dropout)
+    if cfg.name == "resnet18":
+        return resnet18(shape, num_classes, cfg.dropout)
     raise ValueError(f"unknown model {cfg.name!r}")
 
 
@@ -45,3 +47,23 @@ def small_cnn(shape, num_classes: int, hidden: int = 128, dropout: float = 0.0) 
         nn.Dropout(dropout),
         nn.Linear(4 * width, num_classes),
     )
+
+
+def resnet18(shape, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """torchvision's ResNet-18, randomly initialized (nothing downloaded).
+
+    Small images (<= 64 px, e.g. CIFAR's 32x32) get the usual CIFAR stem: a 3x3 stride-1 first
+    convolution and no max-pool, so the 4x4 feature map is not shrunk to 1x1 before layer4.
+    """
+    from torchvision.models import resnet18 as tv_resnet18
+
+    c, h, w = shape
+    net = tv_resnet18(weights=None, num_classes=num_classes)
+    if max(h, w) <= 64:
+        net.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif c != 3:
+        net.conv1 = nn.Conv2d(c, 64, 7, stride=2, padding=3, bias=False)
+    if dropout:
+        net.fc = nn.Sequential(nn.Dropout(dropout), net.fc)
+    return net

@@ -1,4 +1,8 @@
-"""Optimizer and learning-rate schedule factories; the schedule is a pure function of the step."""
+"""Optimizer factory and the learning-rate schedule as a pure function of the step.
+
+The engine sets each group's lr from `lr_factor` before every step (as nanoGPT does), so the
+schedule needs no scheduler object and its whole state is the step count.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +23,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, fused: bool = False
+) -> torch.optim.Optimizer:
+    """`fused` (CUDA): one kernel per step for SGD/Adam/AdamW; RMSprop has no fused version."""
     groups = param_groups(model, cfg.weight_decay)
+    fast = {"fused": True} if fused else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast
+        )
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **fast)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
@@ -72,9 +82,3 @@ def _one_cycle(step: int, total: int, cfg: ScheduleConfig) -> float:
     if step <= peak_step:
         return cos_interp(start, 1.0, step / peak_step)
     return cos_interp(1.0, end, (step - peak_step) / max(1, total - 1 - peak_step))
-
-
-def build_scheduler(optimizer, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, epochs, cfg)
-    )

@@ -25,6 +25,11 @@ class Settings:
     def outputs(self) -> Path:
         return self.root / "outputs"
 
+    @property
+    def checkpoints(self) -> Path:
+        """Where train resumes from; a volume every worker sees when tasks move between hosts."""
+        return Path(os.environ.get("PIPELINE_CHECKPOINT_DIR") or self.outputs / "checkpoints")
+
     @classmethod
     def from_env(cls, root: str | Path | None = None) -> Settings:
         """Defaults: the checkout around this package, MLflow on SQLite inside it (git-ignored).

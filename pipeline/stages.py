@@ -6,13 +6,20 @@ results. What one stage hands the next is a reference (data md5, MLflow run id),
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.config import Config
 from pipeline.data import DataError, check_data, read_dataset
 from pipeline.data.store import read_meta
 from pipeline.settings import Settings
+
+SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -45,14 +52,19 @@ def validate_stage(cfg: Config, settings: Settings) -> dict:
 
 
 def train_stage(
-    cfg: Config, settings: Settings, validation: dict, airflow: dict | None = None
+    cfg: Config,
+    settings: Settings,
+    validation: dict,
+    airflow: dict | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Train on validated, tracked data and log everything to a new MLflow run."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
+    """Train on validated, tracked data and log everything to an MLflow run.
 
-    from pipeline import lineage, registry
+    Every epoch is checkpointed. With `resume`, a checkpoint of the same params, data and (under
+    Airflow) DAG run continues where it stopped, logging into the same MLflow run. Under torchrun
+    only rank 0 touches MLflow and writes files.
+    """
+    from pipeline import checkpoint, distributed
     from pipeline.train import fit
 
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
@@ -62,8 +74,67 @@ def train_stage(
             f"{validation.get('data_md5')}, success={validation.get('success')}); "
             "run `pipeline validate` first"
         )
-    ds = read_dataset(settings.data_dir)
+    ds = read_dataset(settings.data_dir, mmap=True)
+    identity = _training_identity(cfg, data["data_md5"], airflow)
+    ckpt_path = settings.checkpoints / f"{identity}.pt"
+    state = None
+    if ckpt_path.exists():
+        if resume:
+            state = checkpoint.load(ckpt_path)
+        elif distributed.context().main:
+            print(
+                f"note: {ckpt_path} holds an interrupted run of these params and data; "
+                "`pipeline train --resume` continues it. Starting a new run.",
+                file=sys.stderr,
+            )
+    if not distributed.context().main:
+        fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state)
+        return {}
+
+    import mlflow
+
+    with _tracked_run(cfg, settings, ds, data, validation, airflow, state) as (run, log_epoch):
+        result = fit(
+            cfg.train,
+            ds.train,
+            ds.classes,
+            cfg.base.seed,
+            on_epoch=log_epoch,
+            checkpoint_path=ckpt_path,
+            resume=state,
+            checkpoint_extra={"mlflow_run_id": run.info.run_id, "identity": identity},
+        )
+        mlflow.flush_async_logging()
+        model_uri = _log_model(result, ds)
+        mlflow.set_tag("train.stopped_early", str(result.stopped_early).lower())
+    ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
+    out = {"run_id": run.info.run_id, "model_uri": model_uri, "data_md5": data["data_md5"]}
+    _write_json(settings.outputs / "train.json", out)
+    return out
+
+
+def _training_identity(cfg: Config, data_md5: str, airflow: dict | None) -> str:
+    """Same params + data (+ DAG run) -> same checkpoint file; anything else never resumes it."""
+    scope = f"{airflow['dag_id']}/{airflow['run_id']}" if airflow else "cli"
+    key = f"{cfg.params_hash()}:{data_md5}:{scope}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _tracked_run(cfg, settings, ds, data, validation, airflow, state):
+    """A new MLflow run, or the checkpoint's run reopened; yields it and the per-epoch logger.
+
+    Metrics are sent asynchronously once per epoch, so tracking never waits on the store; the
+    system-metrics thread samples CPU, memory (and GPU with nvidia-ml-py) every few seconds.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import lineage, registry
+
     registry.configure(settings, cfg.tracking.experiment)
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    mlflow.set_system_metrics_samples_before_logging(1)
     tags = lineage.collect(settings.root, cfg, data["data_md5"], airflow)
     tags.update(
         {
@@ -73,36 +144,70 @@ def train_stage(
             "data.test_rows": str(len(ds.test.labels)),
         }
     )
-    run_name = (
-        f"{ds.name}-{cfg.train.model.name}-{cfg.train.optimizer.name}-{cfg.train.schedule.name}"
-    )
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params(cfg.flat())
-        mlflow.log_dict(cfg.to_dict(), "config.json")
-        if validation.get("docs") and Path(validation["docs"]).is_file():
-            mlflow.log_artifacts(str(Path(validation["docs"]).parent), "data_docs")
-
-        def log_epoch(row: dict) -> None:
-            step = row["epoch"]
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
-
-        result = fit(cfg.train, ds.train, ds.classes, cfg.base.seed, on_epoch=log_epoch)
-        mlflow.log_dict({"history": result.history}, "history.json")
-        registry.log_weights(result.model, result.spec)
-        example = ds.test.images[:4].astype("float32")
-        with torch.no_grad():
-            signature = infer_signature(example, result.model(torch.from_numpy(example)).numpy())
-        info = mlflow.pytorch.log_model(
-            result.model,
-            name="model",
-            input_example=example,
-            signature=signature,
-            serialization_format="pt2",
+    client = MlflowClient()
+    run_id = state["mlflow_run_id"] if state else None
+    resuming = run_id is not None and _run_exists(client, run_id)
+    if resuming:
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    else:
+        run_name = (
+            f"{ds.name}-{cfg.train.model.name}-{cfg.train.optimizer.name}-{cfg.train.schedule.name}"
         )
-        mlflow.set_tag("model_uri", info.model_uri)
-    out = {"run_id": run.info.run_id, "model_uri": info.model_uri, "data_md5": data["data_md5"]}
-    _write_json(settings.outputs / "train.json", out)
-    return out
+        run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
+
+    def log_epoch(row: dict) -> None:
+        metrics = {k: v for k, v in row.items() if k != "epoch"}
+        mlflow.log_metrics(metrics, step=row["epoch"], synchronous=False)
+
+    with run:
+        if resuming:
+            mlflow.set_tags({**tags, "train.resumed_from_epoch": str(state["epoch"])})
+            print(f"resuming MLflow run {run_id} after epoch {state['epoch']}", file=sys.stderr)
+        else:
+            mlflow.log_params(cfg.flat())
+            mlflow.log_dict(cfg.to_dict(), "config.json")
+            if validation.get("docs") and Path(validation["docs"]).is_file():
+                mlflow.log_artifacts(str(Path(validation["docs"]).parent), "data_docs")
+        if state:  # epochs a killed process checkpointed but never got to log
+            logged = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+            for row in state["history"]:
+                if row["epoch"] not in logged:
+                    log_epoch(row)
+        yield run, log_epoch
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def _log_model(result, ds) -> str:
+    """History, weights (state dict, loads with weights_only) and the pt2 MLflow model."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    from pipeline import registry
+
+    mlflow.log_dict({"history": result.history}, "history.json")
+    registry.log_weights(result.model, result.spec)
+    example = np.asarray(ds.test.images[:4], dtype=np.float32)
+    with torch.no_grad():
+        signature = infer_signature(example, result.model(torch.from_numpy(example)).numpy())
+    info = mlflow.pytorch.log_model(
+        result.model,
+        name="model",
+        input_example=example,
+        signature=signature,
+        serialization_format="pt2",
+    )
+    mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_uri
 
 
 def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:

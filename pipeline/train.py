@@ -1,28 +1,40 @@
-"""The training engine: whole splits resident on the device, batches as index slices.
+"""The training engine.
 
-`fit` knows nothing about MLflow or Airflow; it reports each epoch through `on_epoch`.
+Datasets that fit live on the device as one tensor; a batch is an index slice of a per-epoch
+permutation, augmented on the device. Larger ones stream from a memory-mapped file through a
+DataLoader. The learning rate is a pure function of the step (`optim.lr_factor`), so a checkpoint's
+step count is the whole scheduler state. `fit` knows nothing about MLflow or Airflow: it reports
+each epoch through `on_epoch` and checkpoints to a path it is given.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline import checkpoint, distributed
+from pipeline.augment import crop_flip
 from pipeline.config import TrainConfig
 from pipeline.data.store import Split
 from pipeline.models import build_model
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.optim import build_optimizer, lr_factor
+from pipeline.progress import Progress
+
+RESIDENT_MEMORY_SHARE = 0.5  # loader=auto keeps data on the device if it takes at most this share
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss stayed NaN/Inf; the run is stopped and nothing is registered."""
+    """The loss became NaN/Inf; the run is stopped and nothing is registered."""
 
 
 class Normalize(nn.Module):
@@ -42,6 +54,7 @@ class FitResult:
     model: nn.Module
     spec: dict  # what `rebuild` needs: model config, input shape, classes, normalization
     history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -50,12 +63,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is cuda but no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def rebuild(spec: dict) -> nn.Module:
@@ -72,11 +85,108 @@ def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, S
         return split, None
     order = np.random.RandomState(seed).permutation(len(split.labels))
     n_val = max(1, int(len(order) * fraction))
-    val, train = order[:n_val], order[n_val:]
+    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
     return (
         Split(split.images[train], split.labels[train]),
         Split(split.images[val], split.labels[val]),
     )
+
+
+def pixel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
+    """Mean and std over every pixel, chunked so a memory-mapped split is never loaded whole."""
+    total = total_sq = 0.0
+    for start in range(0, len(images), chunk):
+        part = np.asarray(images[start : start + chunk], dtype=np.float64)
+        total += part.sum()
+        total_sq += np.square(part).sum()
+    count = images.size
+    mean = float(total / count)  # plain floats: checkpoints hold no numpy objects
+    std = math.sqrt(max(float(total_sq / count) - mean * mean, 0.0))
+    return mean, std or 1.0
+
+
+class ResidentBatches:
+    """The split as one float tensor on the device; batches are slices of a permutation."""
+
+    def __init__(self, split: Split, device, batch_size: int, dist, memory_format):
+        self.x = torch.from_numpy(np.array(split.images, dtype=np.float32)).to(device)
+        self.x = self.x.contiguous(memory_format=memory_format)
+        self.y = torch.from_numpy(np.array(split.labels, dtype=np.int64)).to(device)
+        self.batch_size, self.dist = batch_size, dist
+        self.n, self.samples = len(self.y), len(self.y) // dist.world  # per process, equal
+
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = _shard(torch.randperm(self.n, device=self.x.device, generator=generator), self)
+        for idx in order.split(self.batch_size):
+            yield self.x[idx], self.y[idx]
+
+
+class StreamingBatches:
+    """For splits that do not fit: worker processes read batches from the memory-mapped .npy
+    into pinned memory, a few batches ahead of the device."""
+
+    def __init__(self, split: Split, device, batch_size: int, dist, memory_format):
+        from torch.utils.data import DataLoader
+
+        self.device, self.memory_format = device, memory_format
+        self.batch_size, self.dist = batch_size, dist
+        self.n, self.samples = len(split.labels), len(split.labels) // dist.world
+        self.order: list[np.ndarray] = []
+        workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+        self.loader = DataLoader(
+            _ArrayBatches(split.images, split.labels),
+            batch_size=None,
+            sampler=self,  # iterated in this process: yields this epoch's index batches
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            persistent_workers=workers > 0,
+        )
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = _shard(torch.randperm(self.n, generator=generator), self)
+        self.order = [idx.numpy() for idx in perm.split(self.batch_size)]
+        for xb, yb in self.loader:
+            xb = xb.to(self.device, non_blocking=True).float()
+            yield xb.contiguous(memory_format=self.memory_format), yb.to(self.device)
+
+
+class _ArrayBatches:
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __getitem__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.sort(idx)  # sequential reads from the memory map; order within a batch is moot
+        return torch.from_numpy(np.asarray(self.images[idx])), torch.from_numpy(self.labels[idx])
+
+
+def _shard(order: torch.Tensor, batches) -> torch.Tensor:
+    """This rank's equal share of the epoch's permutation (every rank draws the same one)."""
+    dist = batches.dist
+    if not dist.enabled:
+        return order
+    return order[: batches.samples * dist.world][dist.rank :: dist.world]
+
+
+def make_batches(split: Split, cfg: TrainConfig, device, dist, memory_format):
+    loader = cfg.loader
+    if loader == "auto":
+        need = split.images.size * 4  # float32 on the device
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[0]
+        else:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        loader = "resident" if need <= RESIDENT_MEMORY_SHARE * available else "stream"
+    kind = ResidentBatches if loader == "resident" else StreamingBatches
+    return kind(split, device, cfg.batch_size, dist, memory_format)
 
 
 def fit(
@@ -85,95 +195,222 @@ def fit(
     classes: list[str],
     seed: int,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint_path: Path | None = None,
+    resume: dict | None = None,
+    checkpoint_extra: dict | None = None,
 ) -> FitResult:
-    seed_everything(seed)
-    device = pick_device(cfg.device)
-    train_part, val_part = split_validation(train_split, cfg.val_fraction, seed)
-    x = torch.as_tensor(train_part.images, dtype=torch.float32, device=device)
-    y = torch.as_tensor(train_part.labels, device=device)
-    spec = {
-        "model": cfg.model.model_dump(),
-        "shape": list(train_split.images.shape[1:]),
-        "classes": list(classes),
-        "mean": float(x.mean()),
-        "std": float(x.std()) or 1.0,
-    }
-    model = rebuild(spec).to(device)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    steps_per_epoch = -(-len(y) // cfg.batch_size)
-    scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.epochs, cfg.schedule)
-    loss_fn = nn.CrossEntropyLoss()
-    val = None
-    if val_part is not None:
-        val = (
-            torch.as_tensor(val_part.images, dtype=torch.float32, device=device),
-            torch.as_tensor(val_part.labels, device=device),
-        )
-    generator = torch.Generator(device=device).manual_seed(seed)
-    history, bad_steps = [], 0
-    for epoch in range(1, cfg.epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        lr = optimizer.param_groups[0]["lr"]
-        order = torch.randperm(len(y), device=device, generator=generator)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for start in range(0, len(y), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            logits = model(x[idx])
-            loss = loss_fn(logits, y[idx])
-            if not torch.isfinite(loss):
-                bad_steps += 1
-                if bad_steps >= cfg.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"loss was NaN/Inf for {bad_steps} consecutive steps (epoch {epoch}); "
-                        f"lower train.optimizer.lr (now {cfg.optimizer.lr}) or check the data"
-                    )
-                continue  # skip the update; the schedule only counts real steps
-            bad_steps = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == y[idx]).sum()
-        row = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": float(loss_sum) / len(y),
-            "train_accuracy": float(correct) / len(y),
-            "epoch_seconds": time.perf_counter() - started,
+    """Train a fresh model, or continue `resume` (a loaded checkpoint) to `cfg.epochs`.
+
+    Under torchrun every rank calls this; rank 0 alone reports and writes checkpoints.
+    """
+    dist = distributed.context()
+    device = pick_device(cfg.device, dist.local_rank)
+    distributed.init(dist, device)
+    cuda = device.type == "cuda"
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    _configure_backends(cfg, cuda)
+    try:
+        seed_everything(seed)
+        train_part, val_part = split_validation(train_split, cfg.val_fraction, seed)
+        mean, std = pixel_stats(train_part.images)
+        spec = {
+            "model": cfg.model.model_dump(),
+            "shape": list(train_split.images.shape[1:]),
+            "classes": list(classes),
+            "mean": mean,
+            "std": std,
         }
-        if val is not None:
-            row.update(_evaluate(model, *val, loss_fn, cfg.batch_size * 4))
-        history.append(row)
-        _print_epoch(row, cfg.epochs)
-        if on_epoch:
-            on_epoch(row)
-    model.eval()
-    return FitResult(model.cpu(), spec, history)
+        model = rebuild(spec).to(device)
+        has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        fmt = torch.channels_last if cuda and cfg.cuda.channels_last and has_conv else None
+        fmt = fmt or torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        batches = make_batches(train_part, cfg, device, dist, fmt)
+        val = None
+        if val_part is not None:
+            val = ResidentBatches(val_part, device, cfg.batch_size * 4, distributed.Dist(), fmt)
+        return _Loop(cfg, model, spec, batches, val, device, dist, seed).run(
+            on_epoch, checkpoint_path, resume, checkpoint_extra or {}
+        )
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
-@torch.no_grad()
-def _evaluate(model, x, y, loss_fn, batch_size: int) -> dict:
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        loss_sum += float(loss_fn(logits, y[start : start + batch_size])) * len(logits)
-        correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
-    return {"val_loss": loss_sum / len(y), "val_accuracy": correct / len(y)}
+def _configure_backends(cfg: TrainConfig, cuda: bool) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    if cuda:
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = cfg.cuda.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.cuda.tf32
 
 
-def _print_epoch(row: dict, epochs: int) -> None:
-    val = (
-        f" val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f}"
-        if "val_loss" in row
-        else ""
-    )
-    print(
-        f"epoch {row['epoch']:>3}/{epochs} lr {row['lr']:.2e} train_loss {row['train_loss']:.4f} "
-        f"train_acc {row['train_accuracy']:.4f}{val} ({row['epoch_seconds']:.2f}s)",
-        file=sys.stderr,
-        flush=True,
-    )
+class _Loop:
+    """One training run's moving parts; `run` is the epoch loop, `train_epoch` the hot path."""
+
+    def __init__(self, cfg: TrainConfig, model, spec, batches, val, device, dist, seed: int):
+        self.cfg, self.model, self.spec = cfg, model, spec
+        self.batches, self.val, self.device, self.dist = batches, val, device, dist
+        cuda = device.type == "cuda"
+        self.optimizer = build_optimizer(
+            model, cfg.optimizer, fused=cuda and cfg.cuda.fused_optimizer
+        )
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        amp = cfg.cuda.amp if cuda else "off"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.net = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        if cuda and cfg.cuda.compile:
+            self.net = torch.compile(self.net)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.steps_per_epoch = -(-batches.samples // cfg.batch_size)
+        self.augment = cfg.augment.crop_padding > 0 or cfg.augment.flip
+        self.step = 0
+        self.history: list[dict] = []
+        self.best_val_loss, self.bad_epochs = math.inf, 0
+
+    def run(self, on_epoch, checkpoint_path, resume, extra) -> FitResult:
+        if resume is not None:
+            self._restore(resume)
+        cfg, progress = self.cfg, Progress(self.cfg.epochs, enabled=self.dist.main)
+        stopped_early = False
+        for epoch in range(len(self.history) + 1, cfg.epochs + 1):
+            progress.start_epoch(epoch, self.batches.samples)
+            row = self.train_epoch(epoch, progress if progress.live else None)
+            if self.val is not None:
+                row.update(self.evaluate())
+                stopped_early = self._no_longer_improving(row["val_loss"])
+            self.history.append(row)
+            if checkpoint_path is not None and self.dist.main:
+                checkpoint.save(self._state(extra), checkpoint_path)
+            distributed.barrier(self.dist)
+            progress.end_epoch(row)
+            if on_epoch is not None and self.dist.main:
+                on_epoch(row)
+            if stopped_early:
+                break
+        self.model.eval()
+        return FitResult(self.model.cpu(), self.spec, self.history, stopped_early)
+
+    def train_epoch(self, epoch: int, progress: Progress | None) -> dict:
+        cfg, optimizer, base_lr = self.cfg, self.optimizer, self.cfg.optimizer.lr
+        check_every = cfg.max_bad_steps
+        started, lr_at_start = time.perf_counter(), base_lr * self._lr_factor(self.step)
+        self.net.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (xb, yb) in enumerate(self.batches.epoch(self.generator), start=1):
+            if self.augment:
+                xb = crop_flip(
+                    xb,
+                    self.generator,
+                    cfg.augment.crop_padding,
+                    cfg.augment.flip,
+                    self.spec["mean"],
+                )
+            lr = base_lr * self._lr_factor(self.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with self.autocast():
+                loss = self.loss_fn(self.net(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            if self.scaler is None:
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                optimizer.step()
+            else:
+                self._scaled_step(loss)
+            self.step += 1
+            loss_sum += loss.detach()
+            if i % check_every == 0 and not torch.isfinite(loss_sum):  # one sync per check
+                self._diverged(epoch)
+            if progress is not None:
+                progress.step(i, len(yb), loss_sum, lr)
+        if not torch.isfinite(loss_sum):
+            self._diverged(epoch)
+        seconds = time.perf_counter() - started
+        return {
+            "epoch": epoch,
+            "lr": lr_at_start,
+            "train_loss": float(distributed.mean(loss_sum / max(1, i), self.dist)),
+            "epoch_seconds": seconds,
+            "samples_per_second": self.batches.samples * self.dist.world / seconds,
+        }
+
+    def _scaled_step(self, loss: torch.Tensor) -> None:
+        """fp16: scale the loss so small gradients survive; the scaler skips inf/NaN steps."""
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _lr_factor(self, step: int) -> float:
+        return lr_factor(step, self.steps_per_epoch, self.cfg.epochs, self.cfg.schedule)
+
+    def _diverged(self, epoch: int) -> None:
+        raise TrainingDiverged(
+            f"loss became NaN/Inf in epoch {epoch} (checked every {self.cfg.max_bad_steps} "
+            f"steps, train.max_bad_steps); lower train.optimizer.lr (now "
+            f"{self.cfg.optimizer.lr}), set train.grad_clip, or check the data"
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.net.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        x, y = self.val.x, self.val.y
+        for start in range(0, len(y), self.val.batch_size):
+            xb, yb = x[start : start + self.val.batch_size], y[start : start + self.val.batch_size]
+            with self.autocast():
+                logits = self.model(xb)
+            loss_sum += self.loss_fn(logits.float(), yb) * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+        return {"val_loss": float(loss_sum) / len(y), "val_accuracy": float(correct) / len(y)}
+
+    def _no_longer_improving(self, val_loss: float) -> bool:
+        """Early stopping on validation loss; patience 0 never stops."""
+        if val_loss < self.best_val_loss - self.cfg.early_stopping.min_delta:
+            self.best_val_loss, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        patience = self.cfg.early_stopping.patience
+        return patience > 0 and self.bad_epochs >= patience
+
+    def _state(self, extra: dict) -> dict:
+        return {
+            **extra,
+            "format": 1,
+            "epoch": len(self.history),
+            "step": self.step,  # the LR schedule's whole state
+            "history": self.history,
+            "best_val_loss": self.best_val_loss,
+            "bad_epochs": self.bad_epochs,
+            "spec": self.spec,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": checkpoint.rng_state(self.generator),
+        }
+
+    def _restore(self, state: dict) -> None:
+        if state.get("spec") != self.spec:
+            raise checkpoint.CheckpointError(
+                "the checkpoint was written for another model, input shape or normalization; "
+                "delete it or train without --resume"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], list(state["history"])
+        self.best_val_loss, self.bad_epochs = state["best_val_loss"], state["bad_epochs"]
+        checkpoint.restore_rng(state["rng"], self.generator)

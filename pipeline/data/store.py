@@ -87,13 +87,16 @@ def read_meta(root: Path) -> dict:
         ) from None
 
 
-def read_dataset(root: Path) -> Dataset:
-    """Load `data/` as written by `write_dataset`; shape/dtype checks are validation's job."""
+def read_dataset(root: Path, mmap: bool = False) -> Dataset:
+    """Load `data/` as written by `write_dataset`; shape/dtype checks are validation's job.
+
+    `mmap` maps the image files read-only instead of reading them, for splits bigger than memory.
+    """
     root = Path(root)
     meta = read_meta(root)
     splits = {}
     for split in SPLITS:
-        images = _load_array(root / f"{split}_images.npy")
+        images = _load_array(root / f"{split}_images.npy", mmap)
         labels = _load_array(root / f"{split}_labels.npy")
         if len(images) != len(labels):
             raise DataError(
@@ -110,9 +113,9 @@ def read_dataset(root: Path) -> Dataset:
     )
 
 
-def _load_array(path: Path) -> np.ndarray:
+def _load_array(path: Path, mmap: bool = False) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
         raise DataError(f"{path} is missing; run `pipeline data pull` or `dvc pull`") from None
     except ValueError as exc:
