@@ -130,7 +130,7 @@ def _tracked_run(cfg, settings, ds, data, validation, airflow, state):
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import lineage, registry
+    from pipeline import distributed, lineage, registry
 
     registry.configure(settings, cfg.tracking.experiment)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
@@ -142,6 +142,7 @@ def _tracked_run(cfg, settings, ds, data, validation, airflow, state):
             "validation.evaluated": str(validation.get("evaluated")),
             "data.train_rows": str(len(ds.train.labels)),
             "data.test_rows": str(len(ds.test.labels)),
+            "train.processes": str(distributed.context().world),
         }
     )
     client = MlflowClient()

@@ -1,0 +1,135 @@
+"""Training as a user runs it: killed and resumed into the same MLflow run, and torchrun DDP."""
+
+import os
+import pickle
+import signal
+import subprocess
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.conftest import project_env, run
+
+pytestmark = pytest.mark.slow
+SMALL = [
+    "--set",
+    "train.model.name=cnn",
+    "--set",
+    "train.epochs=20",
+    "--set",
+    "train.model.dropout=0.1",
+]
+
+
+@pytest.fixture
+def validated(project):
+    run(["pipeline", "data", "pull"], project)
+    run(["pipeline", "validate"], project)
+    return project
+
+
+def _client(project) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+
+
+def _runs(project):
+    client = _client(project)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _weights(client, run_id, tmp) -> dict:
+    path = client.download_artifacts(run_id, "weights/model.pt", str(tmp))
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _kill_after_epoch(project, epoch: int) -> None:
+    """SIGKILL `pipeline train` as soon as it reports `epoch` (its checkpoint is on disk)."""
+    proc = subprocess.Popen(
+        ["pipeline", "train", *SMALL],
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:
+        if line.startswith(f"epoch {epoch:>3}/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+
+def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_one(
+    validated, tmp_path
+):
+    project = validated
+    _kill_after_epoch(project, 3)
+    (killed,) = _runs(project)
+    assert killed.info.status == "RUNNING"  # SIGKILL: nobody closed the run
+    assert len(list((project / "outputs" / "checkpoints").glob("*.pt"))) == 1
+
+    resumed = run(["pipeline", "train", "--resume", *SMALL], project)
+    assert f"resuming MLflow run {killed.info.run_id} after epoch" in resumed.stderr
+    assert "epoch   1/20" not in resumed.stderr and "epoch  20/20" in resumed.stderr
+    client = _client(project)
+    (after,) = _runs(project)  # no second run
+    assert after.info.run_id == killed.info.run_id and after.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(after.info.run_id, "train_loss"))
+    assert steps == list(range(1, 21))  # every epoch logged exactly once
+    assert int(after.data.tags["train.resumed_from_epoch"]) >= 3
+    assert not list((project / "outputs" / "checkpoints").glob("*.pt"))  # cleaned up
+
+    run(["pipeline", "train", *SMALL], project)  # the same params, uninterrupted
+    fresh = next(r for r in _runs(project) if r.info.run_id != after.info.run_id)
+    a = _weights(client, after.info.run_id, tmp_path / "a")
+    b = _weights(client, fresh.info.run_id, tmp_path / "b")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for key in ("val_loss", "val_accuracy", "train_loss"):
+        assert after.data.metrics.get(key) == client.get_run(fresh.info.run_id).data.metrics[key]
+
+
+class _Exploit:
+    """Unpickling this runs a shell command; a checkpoint loader must never do that."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_malicious_checkpoint_stops_resume_with_a_clear_error(validated):
+    project = validated
+    _kill_after_epoch(project, 2)
+    (ckpt,) = (project / "outputs" / "checkpoints").glob("*.pt")
+    marker = project / "pwned"
+    ckpt.write_bytes(pickle.dumps(_Exploit(f"touch {marker}"), protocol=2))
+    out = run(["pipeline", "train", "--resume", *SMALL], project, check=False)
+    assert out.returncode == 1 and "refusing checkpoint" in out.stderr
+    assert not marker.exists()
+
+
+def test_torchrun_two_processes_train_one_run_logged_by_rank_zero(validated):
+    project = validated
+    out = run(
+        [
+            "pipeline",
+            "train",
+            "--nproc",
+            "2",
+            "--set",
+            "train.model.name=mlp",
+            "--set",
+            "train.epochs=3",
+        ],
+        project,
+    )
+    (only,) = _runs(project)
+    assert only.data.tags["train.processes"] == "2"
+    assert only.info.status == "FINISHED" and only.data.metrics["val_accuracy"] > 0.8
+    assert out.stderr.count("epoch   3/3") == 1  # one reporting process
+    history = _client(project).get_metric_history(only.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
