@@ -48,8 +48,10 @@ lint: $(STAMP)
 repro: $(STAMP)
 	dvc repro
 
+# CPU set, a few minutes: writes bench/results.json and the engine table in BENCHMARKS.md.
 bench: $(STAMP)
 	python bench/overhead.py
+	python bench/engine.py > /dev/null
 
 mlflow-ui: $(STAMP)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000

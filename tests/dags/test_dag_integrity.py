@@ -61,6 +61,9 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
         ("schedule", config.ScheduleName),
     ):
         assert params.get_param(name).schema["enum"] == list(get_args(literal)), name
+    presets = sorted(config.load_config(REPO / "params.yaml").presets)
+    assert params.get_param("preset").schema["enum"] == [None, *presets]
+    assert params["preset"] is None  # untouched form: plain params.yaml, like a scheduled run
 
 
 def test_parsing_the_dag_imports_no_heavy_library():
