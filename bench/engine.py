@@ -332,22 +332,16 @@ def accuracy_targets(smoke: bool) -> dict:
 def render_markdown(r: dict, command: str) -> str:
     """The CPU table for BENCHMARKS.md, between its engine markers."""
     t = r["time_to_985_digits"]
+    ratios = (
+        ("engine_vs_hand_loop", "hand-written device-tensor loop", " (goal >= 0.97)", ".3f"),
+        ("engine_vs_tutorial_dataloader", "tutorial DataLoader over in-memory tensors", "", ".2f"),
+        ("engine_vs_tutorial_torchvision", "tutorial torchvision MNIST pipeline", "", ".2f"),
+    )
     rows = [
-        (
-            "engine vs hand-written device-tensor loop, samples/s ratio (goal >= 0.97)",
-            f"{r['engine_vs_hand_loop']['ratio']:.3f}",
-            r["engine_vs_hand_loop"]["setup"],
-        ),
-        (
-            "engine vs tutorial DataLoader over in-memory tensors, samples/s ratio",
-            f"{r['engine_vs_tutorial_dataloader']['ratio']:.2f}",
-            r["engine_vs_tutorial_dataloader"]["setup"],
-        ),
-        (
-            "engine vs tutorial torchvision MNIST pipeline, samples/s ratio",
-            f"{r['engine_vs_tutorial_torchvision']['ratio']:.2f}",
-            r["engine_vs_tutorial_torchvision"]["setup"],
-        ),
+        (f"engine vs {name}, samples/s ratio{goal}", format(r[key]["ratio"], fmt), r[key]["setup"])
+        for key, name, goal, fmt in ratios
+    ]
+    rows += [
         (
             "MLflow tracking overhead (goal <= 3 %)",
             f"{100 * r['tracking_overhead']['overhead']:+.1f} %",
