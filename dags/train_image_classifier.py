@@ -77,9 +77,9 @@ def _settings():
 
 
 def _config(config: dict):
-    from pipeline.config import config_from_dict
+    from pipeline.config import resolved_config
 
-    return config_from_dict(config)
+    return resolved_config(config)
 
 
 @dag(

@@ -223,6 +223,15 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
         raise ConfigError(_explain(exc)) from None
 
 
+def resolved_config(resolved: dict[str, Any]) -> Config:
+    """A config that was already layered (`Config.to_dict()`, handed between DAG tasks or kept
+    with a run): validated as is, so its preset is not applied a second time over the overrides."""
+    try:
+        return Config.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     *parents, leaf = key.split(".")

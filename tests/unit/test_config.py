@@ -2,7 +2,13 @@
 
 import pytest
 
-from pipeline.config import ConfigError, config_from_dict, load_config, parse_overrides
+from pipeline.config import (
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    resolved_config,
+)
 from tests.conftest import REPO
 
 
@@ -73,3 +79,14 @@ def test_missing_or_broken_params_file(tmp_path):
     broken.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+
+
+def test_a_resolved_config_round_trips_without_reapplying_its_preset():
+    """DAG tasks and `pipeline reproduce` rebuild the config from its dict: a form field that
+    beat the preset must still win there."""
+    cfg = load_config(REPO / "params.yaml", {"base.preset": "fast-cnn-digits", "train.epochs": 3})
+    again = resolved_config(cfg.to_dict())
+    assert again.train.epochs == 3 and again.base.preset == "fast-cnn-digits"
+    assert again.params_hash() == cfg.params_hash()
+    with pytest.raises(ConfigError, match="train.epochs"):
+        resolved_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 0}})
