@@ -1,4 +1,5 @@
-"""Train an image classifier: check_data -> validate -> train -> evaluate -> register.
+"""Train an image classifier: check_data -> validate -> skip_if_unchanged -> train -> evaluate
+-> register.
 
 Wiring only: the stage functions live in `pipeline.stages` and are imported inside the task bodies,
 so parsing this file never imports torch, MLflow or Great Expectations. Tasks hand each other
@@ -70,6 +71,16 @@ def _stage_errors():
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
+def _airflow_ids() -> dict:
+    """Where a run came from, for lineage: which DAG, which run, which try."""
+    ctx = get_current_context()
+    return {
+        "dag_id": ctx["dag"].dag_id,
+        "run_id": ctx["run_id"],
+        "try_number": ctx["ti"].try_number,
+    }
+
+
 def _settings():
     from pipeline.settings import Settings
 
@@ -113,6 +124,11 @@ def _config(config: dict):
         ),
         "epochs": Param(DEFAULTS["epochs"], type="integer", minimum=1),
         "batch_size": Param(DEFAULTS["batch_size"], type="integer", minimum=1),
+        "force_retrain": Param(
+            False,
+            type="boolean",
+            description="retrain even when data, params and code equal the champion's",
+        ),
     },
 )
 def train_image_classifier():
@@ -142,24 +158,35 @@ def train_image_classifier():
         from pipeline.stages import validate_stage
 
         with _stage_errors():
-            return validate_stage(_config(checked["config"]), _settings())
+            return validate_stage(_config(checked["config"]), _settings(), _airflow_ids())
 
     @task
-    def train(checked: dict, validation: dict) -> dict:
+    def skip_if_unchanged(checked: dict, validation: dict) -> dict:
+        """Same data, params and code as the champion: record a skipped run, train nothing."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline.stages import record_skip, unchanged_stage
+
+        cfg, settings = _config(checked["config"]), _settings()
+        with _stage_errors():
+            decision = unchanged_stage(cfg, settings, validation["data_md5"])
+        if decision["unchanged"] and not get_current_context()["params"].get("force_retrain"):
+            record_skip(cfg, settings, decision, _airflow_ids())
+            raise AirflowSkipException(
+                f"skipped: {decision['reason']}; trigger with force_retrain=true to retrain"
+            )
+        return decision
+
+    @task
+    def train(checked: dict, validation: dict, _decision: dict) -> dict:
         """Train on the validated data version, logging to MLflow with lineage tags.
 
         A retry resumes from this DAG run's last epoch checkpoint, into the same MLflow run."""
         from pipeline.stages import train_stage
 
-        ctx = get_current_context()
-        airflow_ids = {
-            "dag_id": ctx["dag"].dag_id,
-            "run_id": ctx["run_id"],
-            "try_number": ctx["ti"].try_number,
-        }
         with _stage_errors():
             return train_stage(
-                _config(checked["config"]), _settings(), validation, airflow_ids, resume=True
+                _config(checked["config"]), _settings(), validation, _airflow_ids(), resume=True
             )
 
     @task
@@ -180,7 +207,7 @@ def train_image_classifier():
 
     checked = check_data()
     validation = validate(checked)
-    trained = train(checked, validation)
+    trained = train(checked, validation, skip_if_unchanged(checked, validation))
     register(checked, evaluate(checked, trained))
 
 

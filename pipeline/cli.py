@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--run-id", help="MLflow run (default: the one in outputs/train.json)")
 
+    ref_help = "NAME/VERSION, NAME@ALIAS, or NAME for its champion (e.g. image-classifier/3)"
+    lineage = sub.add_parser("lineage", help="what data, code, params and run made a model")
+    lineage.add_argument("model", help=ref_help)
+    reproduce = sub.add_parser(
+        "reproduce", help="retrain a registered model from its lineage; compare the metrics"
+    )
+    reproduce.add_argument("model", help=ref_help)
+    reproduce.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest metric difference that still counts as reproduced (default 0: exact)",
+    )
+
     status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
@@ -80,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps output readable
     settings = Settings.from_env()
     try:
         return _dispatch(args, settings)
@@ -88,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as exc:
         print(f"data error: {exc}", file=sys.stderr)
+        return 1
+    except LookupError as exc:  # a model reference that does not resolve
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
         from pipeline.checkpoint import CheckpointError
@@ -107,6 +126,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _status(settings, args.json)
     if args.command == "summary":
         return _summary(settings)
+    if args.command == "lineage":
+        return _lineage(settings, args.model)
+    if args.command == "reproduce":
+        from pipeline.reproduce import describe, reproduce
+
+        report = reproduce(settings, args.model, args.tolerance)
+        print(describe(report))
+        return 0 if report["reproduced"] else 1
     overrides = parse_overrides(args.overrides)
     if getattr(args, "preset", None):
         overrides["base.preset"] = args.preset
@@ -172,6 +199,27 @@ def _client(settings: Settings):
     return MlflowClient()
 
 
+def _lineage(settings: Settings, ref: str) -> int:
+    """The model version, its run and scores, then the lineage record its run logged."""
+    from pipeline import lineage, registry
+
+    client = _client(settings)
+    version = registry.resolve(client, ref)
+    run = client.get_run(version.run_id)
+    aliases = client.get_registered_model(version.name).aliases or {}
+    model = {
+        "name": version.name,
+        "version": int(version.version),
+        "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version.version)),
+        "run_id": version.run_id,
+        "model_uri": run.data.tags.get("model_uri"),
+        "metrics": {k: run.data.metrics.get(k) for k in ("test_accuracy", "test_macro_f1")},
+        "promotion": version.tags.get("promotion.decision"),
+    }
+    print(json.dumps({"model": model, **lineage.of_run(version.run_id)}, indent=2))
+    return 0
+
+
 def _status(settings: Settings, as_json: bool) -> int:
     from pipeline.registry import model_status
 
@@ -208,6 +256,12 @@ def _summary(settings: Settings) -> int:
         return 1
     run = runs[0]
     tags, metrics = run.data.tags, run.data.metrics
+    if tags.get("pipeline.skipped") == "true":
+        print("\n=== pipeline run summary ===")
+        print(f"run            {run.info.run_name} ({run.info.run_id}): nothing trained")
+        print(f"reason         {tags.get('skip.reason')}")
+        print("retrain        trigger the DAG with force_retrain=true")
+        return 0
     registered = [
         (m["name"], v)
         for m in model_status(client)

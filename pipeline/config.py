@@ -45,6 +45,10 @@ class ValidateConfig(_Block):
     min_rows_per_split: int = Field(50, ge=1)
     pixel_min: float = 0
     pixel_max: float = 255
+    max_class_ratio: float = Field(2.0, ge=1)  # largest / smallest class count in a split
+    # Drift bound, in pixel units: each split's mean pixel value and mean image contrast (per-image
+    # std) against the champion's training data; null = off. Not checked before a champion exists.
+    drift_max_shift: float | None = Field(10.0, gt=0)
 
 
 class ModelConfig(_Block):

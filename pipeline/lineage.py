@@ -1,4 +1,8 @@
-"""Lineage: what code, data, params and orchestrator produced a run, as MLflow tags."""
+"""Lineage: the code, data, params, validation, orchestrator and stack behind a training run.
+
+One record per run, kept three ways: `lineage.json` in the run's artifacts, flattened into the
+run's tags (searchable in the MLflow UI) and into the registered model version's tags.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ from pathlib import Path
 
 from pipeline.config import Config
 
-PACKAGES = ("torch", "mlflow", "apache-airflow", "dvc", "great-expectations")
+ARTIFACT = "lineage.json"
+PACKAGES = {
+    "torch": "torch",
+    "mlflow": "mlflow",
+    "airflow": "apache-airflow",
+    "dvc": "dvc",
+    "great_expectations": "great-expectations",
+}
 
 
 def git_state(root: Path) -> tuple[str, bool]:
@@ -25,21 +36,70 @@ def git_state(root: Path) -> tuple[str, bool]:
         return "unknown", True
 
 
-def collect(root: Path, cfg: Config, data_md5: str, airflow: dict | None = None) -> dict[str, str]:
-    commit, dirty = git_state(root)
-    tags = {
-        "git.commit": commit,
-        "git.dirty": str(dirty).lower(),
-        "mlflow.source.git.commit": commit,
-        "data.md5": data_md5,
-        "data.dataset": cfg.base.dataset,
-        "params.hash": cfg.params_hash(),
-    }
-    for key, value in (airflow or {}).items():
-        tags[f"airflow.{key}"] = str(value)
-    for pkg in PACKAGES:
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name, dist in PACKAGES.items():
         try:
-            tags[f"version.{pkg}"] = metadata.version(pkg)
+            found[name] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    return tags
+    return found
+
+
+def record(
+    code_root: Path,
+    cfg: Config,
+    pointer: dict,
+    validation: dict,
+    device: str,
+    airflow: dict | None = None,
+) -> dict:
+    """The lineage of a run about to train on the data version `pointer` (data.dvc's outs[0])."""
+    from pipeline.validate import summary
+
+    commit, dirty = git_state(code_root)
+    metrics, _ = summary(validation)
+    stats = validation.get("stats", {})
+    return {
+        "git": {"commit": commit, "dirty": dirty},
+        "data": {
+            "dataset": cfg.base.dataset,
+            "md5": pointer["md5"],
+            "files": pointer.get("nfiles"),
+            "bytes": pointer.get("size"),
+            **{f"{split}_rows": s.get("rows") for split, s in stats.items()},
+        },
+        "data_stats": stats,
+        "params": {"hash": cfg.params_hash(), "preset": cfg.base.preset},
+        "validation": {
+            "success": bool(validation.get("success")),
+            **{k.removeprefix("validation."): int(v) for k, v in metrics.items()},
+            "failed_expectations": [f"{f['split']}.{f['name']}" for f in validation["failed"]],
+        },
+        "airflow": airflow,
+        "versions": package_versions(),
+        "device": device,
+    }
+
+
+def of_run(run_id: str) -> dict:
+    """The lineage record a training run logged (the active tracking URI)."""
+    import mlflow
+
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{ARTIFACT}")
+
+
+def tags(lineage: dict) -> dict[str, str]:
+    """Dotted tag names (`git.commit`, `data.md5`, `data_stats.train.pixel_mean`, ...)."""
+    flat = {"mlflow.source.git.commit": lineage["git"]["commit"]}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif value is not None:
+                text = ",".join(value) if isinstance(value, list) else value
+                flat[f"{prefix}{key}"] = str(text).lower() if isinstance(value, bool) else str(text)
+
+    walk(lineage, "")
+    return flat

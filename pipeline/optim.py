@@ -15,8 +15,13 @@ from pipeline.config import OptimizerConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and conv kernels only; biases and norm scales stay undecayed (nanoGPT)."""
+    """Decay matrices and conv kernels only; biases and norm scales stay undecayed (nanoGPT).
+
+    Without weight decay the split changes nothing, so one group: each group costs a pass of
+    Python in every `optimizer.step()`, about 4 % of an MLP step on CPU (bench/engine.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0:
+        return [{"params": params, "weight_decay": 0.0}]
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

@@ -90,6 +90,36 @@ def find_version(client, name: str, run_id: str):
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
+def resolve(client, ref: str):
+    """`NAME` (its champion), `NAME@ALIAS` or `NAME/VERSION` -> the model version.
+
+    Raises LookupError naming what exists when the reference does not resolve."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = ref, CHAMPION, None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none yet"
+        raise LookupError(f"no registered model {name!r}; registered models: {known}") from None
+    if version is None:
+        if alias not in (model.aliases or {}):
+            known = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "none"
+            raise LookupError(f"{name} has no alias @{alias}; its aliases: {known}")
+        return client.get_model_version_by_alias(name, alias)
+    try:
+        return client.get_model_version(name, str(int(version)))
+    except (MlflowException, ValueError):
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise LookupError(
+            f"{name} has no version {version!r}; versions: {', '.join(map(str, versions))}"
+        ) from None
+
+
 def champion_version(client, name: str):
     from mlflow.exceptions import MlflowException
 

@@ -12,6 +12,12 @@ class Settings:
     root: Path  # the project checkout (params.yaml, data.dvc, dvc.yaml)
     tracking_uri: str  # MLflow tracking + registry
     artifact_root: str  # where new MLflow experiments store artifacts
+    code_root: Path | None = None  # the git checkout of the code when `root` is elsewhere
+
+    @property
+    def code(self) -> Path:
+        """Whose git commit a run records: the code's checkout (reproduce works in a copy)."""
+        return self.code_root or self.root
 
     @property
     def params(self) -> Path:

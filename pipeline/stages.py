@@ -34,21 +34,130 @@ def check_data_stage(cfg: Config, settings: Settings) -> dict:
     return check_data(cfg.base.dataset, settings.root, settings.data_dir)
 
 
-def validate_stage(cfg: Config, settings: Settings) -> dict:
-    """Validate data/ (which must match data.dvc); raise `ValidationFailed` on any failure."""
+def validate_stage(cfg: Config, settings: Settings, airflow: dict | None = None) -> dict:
+    """Validate data/ (which must match data.dvc); raise `ValidationFailed` on any failure.
+
+    A failure is also put on record in MLflow: a FAILED run with the summary and the Data Docs.
+    """
     from pipeline.validate import ValidationFailed, validate_dataset
 
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
     ds = read_dataset(settings.data_dir)
+    reference, notes = _drift_reference(cfg, settings, ds.name)
     report = validate_dataset(
-        ds, read_meta(settings.data_dir), cfg.validate_, settings.outputs / "gx"
+        ds, read_meta(settings.data_dir), cfg.validate_, settings.outputs / "gx", reference, notes
     )
     result = {**report.to_dict(), "data_md5": data["data_md5"], "dataset": ds.name}
     _write_json(settings.outputs / "validation.json", result)
     print(report.describe())
     if not report.success:
+        _record_failed_validation(cfg, settings, result, airflow)
         raise ValidationFailed(report)
     return result
+
+
+def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dict | None, list]:
+    """The champion's training-data statistics for the drift bounds, or None and why not."""
+    if not cfg.validate_.drift_max_shift:
+        return None, []
+    from mlflow import MlflowClient
+
+    from pipeline import registry
+
+    registry.configure(settings, cfg.tracking.experiment)
+    client = MlflowClient()
+    champion = registry.champion_version(client, cfg.register_.model_name)
+    if champion is None:
+        return None, ["drift not checked: no champion yet"]
+    tags, where = client.get_run(champion.run_id).data.tags, f"champion v{champion.version}"
+    if tags.get("data.dataset") != dataset:
+        return None, [f"drift not checked: {where} was trained on {tags.get('data.dataset')}"]
+    try:
+        reference = {k: float(tags[f"data_stats.train.{k}"]) for k in ("pixel_mean", "contrast")}
+    except KeyError:
+        return None, [f"drift not checked: {where} has no training-data statistics"]
+    return reference, [f"drift checked against {where}'s training data"]
+
+
+def _record_failed_validation(cfg: Config, settings: Settings, result: dict, airflow) -> None:
+    import mlflow
+
+    from pipeline import lineage, registry
+    from pipeline.validate import summary
+
+    registry.configure(settings, cfg.tracking.experiment)
+    metrics, tags = summary(result)
+    tags |= {
+        "data.md5": result["data_md5"],
+        "data.dataset": result["dataset"],
+        "git.commit": lineage.git_state(settings.code)[0],
+        "params.hash": cfg.params_hash(),
+        **{f"airflow.{k}": str(v) for k, v in (airflow or {}).items()},
+    }
+    mlflow.start_run(run_name=f"validation-failed-{result['dataset']}", tags=tags)
+    try:
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(result, "validation.json")
+        if Path(result["docs"]).is_file():
+            mlflow.log_artifacts(str(Path(result["docs"]).parent), "data_docs")
+    finally:
+        mlflow.end_run(status="FAILED")
+
+
+def unchanged_stage(cfg: Config, settings: Settings, data_md5: str) -> dict:
+    """Whether the champion was trained on this data version, these params and this commit:
+    retraining would only reproduce it. Uncommitted code changes never count as unchanged."""
+    from mlflow import MlflowClient
+
+    from pipeline import lineage, registry
+
+    registry.configure(settings, cfg.tracking.experiment)
+    client = MlflowClient()
+    champion = registry.champion_version(client, cfg.register_.model_name)
+    if champion is None:
+        return {"unchanged": False, "reason": "no champion yet"}
+    tags, where = client.get_run(champion.run_id).data.tags, f"champion v{champion.version}"
+    commit, dirty = lineage.git_state(settings.code)
+    if dirty or tags.get("git.dirty") != "false":
+        return {"unchanged": False, "reason": "uncommitted code changes (here or in " + where + ")"}
+    now = {"data md5": data_md5, "params hash": cfg.params_hash(), "git commit": commit}
+    then = {
+        "data md5": tags.get("data.md5"),
+        "params hash": tags.get("params.hash"),
+        "git commit": tags.get("git.commit"),
+    }
+    differs = [key for key in now if now[key] != then[key]]
+    if differs:
+        return {"unchanged": False, "reason": f"not the same {', '.join(differs)} as {where}"}
+    return {
+        "unchanged": True,
+        "reason": f"same data md5 {data_md5}, params hash {now['params hash']} and git commit "
+        f"{commit[:12]} as {where} (run {champion.run_id})",
+        "champion_version": int(champion.version),
+        "champion_run_id": champion.run_id,
+        "data_md5": data_md5,
+        "git_commit": commit,
+    }
+
+
+def record_skip(cfg: Config, settings: Settings, decision: dict, airflow: dict | None) -> str:
+    """A run that did not train, on record with its reason, so the schedule's history has no gap."""
+    import mlflow
+
+    from pipeline import registry
+
+    registry.configure(settings, cfg.tracking.experiment)
+    tags = {
+        "pipeline.skipped": "true",
+        "skip.reason": decision["reason"],
+        "skip.champion_run_id": decision["champion_run_id"],
+        "data.md5": decision["data_md5"],
+        "git.commit": decision["git_commit"],
+        "params.hash": cfg.params_hash(),
+        **{f"airflow.{k}": str(v) for k, v in (airflow or {}).items()},
+    }
+    with mlflow.start_run(run_name="skipped-unchanged", tags=tags) as run:
+        return run.info.run_id
 
 
 def train_stage(
@@ -93,7 +202,7 @@ def train_stage(
 
     import mlflow
 
-    with _tracked_run(cfg, settings, ds, data, validation, airflow, state) as run:
+    with _tracked_run(cfg, settings, ds, validation, airflow, state) as run:
         result = fit(
             cfg.train,
             ds.train,
@@ -120,7 +229,7 @@ def _training_identity(cfg: Config, data_md5: str, airflow: dict | None) -> str:
 
 
 @contextmanager
-def _tracked_run(cfg, settings, ds, data, validation, airflow, state):
+def _tracked_run(cfg, settings, ds, validation, airflow, state):
     """A new MLflow run, or the checkpoint's run reopened.
 
     Metrics go out once per epoch (`log_epoch`); the system-metrics thread samples CPU and memory
@@ -134,16 +243,13 @@ def _tracked_run(cfg, settings, ds, data, validation, airflow, state):
     registry.configure(settings, cfg.tracking.experiment)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     mlflow.set_system_metrics_samples_before_logging(1)
-    tags = lineage.collect(settings.root, cfg, data["data_md5"], airflow)
-    tags.update(
-        {
-            "validation.success": "true",
-            "validation.evaluated": str(validation.get("evaluated")),
-            "data.train_rows": str(len(ds.train.labels)),
-            "data.test_rows": str(len(ds.test.labels)),
-            "train.processes": str(distributed.context().world),
-        }
+    from pipeline.data.versioning import pointer
+    from pipeline.validate import summary
+
+    record = lineage.record(
+        settings.code, cfg, pointer(settings.root), validation, _device_name(cfg), airflow
     )
+    tags = {**lineage.tags(record), "train.processes": str(distributed.context().world)}
     client = MlflowClient()
     run_id = state["mlflow_run_id"] if state else None
     resuming = run_id is not None and _run_exists(client, run_id)
@@ -156,11 +262,13 @@ def _tracked_run(cfg, settings, ds, data, validation, airflow, state):
         run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
 
     with run:
+        mlflow.log_dict(record, lineage.ARTIFACT)  # again on resume: the try number moved on
         if resuming:
             mlflow.set_tags({**tags, "train.resumed_from_epoch": str(state["epoch"])})
             print(f"resuming MLflow run {run_id} after epoch {state['epoch']}", file=sys.stderr)
         else:
             mlflow.log_params(cfg.flat())
+            mlflow.log_metrics(summary(validation)[0])
             mlflow.log_dict(cfg.to_dict(), "config.json")
             if validation.get("docs") and Path(validation["docs"]).is_file():
                 mlflow.log_artifacts(str(Path(validation["docs"]).parent), "data_docs")
@@ -170,6 +278,17 @@ def _tracked_run(cfg, settings, ds, data, validation, airflow, state):
                 if row["epoch"] not in logged:
                     log_epoch(row)
         yield run
+
+
+def _device_name(cfg: Config) -> str:
+    import torch
+
+    from pipeline.train import pick_device
+
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def log_epoch(row: dict) -> None:
@@ -269,7 +388,7 @@ def register_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import registry
+    from pipeline import lineage, registry
 
     registry.configure(settings, cfg.tracking.experiment)
     client = MlflowClient()
@@ -280,13 +399,10 @@ def register_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     score = run.data.metrics[metric]
     version = registry.find_version(client, name, run_id)
     if version is None:
-        tags = {
-            k: run.data.tags[k]
-            for k in ("data.md5", "data.dataset", "params.hash", "git.commit")
-            if k in run.data.tags
-        }
         version = mlflow.register_model(
-            run.data.tags["model_uri"], name, tags={**tags, metric: str(score)}
+            run.data.tags["model_uri"],
+            name,
+            tags={**lineage.tags(lineage.of_run(run_id)), metric: str(score)},
         )
     client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
 

@@ -32,20 +32,40 @@ class ValidationReport:
     evaluated: int
     failed: list[dict] = field(default_factory=list)  # {"split", "name", "observed"}
     docs: str = ""
+    stats: dict = field(default_factory=dict)  # split -> rows, class_ratio, pixel_mean, contrast
+    notes: list[str] = field(default_factory=list)  # checks that could not run, and why
 
     def describe(self) -> str:
         head = f"validation {'passed' if self.success else 'FAILED'}: "
         head += f"{self.evaluated - len(self.failed)}/{self.evaluated} expectations met"
         lines = [f"  [{f['split']}] {f['name']}: observed {f['observed']}" for f in self.failed]
+        notes = [f"  note: {n}" for n in self.notes]
         tail = [f"  Data Docs: {self.docs}"] if self.docs else []
-        return "\n".join([head, *lines, *tail])
+        return "\n".join([head, *lines, *notes, *tail])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def summary(validation: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """MLflow metrics and tags for a validation result (`ValidationReport.to_dict()`)."""
+    evaluated, failed = validation.get("evaluated", 0), validation.get("failed", [])
+    metrics = {
+        "validation.evaluated": evaluated,
+        "validation.passed": evaluated - len(failed),
+        "validation.failed": len(failed),
+    }
+    tags = {
+        "validation.success": str(bool(validation.get("success"))).lower(),
+        "validation.failed_expectations": ",".join(f"{f['split']}.{f['name']}" for f in failed),
+    }
+    return metrics, tags
+
+
 def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
-    """One row per image: label, shape, dtype, pixel range, non-finite count, leak flag."""
+    """One row per image: label, shape, dtype, pixel range, non-finite count, mean and contrast,
+    leak flag; plus the split's class ratio (largest / smallest class count) on every row, so
+    one expectation on its max reports the ratio itself."""
     part = getattr(ds, split)
     images = part.images
     n = len(images)
@@ -53,6 +73,8 @@ def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
     as_float = flat.astype(np.float64, copy=False)
     finite = np.isfinite(as_float)
     shape = images.shape[1:] if images.ndim == 4 else (None, None, None)
+    with np.errstate(invalid="ignore"):  # an Inf image's std is NaN: no_nan_or_inf reports it
+        means, contrast = as_float.mean(axis=1), as_float.std(axis=1)
     table = pd.DataFrame(
         {
             "label": part.labels.astype(np.int64) if part.labels.ndim == 1 else -1,
@@ -63,6 +85,9 @@ def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
             "pixel_min": np.where(finite, as_float, np.inf).min(axis=1) if n else [],
             "pixel_max": np.where(finite, as_float, -np.inf).max(axis=1) if n else [],
             "nonfinite": (~finite).sum(axis=1) if n else [],
+            "pixel_mean": _finite_or_nan(means) if n else [],
+            "contrast": _finite_or_nan(contrast) if n else [],
+            "class_ratio": _class_ratio(part.labels, len(ds.classes)) if n else [],
         }
     )
     if split == "test":
@@ -71,12 +96,47 @@ def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
     return table
 
 
+def _finite_or_nan(values: np.ndarray) -> np.ndarray:
+    """NaN/Inf images are no_nan_or_inf's to report; NaN keeps them out of the column means."""
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _class_ratio(labels: np.ndarray, n_classes: int) -> float:
+    """Largest / smallest count among the declared classes present; labels outside the class
+    set and missing classes are other expectations' to report."""
+    valid = labels[(labels >= 0) & (labels < n_classes)].astype(np.int64)
+    counts = np.bincount(valid, minlength=n_classes)
+    counts = counts[counts > 0]
+    return float(counts.max() / counts.min()) if len(counts) else 1.0
+
+
+def split_stats(table: pd.DataFrame) -> dict:
+    """What the drift check compares and lineage records: size, balance, pixel statistics."""
+    if table.empty:
+        return {"rows": 0}
+    return {
+        "rows": len(table),
+        "class_ratio": round(float(table["class_ratio"].iloc[0]), 4),
+        "pixel_mean": round(float(table["pixel_mean"].mean()), 4),
+        "contrast": round(float(table["contrast"].mean()), 4),
+    }
+
+
 def _digest(image: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
 
 
-def build_suite(name: str, split: str, ds: Dataset, declared: dict, cfg: ValidateConfig):
-    """Expectations for one split; each carries a readable name in `meta`."""
+def build_suite(
+    name: str,
+    split: str,
+    ds: Dataset,
+    declared: dict,
+    cfg: ValidateConfig,
+    reference: dict | None = None,
+):
+    """Expectations for one split; each carries a readable name in `meta`.
+
+    `reference` (the champion's training-data `split_stats`) adds the drift bounds."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -100,6 +160,16 @@ def build_suite(name: str, split: str, ds: Dataset, declared: dict, cfg: Validat
             column="pixel_max", min_value=cfg.pixel_min, max_value=cfg.pixel_max
         ),
     }
+    checks["class_balance"] = E.ExpectColumnMaxToBeBetween(
+        column="class_ratio", max_value=cfg.max_class_ratio
+    )
+    if reference and cfg.drift_max_shift:
+        for column in ("pixel_mean", "contrast"):
+            checks[f"{column}_drift"] = E.ExpectColumnMeanToBeBetween(
+                column=column,
+                min_value=reference[column] - cfg.drift_max_shift,
+                max_value=reference[column] + cfg.drift_max_shift,
+            )
     if split == "test":
         checks["no_duplicates_of_train"] = E.ExpectColumnValuesToBeInSet(
             column="in_train", value_set=[False]
@@ -112,9 +182,17 @@ def build_suite(name: str, split: str, ds: Dataset, declared: dict, cfg: Validat
 
 
 def validate_dataset(
-    ds: Dataset, declared: dict, cfg: ValidateConfig, gx_root: Path
+    ds: Dataset,
+    declared: dict,
+    cfg: ValidateConfig,
+    gx_root: Path,
+    reference: dict | None = None,
+    notes: list[str] | None = None,
 ) -> ValidationReport:
-    """Run the suite on every split, write Data Docs under `gx_root`, return the report."""
+    """Run the suite on every split, write Data Docs under `gx_root`, return the report.
+
+    `reference`: the champion's training-data stats for the drift bounds (None: not checked,
+    and `notes` should say why)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phone-home from a closed network
     import great_expectations as gx
 
@@ -129,7 +207,7 @@ def validate_dataset(
             (b for b in asset.batch_definitions if b.name == "all"), None
         ) or asset.add_batch_definition_whole_dataframe("all")
         suite = ctx.suites.add_or_update(
-            build_suite(f"{ds.name}-{split}", split, ds, declared, cfg)
+            build_suite(f"{ds.name}-{split}", split, ds, declared, cfg, reference)
         )
         definitions.append(
             ctx.validation_definitions.add_or_update(
@@ -156,17 +234,29 @@ def validate_dataset(
                             "name": r.expectation_config.meta.get(
                                 "name", r.expectation_config.type
                             ),
-                            "observed": _observed(r.result),
+                            "observed": _observed(r.result, r.expectation_config.kwargs),
                         }
                     )
     docs = gx_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
-    return ValidationReport(not failed, evaluated, failed, str(docs))
+    stats = {split: split_stats(frames[split]) for split in SPLITS}
+    return ValidationReport(not failed, evaluated, failed, str(docs), stats, list(notes or []))
 
 
-def _observed(result: dict) -> str:
+def _observed(result: dict, kwargs: dict) -> str:
     if "observed_value" in result:
-        return str(result["observed_value"])
+        value, bounds = result["observed_value"], _bounds(kwargs)
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return f"{shown} (allowed {bounds})" if bounds else shown
     if "unexpected_count" in result:
         sample = result.get("partial_unexpected_list", [])[:5]
         return f"{result['unexpected_count']} bad rows, e.g. {sample}"
     return str(result) or "exception while evaluating"
+
+
+def _bounds(kwargs: dict) -> str:
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if low is not None and high is not None:
+        return f"{low:g}..{high:g}"
+    if low is not None:
+        return f">= {low:g}"
+    return f"<= {high:g}" if high is not None else ""

@@ -16,17 +16,23 @@ from pipeline.data.store import DataError
 POINTER = "data.dvc"
 
 
-def recorded_md5(repo_root: Path) -> str:
-    """The directory md5 that data.dvc pins (e.g. `0a60....dir`)."""
+def pointer(repo_root: Path) -> dict:
+    """data.dvc's entry for data/: md5 (`0a60....dir`), size, nfiles, hash, path."""
     path = Path(repo_root) / POINTER
     if not path.exists():
         raise DataError(f"{path} not found; run `pipeline data pull` to create the first version")
     try:
-        return yaml.safe_load(path.read_text())["outs"][0]["md5"]
+        out = yaml.safe_load(path.read_text())["outs"][0]
     except (KeyError, IndexError, TypeError, yaml.YAMLError):
-        raise DataError(
-            f"{path} has no outs[0].md5; restore it with `git checkout {POINTER}`"
-        ) from None
+        out = None
+    if not isinstance(out, dict) or "md5" not in out:
+        raise DataError(f"{path} has no outs[0].md5; restore it with `git checkout {POINTER}`")
+    return out
+
+
+def recorded_md5(repo_root: Path) -> str:
+    """The directory md5 that data.dvc pins (e.g. `0a60....dir`)."""
+    return pointer(repo_root)["md5"]
 
 
 @contextmanager

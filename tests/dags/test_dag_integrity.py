@@ -28,7 +28,7 @@ def test_no_import_errors(dagbag):
 
 def test_tasks_chain_in_order(dagbag):
     dag = dagbag.dags[DAG_ID]
-    order = ["check_data", "validate", "train", "evaluate", "register"]
+    order = ["check_data", "validate", "skip_if_unchanged", "train", "evaluate", "register"]
     assert set(dag.task_ids) == set(order)
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids
@@ -46,6 +46,7 @@ def test_schedule_retries_tags_and_trigger_form(dagbag):
     )
     assert params["optimizer"] == "adamw" and params["epochs"] == 12  # from params.yaml
     assert "rmsprop" in params.get_param("optimizer").schema["enum"]
+    assert params["force_retrain"] is False  # a scheduled run skips unchanged work
 
 
 def test_trigger_form_choices_match_what_the_config_accepts(dagbag):

@@ -8,13 +8,13 @@ import pytest
 
 from pipeline.config import ValidateConfig
 from pipeline.data.store import Split
-from pipeline.validate import sample_table, validate_dataset
+from pipeline.validate import sample_table, split_stats, summary, validate_dataset
 
 CFG = ValidateConfig(min_rows_per_split=50, pixel_min=0, pixel_max=255)
 
 
-def _run(ds, tmp_path: Path):
-    return validate_dataset(ds, ds.meta(), CFG, tmp_path / "gx")
+def _run(ds, tmp_path: Path, reference=None, cfg=CFG):
+    return validate_dataset(ds, ds.meta(), cfg, tmp_path / "gx", reference)
 
 
 def _with_test(ds, images=None, labels=None):
@@ -71,9 +71,19 @@ def _out_of_range(ds):
     return _with_test(ds, images=ds.test.images.astype(np.int16) * 2)
 
 
+def _imbalanced(ds):
+    keep = (ds.test.labels != 3) | (np.cumsum(ds.test.labels == 3) <= 5)  # 5 threes left
+    return _with_test(ds, ds.test.images[keep], ds.test.labels[keep])
+
+
+def _brighter(ds):
+    return _with_test(ds, images=np.clip(ds.test.images.astype(np.int16) + 60, 0, 255).astype("u1"))
+
+
 @pytest.mark.parametrize(
     ("corrupt", "expected"),
     [
+        (_imbalanced, {"class_balance"}),
         (_bad_label, {"label_in_class_set"}),
         (_missing_class, {"every_class_present"}),
         (_nan_pixels, {"no_nan_or_inf", "dtype_is_uint8"}),
@@ -102,3 +112,37 @@ def test_sample_table_has_one_row_per_image(digits):
     table = sample_table(digits, "test")
     assert len(table) == len(digits.test.labels)
     assert not table["in_train"].any() and (table["nonfinite"] == 0).all()
+
+
+def test_class_balance_reports_the_ratio_against_the_configured_bound(digits, tmp_path):
+    report = _run(_imbalanced(digits), tmp_path)
+    (failure,) = report.failed
+    assert failure["name"] == "class_balance" and "allowed <= 2" in failure["observed"]
+    ratio = float(failure["observed"].split()[0])
+    assert ratio == pytest.approx(report.stats["test"]["class_ratio"], rel=1e-3) and ratio > 5
+    relaxed = CFG.model_copy(update={"max_class_ratio": 100.0})
+    assert _run(_imbalanced(digits), tmp_path, cfg=relaxed).success
+
+
+def test_drift_against_the_champions_training_data(digits, tmp_path):
+    reference = split_stats(sample_table(digits, "train"))
+    assert _run(digits, tmp_path, reference).success  # the data the champion saw: no drift
+    report = _run(_brighter(digits), tmp_path, reference)
+    failed = {(f["split"], f["name"]) for f in report.failed}
+    assert ("test", "pixel_mean_drift") in failed and ("train", "pixel_mean_drift") not in failed
+    (shift,) = [f for f in report.failed if f["name"] == "pixel_mean_drift"]
+    low, high = reference["pixel_mean"] - 10, reference["pixel_mean"] + 10
+    assert f"allowed {low:g}..{high:g}" in shift["observed"]
+    off = CFG.model_copy(update={"drift_max_shift": None})
+    assert _run(_brighter(digits), tmp_path, reference, cfg=off).success
+
+
+def test_summary_counts_and_names_failures_for_mlflow(digits, tmp_path):
+    report = _run(_bad_label(digits), tmp_path).to_dict()
+    metrics, tags = summary(report)
+    assert metrics["validation.failed"] == 1
+    assert metrics["validation.passed"] == metrics["validation.evaluated"] - 1
+    assert tags == {
+        "validation.success": "false",
+        "validation.failed_expectations": "test.label_in_class_set",
+    }

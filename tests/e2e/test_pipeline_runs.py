@@ -80,8 +80,20 @@ def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
     assert "< champion's" in decision["promotion.decision"]
     assert git(project, "status", "--porcelain") == ""
 
+    # Same data, params and code as the champion: the next run records a skip, trains nothing.
     again = run(["make", "-o", ".venv/.installed", "run"], project).stdout
-    assert "version 3" in again
+    assert "nothing trained" in again and "force_retrain=true" in again
+    assert f"champion v1 (run {v1['run_id']})" in again
+    (model,) = _status(project)
+    assert len(model["versions"]) == 2
+    (skipped,) = _client(project).search_runs(
+        [e.experiment_id for e in _client(project).search_experiments()],
+        "tags.`pipeline.skipped` = 'true'",
+    )
+    assert skipped.data.tags["skip.champion_run_id"] == v1["run_id"]
+    assert skipped.data.tags["airflow.dag_id"] == DAG and not skipped.data.metrics
+
+    _dag_test(project, conf={"force_retrain": True})
     (model,) = _status(project)
     assert len(model["versions"]) == 3
     assert sum("champion" in v["aliases"] for v in model["versions"]) == 1
@@ -97,12 +109,16 @@ def test_failed_validation_stops_the_dag_before_training(airflow_project):
     log = result.stdout + result.stderr
     assert "min_rows" in log and "ValidationFailed" in log
     assert "[DAG TEST] starting task_id=train" not in log
-    assert (
-        _client(project).search_runs(
-            [e.experiment_id for e in _client(project).search_experiments()]
-        )
-        == []
+    # On record in MLflow: one FAILED run with the summary and the Data Docs, and no model.
+    (failed,) = _client(project).search_runs(
+        [e.experiment_id for e in _client(project).search_experiments()]
     )
+    assert failed.info.status == "FAILED" and failed.data.tags["validation.success"] == "false"
+    assert "train.min_rows" in failed.data.tags["validation.failed_expectations"]
+    assert failed.data.metrics["validation.failed"] >= 2  # train and test are both too small
+    assert failed.data.tags["airflow.dag_id"] == DAG
+    artifacts = {a.path for a in _client(project).list_artifacts(failed.info.run_id)}
+    assert {"validation.json", "data_docs"} <= artifacts
     assert _status(project) == []
     assert (
         project

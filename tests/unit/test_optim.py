@@ -72,6 +72,13 @@ def test_weight_decay_only_on_weights_not_biases_or_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == total
 
 
+def test_without_weight_decay_all_parameters_share_one_group():
+    model = small_cnn((1, 8, 8), 10)
+    (group,) = param_groups(model, 0.0)
+    assert group["weight_decay"] == 0.0
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
 def test_every_optimizer_builds_with_the_configured_settings(name):
     model = small_cnn((1, 8, 8), 10)
