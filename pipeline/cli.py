@@ -113,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.train import TrainingDiverged
         from pipeline.validate import ValidationFailed
 
-        if isinstance(exc, ValidationFailed | TrainingDiverged | CheckpointError):
+        if isinstance(exc, ValidationFailed):  # the stage printed the full report already
+            print(
+                "error: validation failed; this data version must not be trained on",
+                file=sys.stderr,
+            )
+            return 1
+        if isinstance(exc, TrainingDiverged | CheckpointError):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
