@@ -131,9 +131,13 @@ class TrainConfig(_Block):
 
 
 class RegisterConfig(_Block):
+    """The promotion policy: both models are scored on the challenger's test data."""
+
     model_name: str = Field("image-classifier", min_length=1)
     metric: Literal["test_accuracy", "test_macro_f1"] = "test_accuracy"
     floor: float = Field(0.9, ge=0, le=1)  # a model below this is never champion
+    min_improvement: float = Field(0.0, ge=0, le=1)  # over the champion; 0 = ties promote
+    max_recall_drop: float | None = Field(None, ge=0, le=1)  # per class vs champion; null = off
 
 
 class TrackingConfig(_Block):

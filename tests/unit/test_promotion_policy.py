@@ -1,0 +1,46 @@
+"""The promotion policy as a table: floor, first model, incompatible champion, improvement,
+per-class recall guard."""
+
+import pytest
+
+from pipeline.config import RegisterConfig
+from pipeline.promotion import decide
+
+
+def scores(acc: float, **recalls: float) -> dict:
+    return {"test_accuracy": acc, **{f"test_recall.{k}": v for k, v in recalls.items()}}
+
+
+POLICY = RegisterConfig(floor=0.9, min_improvement=0.01, max_recall_drop=0.05)
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promote", "rule"),
+    [
+        (scores(0.85), None, False, "floor"),
+        (scores(0.85), scores(0.80), False, "floor"),  # beating a weak champion is not enough
+        (scores(0.95), None, True, "first_model"),
+        (scores(0.95), {}, True, "incompatible_champion"),
+        (scores(0.955), scores(0.95), False, "improvement"),  # +0.005 < +0.01
+        (scores(0.96), scores(0.95), True, "improvement"),  # +0.01 is enough
+        (scores(0.97, a=0.99, b=0.80), scores(0.95, a=0.90, b=0.90), False, "recall_guard"),
+        (scores(0.97, a=0.99, b=0.86), scores(0.95, a=0.90, b=0.90), True, "improvement"),
+    ],
+)
+def test_policy_table(challenger, champion, promote, rule):
+    decision = decide(POLICY, challenger, champion)
+    assert (decision.promote, decision.rule) == (promote, rule), decision.reason
+    assert decision.scores["challenger"] == challenger["test_accuracy"]
+
+
+def test_reasons_name_the_numbers_and_the_failing_class():
+    guard = decide(POLICY, scores(0.97, a=0.99, b=0.80), scores(0.95, a=0.90, b=0.90))
+    assert "class b -0.1000" in guard.reason and "class a" not in guard.reason
+    small = decide(POLICY, scores(0.955), scores(0.95))
+    assert "0.9550" in small.reason and "0.9500" in small.reason and "+0.0100" in small.reason
+
+
+def test_default_policy_promotes_ties_and_has_no_guard():
+    default = RegisterConfig()
+    assert decide(default, scores(0.95, a=0.5), scores(0.95, a=1.0)).promote
+    assert not decide(default, scores(0.949), scores(0.95)).promote
