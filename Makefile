@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml requirements.lock
 $(AIRFLOW_HOME)/airflow.db: $(STAMP)
 	@mkdir -p $(AIRFLOW_HOME)
 	airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1
+	airflow pools set promotion 1 "one model promotion at a time" >> $(AIRFLOW_HOME)/db-migrate.log
 
 run: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	pipeline data pull

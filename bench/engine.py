@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.store import Split  # noqa: E402
-from pipeline.optim import build_optimizer  # noqa: E402
+from pipeline.optim import build_optimizer, lr_factor  # noqa: E402
 from pipeline.train import fit, pick_device, pixel_stats, rebuild  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def engine_epochs(cfg, split: Split) -> list[float]:
 
 def hand_loop_epochs(cfg, split: Split, epochs: int) -> list[float]:
     """nanoGPT-style plain loop: device tensors, a permutation per epoch, index slices, the
-    optimizer built like the engine's (decay / no-decay groups), constant lr."""
+    engine's recipe (optimizer with decay / no-decay groups, lr schedule set every step)."""
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.base.seed)
     mean, std = pixel_stats(split.images)
@@ -76,10 +77,17 @@ def hand_loop_epochs(cfg, split: Split, epochs: int) -> list[float]:
     opt = build_optimizer(model, cfg.train.optimizer)  # same recipe; the loop is what differs
     x = torch.from_numpy(np.array(split.images, dtype=np.float32)).to(device)
     y = torch.from_numpy(split.labels).to(device)
-    bs, out = cfg.train.batch_size, []
+    bs, out, step = cfg.train.batch_size, [], 0
+    steps_per_epoch = math.ceil(len(y) / bs)
     for _ in range(epochs):
         start = time.perf_counter()
         for idx in torch.randperm(len(y), device=device).split(bs):
+            lr = cfg.train.optimizer.lr * lr_factor(
+                step, steps_per_epoch, epochs, cfg.train.schedule
+            )
+            for group in opt.param_groups:  # the same schedule, set per step as nanoGPT does
+                group["lr"] = lr
+            step += 1
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -20,6 +20,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")
+PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
 
 
 def _defaults() -> dict:
@@ -197,13 +198,18 @@ def train_image_classifier():
         with _stage_errors():
             return evaluate_stage(_config(checked["config"]), _settings(), trained["run_id"])
 
-    @task
+    @task(pool=PROMOTION_POOL)
     def register(checked: dict, evaluated: dict) -> dict:
-        """Register a version (idempotent), alias challenger, promote to champion via the gate."""
+        """Register a version (idempotent), alias challenger, let the policy decide on champion.
+
+        The one-slot pool serializes promotions across DAG runs and workers; MLflow being
+        unreachable is retried (it fails the task only after the retries)."""
         from pipeline.stages import register_stage
 
         with _stage_errors():
-            return register_stage(_config(checked["config"]), _settings(), evaluated["run_id"])
+            return register_stage(
+                _config(checked["config"]), _settings(), evaluated["run_id"], _airflow_ids()
+            )
 
     checked = check_data()
     validation = validate(checked)

@@ -87,6 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest metric difference that still counts as reproduced (default 0: exact)",
     )
 
+    promote = sub.add_parser(
+        "promote", help="make a version champion (the promotion policy, unless --force)"
+    )
+    _common(promote)
+    promote.add_argument("model", help="NAME/VERSION (e.g. image-classifier/3)")
+    promote.add_argument("--reason", help="why; recorded in the alias history")
+    promote.add_argument("--force", action="store_true", help="skip the policy (needs --reason)")
+    rollback = sub.add_parser("rollback", help="champion <- previous-champion, recorded")
+    _common(rollback)
+    rollback.add_argument("model", help="registered model name")
+    rollback.add_argument("--reason", default="manual rollback", help="recorded in the history")
+    history = sub.add_parser("history", help="which version held which alias when, and why")
+    history.add_argument("model", help="registered model name")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+    predict = sub.add_parser("predict", help="score images with a registered model")
+    predict.add_argument("--model", default="image-classifier@champion", help=ref_help)
+    predict.add_argument(
+        "--input", type=Path, required=True, help="a folder of images or an .npy file"
+    )
+    predict.add_argument(
+        "--output", type=Path, default=Path("predictions.csv"), help=".csv or .json"
+    )
+
     status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
@@ -95,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps output readable
+    # stdout is the command's JSON result: no download bars, no "View run at" lines in it.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = Settings.from_env()
     try:
         return _dispatch(args, settings)
@@ -119,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        if isinstance(exc, TrainingDiverged | CheckpointError):
+        from pipeline.registry import RegistryUnavailable
+
+        if isinstance(exc, TrainingDiverged | CheckpointError | RegistryUnavailable):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
@@ -134,6 +161,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _summary(settings)
     if args.command == "lineage":
         return _lineage(settings, args.model)
+    if args.command == "history":
+        return _history(settings, args.model, args.json)
+    if args.command == "predict":
+        from pipeline.predict import predict_stage
+        from pipeline.registry import reachable
+
+        with reachable(settings):
+            result = predict_stage(_client(settings), args.model, args.input, args.output)
+        print(json.dumps(result, indent=2))
+        return 0
     if args.command == "reproduce":
         from pipeline.reproduce import describe, reproduce
 
@@ -164,7 +201,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(json.dumps({"dataset": cfg.base.dataset, "data_md5": md5}))
         return 0
-    if args.command == "check-data":
+    if args.command == "promote":
+        result = stages.promote_stage(cfg, settings, args.model, args.reason, args.force)
+    elif args.command == "rollback":
+        result = _rollback(cfg, settings, args.model, args.reason)
+    elif args.command == "check-data":
         result = stages.check_data_stage(cfg, settings)
     elif args.command == "validate":
         result = stages.validate_stage(cfg, settings)
@@ -226,6 +267,31 @@ def _lineage(settings: Settings, ref: str) -> int:
     return 0
 
 
+def _rollback(cfg, settings: Settings, name: str, reason: str) -> dict:
+    from pipeline import promotion, registry
+
+    with registry.reachable(settings), registry.promotion_lock(settings, name):
+        client = _client(settings)
+        old, new = promotion.rollback(client, name, reason, promotion.actor())
+    return {"model_name": name, "champion": new, "previous-champion": old, "reason": reason}
+
+
+def _history(settings: Settings, name: str, as_json: bool) -> int:
+    from pipeline import promotion, registry
+
+    with registry.reachable(settings):
+        events = promotion.history(_client(settings), name)
+    if as_json:
+        print(json.dumps(events, indent=2))
+        return 0
+    if not events:
+        print(f"no alias moves recorded for {name}")
+    for e in events:
+        was = f"(was v{e['previous']})" if e["previous"] else "(new)"
+        print(f"{e['at']}  {e['alias']:<17} v{e['version']:<4}{was:<10} {e['by']}: {e['reason']}")
+    return 0
+
+
 def _status(settings: Settings, as_json: bool) -> int:
     from pipeline.registry import model_status
 
@@ -240,8 +306,10 @@ def _status(settings: Settings, as_json: bool) -> int:
         for v in reversed(model["versions"]):
             acc = "-" if v["test_accuracy"] is None else f"{v['test_accuracy']:.4f}"
             aliases = ",".join(v["aliases"]) or "-"
+            if v["status"] != "complete":
+                aliases = f"{aliases} ({v['status']})"
             print(
-                f"  v{v['version']:<3} {aliases:<22} test_accuracy {acc}  "
+                f"  v{v['version']:<3} {aliases:<30} test_accuracy {acc}  "
                 f"data {v['dataset']}@{v['data_md5']}  run {v['run_id']}"
             )
     return 0

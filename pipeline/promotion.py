@@ -171,12 +171,22 @@ def report_markdown(report: dict) -> str:
         f"| challenger | v{report['version']} | {_fmt(scores.get('challenger'))} |",
         f"| champion | {f'v{champion}' if champion else '-'} | {_fmt(scores.get('champion'))} |",
         "",
-        f"- scored on data version `{report['data_md5']}` (both models, same test split)",
-        f"- policy: {report['policy']}",
+        f"- scored on data version `{report['data_md5']}` (both models, same test split)"
+        if report["data_md5"]
+        else "- not scored: forced past the policy",
+        f"- policy: {_policy(report['policy'])}",
         f"- triggered by: {report['by']}",
         f"- at: {report['at']}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _policy(p: dict) -> str:
+    guard = "off" if p["max_recall_drop"] is None else f"{p['max_recall_drop']:g}"
+    return (
+        f"{p['metric']} >= floor {p['floor']:g}, >= champion {p['min_improvement']:+g}, "
+        f"per-class recall drop <= {guard}"
+    )
 
 
 def _fmt(value) -> str:

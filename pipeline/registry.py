@@ -1,13 +1,13 @@
-"""MLflow helpers: tracking setup, model weights as run artifacts, registration and promotion.
-
-Aliases: `challenger` is the newest candidate, `champion` the serving model. The champion moves
-only through `decide`, against the champion re-scored on this run's test data.
+"""MLflow helpers: tracking setup, model weights as run artifacts, model versions (created,
+found again, resolved from a reference), the promotion lock, and a clear error when MLflow
+cannot be reached. The policy and alias moves live in `pipeline.promotion`.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +15,46 @@ import torch
 from pipeline.settings import Settings
 
 WEIGHTS = "weights/model.pt"
-CHAMPION, CHALLENGER = "champion", "challenger"
+STATUS_TAG = "registration.status"  # pending until register finished; only complete ones promote
+
+
+class RegistryUnavailable(RuntimeError):
+    """MLflow did not answer after its retries; nothing was promoted."""
+
+
+@contextmanager
+def reachable(settings: Settings):
+    """Turn MLflow's connection failures (after its own retries with backoff, see
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES) into one clear error."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as exc:
+        text = str(exc)
+        if isinstance(exc, MlflowException) and not any(
+            s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish")
+        ):
+            raise
+        raise RegistryUnavailable(
+            f"MLflow at {settings.tracking_uri} is unreachable ({text.splitlines()[0][:200]}); "
+            "nothing was promoted. Start it (or fix MLFLOW_TRACKING_URI) and run the step again: "
+            "a retried register finds the version it already created."
+        ) from None
+
+
+@contextmanager
+def promotion_lock(settings: Settings, name: str):
+    """One registration/promotion of `name` at a time on this machine; across Airflow workers
+    the `promotion` pool (one slot) serializes the register tasks."""
+    import fcntl
+
+    path = settings.outputs / "locks" / f"promotion-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def configure(settings: Settings, experiment: str) -> str:
@@ -63,25 +102,40 @@ def load_weights(run_id: str) -> tuple[torch.nn.Module, dict]:
     return model.eval(), saved["spec"]
 
 
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
+def create_version(client, name: str, run, tags: dict):
+    """A new version of the run's logged model, pending until `complete`: a crash in between
+    leaves it pending (never promoted) and the retried register, finding it, completes it."""
+    import mlflow
+
+    return mlflow.register_model(
+        run.data.tags["model_uri"], name, tags={**tags, STATUS_TAG: "pending"}
+    )
 
 
-def decide(score: float, champion_score: float | None, floor: float, metric: str) -> Decision:
-    """The promotion gate: meet the floor, and be no worse than the champion on the same data."""
-    if score < floor:
-        return Decision(False, f"{metric} {score:.4f} is below the floor {floor:.4f}")
-    if champion_score is None:
-        return Decision(
-            True, f"first model meeting the floor ({metric} {score:.4f} >= {floor:.4f})"
+def complete(client, name: str, version: int) -> None:
+    client.set_model_version_tag(name, str(version), STATUS_TAG, "complete")
+
+
+def require_complete(version) -> None:
+    status = version.tags.get(STATUS_TAG, "complete")  # versions from before the tag existed
+    if status != "complete":
+        raise LookupError(
+            f"{version.name} v{version.version} did not finish registering ({STATUS_TAG} "
+            f"{status}); complete it with `pipeline register --run-id {version.run_id}`"
         )
-    if score >= champion_score:
-        return Decision(
-            True, f"{metric} {score:.4f} >= champion's {champion_score:.4f} on this data"
-        )
-    return Decision(False, f"{metric} {score:.4f} < champion's {champion_score:.4f} on this data")
+
+
+def record_decision(client, name: str, version: int, run_id: str, report: dict, text: str):
+    """The decision report: JSON + markdown on the run, the gist as model-version tags."""
+    client.log_dict(run_id, report, "promotion/decision.json")
+    client.log_text(run_id, text, "promotion/decision.md")
+    decision = report["decision"]
+    for key, value in (
+        ("promotion.decision", decision["reason"]),
+        ("promotion.rule", decision["rule"]),
+        ("promotion.report", json.dumps(report)[:5000]),
+    ):
+        client.set_model_version_tag(name, str(version), key, value)
 
 
 def find_version(client, name: str, run_id: str):
@@ -95,6 +149,8 @@ def resolve(client, ref: str):
 
     Raises LookupError naming what exists when the reference does not resolve."""
     from mlflow.exceptions import MlflowException
+
+    from pipeline.promotion import CHAMPION
 
     name, alias, version = ref, CHAMPION, None
     if "@" in ref:
@@ -120,15 +176,6 @@ def resolve(client, ref: str):
         ) from None
 
 
-def champion_version(client, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
 def model_status(client) -> list[dict]:
     """Every registered model with its versions, aliases, key metrics and data md5."""
     models = []
@@ -150,6 +197,7 @@ def model_status(client) -> list[dict]:
                     "dataset": v.tags.get("data.dataset", ""),
                     "test_accuracy": run_metrics.get("test_accuracy"),
                     "test_macro_f1": run_metrics.get("test_macro_f1"),
+                    "status": v.tags.get(STATUS_TAG, "complete"),
                     "created": v.creation_timestamp,
                 }
             )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data import DataError, check_data, read_dataset
 from pipeline.data.store import read_meta
 from pipeline.settings import Settings
@@ -62,11 +62,11 @@ def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dic
         return None, []
     from mlflow import MlflowClient
 
-    from pipeline import registry
+    from pipeline import promotion, registry
 
     registry.configure(settings, cfg.tracking.experiment)
     client = MlflowClient()
-    champion = registry.champion_version(client, cfg.register_.model_name)
+    champion = promotion.alias_version(client, cfg.register_.model_name, promotion.CHAMPION)
     if champion is None:
         return None, ["drift not checked: no champion yet"]
     tags, where = client.get_run(champion.run_id).data.tags, f"champion v{champion.version}"
@@ -109,11 +109,11 @@ def unchanged_stage(cfg: Config, settings: Settings, data_md5: str) -> dict:
     retraining would only reproduce it. Uncommitted code changes never count as unchanged."""
     from mlflow import MlflowClient
 
-    from pipeline import lineage, registry
+    from pipeline import lineage, promotion, registry
 
     registry.configure(settings, cfg.tracking.experiment)
     client = MlflowClient()
-    champion = registry.champion_version(client, cfg.register_.model_name)
+    champion = promotion.alias_version(client, cfg.register_.model_name, promotion.CHAMPION)
     if champion is None:
         return {"unchanged": False, "reason": "no champion yet"}
     tags, where = client.get_run(champion.run_id).data.tags, f"champion v{champion.version}"
@@ -369,72 +369,149 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     return {"run_id": run_id, **summary}
 
 
-def _rescore(cfg: Config, settings: Settings, run_id: str, metric: str) -> float | None:
-    """A model's score on this run's test data (fair comparison even when the data changed);
-    None when it was trained for other image shapes or classes and cannot serve this data."""
+def _rescore(cfg: Config, settings: Settings, run_id: str) -> dict:
+    """A model's metrics on the current data's test split (a fair comparison even when the data
+    changed); {} when it was trained for other image shapes or classes and cannot serve it."""
     from pipeline import evaluate, registry
 
     check_data(cfg.base.dataset, settings.root, settings.data_dir)
     ds = read_dataset(settings.data_dir)
     model, spec = registry.load_weights(run_id)
     if list(spec["shape"]) != list(ds.shape) or spec["classes"] != ds.classes:
-        return None
-    preds = evaluate.predict(model, ds.test.images)
-    return evaluate.metrics(ds.test.labels, preds, ds.classes)[metric]
+        return {}
+    return evaluate.metrics(ds.test.labels, evaluate.predict(model, ds.test.images), ds.classes)
 
 
-def register_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
-    """Register the run's model (idempotent), alias it challenger, promote through the gate."""
-    import mlflow
+def _gate(cfg: Config, settings: Settings, client, name: str, version: int, challenger: dict):
+    """Decide against the current champion, re-read it right before the alias would move, and
+    decide again if another promotion moved it meanwhile. Returns (decision, champion)."""
+    from pipeline import promotion
+
+    for _ in range(3):
+        champion = promotion.alias_version(client, name, promotion.CHAMPION)
+        if champion is not None and int(champion.version) == version:
+            reason = f"v{version} is already champion (a retried task)"
+            return promotion.Decision(True, "already_champion", reason), champion
+        scored = None if champion is None else _rescore(cfg, settings, champion.run_id)
+        decision = promotion.decide(cfg.register_, challenger, scored)
+        now = promotion.alias_version(client, name, promotion.CHAMPION)
+        if (now and now.version) == (champion and champion.version):
+            return decision, champion
+    raise RuntimeError(f"the champion of {name} kept moving during this promotion; run it again")
+
+
+def _decided(client, name: str, version: int, run_id: str, decision, champion, cfg, by, data_md5):
+    """Record the decision report (`data_md5`: the data both models were scored on); return the
+    stage's small JSON result."""
+    from datetime import UTC, datetime
+
+    from pipeline import promotion, registry
+
+    report = {
+        "model": name,
+        "version": version,
+        "metric": cfg.register_.metric,
+        "decision": decision.to_dict(),
+        "champion_version": int(champion.version) if champion is not None else None,
+        "data_md5": data_md5,
+        "policy": cfg.register_.model_dump(),
+        "by": by,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    registry.record_decision(
+        client, name, version, run_id, report, promotion.report_markdown(report)
+    )
+    aliases = client.get_registered_model(name).aliases or {}
+    return {
+        "model_name": name,
+        "version": version,
+        "aliases": sorted(a for a, v in aliases.items() if int(v) == version),
+        "promoted": decision.promote,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        **{k: v for k, v in decision.scores.items() if v is not None},
+    }
+
+
+def register_stage(
+    cfg: Config, settings: Settings, run_id: str, airflow: dict | None = None
+) -> dict:
+    """Register the run's model (idempotent: a retry finds its version), alias it challenger,
+    write its model card, and let the policy decide on champion. One promotion per model at a
+    time; a version stays `pending` until all of this has happened."""
     from mlflow import MlflowClient
 
-    from pipeline import lineage, registry
+    from pipeline import lineage, model_card, promotion, registry
 
-    registry.configure(settings, cfg.tracking.experiment)
-    client = MlflowClient()
-    run = client.get_run(run_id)
-    name, metric = cfg.register_.model_name, cfg.register_.metric
-    if metric not in run.data.metrics:
-        raise RuntimeError(f"run {run_id} has no {metric}; run `pipeline evaluate` first")
-    score = run.data.metrics[metric]
-    version = registry.find_version(client, name, run_id)
-    if version is None:
-        version = mlflow.register_model(
-            run.data.tags["model_uri"],
-            name,
-            tags={**lineage.tags(lineage.of_run(run_id)), metric: str(score)},
+    name, by = cfg.register_.model_name, promotion.actor(airflow)
+    with registry.reachable(settings), registry.promotion_lock(settings, name):
+        registry.configure(settings, cfg.tracking.experiment)
+        client = MlflowClient()
+        run = client.get_run(run_id)
+        metric = cfg.register_.metric
+        if metric not in run.data.metrics:
+            raise RuntimeError(f"run {run_id} has no {metric}; run `pipeline evaluate` first")
+        record = lineage.of_run(run_id)
+        found = registry.find_version(client, name, run_id)
+        version = found or registry.create_version(
+            client, name, run, {**lineage.tags(record), metric: str(run.data.metrics[metric])}
         )
-    client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
-
-    champion = registry.champion_version(client, name)
-    if champion is not None and champion.version == version.version:
-        decision = registry.Decision(True, "already champion (task retried)")
-    elif champion is None:
-        decision = registry.decide(score, None, cfg.register_.floor, metric)
-    else:
-        champion_score = _rescore(cfg, settings, champion.run_id, metric)
-        decision = registry.decide(score, champion_score, cfg.register_.floor, metric)
-        if champion_score is None:
-            decision = registry.Decision(
-                decision.promote,
-                f"champion v{champion.version} was built for other inputs or "
-                f"classes; {decision.reason}",
-            )
-    if decision.promote:
-        client.set_registered_model_alias(name, registry.CHAMPION, version.version)
-    client.set_model_version_tag(name, version.version, "promotion.decision", decision.reason)
-    aliases = [
-        a
-        for a, v in client.get_registered_model(name).aliases.items()
-        if str(v) == str(version.version)
-    ]
-    out = {
-        "model_name": name,
-        "version": int(version.version),
-        "aliases": sorted(aliases),
-        "promoted": decision.promote,
-        "reason": decision.reason,
-        metric: score,
-    }
+        v = int(version.version)
+        _, spec = registry.load_weights(run_id)
+        config = client.download_artifacts(run_id, "config.json")
+        card = model_card.render(
+            name, v, record, json.loads(Path(config).read_text()), run.data.metrics, spec
+        )
+        client.log_text(run_id, card, "model_card.md")
+        promotion.move_alias(client, name, promotion.CHALLENGER, v, "newest candidate", by)
+        decision, champion = _gate(cfg, settings, client, name, v, run.data.metrics)
+        if decision.promote:
+            promotion.crown(client, name, v, decision.reason, by)
+        md5 = run.data.tags.get("data.md5")
+        out = _decided(client, name, v, run_id, decision, champion, cfg, by, md5)
+        registry.complete(client, name, v)
     _write_json(settings.outputs / "registered.json", out)
     return out
+
+
+def promote_stage(
+    cfg: Config,
+    settings: Settings,
+    ref: str,
+    reason: str | None = None,
+    force: bool = False,
+    airflow: dict | None = None,
+) -> dict:
+    """Make a registered version champion by hand: the same policy, both models scored on the
+    current data version, unless `force` (which needs a reason, kept in the history)."""
+    from mlflow import MlflowClient
+
+    from pipeline import promotion, registry
+
+    if force and not reason:
+        raise ConfigError("--force needs --reason: it is recorded in the alias history")
+    by = promotion.actor(airflow)
+    with registry.reachable(settings):
+        registry.configure(settings, cfg.tracking.experiment)
+        client = MlflowClient()
+        version = registry.resolve(client, ref)
+        name, v = version.name, int(version.version)
+        registry.require_complete(version)
+        with registry.promotion_lock(settings, name):
+            if force:
+                champion = promotion.alias_version(client, name, promotion.CHAMPION)
+                decision = promotion.Decision(True, "forced", f"forced: {reason}")
+                md5 = None  # nothing was scored
+            else:
+                md5 = check_data(cfg.base.dataset, settings.root, settings.data_dir)["data_md5"]
+                challenger = _rescore(cfg, settings, version.run_id)
+                if not challenger:
+                    raise LookupError(
+                        f"{name} v{v} was built for other inputs or classes than data/ holds; "
+                        "check out its data version first (`pipeline lineage`), or --force"
+                    )
+                decision, champion = _gate(cfg, settings, client, name, v, challenger)
+            if decision.promote:
+                note = f" ({reason})" if reason and not force else ""
+                promotion.crown(client, name, v, f"{decision.reason}{note}", by)
+            return _decided(client, name, v, version.run_id, decision, champion, cfg, by, md5)

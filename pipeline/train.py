@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint, distributed
@@ -260,7 +262,8 @@ class _Loop:
         self.optimizer = build_optimizer(
             model, cfg.optimizer, fused=cuda and cfg.cuda.fused_optimizer
         )
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # The functional form: a module call adds ~2.5 us of hooks bookkeeping per step on CPU.
+        self.loss_fn = partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
         amp = cfg.cuda.amp if cuda else "off"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext

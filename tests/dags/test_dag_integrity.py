@@ -23,7 +23,19 @@ def dagbag(tmp_path_factory):
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert DAG_ID in dagbag.dags
+    assert {DAG_ID, "batch_predict"} <= set(dagbag.dags)
+
+
+def test_promotions_are_serialized_by_a_one_slot_pool(dagbag):
+    assert dagbag.dags[DAG_ID].get_task("register").pool == "promotion"
+
+
+def test_batch_prediction_pins_the_model_before_scoring(dagbag):
+    dag = dagbag.dags["batch_predict"]
+    assert dag.schedule is None and set(dag.task_ids) == {"resolve_model", "score"}
+    assert "score" in dag.get_task("resolve_model").downstream_task_ids
+    assert dag.params["model"] == "image-classifier@champion"
+    assert all(t.retries >= 1 for t in dag.tasks)
 
 
 def test_tasks_chain_in_order(dagbag):
@@ -67,10 +79,11 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
     assert params["preset"] is None  # untouched form: plain params.yaml, like a scheduled run
 
 
-def test_parsing_the_dag_imports_no_heavy_library():
+@pytest.mark.parametrize("dag_file", ["train_image_classifier.py", "batch_predict.py"])
+def test_parsing_the_dag_imports_no_heavy_library(dag_file):
     code = f"""
 import json, sys, runpy
-runpy.run_path({str(REPO / "dags" / "train_image_classifier.py")!r})
+runpy.run_path({str(REPO / "dags" / dag_file)!r})
 print(json.dumps([m for m in ("torch", "mlflow", "great_expectations", "dvc", "sklearn")
                   if m in sys.modules]))
 """

@@ -32,6 +32,7 @@ def _dag_test(project, check=True, conf: dict | None = None):
 def airflow_project(project):
     run(["pipeline", "data", "pull"], project)
     run(["airflow", "db", "migrate"], project)
+    run(["airflow", "pools", "set", "promotion", "1", "one model promotion at a time"], project)
     return project
 
 

@@ -1,10 +1,9 @@
-"""Evaluation metrics on hand-checked cases, and the champion promotion gate."""
+"""Evaluation metrics on hand-checked cases (the promotion policy: test_promotion_policy.py)."""
 
 import numpy as np
 import pytest
 
 from pipeline.evaluate import confusion, metrics
-from pipeline.registry import decide
 
 
 def test_confusion_rows_are_true_classes():
@@ -20,20 +19,3 @@ def test_metrics_hand_computed():
     assert m["test_precision.c"] == 0.0 and m["test_recall.c"] == 0.0  # never predicted
     f1 = [2 * 1 * 0.5 / 1.5, 2 * (1 / 3) / (4 / 3), 0.0]
     assert m["test_macro_f1"] == pytest.approx(np.mean(f1))
-
-
-@pytest.mark.parametrize(
-    ("score", "champion", "floor", "promote", "reason"),
-    [
-        (0.95, None, 0.9, True, "first model"),
-        (0.85, None, 0.9, False, "below the floor"),
-        (0.96, 0.95, 0.9, True, ">= champion"),
-        (0.95, 0.95, 0.9, True, ">= champion"),
-        (0.94, 0.95, 0.9, False, "< champion"),
-        (0.89, 0.5, 0.9, False, "below the floor"),
-    ],
-)
-def test_promotion_gate(score, champion, floor, promote, reason):
-    decision = decide(score, champion, floor, "test_accuracy")
-    assert decision.promote is promote
-    assert reason in decision.reason

@@ -1,0 +1,110 @@
+"""Batch prediction with a registered model: a folder of images or an .npy file in, CSV or JSON
+with class names and probabilities out, stamped with the exact model version used."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_inputs(path: Path, shape: list[int]) -> tuple[list[str], np.ndarray]:
+    """(names, float32 N x C x H x W in the 0-255 pixel scale the model was trained on).
+
+    An .npy holds N x C x H x W or N x H x W; folder images are converted to the model's
+    channel count and resized to its height and width."""
+    path = Path(path)
+    c, h, w = shape
+    if path.suffix == ".npy":
+        try:
+            images = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path} is not a readable .npy array ({exc})") from None
+        if images.ndim == 3 and c == 1:
+            images = images[:, None]
+        if images.ndim != 4 or list(images.shape[1:]) != [c, h, w]:
+            raise DataError(
+                f"{path} holds images of shape {list(images.shape[1:])}; the model takes "
+                f"{[c, h, w]} (N x C x H x W, or N x H x W for one channel)"
+            )
+        return [f"{path.name}[{i}]" for i in range(len(images))], images.astype(np.float32)
+    if path.is_dir():
+        return _read_folder(path, c, h, w)
+    raise DataError(f"{path}: give a folder of images or an .npy file")
+
+
+def _read_folder(folder: Path, c: int, h: int, w: int) -> tuple[list[str], np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    out = np.empty((len(files), c, h, w), np.float32)
+    for i, file in enumerate(files):
+        try:
+            with Image.open(file) as img:
+                img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                pixels = np.asarray(img, dtype=np.float32)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"cannot read image {file}: {exc}") from None
+        out[i] = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
+    return [str(p.relative_to(folder)) for p in files], out
+
+
+def probabilities(model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    import torch
+
+    model.eval()
+    x = torch.from_numpy(images)
+    with torch.no_grad():
+        return torch.cat(
+            [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
+        ).numpy()
+
+
+def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], model: dict):
+    """One row per input: name, predicted class, its probability, one column per class, and the
+    exact model version. CSV or JSON (rows under `predictions`, the model beside them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pinned = f"{model['name']}/{model['version']}"
+    rows = [
+        {
+            "input": name,
+            "prediction": classes[k],
+            "probability": round(float(p[k]), 6),
+            **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, p, strict=True)},
+            "model": pinned,
+        }
+        for name, k, p in zip(names, probs.argmax(1), probs, strict=True)
+    ]
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps({"model": model, "predictions": rows}, indent=2) + "\n")
+    else:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(path)  # a reader never sees half a file
+    return path
+
+
+def predict_stage(client, ref: str, inputs: Path, output: Path) -> dict:
+    """Resolve `ref` once (pinning the version), score `inputs`, write `output`."""
+    from pipeline import registry
+
+    if Path(output).suffix not in (".csv", ".json"):
+        raise DataError(f"{output}: the output must end in .csv or .json")
+    version = registry.resolve(client, ref)
+    model, spec = registry.load_weights(version.run_id)
+    names, images = load_inputs(inputs, spec["shape"])
+    pinned = {"name": version.name, "version": int(version.version), "run_id": version.run_id}
+    write(output, names, probabilities(model, images), spec["classes"], pinned)
+    return {"model": pinned, "inputs": len(names), "output": str(output)}

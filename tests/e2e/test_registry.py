@@ -1,0 +1,287 @@
+"""The registry in production: concurrent registration, retries, rollback and history, MLflow
+going down mid-register, and predictions from the CLI, `mlflow models serve` and the batch DAG."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from tests.conftest import BIN, project_env, run
+
+pytestmark = pytest.mark.slow
+NAME = "image-classifier"
+QUICK = ["--set", "train.epochs=2"]
+LOW_FLOOR = ["--set", "register.floor=0.5"]  # 2 epochs: the policy, not the floor, decides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, seconds: int = 90) -> None:
+    for _ in range(seconds * 4):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def _train(project, seed: int) -> str:
+    out = run(["pipeline", "train", *QUICK, "--set", f"base.seed={seed}"], project).stdout
+    run_id = json.loads(out)["run_id"]
+    run(["pipeline", "evaluate", "--run-id", run_id], project)
+    return run_id
+
+
+@pytest.fixture
+def two_runs(project):
+    """Two evaluated, unregistered runs (seeds 1 and 2) of the default recipe, 2 epochs."""
+    run(["pipeline", "data", "pull"], project)
+    run(["pipeline", "validate"], project)
+    return project, _train(project, 1), _train(project, 2)
+
+
+def _client(project) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+
+
+def _aliases(client) -> dict:
+    return {a: int(v) for a, v in client.get_registered_model(NAME).aliases.items()}
+
+
+def test_concurrent_and_retried_registration_rollback_and_history(two_runs):
+    project, a, b = two_runs
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "pipeline"), "register", "--run-id", run_id, *LOW_FLOOR],
+            cwd=project,
+            env=project_env(project),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_id in (a, b)
+    ]
+    results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(r["version"] for r in results) == [1, 2]  # distinct versions
+    client = _client(project)
+    versions = client.search_model_versions(f"name='{NAME}'")
+    assert {v.tags["registration.status"] for v in versions} == {"complete"}
+    by_run = {v.run_id: int(v.version) for v in versions}
+    accuracy = {r: client.get_run(r).data.metrics["test_accuracy"] for r in (a, b)}
+    first, second = sorted((a, b), key=lambda r: by_run[r])
+    aliases = _aliases(client)
+    # The second registration was decided against whatever the first one left as champion.
+    expected = second if accuracy[second] >= accuracy[first] else first
+    assert aliases["champion"] == by_run[expected] and aliases["challenger"] == 2
+
+    retried = json.loads(run(["pipeline", "register", "--run-id", a, *LOW_FLOOR], project).stdout)
+    assert retried["version"] == by_run[a]
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2  # no duplicate
+
+    for run_id in (a, b):  # decision report and model card beside each model
+        files = {f.path for f in client.list_artifacts(run_id)} | {
+            f.path for f in client.list_artifacts(run_id, "promotion")
+        }
+        assert {"model_card.md", "promotion/decision.json", "promotion/decision.md"} <= files
+    card = client.download_artifacts(a, "model_card.md")
+    text = open(card).read()
+    assert "## Intended use" in text and "## Limitations" in text and "| 9 |" in text
+
+    # Force the other version in, then roll back: champion and previous-champion swap.
+    other = 3 - aliases["champion"]
+    forced = run(
+        ["pipeline", "promote", f"{NAME}/{other}", "--force", "--reason", "canary won"], project
+    )
+    assert json.loads(forced.stdout)["rule"] == "forced"
+    assert _aliases(client)["champion"] == other
+    assert _aliases(client)["previous-champion"] == 3 - other
+    run(["pipeline", "rollback", NAME, "--reason", "canary regressed"], project)
+    assert _aliases(client)["champion"] == 3 - other
+    assert _aliases(client)["previous-champion"] == other
+
+    history = json.loads(run(["pipeline", "history", NAME, "--json"], project).stdout)
+    champion_moves = [(e["version"], e["reason"]) for e in history if e["alias"] == "champion"]
+    assert champion_moves[-2][0] == other and "canary won" in champion_moves[-2][1]
+    assert champion_moves[-1] == (3 - other, "rollback: canary regressed")
+    table = run(["pipeline", "history", NAME], project).stdout
+    assert "rollback: canary regressed" in table and "cli:" in table
+
+    no_reason = run(["pipeline", "promote", f"{NAME}/1", "--force"], project, check=False)
+    assert no_reason.returncode == 2 and "--force needs --reason" in no_reason.stderr
+
+
+def test_mlflow_server_down_mid_register_then_completed(project, tmp_path):
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{store}/mlflow.db",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    env = {
+        **project_env(project),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
+
+    def start():
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_http(f"http://127.0.0.1:{port}/health", proc)
+        return proc
+
+    def stop(proc):
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+    def pipeline(*args, check=True):
+        result = subprocess.run(
+            [str(BIN / "pipeline"), *args],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert not check or result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    server = start()
+    try:
+        pipeline("data", "pull")
+        pipeline("validate")
+        run_id = json.loads(pipeline("train", *QUICK).stdout)["run_id"]
+        pipeline("evaluate")
+    finally:
+        stop(server)
+    down = pipeline("register", check=False)
+    assert down.returncode == 1
+    assert "is unreachable" in down.stderr and "nothing was promoted" in down.stderr
+
+    server = start()
+    try:
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        assert client.search_model_versions(f"name='{NAME}'") == []  # nothing half-registered
+        # What a register killed right after creating its version leaves behind:
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        pending = mlflow.register_model(
+            client.get_run(run_id).data.tags["model_uri"],
+            NAME,
+            tags={"registration.status": "pending"},
+        )
+        refused = pipeline("promote", f"{NAME}/{pending.version}", check=False)
+        assert refused.returncode == 1 and "did not finish registering" in refused.stderr
+        status = pipeline("status").stdout
+        assert "(pending)" in status
+        done = json.loads(pipeline("register", *LOW_FLOOR).stdout)  # completes that version
+        assert done["version"] == int(pending.version) and done["promoted"]
+        (only,) = client.search_model_versions(f"name='{NAME}'")
+        assert only.tags["registration.status"] == "complete"
+    finally:
+        stop(server)
+
+
+def test_predict_from_the_cli_the_served_model_and_the_batch_dag(two_runs, tmp_path):
+    project, a, _ = two_runs
+    run(["pipeline", "register", "--run-id", a, *LOW_FLOOR], project)
+    images = np.load(project / "data" / "test_images.npy")
+    labels = np.load(project / "data" / "test_labels.npy")
+    np.save(tmp_path / "test.npy", images)
+
+    out = tmp_path / "pred.json"
+    run(
+        ["pipeline", "predict", "--input", str(tmp_path / "test.npy"), "--output", str(out)],
+        project,
+    )
+    result = json.loads(out.read_text())
+    assert result["model"] == {"name": NAME, "version": 1, "run_id": a}
+    predicted = np.array([int(r["prediction"]) for r in result["predictions"]])
+    recorded = _client(project).get_run(a).data.metrics["test_accuracy"]
+    assert (predicted == labels).mean() == pytest.approx(recorded)
+    first = result["predictions"][0]
+    assert abs(sum(first[f"p_{k}"] for k in range(10)) - 1) < 1e-4
+
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(images[i, 0]).save(folder / f"img{i:02d}.png")
+    csv_out = tmp_path / "pred.csv"
+    run(["pipeline", "predict", "--input", str(folder), "--output", str(csv_out)], project)
+    lines = csv_out.read_text().splitlines()
+    assert lines[0].startswith("input,prediction,probability,p_0,")
+    assert [int(line.split(",")[1]) for line in lines[1:]] == predicted[:12].tolist()
+    assert all(line.endswith(f",{NAME}/1") for line in lines[1:])
+
+    port = _free_port()
+    serve = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "--env-manager",
+            "local",
+        ],
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", serve)
+        body = json.dumps({"inputs": images[:12].astype(np.float32).tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        served = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        assert np.argmax(np.array(served), 1).tolist() == predicted[:12].tolist()
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+
+    run(["airflow", "db", "migrate"], project)
+    batch_out = tmp_path / "batch.csv"
+    conf = {"input": str(folder), "output": str(batch_out)}
+    log = run(["airflow", "dags", "test", "batch_predict", "-c", json.dumps(conf)], project)
+    assert "state=success" in log.stdout + log.stderr
+    assert batch_out.read_text().splitlines() == lines  # same model, pinned, same predictions

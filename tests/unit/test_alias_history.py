@@ -1,0 +1,66 @@
+"""Alias moves on a real MLflow registry (SQLite): champion, previous-champion, rollback and the
+recorded history that MLflow itself does not keep."""
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import promotion
+from pipeline.promotion import CHAMPION, PREVIOUS
+
+NAME = "m"
+
+
+@pytest.fixture
+def client(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_registered_model(NAME)
+    for _ in range(3):
+        client.create_model_version(NAME, source=(tmp_path / "model").as_uri())
+    return client
+
+
+def _aliases(client) -> dict:
+    return {a: int(v) for a, v in client.get_registered_model(NAME).aliases.items()}
+
+
+def test_crowning_keeps_the_replaced_champion_as_previous(client):
+    promotion.crown(client, NAME, 1, "first", "tester")
+    assert _aliases(client) == {CHAMPION: 1}
+    promotion.crown(client, NAME, 3, "better", "tester")
+    assert _aliases(client) == {CHAMPION: 3, PREVIOUS: 1}
+    promotion.crown(client, NAME, 3, "again", "tester")  # a retry moves nothing
+    assert len(promotion.history(client, NAME)) == 3
+
+
+def test_rollback_swaps_champion_and_previous_and_can_be_undone(client):
+    promotion.crown(client, NAME, 1, "first", "tester")
+    promotion.crown(client, NAME, 2, "better", "tester")
+    assert promotion.rollback(client, NAME, "v2 misclassifies 7s", "oncall") == (2, 1)
+    assert _aliases(client) == {CHAMPION: 1, PREVIOUS: 2}
+    assert promotion.rollback(client, NAME, "false alarm", "oncall") == (1, 2)
+    assert _aliases(client) == {CHAMPION: 2, PREVIOUS: 1}
+
+
+def test_rollback_without_a_previous_champion_says_so(client):
+    with pytest.raises(LookupError, match="no champion"):
+        promotion.rollback(client, NAME, "why", "oncall")
+    promotion.crown(client, NAME, 1, "first", "tester")
+    with pytest.raises(LookupError, match="no previous-champion"):
+        promotion.rollback(client, NAME, "why", "oncall")
+
+
+def test_history_records_who_moved_which_alias_when_and_why(client):
+    promotion.crown(client, NAME, 1, "first model meeting the floor", "airflow:dag/run try 1")
+    promotion.crown(client, NAME, 2, "better by 0.01", "airflow:dag/run2 try 1")
+    promotion.rollback(client, NAME, "bad labels in v2's data", "cli:oncall@host")
+    events = [(e["alias"], e["version"], e["previous"]) for e in promotion.history(client, NAME)]
+    assert events == [
+        (CHAMPION, 1, None),
+        (PREVIOUS, 1, None),
+        (CHAMPION, 2, 1),
+        (PREVIOUS, 2, 1),
+        (CHAMPION, 1, 2),
+    ]
+    last = promotion.history(client, NAME)[-1]
+    assert last["reason"] == "rollback: bad labels in v2's data" and last["by"] == "cli:oncall@host"
+    assert last["at"].endswith("+00:00")
