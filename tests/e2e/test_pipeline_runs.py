@@ -78,7 +78,12 @@ def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
     weak = _client(project).get_run(v2["run_id"]).data.params
     assert (weak["train.optimizer.name"], weak["train.epochs"]) == ("sgd", "3")
     decision = _client(project).get_model_version("image-classifier", "2").tags
-    assert "< champion's" in decision["promotion.decision"]
+    assert decision["promotion.rule"] == "improvement"
+    assert (
+        "vs champion's" in decision["promotion.decision"]
+        and "< the required" in (decision["promotion.decision"])
+    )
+    assert decision["registration.status"] == "complete"
     assert git(project, "status", "--porcelain") == ""
 
     # Same data, params and code as the champion: the next run records a skip, trains nothing.
