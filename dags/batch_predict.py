@@ -14,6 +14,8 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from pipeline.alerts import on_failure  # standard library only: parsing stays light
+
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 
 
@@ -34,7 +36,13 @@ def _client():
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     tags=["ml", "prediction", "mlflow"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": 2.0,
+        "execution_timeout": timedelta(hours=2),
+        "on_failure_callback": on_failure,
+    },
     doc_md=__doc__,
     params={
         "model": Param(

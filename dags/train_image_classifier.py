@@ -18,9 +18,12 @@ import yaml
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from pipeline.alerts import on_failure  # standard library only: parsing stays light
+
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")
 PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
+GPU_POOL = "gpu"  # slots = GPUs on the worker (1 on CPU): one training per device
 
 
 def _defaults() -> dict:
@@ -102,7 +105,14 @@ def _config(config: dict):
     catchup=False,
     max_active_runs=1,
     tags=["ml", "training", "mlflow"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": 2.0,  # 30 s, then 60 s: a flaky store gets time to recover
+        "max_retry_delay": timedelta(minutes=10),
+        "execution_timeout": timedelta(minutes=30),
+        "on_failure_callback": on_failure,  # log + optional webhook (pipeline/alerts.py)
+    },
     doc_md=__doc__,
     params={
         "preset": Param(
@@ -178,7 +188,7 @@ def train_image_classifier():
             )
         return decision
 
-    @task
+    @task(pool=GPU_POOL, execution_timeout=timedelta(hours=6))
     def train(checked: dict, validation: dict, _decision: dict) -> dict:
         """Train on the validated data version, logging to MLflow with lineage tags.
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -55,9 +58,14 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 600):
+def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 600, env=None):
     result = subprocess.run(
-        cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=root,
+        env={**project_env(root), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -89,3 +97,23 @@ def digits():
     from pipeline.data.sources import digits as load
 
     return load()
+
+
+@pytest.fixture
+def webhook():
+    """A loopback HTTP server that records each JSON body POSTed to it."""
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()

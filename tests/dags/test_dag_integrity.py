@@ -30,6 +30,18 @@ def test_promotions_are_serialized_by_a_one_slot_pool(dagbag):
     assert dagbag.dags[DAG_ID].get_task("register").pool == "promotion"
 
 
+def test_retries_back_off_time_out_and_alert(dagbag):
+    from pipeline.alerts import on_failure
+
+    for dag_id in (DAG_ID, "batch_predict"):
+        for t in dagbag.dags[dag_id].tasks:
+            assert t.retries >= 1 and t.retry_exponential_backoff >= 2, t.task_id
+            assert t.execution_timeout is not None, t.task_id
+            assert on_failure in t.on_failure_callback, t.task_id
+    train = dagbag.dags[DAG_ID].get_task("train")
+    assert train.pool == "gpu" and train.execution_timeout.total_seconds() == 6 * 3600
+
+
 def test_batch_prediction_pins_the_model_before_scoring(dagbag):
     dag = dagbag.dags["batch_predict"]
     assert dag.schedule is None and set(dag.task_ids) == {"resolve_model", "score"}

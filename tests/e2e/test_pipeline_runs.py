@@ -23,9 +23,9 @@ def _status(project) -> list[dict]:
     return json.loads(run(["pipeline", "status", "--json"], project).stdout)
 
 
-def _dag_test(project, check=True, conf: dict | None = None):
+def _dag_test(project, check=True, conf: dict | None = None, env=None):
     extra = ["-c", json.dumps(conf)] if conf else []
-    return run(["airflow", "dags", "test", DAG, *extra], project, check=check)
+    return run(["airflow", "dags", "test", DAG, *extra], project, check=check, env=env)
 
 
 @pytest.fixture
@@ -33,6 +33,7 @@ def airflow_project(project):
     run(["pipeline", "data", "pull"], project)
     run(["airflow", "db", "migrate"], project)
     run(["airflow", "pools", "set", "promotion", "1", "one model promotion at a time"], project)
+    run(["airflow", "pools", "set", "gpu", "1", "one training per GPU (1 on CPU)"], project)
     return project
 
 
@@ -106,14 +107,17 @@ def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
     assert git(project, "status", "--porcelain") == ""
 
 
-def test_failed_validation_stops_the_dag_before_training(airflow_project):
+def test_failed_validation_stops_the_dag_before_training(airflow_project, webhook):
     project = airflow_project
+    url, alerts = webhook
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["validate"]["min_rows_per_split"] = 10_000
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    result = _dag_test(project, check=False)
+    result = _dag_test(project, check=False, env={"PIPELINE_ALERT_WEBHOOK": url})
     log = result.stdout + result.stderr
     assert "min_rows" in log and "ValidationFailed" in log
+    (alert,) = alerts  # one alert, from the failed task (no retries: it cannot fix itself)
+    assert alert["task_id"] == "validate" and "min_rows" in alert["error"]
     assert "[DAG TEST] starting task_id=train" not in log
     # On record in MLflow: one FAILED run with the summary and the Data Docs, and no model.
     (failed,) = _client(project).search_runs(
