@@ -15,7 +15,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export GX_ANALYTICS_ENABLED ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/.mlflow/mlflow.db
 
-.PHONY: setup run test lint repro bench mlflow-ui clean
+.PHONY: setup run test lint repro bench mlflow-ui up down clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,15 @@ repro: $(STAMP)
 bench: $(STAMP)
 	python bench/overhead.py
 	python bench/engine.py > /dev/null
+
+# Airflow (UI, scheduler, dag-processor, triggerer) and an MLflow server in the background;
+# logs and pids in .run/. `make up` twice is harmless; `make down` stops what `make up` started.
+up: $(STAMP) $(AIRFLOW_HOME)/airflow.db
+	pipeline data pull > /dev/null
+	bash scripts/services.sh up
+
+down:
+	bash scripts/services.sh down
 
 mlflow-ui: $(STAMP)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000

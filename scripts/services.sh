@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# `make up` / `make down`: the Airflow components (api-server with the UI, scheduler,
+# dag-processor, triggerer; LocalExecutor on the SQLite metadata DB) and an MLflow server (UI)
+# on the stores `make run` uses. Each runs in its own session, logs and pid files in $RUN_DIR,
+# so `down` stops exactly what `up` started and `up` twice starts nothing twice.
+set -euo pipefail
+
+RUN_DIR=${RUN_DIR:-$PWD/.run}
+AIRFLOW_PORT=${AIRFLOW_PORT:-8080}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+export AIRFLOW__CORE__EXECUTOR=${AIRFLOW__CORE__EXECUTOR:-LocalExecutor}
+export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://127.0.0.1:$AIRFLOW_PORT}
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:$AIRFLOW_PORT/execution/}
+COMPONENTS="api-server scheduler dag-processor triggerer mlflow"
+
+command_of() {
+  case $1 in
+    api-server) echo "airflow api-server --host 127.0.0.1 --port $AIRFLOW_PORT" ;;
+    mlflow) echo "mlflow server --host 127.0.0.1 --port $MLFLOW_PORT --workers 1 \
+      --backend-store-uri $MLFLOW_TRACKING_URI" ;;
+    *) echo "airflow $1" ;;
+  esac
+}
+
+alive() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
+
+wait_http() {  # url, component: until it answers, or its process died, or 120 s passed
+  for _ in $(seq 1 240); do
+    curl -sf -o /dev/null "$1" && return 0
+    alive "$2" || { echo "$2 exited; see $RUN_DIR/$2.log" >&2; tail -5 "$RUN_DIR/$2.log" >&2; return 1; }
+    sleep 0.5
+  done
+  echo "$2 did not answer at $1; see $RUN_DIR/$2.log" >&2
+  return 1
+}
+
+up() {
+  mkdir -p "$RUN_DIR"
+  for c in $COMPONENTS; do
+    if alive "$c"; then
+      echo "$c: already running (pid $(cat "$RUN_DIR/$c.pid"))"
+      continue
+    fi
+    # shellcheck disable=SC2046
+    setsid $(command_of "$c") >"$RUN_DIR/$c.log" 2>&1 < /dev/null &
+    echo $! >"$RUN_DIR/$c.pid"
+    echo "$c: started (pid $!, log $RUN_DIR/$c.log)"
+  done
+  wait_http "http://127.0.0.1:$AIRFLOW_PORT/api/v2/monitor/health" api-server
+  wait_http "http://127.0.0.1:$MLFLOW_PORT/health" mlflow
+  local passwords="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
+  echo
+  echo "Airflow UI  http://127.0.0.1:$AIRFLOW_PORT   user admin, password: cat $passwords"
+  echo "MLflow UI   http://127.0.0.1:$MLFLOW_PORT"
+  echo "Stop both:  make down"
+}
+
+down() {
+  for c in $COMPONENTS; do
+    [ -f "$RUN_DIR/$c.pid" ] || continue
+    local pid
+    pid=$(cat "$RUN_DIR/$c.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM -- "-$pid" 2>/dev/null || true  # the whole session: gunicorn/uvicorn workers too
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      echo "$c: stopped"
+    fi
+    rm -f "$RUN_DIR/$c.pid"
+  done
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
