@@ -140,6 +140,22 @@ class RegisterConfig(_Block):
     max_recall_drop: float | None = Field(None, ge=0, le=1)  # per class vs champion; null = off
 
 
+class SweepConfig(_Block):
+    """The sweep DAG's grid: every optimizer x schedule x lr combination is one trial."""
+
+    optimizers: list[OptimizerName] = Field(default_factory=lambda: ["sgd", "adamw"], min_length=1)
+    schedules: list[ScheduleName] = Field(default_factory=lambda: ["cosine"], min_length=1)
+    lrs: list[float] = Field(default_factory=lambda: [0.01, 0.003], min_length=1)
+    epochs: int = Field(6, ge=1)  # per trial
+    register_best: bool = False  # put the best trial through the normal promotion policy
+
+    @model_validator(mode="after")
+    def _positive_lrs(self) -> SweepConfig:
+        if any(lr <= 0 for lr in self.lrs):
+            raise ValueError("sweep.lrs must all be > 0")
+        return self
+
+
 class TrackingConfig(_Block):
     experiment: str = Field("image-classifier", min_length=1)
 
@@ -151,6 +167,7 @@ class Config(_Block):
     train: TrainConfig = TrainConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
     presets: dict[str, dict[str, Any]] = {}  # name -> {dotted.key: value}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -169,7 +186,7 @@ class Config(_Block):
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params (one compare-view column per key)."""
-        return _flatten({k: v for k, v in self.to_dict().items() if k != "presets"})
+        return _flatten({k: v for k, v in self.to_dict().items() if k not in ("presets", "sweep")})
 
     def params_hash(self) -> str:
         """Hash of what determines the trained model (tracking/register do not)."""

@@ -85,3 +85,26 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_sweep(histories: dict[str, list[dict]], path: Path) -> Path:
+    """Validation (or training) loss and validation accuracy of every trial, overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        key = "val_loss" if "val_loss" in history[0] else "train_loss"
+        loss_ax.plot(epochs, [h[key] for h in history], label=label)
+        if "val_accuracy" in history[0]:
+            acc_ax.plot(epochs, [h["val_accuracy"] for h in history], label=label)
+    loss_ax.set(title="validation loss", xlabel="epoch", yscale="log")
+    acc_ax.set(title="validation accuracy", xlabel="epoch")
+    loss_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -80,10 +80,9 @@ def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     checkout_version(settings.root, workspace, record["data"])
     here = replace(settings, root=workspace, code_root=settings.code)
     validation = stages.validate_stage(cfg, here)
-    trained = stages.train_stage(cfg, here, validation)
+    of = {"reproduce.of": f"{name}/{version.version}", "reproduce.of_run": run_id}
+    trained = stages.train_stage(cfg, here, validation, extra_tags=of)
     stages.evaluate_stage(cfg, here, trained["run_id"])
-    client.set_tag(trained["run_id"], "reproduce.of", f"{name}/{version.version}")
-    client.set_tag(trained["run_id"], "reproduce.of_run", run_id)
     return compare(client, run_id, trained["run_id"], record, tolerance)
 
 

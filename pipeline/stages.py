@@ -166,6 +166,7 @@ def train_stage(
     validation: dict,
     airflow: dict | None = None,
     resume: bool = False,
+    extra_tags: dict | None = None,
 ) -> dict:
     """Train on validated, tracked data and log everything to an MLflow run.
 
@@ -202,7 +203,7 @@ def train_stage(
 
     import mlflow
 
-    with _tracked_run(cfg, settings, ds, validation, airflow, state) as run:
+    with _tracked_run(cfg, settings, ds, validation, airflow, state, extra_tags) as run:
         result = fit(
             cfg.train,
             ds.train,
@@ -229,7 +230,7 @@ def _training_identity(cfg: Config, data_md5: str, airflow: dict | None) -> str:
 
 
 @contextmanager
-def _tracked_run(cfg, settings, ds, validation, airflow, state):
+def _tracked_run(cfg, settings, ds, validation, airflow, state, extra_tags=None):
     """A new MLflow run, or the checkpoint's run reopened.
 
     Metrics go out once per epoch (`log_epoch`); the system-metrics thread samples CPU and memory
@@ -249,15 +250,20 @@ def _tracked_run(cfg, settings, ds, validation, airflow, state):
     record = lineage.record(
         settings.code, cfg, pointer(settings.root), validation, _device_name(cfg), airflow
     )
-    tags = {**lineage.tags(record), "train.processes": str(distributed.context().world)}
+    tags = {
+        **lineage.tags(record),
+        "train.processes": str(distributed.context().world),
+        **(extra_tags or {}),  # e.g. mlflow.parentRunId for a sweep trial, reproduce.of
+    }
     client = MlflowClient()
     run_id = state["mlflow_run_id"] if state else None
     resuming = run_id is not None and _run_exists(client, run_id)
     if resuming:
         run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
     else:
+        t = cfg.train
         run_name = (
-            f"{ds.name}-{cfg.train.model.name}-{cfg.train.optimizer.name}-{cfg.train.schedule.name}"
+            f"{ds.name}-{t.model.name}-{t.optimizer.name}-{t.schedule.name}-lr{t.optimizer.lr:g}"
         )
         run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
 

@@ -23,7 +23,7 @@ def dagbag(tmp_path_factory):
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {DAG_ID, "batch_predict"} <= set(dagbag.dags)
+    assert {DAG_ID, "batch_predict", "sweep_image_classifier"} <= set(dagbag.dags)
 
 
 def test_promotions_are_serialized_by_a_one_slot_pool(dagbag):
@@ -33,13 +33,24 @@ def test_promotions_are_serialized_by_a_one_slot_pool(dagbag):
 def test_retries_back_off_time_out_and_alert(dagbag):
     from pipeline.alerts import on_failure
 
-    for dag_id in (DAG_ID, "batch_predict"):
+    for dag_id in (DAG_ID, "batch_predict", "sweep_image_classifier"):
         for t in dagbag.dags[dag_id].tasks:
             assert t.retries >= 1 and t.retry_exponential_backoff >= 2, t.task_id
             assert t.execution_timeout is not None, t.task_id
-            assert on_failure in t.on_failure_callback, t.task_id
+            callbacks = t.on_failure_callback
+            assert on_failure in (callbacks if isinstance(callbacks, list) else [callbacks])
     train = dagbag.dags[DAG_ID].get_task("train")
     assert train.pool == "gpu" and train.execution_timeout.total_seconds() == 6 * 3600
+
+
+def test_sweep_maps_one_trial_per_grid_point_in_the_gpu_pool(dagbag):
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    dag = dagbag.dags["sweep_image_classifier"]
+    trial = dag.get_task("trial")
+    assert trial.pool == "gpu" and "finish_sweep" in trial.downstream_task_ids
+    assert isinstance(trial, MappedOperator)  # one task instance per grid point
+    assert dag.get_task("finish_sweep").pool == "promotion"
 
 
 def test_batch_prediction_pins_the_model_before_scoring(dagbag):
@@ -91,7 +102,9 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
     assert params["preset"] is None  # untouched form: plain params.yaml, like a scheduled run
 
 
-@pytest.mark.parametrize("dag_file", ["train_image_classifier.py", "batch_predict.py"])
+@pytest.mark.parametrize(
+    "dag_file", ["train_image_classifier.py", "batch_predict.py", "sweep_image_classifier.py"]
+)
 def test_parsing_the_dag_imports_no_heavy_library(dag_file):
     code = f"""
 import json, sys, runpy

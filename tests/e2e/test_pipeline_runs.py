@@ -178,3 +178,33 @@ def test_cli_refuses_bad_config_unvalidated_and_untracked_data(project):
     assert tampered.returncode == 1
     assert "does not match data.dvc" in tampered.stderr and "test_images.npy" in tampered.stderr
     assert not (project / ".mlflow").exists() or _status(project) == []
+
+
+def test_sweep_dag_logs_child_runs_under_one_parent_and_reports_the_best(airflow_project):
+    project = airflow_project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sweep"] = {
+        "optimizers": ["sgd", "adamw"],
+        "schedules": ["cosine"],
+        "lrs": [0.01],
+        "epochs": 2,
+        "register_best": True,
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["airflow", "dags", "test", "sweep_image_classifier"], project)
+    client = _client(project)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, "tags.`sweep.grid` != ''")
+    children = client.search_runs(
+        experiments, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    assert {c.data.params["train.optimizer.name"] for c in children} == {"sgd", "adamw"}
+    best = max(children, key=lambda c: c.data.metrics["test_accuracy"])
+    assert parent.data.tags["sweep.best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    files |= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"sweep_results.json", "sweep_results.md", "plots/sweep_curves.png"} <= files
+    (model,) = _status(project)  # register_best: the best trial went through the policy
+    assert [v["run_id"] for v in model["versions"]] == [best.info.run_id]

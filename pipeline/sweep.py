@@ -1,0 +1,117 @@
+"""Hyper-parameter sweep: one MLflow parent run, one child run per grid point, the best reported.
+
+The sweep DAG maps `trial_stage` over `grid(cfg)`; in the MLflow UI the children sit under the
+parent and compare side by side (params as columns, learning curves overlaid), and the parent
+holds the results table, an overlay plot and the best trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from pipeline.config import Config, config_from_dict
+from pipeline.settings import Settings
+
+SWEEP_TAG = "sweep.parent"
+
+
+def grid(cfg: Config) -> list[dict]:
+    """Every optimizer x schedule x lr combination as dotted overrides of the base config."""
+    s = cfg.sweep
+    return [
+        {
+            "train.optimizer.name": optimizer,
+            "train.schedule.name": schedule,
+            "train.optimizer.lr": lr,
+            "train.epochs": s.epochs,
+        }
+        for optimizer, schedule, lr in itertools.product(s.optimizers, s.schedules, s.lrs)
+    ]
+
+
+def trial_config(cfg: Config, overrides: dict) -> Config:
+    """The base config with one grid point applied (validated like any override)."""
+    resolved = cfg.to_dict()  # already layered: its preset must not apply a second time
+    return config_from_dict({**resolved, "base": {**resolved["base"], "preset": None}}, overrides)
+
+
+def start(cfg: Config, settings: Settings, airflow: dict | None = None) -> str:
+    """The parent run; it stays RUNNING until `finish`."""
+    from mlflow import MlflowClient
+
+    from pipeline import registry
+
+    experiment = registry.configure(settings, cfg.tracking.experiment)
+    tags = {
+        "mlflow.runName": f"sweep-{cfg.base.dataset}-{len(grid(cfg))}-trials",
+        "sweep.grid": json.dumps(cfg.sweep.model_dump()),
+        **{f"airflow.{k}": str(v) for k, v in (airflow or {}).items()},
+    }
+    return MlflowClient().create_run(experiment, tags=tags).info.run_id
+
+
+def trial_stage(
+    cfg: Config,
+    settings: Settings,
+    validation: dict,
+    parent: str,
+    overrides: dict,
+    airflow: dict | None = None,
+) -> dict:
+    """Train and evaluate one grid point as a child run of `parent`."""
+    from pipeline import stages
+
+    trial = trial_config(cfg, overrides)
+    tags = {"mlflow.parentRunId": parent, SWEEP_TAG: parent}
+    trained = stages.train_stage(trial, settings, validation, airflow, resume=True, extra_tags=tags)
+    scores = stages.evaluate_stage(trial, settings, trained["run_id"])
+    return {"run_id": trained["run_id"], "overrides": overrides, **scores}
+
+
+def finish(cfg: Config, settings: Settings, parent: str, results: list[dict]) -> dict:
+    """Rank the trials by the promotion metric; log the table, an overlay plot and the best
+    trial on the parent run, and close it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import evaluate, registry
+
+    registry.configure(settings, cfg.tracking.experiment)
+    client = MlflowClient()
+    metric = cfg.register_.metric
+    ranked = sorted(results, key=lambda r: r[metric], reverse=True)
+    best = ranked[0]
+    histories = {
+        _label(r["overrides"]): mlflow.artifacts.load_dict(f"runs:/{r['run_id']}/history.json")[
+            "history"
+        ]
+        for r in ranked
+    }
+    plots = settings.outputs / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plot = evaluate.plot_sweep(histories, plots / "sweep_curves.png")
+    client.log_artifact(parent, str(plot), "plots")
+    client.log_dict(parent, {"metric": metric, "trials": ranked}, "sweep_results.json")
+    client.log_text(parent, _table(ranked, metric), "sweep_results.md")
+    client.log_metric(parent, f"best_{metric}", best[metric])
+    client.set_tag(parent, "sweep.best_run_id", best["run_id"])
+    client.set_tag(parent, "sweep.best", _label(best["overrides"]))
+    client.set_terminated(parent)
+    return {"parent_run_id": parent, "best": best, "trials": len(ranked)}
+
+
+def _label(overrides: dict) -> str:
+    return (
+        f"{overrides['train.optimizer.name']} {overrides['train.schedule.name']} "
+        f"lr {overrides['train.optimizer.lr']:g}"
+    )
+
+
+def _table(ranked: list[dict], metric: str) -> str:
+    lines = [f"| rank | trial | {metric} | run |", "|---|---|---|---|"]
+    lines += [
+        f"| {i} | {_label(r['overrides'])} | {r[metric]:.4f} | {r['run_id']} |"
+        for i, r in enumerate(ranked, start=1)
+    ]
+    return "\n".join(lines) + "\n"
