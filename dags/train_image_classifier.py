@@ -15,13 +15,23 @@ from pathlib import Path
 
 import pendulum
 import yaml
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
 from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline.alerts import on_failure  # standard library only: parsing stays light
 
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")
+# Updated by the publish_dataset DAG when it records a new data version: runs on it, or on time.
+DATA = Asset(name="pipeline-data", uri=(PROJECT_ROOT / "data.dvc").as_uri())
 PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
 GPU_POOL = "gpu"  # slots = GPUs on the worker (1 on CPU): one training per device
 
@@ -100,7 +110,9 @@ def _config(config: dict):
 @dag(
     dag_id="train_image_classifier",
     description="DVC data -> GX validation -> PyTorch training -> evaluation -> MLflow registry",
-    schedule=SCHEDULE,
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(SCHEDULE, timezone="UTC"), assets=[DATA]
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -20,11 +20,13 @@ def materialize(
     test_fraction: float = 0.2,
     image_size: int | None = None,
     log=print,
+    rewrite: bool = False,
 ) -> str:
     """Make data/ hold `dataset`, tracked by data.dvc and pushed to the DVC remote.
 
-    Reuses the tracked version when it already is `dataset` (pulling it if needed); otherwise
-    writes the dataset and records it as a new version. Returns the data md5.
+    Reuses the tracked version when it already is `dataset` (pulling it if needed) unless
+    `rewrite`; otherwise writes the dataset from its source and records it (a new version when
+    the bytes differ). Returns the data md5.
     """
     has_pointer = (repo_root / versioning.POINTER).exists()
     if has_pointer and not data_dir.exists():
@@ -32,7 +34,7 @@ def materialize(
             versioning.pull(repo_root)
         except DataError as exc:
             log(f"data: not in the DVC remote ({str(exc).splitlines()[0]}); regenerating")
-    if has_pointer and data_dir.exists() and _meta_name(data_dir) == dataset:
+    if not rewrite and has_pointer and data_dir.exists() and _meta_name(data_dir) == dataset:
         md5 = versioning.verify(repo_root, data_dir)
         log(f"data: {dataset} already at the tracked version {md5}")
         return md5

@@ -23,7 +23,9 @@ def dagbag(tmp_path_factory):
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {DAG_ID, "batch_predict", "sweep_image_classifier"} <= set(dagbag.dags)
+    assert {DAG_ID, "batch_predict", "sweep_image_classifier", "publish_dataset"} <= set(
+        dagbag.dags
+    )
 
 
 def test_promotions_are_serialized_by_a_one_slot_pool(dagbag):
@@ -33,7 +35,7 @@ def test_promotions_are_serialized_by_a_one_slot_pool(dagbag):
 def test_retries_back_off_time_out_and_alert(dagbag):
     from pipeline.alerts import on_failure
 
-    for dag_id in (DAG_ID, "batch_predict", "sweep_image_classifier"):
+    for dag_id in (DAG_ID, "batch_predict", "sweep_image_classifier", "publish_dataset"):
         for t in dagbag.dags[dag_id].tasks:
             assert t.retries >= 1 and t.retry_exponential_backoff >= 2, t.task_id
             assert t.execution_timeout is not None, t.task_id
@@ -51,6 +53,13 @@ def test_sweep_maps_one_trial_per_grid_point_in_the_gpu_pool(dagbag):
     assert trial.pool == "gpu" and "finish_sweep" in trial.downstream_task_ids
     assert isinstance(trial, MappedOperator)  # one task instance per grid point
     assert dag.get_task("finish_sweep").pool == "promotion"
+
+
+def test_publishing_data_updates_the_asset_the_training_dag_waits_for(dagbag):
+    publish = dagbag.dags["publish_dataset"].get_task("publish")
+    (outlet,) = publish.outlets
+    (watched,) = dagbag.dags[DAG_ID].timetable.asset_condition.objects
+    assert outlet == watched
 
 
 def test_batch_prediction_pins_the_model_before_scoring(dagbag):
@@ -72,7 +81,9 @@ def test_tasks_chain_in_order(dagbag):
 def test_schedule_retries_tags_and_trigger_form(dagbag):
     dag = dagbag.dags[DAG_ID]
     assert dag.catchup is False and dag.max_active_runs == 1
-    assert dag.schedule == "@weekly"
+    assert dag.timetable.timetable.expression == "0 0 * * 0"  # @weekly ...
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["pipeline-data"]
+    # ... or when publish_dataset records a new data version
     assert {"ml", "training"} <= set(dag.tags)
     assert all(t.retries >= 1 for t in dag.tasks)
     params = dag.params
@@ -103,7 +114,13 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
 
 
 @pytest.mark.parametrize(
-    "dag_file", ["train_image_classifier.py", "batch_predict.py", "sweep_image_classifier.py"]
+    "dag_file",
+    [
+        "train_image_classifier.py",
+        "batch_predict.py",
+        "sweep_image_classifier.py",
+        "publish_dataset.py",
+    ],
 )
 def test_parsing_the_dag_imports_no_heavy_library(dag_file):
     code = f"""

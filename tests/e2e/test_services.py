@@ -1,5 +1,6 @@
-"""`make up` on a fresh copy of the project: the DAG runs on its schedule and from the REST API,
-the runs show in the MLflow server, `make up` twice is harmless, `make down` stops everything."""
+"""`make up` on a fresh copy of the project: the DAG runs on its schedule, from the REST API and
+when publish_dataset records a new data version; the runs show in the MLflow server; `make up`
+twice is harmless; `make down` stops everything."""
 
 import json
 import os
@@ -102,6 +103,26 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(se
         t["value"] for r in found["runs"] for t in r["data"]["tags"] if t["key"] == "airflow.run_id"
     }
     assert logged == {r["dag_run_id"] for r in runs}  # both DAG runs, seen through the server
+
+    # Data-aware scheduling: publishing a new data version starts the training DAG.
+    publish = "publish_dataset"
+    _http("PATCH", f"{airflow}/api/v2/dags/{publish}", {"is_paused": False}, token)
+    _http(
+        "POST",
+        f"{airflow}/api/v2/dags/{publish}/dagRuns",
+        {"logical_date": None, "conf": {"test_fraction": 0.25}},
+        token,
+    )
+    deadline = time.monotonic() + 480
+    while time.monotonic() < deadline:
+        runs = _http("GET", f"{airflow}/api/v2/dags/{DAG}/dagRuns", token=token)["dag_runs"]
+        by_data = [r for r in runs if r["run_type"] == "asset_triggered"]
+        if by_data and by_data[0]["state"] in ("success", "failed"):
+            break
+        time.sleep(5)
+    assert [r["state"] for r in by_data] == ["success"], runs
+    assert "test_fraction" not in (project / "data.dvc").read_text()  # only the md5 changed
+    assert git(project, "status", "--porcelain").strip() == "M data.dvc"  # left to commit
 
     make = ["make", "-o", ".venv/.installed"]
     again = run([*make, "up"], project, env=ports).stdout
