@@ -34,6 +34,7 @@ SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")
 DATA = Asset(name="pipeline-data", uri=(PROJECT_ROOT / "data.dvc").as_uri())
 PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
 GPU_POOL = "gpu"  # slots = GPUs on the worker (1 on CPU): one training per device
+GPU_POD_TEMPLATE = PROJECT_ROOT / "infra/helm/gpu-pod-template.yaml"
 
 
 def _defaults() -> dict:
@@ -200,7 +201,12 @@ def train_image_classifier():
             )
         return decision
 
-    @task(pool=GPU_POOL, execution_timeout=timedelta(hours=6))
+    @task(
+        pool=GPU_POOL,
+        execution_timeout=timedelta(hours=6),
+        # KubernetesExecutor only (others ignore it): this task's pod gets a GPU node.
+        executor_config={"pod_template_file": str(GPU_POD_TEMPLATE)},
+    )
     def train(checked: dict, validation: dict, _decision: dict) -> dict:
         """Train on the validated data version, logging to MLflow with lineage tags.
 

@@ -3,6 +3,10 @@
 # dag-processor, triggerer; LocalExecutor on the SQLite metadata DB) and an MLflow server (UI)
 # on the stores `make run` uses. Each runs in its own session, logs and pid files in $RUN_DIR,
 # so `down` stops exactly what `up` started and `up` twice starts nothing twice.
+# The same script runs the production topology when the environment says so (see infra/README.md):
+# AIRFLOW__CORE__EXECUTOR=CeleryExecutor adds an `airflow celery worker`; MLFLOW_BACKEND_STORE_URI
+# and MLFLOW_ARTIFACTS_DESTINATION give the MLflow server its own stores while the tasks talk to it
+# over MLFLOW_TRACKING_URI=http://...
 set -euo pipefail
 
 RUN_DIR=${RUN_DIR:-$PWD/.run}
@@ -12,12 +16,15 @@ export AIRFLOW__CORE__EXECUTOR=${AIRFLOW__CORE__EXECUTOR:-LocalExecutor}
 export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://127.0.0.1:$AIRFLOW_PORT}
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:$AIRFLOW_PORT/execution/}
 COMPONENTS="api-server scheduler dag-processor triggerer mlflow"
+[ "$AIRFLOW__CORE__EXECUTOR" = CeleryExecutor ] && COMPONENTS="$COMPONENTS worker"
 
 command_of() {
   case $1 in
     api-server) echo "airflow api-server --host 127.0.0.1 --port $AIRFLOW_PORT" ;;
     mlflow) echo "mlflow server --host 127.0.0.1 --port $MLFLOW_PORT --workers 1 \
-      --backend-store-uri $MLFLOW_TRACKING_URI" ;;
+      --backend-store-uri ${MLFLOW_BACKEND_STORE_URI:-$MLFLOW_TRACKING_URI} \
+      ${MLFLOW_ARTIFACTS_DESTINATION:+--artifacts-destination $MLFLOW_ARTIFACTS_DESTINATION}" ;;
+    worker) echo "airflow celery worker --concurrency ${CELERY_CONCURRENCY:-2}" ;;
     *) echo "airflow $1" ;;
   esac
 }
@@ -56,8 +63,10 @@ up() {
 }
 
 down() {
-  for c in $COMPONENTS; do
-    [ -f "$RUN_DIR/$c.pid" ] || continue
+  for pidfile in "$RUN_DIR"/*.pid; do
+    [ -f "$pidfile" ] || continue
+    local c
+    c=$(basename "$pidfile" .pid)
     local pid
     pid=$(cat "$RUN_DIR/$c.pid")
     if kill -0 "$pid" 2>/dev/null; then
