@@ -95,6 +95,15 @@ def test_schedule_retries_tags_and_trigger_form(dagbag):
     assert params["force_retrain"] is False  # a scheduled run skips unchanged work
 
 
+def test_schedule_none_runs_on_new_data_and_triggers_only(monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("PIPELINE_SCHEDULE", "none")
+    dag = DagBag(dag_folder=str(REPO / "dags" / f"{DAG_ID}.py")).dags[DAG_ID]
+    assert not hasattr(dag.timetable, "timetable")  # no time schedule left
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["pipeline-data"]
+
+
 def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
     from typing import get_args
 

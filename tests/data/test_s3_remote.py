@@ -1,23 +1,16 @@
 """An S3 DVC remote, against moto's S3-compatible server on loopback (a real HTTP server)."""
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
 from pipeline.data.versioning import pointer
-from tests.conftest import BIN, git, run
+from tests.conftest import BIN, free_port, git, run
 
 pytestmark = pytest.mark.integration
 BUCKET = "pipeline-data"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -25,7 +18,7 @@ def s3():
     """A moto S3 server process with an empty bucket; yields (endpoint url, boto3 client)."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

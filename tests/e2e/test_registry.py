@@ -4,7 +4,6 @@ going down mid-register, and predictions from the CLI, `mlflow models serve` and
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,18 +14,12 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.conftest import BIN, project_env, run
+from tests.conftest import BIN, free_port, project_env, run
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
 QUICK = ["--set", "train.epochs=2"]
 LOW_FLOOR = ["--set", "register.floor=0.5"]  # 2 epochs: the policy, not the floor, decides
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, seconds: int = 90) -> None:
@@ -128,7 +121,7 @@ def test_concurrent_and_retried_registration_rollback_and_history(two_runs):
 
 
 def test_mlflow_server_down_mid_register_then_completed(project, tmp_path):
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "server"
     store.mkdir()
     command = [
@@ -246,7 +239,7 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(two_runs, tmp_p
     assert [int(line.split(",")[1]) for line in lines[1:]] == predicted[:12].tolist()
     assert all(line.endswith(f",{NAME}/1") for line in lines[1:])
 
-    port = _free_port()
+    port = free_port()
     serve = subprocess.Popen(
         [
             str(BIN / "mlflow"),
