@@ -15,7 +15,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export GX_ANALYTICS_ENABLED ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/.mlflow/mlflow.db
 
-.PHONY: setup run test lint repro bench mlflow-ui up down clean
+.PHONY: setup run test lint repro bench mlflow-ui up down browser clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,15 @@ up: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 
 down:
 	bash scripts/services.sh down
+
+# Debian's Chromium for the UI test (tests/e2e/test_services.py); Playwright drives it, so no
+# browser is downloaded. .ci/run calls this too.
+browser:
+	@command -v chromium > /dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq --no-install-recommends chromium > /dev/null \
+	  || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium > /dev/null; }; }
+	@chromium --version 2> /dev/null
 
 mlflow-ui: $(STAMP)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.conftest import git, run
+from tests.e2e.browser import SCREENSHOTS, airflow_dag, chromium, mlflow_compare
 from tests.e2e.live import MAKE, Airflow, alive, http, services
 
 pytestmark = pytest.mark.slow
@@ -17,7 +18,8 @@ def _finished(runs: list[dict], count: int) -> bool:
     return len(runs) == count and all(r["state"] in ("success", "failed") for r in runs)
 
 
-def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(project):
+def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(project, tmp_path):
+    started_at = time.time()
     with services(project) as (ports, started):
         airflow = Airflow(project, ports["AIRFLOW_PORT"])
         mlflow = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
@@ -64,6 +66,17 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(pr
         assert [r["state"] for r in runs if r["run_type"] == "asset_triggered"] == ["success"]
         assert "test_fraction" not in (project / "data.dvc").read_text()  # only the md5 changed
         assert git(project, "status", "--porcelain").strip() == "M data.dvc"  # left to commit
+
+        # Seen in a browser: the two optimizers side by side, the DAG's last run succeeded.
+        trained = {r["info"]["run_id"]: r["info"]["run_name"] for r in found}
+        with chromium(tmp_path / "chromium-profile") as page:
+            params = mlflow_compare(page, mlflow, experiment, trained)
+            state, latest = airflow_dag(page, airflow.url, DAG, airflow.password)
+        assert {"sgd", "adamw"} <= set(params.split())
+        assert "train.optimizer.name" in params and "train.batch_size" not in params  # diff only
+        newest = max(runs, key=lambda r: r["run_after"])["dag_run_id"]
+        assert (state, latest) == ("success", f"/dags/{DAG}/runs/{newest}")
+        assert (SCREENSHOTS / "mlflow-compare.png").stat().st_mtime > started_at
 
         again = run([*MAKE, "up"], project, env=ports).stdout
         assert again.count("already running") == 5
