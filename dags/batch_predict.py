@@ -14,9 +14,14 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipeline.alerts import on_failure  # standard library only: parsing stays light
-
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
+
+
+def _alert(context) -> None:
+    """on_failure_callback: the ALERT log line and webhook of pipeline/alerts.py, imported late."""
+    from pipeline.alerts import on_failure
+
+    on_failure(context)
 
 
 def _client():
@@ -41,7 +46,7 @@ def _client():
         "retry_delay": timedelta(seconds=30),
         "retry_exponential_backoff": 2.0,
         "execution_timeout": timedelta(hours=2),
-        "on_failure_callback": on_failure,
+        "on_failure_callback": _alert,
     },
     doc_md=__doc__,
     params={

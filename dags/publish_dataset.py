@@ -15,9 +15,16 @@ import pendulum
 import yaml
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from pipeline.alerts import on_failure  # standard library only: parsing stays light
-
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
+
+
+def _alert(context) -> None:
+    """on_failure_callback: the ALERT log line and webhook of pipeline/alerts.py, imported late."""
+    from pipeline.alerts import on_failure
+
+    on_failure(context)
+
+
 DATA = Asset(name="pipeline-data", uri=(PROJECT_ROOT / "data.dvc").as_uri())
 
 
@@ -48,7 +55,7 @@ DEFAULTS = _data_defaults()
         "retry_delay": timedelta(seconds=30),
         "retry_exponential_backoff": 2.0,
         "execution_timeout": timedelta(hours=2),
-        "on_failure_callback": on_failure,
+        "on_failure_callback": _alert,
     },
     doc_md=__doc__,
     params={

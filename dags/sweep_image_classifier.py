@@ -16,9 +16,14 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from pipeline.alerts import on_failure  # standard library only: parsing stays light
-
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
+
+
+def _alert(context) -> None:
+    """on_failure_callback: the ALERT log line and webhook of pipeline/alerts.py, imported late."""
+    from pipeline.alerts import on_failure
+
+    on_failure(context)
 
 
 def _settings():
@@ -59,7 +64,7 @@ def _airflow_ids() -> dict:
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=10),
         "execution_timeout": timedelta(minutes=30),
-        "on_failure_callback": on_failure,
+        "on_failure_callback": _alert,
     },
     doc_md=__doc__,
 )

@@ -26,8 +26,6 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException
 
-from pipeline.alerts import on_failure  # standard library only: parsing stays light
-
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")  # "none": new data and triggers only
 # Updated by the publish_dataset DAG when it records a new data version: runs on it, or on time.
@@ -35,6 +33,13 @@ DATA = Asset(name="pipeline-data", uri=(PROJECT_ROOT / "data.dvc").as_uri())
 PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
 GPU_POOL = "gpu"  # slots = GPUs on the worker (1 on CPU): one training per device
 GPU_POD_TEMPLATE = PROJECT_ROOT / "infra/helm/gpu-pod-template.yaml"
+
+
+def _alert(context) -> None:
+    """on_failure_callback: the ALERT log line and webhook of pipeline/alerts.py, imported late."""
+    from pipeline.alerts import on_failure
+
+    on_failure(context)
 
 
 def _defaults() -> dict:
@@ -126,7 +131,7 @@ def _config(config: dict):
         "retry_exponential_backoff": 2.0,  # 30 s, then 60 s: a flaky store gets time to recover
         "max_retry_delay": timedelta(minutes=10),
         "execution_timeout": timedelta(minutes=30),
-        "on_failure_callback": on_failure,  # log + optional webhook (pipeline/alerts.py)
+        "on_failure_callback": _alert,  # log + optional webhook (pipeline/alerts.py)
     },
     doc_md=__doc__,
     params={

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,15 +33,18 @@ def test_promotions_are_serialized_by_a_one_slot_pool(dagbag):
     assert dagbag.dags[DAG_ID].get_task("register").pool == "promotion"
 
 
-def test_retries_back_off_time_out_and_alert(dagbag):
-    from pipeline.alerts import on_failure
-
+def test_retries_back_off_time_out_and_alert(dagbag, webhook, monkeypatch):
+    url, received = webhook
+    monkeypatch.setenv("PIPELINE_ALERT_WEBHOOK", url)
     for dag_id in (DAG_ID, "batch_predict", "sweep_image_classifier", "publish_dataset"):
         for t in dagbag.dags[dag_id].tasks:
             assert t.retries >= 1 and t.retry_exponential_backoff >= 2, t.task_id
             assert t.execution_timeout is not None, t.task_id
             callbacks = t.on_failure_callback
-            assert on_failure in (callbacks if isinstance(callbacks, list) else [callbacks])
+            for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+                ti = SimpleNamespace(dag_id=dag_id, task_id=t.task_id, try_number=1)
+                callback({"ti": ti, "run_id": "manual__x", "exception": RuntimeError("boom")})
+            assert received and received.pop()["task_id"] == t.task_id  # the alert went out
     train = dagbag.dags[DAG_ID].get_task("train")
     assert train.pool == "gpu" and train.execution_timeout.total_seconds() == 6 * 3600
 
@@ -135,7 +139,7 @@ def test_parsing_the_dag_imports_no_heavy_library(dag_file):
     code = f"""
 import json, sys, runpy
 runpy.run_path({str(REPO / "dags" / dag_file)!r})
-print(json.dumps([m for m in ("torch", "mlflow", "great_expectations", "dvc", "sklearn")
+print(json.dumps([m for m in ("torch", "mlflow", "great_expectations", "dvc", "sklearn", "pipeline")
                   if m in sys.modules]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
