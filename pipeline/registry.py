@@ -9,10 +9,12 @@ import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS = "weights/model.pt"
 STATUS_TAG = "registration.status"  # pending until register finished; only complete ones promote
@@ -80,6 +82,7 @@ def configure(settings: Settings, experiment: str) -> str:
 def log_weights(model: torch.nn.Module, spec: dict) -> None:
     """State dict + architecture spec: loads with weights_only=True, no pickled code."""
     import mlflow
+    import torch  # here, not at the top: validate and register never need it (5 s to import)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(WEIGHTS).name
@@ -89,6 +92,7 @@ def log_weights(model: torch.nn.Module, spec: dict) -> None:
 
 def load_weights(run_id: str) -> tuple[torch.nn.Module, dict]:
     import mlflow
+    import torch
 
     from pipeline.train import rebuild
 
