@@ -101,9 +101,9 @@ def project(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def digits():
-    from pipeline.data.sources import digits as load
+    from pipeline.data.sources import load_source
 
-    return load()
+    return load_source("digits")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data import versioning
-from pipeline.data.sources import load_source
+from pipeline.data.sources import load_source, recipe
 from pipeline.data.store import DataError, Dataset, read_dataset, read_meta, write_dataset
 
 __all__ = ["DataError", "Dataset", "check_data", "materialize", "read_dataset"]
@@ -22,27 +22,39 @@ def materialize(
     log=print,
     rewrite: bool = False,
 ) -> str:
-    """Make data/ hold `dataset`, tracked by data.dvc and pushed to the DVC remote.
+    """Make data/ hold `dataset` made with these settings, tracked by data.dvc and pushed to
+    the DVC remote. Returns the data md5.
 
-    Reuses the tracked version when it already is `dataset` (pulling it if needed) unless
-    `rewrite`; otherwise writes the dataset from its source and records it (a new version when
-    the bytes differ). Returns the data md5.
+    Reuses the tracked version when it was made with the same settings (its meta.json `recipe`),
+    pulling it if needed, unless `rewrite`; otherwise writes the dataset from its source and
+    records it (a new version when the bytes differ). A pull killed between writing data/ and
+    recording it is finished by the next one.
     """
-    has_pointer = (repo_root / versioning.POINTER).exists()
-    if has_pointer and not data_dir.exists():
-        try:
-            versioning.pull(repo_root)
-        except DataError as exc:
-            log(f"data: not in the DVC remote ({str(exc).splitlines()[0]}); regenerating")
-    if not rewrite and has_pointer and data_dir.exists() and _meta_name(data_dir) == dataset:
-        md5 = versioning.verify(repo_root, data_dir)
-        log(f"data: {dataset} already at the tracked version {md5}")
-        return md5
-    previous = versioning.recorded_md5(repo_root) if has_pointer else None
-    log(f"data: writing {dataset} to {data_dir}")
-    ds = load_source(dataset, source_dir, download, test_fraction, image_size)
-    write_dataset(ds, data_dir)
-    md5 = versioning.add_and_push(repo_root, data_dir)
+    wanted = recipe(dataset, source_dir, test_fraction, image_size)
+    with versioning.data_lock(repo_root):
+        interrupted = versioning.pending_write(repo_root)
+        has_pointer = (repo_root / versioning.POINTER).exists()
+        if has_pointer and not data_dir.exists() and not interrupted:
+            try:
+                versioning.pull(repo_root)
+            except DataError as exc:
+                log(f"data: not in the DVC remote ({str(exc).splitlines()[0]}); regenerating")
+        if interrupted:
+            log("data: finishing a `pipeline data pull` that was interrupted; writing it again")
+        elif not rewrite and has_pointer and data_dir.exists():
+            changed = _changed_settings(data_dir, wanted)
+            if not changed:
+                md5 = versioning.verify(repo_root, data_dir)
+                log(f"data: {dataset} already at the tracked version {md5}")
+                return md5
+            log(f"data: settings differ from the tracked version ({changed}); rewriting")
+        previous = versioning.recorded_md5(repo_root) if has_pointer else None
+        log(f"data: writing {dataset} to {data_dir}")
+        ds = load_source(dataset, source_dir, download, test_fraction, image_size)
+        versioning.mark_pending(repo_root, wanted)
+        write_dataset(ds, data_dir)
+        md5 = versioning.add_and_push(repo_root, data_dir)
+        versioning.clear_pending(repo_root)
     if md5 != previous:
         log(f"data: new version {md5} (was {previous}); commit data.dvc to record it")
     else:
@@ -50,11 +62,20 @@ def materialize(
     return md5
 
 
-def _meta_name(data_dir: Path) -> str | None:
+def _changed_settings(data_dir: Path, wanted: dict) -> str:
+    """'' when data/ was made with `wanted`, else which settings differ ('test_fraction 0.2 ->
+    0.5'); data written before recipes were recorded counts as different."""
     try:
-        return read_meta(data_dir).get("name")
+        made = read_meta(data_dir).get("recipe")
     except DataError:
-        return None
+        return "data/meta.json unreadable"
+    if not made:
+        return "data/ records no settings"
+    return ", ".join(
+        f"{key} {made.get(key)} -> {wanted.get(key)}"
+        for key in sorted(set(made) | set(wanted))
+        if made.get(key) != wanted.get(key)
+    )
 
 
 def check_data(dataset: str, repo_root: Path, data_dir: Path) -> dict:

@@ -8,6 +8,7 @@ allowed and missing. `imagefolder` reads a folder of class sub-folders.
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,33 @@ CIFAR10_DIR = "cifar-10-batches-py"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+def recipe(
+    name: str,
+    source_dir: Path | str | None = None,
+    test_fraction: float = 0.2,
+    image_size: int | None = None,
+) -> dict:
+    """The settings that determine a dataset's bytes, for the sources they apply to.
+
+    Stored in meta.json, so a pull with other settings knows data/ is not what it asks for."""
+    if name == "digits":
+        return {"dataset": name, "test_fraction": test_fraction}
+    if name in ("mnist", "fashion_mnist", "cifar10"):
+        return {"dataset": name, "source_dir": _resolved(source_dir)}
+    if name == "imagefolder":
+        return {
+            "dataset": name,
+            "source_dir": _resolved(source_dir),
+            "test_fraction": test_fraction,
+            "image_size": image_size,
+        }
+    raise DataError(f"unknown dataset {name!r}")
+
+
+def _resolved(source_dir: Path | str | None) -> str | None:
+    return str(Path(source_dir).resolve()) if source_dir else None
+
+
 def load_source(
     name: str,
     source_dir: Path | None = None,
@@ -25,15 +53,16 @@ def load_source(
     test_fraction: float = 0.2,
     image_size: int | None = None,
 ) -> Dataset:
+    made_by = recipe(name, source_dir, test_fraction, image_size)
     if name == "digits":
-        return digits(test_fraction)
-    if name in ("mnist", "fashion_mnist"):
-        return mnist_like(name, _need_dir(name, source_dir), download)
-    if name == "cifar10":
-        return cifar10(_need_dir(name, source_dir), download)
-    if name == "imagefolder":
-        return imagefolder(_need_dir(name, source_dir), test_fraction, image_size)
-    raise DataError(f"unknown dataset {name!r}")
+        ds = digits(test_fraction)
+    elif name in ("mnist", "fashion_mnist"):
+        ds = mnist_like(name, _need_dir(name, source_dir), download)
+    elif name == "cifar10":
+        ds = cifar10(_need_dir(name, source_dir), download)
+    else:
+        ds = imagefolder(_need_dir(name, source_dir), test_fraction, image_size)
+    return replace(ds, recipe=made_by)
 
 
 def _need_dir(name: str, source_dir: Path | None) -> Path:
@@ -91,10 +120,33 @@ def mnist_like(name: str, root: Path, download: bool) -> Dataset:
     return Dataset(name, list(cls.classes), splits[0], splits[1], f"torchvision.{cls.__name__}")
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what the official CIFAR-10 batches hold (dicts, lists, bytes, str, numbers and
+    numpy arrays) and refuses every other global, so a crafted file cannot run code."""
+
+    ALLOWED = {
+        (module, name)
+        for core in ("numpy.core", "numpy._core")
+        for module, name in (
+            (f"{core}.multiarray", "_reconstruct"),
+            (f"{core}.multiarray", "scalar"),
+            (f"{core}.numeric", "_frombuffer"),
+        )
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
+                "bytes, strings, numbers and numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
 def cifar10(root: Path, download: bool) -> Dataset:
     """CIFAR-10 from the python batches in `root/cifar-10-batches-py/`.
 
-    The batches are the dataset's own pickle format; only point this at the official files.
+    The batches are pickles; `_BatchUnpickler` loads them without executing anything else.
     """
     folder = root / CIFAR10_DIR
     if not folder.exists() and download:
@@ -111,9 +163,17 @@ def cifar10(root: Path, download: bool) -> Dataset:
         path = folder / file
         try:
             with open(path, "rb") as fh:
-                return pickle.load(fh, encoding="latin1")
+                loaded = _BatchUnpickler(fh, encoding="latin1").load()
         except FileNotFoundError:
             raise DataError(f"cifar10: {path} is missing") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise DataError(
+                f"cifar10: {path} is not an official CIFAR-10 python batch ({exc}); "
+                "replace it with the file from cifar-10-python.tar.gz"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise DataError(f"cifar10: {path} holds a {type(loaded).__name__}, not a batch dict")
+        return loaded
 
     def split(files: list[str]) -> Split:
         parts = [batch(f) for f in files]
@@ -127,7 +187,11 @@ def cifar10(root: Path, download: bool) -> Dataset:
 
 
 def imagefolder(root: Path, test_fraction: float, image_size: int | None) -> Dataset:
-    """`root/<class>/<image>`; grayscale if every image is, else RGB; one size for all."""
+    """`root/<class>/<image>`; grayscale if every image is, else RGB; one size for all.
+
+    Images with more than 8 bits per value (16-bit PNG/TIFF, 32-bit integer TIFF) are scaled, not
+    clipped, into 0..255 by the dataset's bit depth (see `_bit_depth`); float images are refused:
+    they have no fixed range to scale from."""
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
@@ -149,7 +213,13 @@ def imagefolder(root: Path, test_fraction: float, image_size: int | None) -> Dat
                 pics.append(im.copy())
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"imagefolder: cannot read image {path}: {exc}") from None
-    mode = "L" if all(p.mode in ("L", "1", "I;16") for p in pics) else "RGB"
+        if pics[-1].mode == "F":
+            raise DataError(
+                f"imagefolder: {path} is a floating-point image, which has no fixed range to "
+                "scale into 0..255; save it as an 8- or 16-bit integer image"
+            )
+    depth = _bit_depth([(path, pic) for (path, _), pic in zip(files, pics, strict=True)])
+    mode = "L" if all(p.mode in ("L", "1", *HIGH_BIT_MODES) for p in pics) else "RGB"
     size = (image_size, image_size) if image_size else pics[0].size
     arrays = []
     for (path, _), pic in zip(files, pics, strict=True):
@@ -158,8 +228,37 @@ def imagefolder(root: Path, test_fraction: float, image_size: int | None) -> Dat
                 f"imagefolder: {path} is {pic.size[0]}x{pic.size[1]}, others {size[0]}x{size[1]};"
                 " set data.image_size to resize all images"
             )
-        arr = np.asarray(pic.convert(mode).resize(size), dtype=np.uint8)
+        arr = np.asarray(_to_8bit(pic, depth).convert(mode).resize(size), dtype=np.uint8)
         arrays.append(arr[None] if mode == "L" else arr.transpose(2, 0, 1))
     images, labels = np.stack(arrays), np.array([c for _, c in files], dtype=np.int64)
     train, test = _from_mask(images, labels, stratified_split(labels, test_fraction))
     return Dataset("imagefolder", classes, train, test, str(root))
+
+
+# Pillow's modes for one channel of more than 8 bits; `convert("L")` would clip them at 255.
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+
+
+def _bit_depth(pics: list) -> int:
+    """The bit depth of the dataset's high-bit images: the smallest of 8/10/12/14/16/24/32 bits
+    that holds their brightest value. One depth for the whole dataset keeps relative brightness
+    between images (a 12-bit camera's files in 16-bit PNGs scale by 4096, not 65536)."""
+    brightest = 0
+    for path, pic in pics:
+        if pic.mode in HIGH_BIT_MODES:
+            low, high = pic.getextrema()
+            if low < 0:
+                raise DataError(f"imagefolder: {path} has negative pixel values ({low})")
+            brightest = max(brightest, high)
+    return next(d for d in BIT_DEPTHS if brightest < 2**d)
+
+
+def _to_8bit(pic, depth: int):
+    """High-bit grayscale scaled into 0..255 by `depth` bits; other modes as they are."""
+    from PIL import Image
+
+    if pic.mode not in HIGH_BIT_MODES:
+        return pic
+    values = np.asarray(pic, dtype=np.int64) >> (depth - 8)
+    return Image.fromarray(values.astype(np.uint8), "L")

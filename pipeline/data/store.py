@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class Dataset:
     train: Split
     test: Split
     source: str = ""
+    recipe: dict = field(default_factory=dict)  # the settings that made it (sources.recipe)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -47,14 +48,20 @@ class Dataset:
             "shape": list(self.shape),
             "dtype": str(self.train.images.dtype),
             "source": self.source,
+            "recipe": self.recipe,
             "splits": {s: int(len(getattr(self, s).labels)) for s in SPLITS},
         }
 
 
 def write_dataset(ds: Dataset, root: Path) -> None:
-    """Replace `root` with `ds` atomically: a crash leaves the old data or the new, never a mix."""
+    """Replace `root` with `ds` atomically: a crash leaves the old data or the new, never a mix.
+
+    Callers hold the data lock (`pipeline.data.materialize`), so any temporary folder found
+    beside `root` is a killed writer's leftover and is removed first."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in root.parent.glob(f".{root.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         for split in SPLITS:
@@ -83,7 +90,7 @@ def read_meta(root: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(
-            f"{path} is not valid JSON ({exc}); restore it with `dvc checkout`"
+            f"{path} is not valid JSON ({exc}); restore it with `dvc checkout --force data.dvc`"
         ) from None
 
 
@@ -101,7 +108,7 @@ def read_dataset(root: Path, mmap: bool = False) -> Dataset:
         if len(images) != len(labels):
             raise DataError(
                 f"{root}/{split}: {len(images)} images but {len(labels)} labels; "
-                "restore the data with `dvc checkout` or re-run `pipeline data pull`"
+                "restore the data with `dvc checkout --force data.dvc` or re-run `pipeline data pull`"
             )
         splits[split] = Split(images, labels)
     return Dataset(
@@ -110,6 +117,7 @@ def read_dataset(root: Path, mmap: bool = False) -> Dataset:
         splits["train"],
         splits["test"],
         meta.get("source", ""),
+        meta.get("recipe", {}),
     )
 
 

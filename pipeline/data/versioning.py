@@ -6,6 +6,8 @@ data.dvc itself and refuses to go on when they differ.
 
 from __future__ import annotations
 
+import fcntl
+import json
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
@@ -14,6 +16,11 @@ import yaml
 from pipeline.data.store import DataError
 
 POINTER = "data.dvc"
+# In DVC's own git-ignored scratch folder: a lock for writers of data/, and a marker that says a
+# write of data/ started and was not yet recorded in data.dvc.
+LOCK = ".dvc/tmp/pipeline-data.lock"
+PENDING = ".dvc/tmp/pipeline-data-pending.json"
+CHECKOUT_FIX = "dvc checkout --force data.dvc"
 
 
 def pointer(repo_root: Path) -> dict:
@@ -63,13 +70,44 @@ def verify(repo_root: Path, data_dir: Path) -> str:
         raise DataError(f"{data_dir} is missing; run `dvc pull` (or `pipeline data pull`)")
     diff = differences(repo_root)
     if diff:
+        cause = (
+            "\nAn interrupted `pipeline data pull` left it unrecorded: run `pipeline data pull` "
+            "again to finish it."
+            if pending_write(repo_root)
+            else ""
+        )
         raise DataError(
             f"{data_dir} does not match {POINTER} (md5 {md5}); refusing to use untracked data:\n  "
             + "\n  ".join(diff)
-            + "\nFix: `dvc checkout data.dvc` to restore the tracked version, or "
+            + cause
+            + f"\nFix: `{CHECKOUT_FIX}` to restore the tracked version, or "
             "`dvc add data && git commit data.dvc` to record this as a new version."
         )
     return md5
+
+
+@contextmanager
+def data_lock(repo_root: Path):
+    """One writer of data/ at a time (DVC's own repo lock fails instead of waiting)."""
+    path = Path(repo_root) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def mark_pending(repo_root: Path, recipe: dict) -> None:
+    path = Path(repo_root) / PENDING
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe))
+
+
+def pending_write(repo_root: Path) -> bool:
+    return (Path(repo_root) / PENDING).exists()
+
+
+def clear_pending(repo_root: Path) -> None:
+    (Path(repo_root) / PENDING).unlink(missing_ok=True)
 
 
 def pull(repo_root: Path) -> None:

@@ -59,20 +59,50 @@ def test_mnist_without_files_or_download_says_where_to_put_them(tmp_path):
         load_source("mnist", tmp_path, download=False)
 
 
-def test_cifar10_reads_python_batches(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+def _cifar10(root, protocol):
+    """Batches as the official files hold them: dicts of bytes keys, a uint8 array, lists."""
+    folder = root / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for i, name in enumerate(names):
-        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [i % 10] * 4}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(
-        pickle.dumps({"label_names": [f"c{i}" for i in range(10)]})
-    )
+        batch = {
+            "batch_label": f"batch {i}",
+            "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            "labels": [i % 10] * 4,
+            "filenames": [f"img_{i}_{k}.png".encode() for k in range(4)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    meta = {"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    return folder
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_reads_python_batches(tmp_path, protocol):
+    _cifar10(tmp_path, protocol)
     ds = load_source("cifar10", tmp_path, download=False)
     assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
     assert ds.test.labels.tolist() == [5] * 4 and ds.classes[0] == "c0"
+
+
+class _Exploit:
+    """What a crafted batches.meta does when a plain pickle.load reads it: runs `open`."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    folder = _cifar10(tmp_path, 2)
+    pwned = tmp_path / "pwned"
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": _Exploit(pwned)}, 2))
+    with pytest.raises(DataError, match="refusing to load io.open") as err:
+        load_source("cifar10", tmp_path, download=False)
+    assert "batches.meta" in str(err.value) and not pwned.exists()
 
 
 def _imagefolder(root, n=10):
@@ -102,3 +132,26 @@ def test_imagefolder_names_a_corrupted_file(tmp_path):
 def test_datasets_that_need_files_say_so():
     with pytest.raises(DataError, match="data.source_dir"):
         load_source("cifar10", None)
+
+
+def test_16_bit_images_are_scaled_by_the_datasets_bit_depth_not_clipped(tmp_path):
+    for cls, top in (("dim", 2048), ("bright", 4095)):  # 12-bit camera values in 16-bit PNGs
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            values = np.full((4, 4), top - 8 * i, np.uint16)
+            values[0, 0] = 0
+            Image.fromarray(values).save(tmp_path / cls / f"{i}.png")
+    assert Image.open(tmp_path / "dim" / "0.png").mode == "I;16"
+    ds = load_source("imagefolder", tmp_path, test_fraction=0.2)
+    images = np.concatenate([ds.train.images, ds.test.images])
+    labels = np.concatenate([ds.train.labels, ds.test.labels])
+    bright, dim = images[labels == 0], images[labels == 1]
+    assert bright.max() == 255 and dim.max() == 128 and images.min() == 0  # 4095 >> 4, 2048 >> 4
+    assert (images[:, :, 1:, 1:] < 255).mean() > 0.5  # not a wall of clipped 255s
+
+
+def test_float_images_are_refused_with_the_file_named(tmp_path):
+    _imagefolder(tmp_path)
+    Image.fromarray(np.full((6, 6), 0.5, np.float32)).save(tmp_path / "cat" / "float.tif")
+    with pytest.raises(DataError, match=r"float\.tif is a floating-point image"):
+        load_source("imagefolder", tmp_path)

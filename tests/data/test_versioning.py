@@ -1,14 +1,18 @@
 """DVC integrity: a fresh clone regenerates the tracked version; bad or missing data is handled."""
 
+import json
 import shutil
+import signal
+import sys
 
 import numpy as np
 import pytest
 import yaml
 
 from pipeline.data import DataError, check_data, materialize
-from pipeline.data.versioning import recorded_md5
-from tests.conftest import git
+from pipeline.data.store import read_meta
+from pipeline.data.versioning import CHECKOUT_FIX, PENDING, recorded_md5
+from tests.conftest import git, run
 
 
 def _pull(project):
@@ -23,17 +27,26 @@ def test_fresh_clone_regenerates_exactly_the_committed_version(project):
     assert _pull(project) == committed  # second pull: nothing to do
 
 
-def test_hand_edited_data_is_refused_with_both_fixes(project):
-    _pull(project)
+def _edit_a_label(project):
     labels_file = project / "data" / "train_labels.npy"
     labels = np.load(labels_file)
     labels[0] = (labels[0] + 1) % 10
     np.save(labels_file, labels)
+
+
+def test_hand_edited_data_is_refused_with_both_fixes_that_work_as_printed(project):
+    committed = _pull(project)
+    _edit_a_label(project)
     with pytest.raises(DataError) as err:
         check_data("digits", project, project / "data")
     message = str(err.value)
     assert "train_labels.npy" in message and "does not match data.dvc" in message
-    assert "dvc checkout" in message and "dvc add data" in message
+    assert f"`{CHECKOUT_FIX}`" in message and "`dvc add data && git commit data.dvc`" in message
+    run(CHECKOUT_FIX.split(), project)
+    assert check_data("digits", project, project / "data")["data_md5"] == committed
+    _edit_a_label(project)
+    run(["bash", "-c", "dvc add data && git commit -qm 'edited label' data.dvc"], project)
+    assert check_data("digits", project, project / "data")["data_md5"] != committed
 
 
 def test_missing_data_is_pulled_from_the_remote(project):
@@ -78,3 +91,63 @@ def test_new_dataset_becomes_a_new_version(project, tmp_path):
         and yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"] == md5
     )
     assert "data.dvc" in git(project, "status", "--porcelain")
+
+
+def _pull_with(project, dataset="digits", source=None, **settings):
+    return materialize(dataset, project, project / "data", source, log=lambda _: None, **settings)
+
+
+def _classes(root, names, value=0):
+    from PIL import Image
+
+    for cls in names:
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((20, 20), value + 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_changed_settings_write_a_new_version_and_unchanged_ones_do_nothing(project):
+    committed = _pull(project)
+    half = _pull_with(project, test_fraction=0.5)
+    meta = read_meta(project / "data")
+    assert half != committed and recorded_md5(project) == half
+    assert meta["recipe"]["test_fraction"] == 0.5 and meta["splits"]["test"] > 850
+    assert _pull_with(project, test_fraction=0.5) == half  # same settings: a no-op
+    shutil.rmtree(project / "data")  # DVC would bring back the 0.5 version; the pull rewrites it
+    assert _pull(project) == committed and read_meta(project / "data")["splits"]["test"] == 359
+
+
+def test_imagefolder_source_and_size_changes_are_not_ignored(project, tmp_path):
+    a, b = _classes(tmp_path / "A", ["x", "y"]), _classes(tmp_path / "B", ["p", "q", "r"], 3)
+    first = _pull_with(project, "imagefolder", a, image_size=16)
+    second = _pull_with(project, "imagefolder", b, image_size=16)
+    meta = read_meta(project / "data")
+    assert second != first and meta["source"] == str(b) and meta["classes"] == ["p", "q", "r"]
+    _pull_with(project, "imagefolder", b, image_size=8)
+    assert read_meta(project / "data")["shape"] == [1, 8, 8]
+
+
+def test_a_pull_killed_before_dvc_add_is_finished_by_the_next_pull(project):
+    _pull(project)
+    stale = project / ".data-k1ll3d"  # what a pull killed while writing leaves behind
+    stale.mkdir()
+    (stale / "train_images.npy").write_bytes(b"half")
+    killer = (
+        "import os, signal, sys\n"
+        "from pipeline.data import versioning\n"
+        "versioning.add_and_push = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from pipeline.cli import main\n"
+        "sys.exit(main(['data', 'pull', '--set', 'data.test_fraction=0.5']))\n"
+    )
+    killed = run([sys.executable, "-c", killer], project, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    with pytest.raises(DataError, match="interrupted `pipeline data pull`") as err:
+        check_data("digits", project, project / "data")
+    assert "run `pipeline data pull` again" in str(err.value)
+    again = run(["pipeline", "data", "pull", "--set", "data.test_fraction=0.5"], project)
+    assert "finishing a `pipeline data pull` that was interrupted" in again.stdout
+    md5 = json.loads(again.stdout.strip().splitlines()[-1])["data_md5"]
+    assert check_data("digits", project, project / "data")["data_md5"] == md5
+    assert read_meta(project / "data")["recipe"]["test_fraction"] == 0.5
+    assert not list(project.glob(".data-*")) and not (project / PENDING).exists()
