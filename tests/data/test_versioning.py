@@ -103,7 +103,9 @@ def _classes(root, names, value=0):
     for cls in names:
         (root / cls).mkdir(parents=True)
         for i in range(5):
-            Image.fromarray(np.full((20, 20), value + 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+            Image.fromarray(np.full((20, 20), value + 40 * i, np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
     return root
 
 
