@@ -107,8 +107,8 @@ def read_dataset(root: Path, mmap: bool = False) -> Dataset:
         labels = _load_array(root / f"{split}_labels.npy")
         if len(images) != len(labels):
             raise DataError(
-                f"{root}/{split}: {len(images)} images but {len(labels)} labels; "
-                "restore the data with `dvc checkout --force data.dvc` or re-run `pipeline data pull`"
+                f"{root}/{split}: {len(images)} images but {len(labels)} labels; restore the "
+                "data with `dvc checkout --force data.dvc` or re-run `pipeline data pull`"
             )
         splits[split] = Split(images, labels)
     return Dataset(
