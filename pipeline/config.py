@@ -43,8 +43,14 @@ class DataConfig(_Block):
 
 class ValidateConfig(_Block):
     min_rows_per_split: int = Field(50, ge=1)
+    # The class names the dataset must declare, in order; null = any set of at least two.
+    classes: list[str] | None = Field(None, min_length=2)
     pixel_min: float = 0
     pixel_max: float = 255
+    # Share of a split's pixels at exactly 0 / 255 (mean over images); above it the split looks
+    # clipped (e.g. 16-bit images cut at 255). null = off.
+    max_share_at_0: float | None = Field(0.95, gt=0, le=1)
+    max_share_at_255: float | None = Field(0.5, gt=0, le=1)
     max_class_ratio: float = Field(2.0, ge=1)  # largest / smallest class count in a split
     # Drift bound, in pixel units: each split's mean pixel value and mean image contrast (per-image
     # std) against the champion's training data; null = off. Not checked before a champion exists.

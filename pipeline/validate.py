@@ -7,6 +7,7 @@ value, after the Data Docs (HTML) have been written, so nothing downstream train
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.config import ValidateConfig
 from pipeline.data.store import SPLITS, Dataset
 
 EXPECTED_DTYPE = "uint8"
+INTEGER_DTYPES = [str(np.dtype(t)) for t in np.typecodes["AllInteger"]]
 
 
 class ValidationFailed(RuntimeError):
@@ -64,8 +66,9 @@ def summary(validation: dict) -> tuple[dict[str, float], dict[str, str]]:
 
 def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
     """One row per image: label, shape, dtype, pixel range, non-finite count, mean and contrast,
-    leak flag; plus the split's class ratio (largest / smallest class count) on every row, so
-    one expectation on its max reports the ratio itself."""
+    share of pixels at 0 and at 255, leak flag; plus split-wide facts on every row (label dtype,
+    declared class names, class ratio = largest / smallest class count), so one expectation
+    reports each of them by value."""
     part = getattr(ds, split)
     images = part.images
     n = len(images)
@@ -78,6 +81,8 @@ def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
     table = pd.DataFrame(
         {
             "label": part.labels.astype(np.int64) if part.labels.ndim == 1 else -1,
+            "label_dtype": str(part.labels.dtype),
+            "class_names": json.dumps(list(ds.classes)),
             "channels": shape[0],
             "height": shape[1],
             "width": shape[2],
@@ -87,6 +92,8 @@ def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
             "nonfinite": (~finite).sum(axis=1) if n else [],
             "pixel_mean": _finite_or_nan(means) if n else [],
             "contrast": _finite_or_nan(contrast) if n else [],
+            "share_at_0": (flat == 0).mean(axis=1) if n else [],
+            "share_at_255": (flat == 255).mean(axis=1) if n else [],
             "class_ratio": _class_ratio(part.labels, len(ds.classes)) if n else [],
         }
     )
@@ -144,7 +151,13 @@ def build_suite(
     c, h, w = declared["shape"]
     checks = {
         "min_rows": E.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows_per_split),
+        "labels_are_integers": E.ExpectColumnValuesToBeInSet(
+            column="label_dtype", value_set=INTEGER_DTYPES
+        ),
         "label_in_class_set": E.ExpectColumnValuesToBeInSet(column="label", value_set=classes),
+        "at_least_two_classes": E.ExpectColumnUniqueValueCountToBeBetween(
+            column="label", min_value=2
+        ),
         "every_class_present": E.ExpectColumnDistinctValuesToContainSet(
             column="label", value_set=classes
         ),
@@ -163,6 +176,16 @@ def build_suite(
     checks["class_balance"] = E.ExpectColumnMaxToBeBetween(
         column="class_ratio", max_value=cfg.max_class_ratio
     )
+    if cfg.classes is not None:
+        checks["declared_classes"] = E.ExpectColumnValuesToBeInSet(
+            column="class_names", value_set=[json.dumps(cfg.classes)]
+        )
+    for value in (0, 255):
+        limit = getattr(cfg, f"max_share_at_{value}")
+        if limit is not None:
+            checks[f"not_saturated_at_{value}"] = E.ExpectColumnMeanToBeBetween(
+                column=f"share_at_{value}", max_value=limit
+            )
     if reference and cfg.drift_max_shift:
         for column in ("pixel_mean", "contrast"):
             checks[f"{column}_drift"] = E.ExpectColumnMeanToBeBetween(

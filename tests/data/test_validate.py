@@ -80,9 +80,19 @@ def _brighter(ds):
     return _with_test(ds, images=np.clip(ds.test.images.astype(np.int16) + 60, 0, 255).astype("u1"))
 
 
+def _float_labels(ds):
+    return _with_test(ds, labels=ds.test.labels.astype(np.float32) + 0.7)
+
+
+def _clipped(ds):  # what 12-bit images become when cut at 255 instead of scaled
+    return _with_test(ds, images=np.clip(ds.test.images.astype(np.int32) * 16, 0, 255).astype("u1"))
+
+
 @pytest.mark.parametrize(
     ("corrupt", "expected"),
     [
+        (_float_labels, {"labels_are_integers"}),
+        (_clipped, {"not_saturated_at_255"}),
         (_imbalanced, {"class_balance"}),
         (_bad_label, {"label_in_class_set"}),
         (_missing_class, {"every_class_present"}),
@@ -100,6 +110,38 @@ def test_bad_test_split_fails_the_named_expectations(digits, tmp_path, corrupt, 
     assert expected <= failed, report.describe()
     assert all(f["split"] == "test" for f in report.failed), report.describe()
     assert "FAILED" in report.describe() and Path(report.docs).is_file()
+
+
+def test_float_labels_fail_naming_their_dtype(digits, tmp_path):
+    (failure,) = _run(_float_labels(digits), tmp_path).failed
+    assert failure["name"] == "labels_are_integers" and "float32" in failure["observed"]
+
+
+def test_saturation_reports_the_share_against_its_configured_bound(digits, tmp_path):
+    (failure,) = _run(_clipped(digits), tmp_path).failed
+    assert "allowed <= 0.5" in failure["observed"] and float(failure["observed"].split()[0]) > 0.5
+    off = CFG.model_copy(update={"max_share_at_255": None})
+    assert _run(_clipped(digits), tmp_path, cfg=off).success
+
+
+def test_a_one_class_dataset_fails_in_both_splits(digits, tmp_path):
+    one = replace(
+        digits,
+        classes=["only"],
+        train=Split(digits.train.images, np.zeros_like(digits.train.labels)),
+        test=Split(digits.test.images, np.zeros_like(digits.test.labels)),
+    )
+    failed = {(f["split"], f["name"]) for f in _run(one, tmp_path).failed}
+    assert failed == {("train", "at_least_two_classes"), ("test", "at_least_two_classes")}
+
+
+def test_declared_class_set_is_checked_when_configured(digits, tmp_path):
+    expected = CFG.model_copy(update={"classes": [str(i) for i in range(10)]})
+    assert _run(digits, tmp_path, cfg=expected).success
+    other = CFG.model_copy(update={"classes": ["cat", "dog"]})
+    report = _run(digits, tmp_path, cfg=other)
+    assert {f["name"] for f in report.failed} == {"declared_classes"}
+    assert '"0", "1"' in report.failed[0]["observed"]
 
 
 def test_report_shows_observed_values(digits, tmp_path):
