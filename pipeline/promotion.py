@@ -31,9 +31,13 @@ class Decision:
         return asdict(self)
 
 
-def decide(policy: RegisterConfig, challenger: dict, champion: dict | None) -> Decision:
+def decide(
+    policy: RegisterConfig, challenger: dict, champion: dict | None, incompatible: str = ""
+) -> Decision:
     """Challenger and champion metrics (`evaluate.metrics`) on the same test data; champion None
-    when there is none, or {} when it cannot serve this data (other shape or classes)."""
+    when there is none. `incompatible` says how the champion's classes or input shape differ
+    from the challenger's: such a model serves other callers, so it never replaces the champion
+    by policy (only `pipeline promote --force --reason`)."""
     metric = policy.metric
     score = challenger[metric]
     scores = {"challenger": score, "champion": champion.get(metric) if champion else None}
@@ -41,19 +45,21 @@ def decide(policy: RegisterConfig, challenger: dict, champion: dict | None) -> D
         return Decision(
             False, "floor", f"{metric} {score:.4f} is below the floor {policy.floor:.4f}", scores
         )
+    if incompatible:
+        return Decision(
+            False,
+            "incompatible_champion",
+            f"the champion takes other inputs or classes ({incompatible}); callers of the "
+            "champion would break, so it stays. Register this model under its own name "
+            "(register.model_name), or replace the champion on purpose with `pipeline promote "
+            "NAME/VERSION --force --reason ...`",
+            scores,
+        )
     if champion is None:
         return Decision(
             True,
             "first_model",
             f"first model meeting the floor ({metric} {score:.4f} >= {policy.floor:.4f})",
-            scores,
-        )
-    if not champion:
-        return Decision(
-            True,
-            "incompatible_champion",
-            f"the champion was built for other inputs or classes; {metric} {score:.4f} meets "
-            f"the floor {policy.floor:.4f}",
             scores,
         )
     gain = score - champion[metric]

@@ -381,17 +381,37 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     return {"run_id": run_id, **summary}
 
 
-def _rescore(cfg: Config, settings: Settings, run_id: str) -> dict:
+def _rescore(cfg: Config, settings: Settings, run_id: str) -> tuple[dict, str]:
     """A model's metrics on the current data's test split (a fair comparison even when the data
-    changed); {} when it was trained for other image shapes or classes and cannot serve it."""
+    changed), or ({}, how it differs) when it was built for other image shapes or classes."""
     from pipeline import evaluate, registry
 
     check_data(cfg.base.dataset, settings.root, settings.data_dir)
     ds = read_dataset(settings.data_dir)
     model, spec = registry.load_weights(run_id)
-    if list(spec["shape"]) != list(ds.shape) or spec["classes"] != ds.classes:
-        return {}
-    return evaluate.metrics(ds.test.labels, evaluate.predict(model, ds.test.images), ds.classes)
+    mismatch = _mismatch(spec, ds)
+    if mismatch:
+        return {}, mismatch
+    scores = evaluate.metrics(ds.test.labels, evaluate.predict(model, ds.test.images), ds.classes)
+    return scores, ""
+
+
+def _mismatch(spec: dict, ds) -> str:
+    """How a model's inputs and classes differ from the dataset's; '' when they match."""
+
+    def classes(names: list[str]) -> str:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f"{len(names)} classes [{shown}]"
+
+    def shape(dims) -> str:
+        return "x".join(str(d) for d in dims)
+
+    parts = []
+    if list(spec["classes"]) != list(ds.classes):
+        parts.append(f"model: {classes(spec['classes'])}, data: {classes(ds.classes)}")
+    if list(spec["shape"]) != list(ds.shape):
+        parts.append(f"model input {shape(spec['shape'])}, data {shape(ds.shape)}")
+    return "; ".join(parts)
 
 
 def _gate(cfg: Config, settings: Settings, client, name: str, version: int, challenger: dict):
@@ -404,8 +424,10 @@ def _gate(cfg: Config, settings: Settings, client, name: str, version: int, chal
         if champion is not None and int(champion.version) == version:
             reason = f"v{version} is already champion (a retried task)"
             return promotion.Decision(True, "already_champion", reason), champion
-        scored = None if champion is None else _rescore(cfg, settings, champion.run_id)
-        decision = promotion.decide(cfg.register_, challenger, scored)
+        scored, mismatch = (
+            (None, "") if champion is None else _rescore(cfg, settings, champion.run_id)
+        )
+        decision = promotion.decide(cfg.register_, challenger, scored, mismatch)
         now = promotion.alias_version(client, name, promotion.CHAMPION)
         if (now and now.version) == (champion and champion.version):
             return decision, champion
@@ -516,11 +538,12 @@ def promote_stage(
                 md5 = None  # nothing was scored
             else:
                 md5 = check_data(cfg.base.dataset, settings.root, settings.data_dir)["data_md5"]
-                challenger = _rescore(cfg, settings, version.run_id)
-                if not challenger:
+                challenger, mismatch = _rescore(cfg, settings, version.run_id)
+                if mismatch:
                     raise LookupError(
-                        f"{name} v{v} was built for other inputs or classes than data/ holds; "
-                        "check out its data version first (`pipeline lineage`), or --force"
+                        f"{name} v{v} was built for other inputs or classes than data/ holds "
+                        f"({mismatch}); check out its data version first (`pipeline lineage`), "
+                        "or --force"
                     )
                 decision, champion = _gate(cfg, settings, client, name, v, challenger)
             if decision.promote:

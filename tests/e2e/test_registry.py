@@ -120,6 +120,44 @@ def test_concurrent_and_retried_registration_rollback_and_history(two_runs):
     assert no_reason.returncode == 2 and "--force needs --reason" in no_reason.stderr
 
 
+def _photos(folder, classes=("cat", "dog"), per_class=130):
+    """Two classes of 8x8 grayscale noise around different brightness, all distinct."""
+    rng = np.random.default_rng(0)
+    for k, cls in enumerate(classes):
+        (folder / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.normal(60 + 120 * k, 20, (8, 8)).clip(1, 254).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / cls / f"{i:03d}.png")
+    return folder
+
+
+def test_a_model_for_other_classes_takes_champion_only_when_forced(project, tmp_path):
+    run(["pipeline", "data", "pull"], project)
+    run(["pipeline", "validate"], project)
+    _train(project, 1)
+    run(["pipeline", "register", *LOW_FLOOR], project)  # v1: the 10-class digits champion
+    photos = _photos(tmp_path / "photos")
+    run(
+        ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(photos)],
+        project,
+    )
+    other = ["--set", "base.dataset=imagefolder"]
+    run(["pipeline", "validate", *other], project)
+    run_id = json.loads(run(["pipeline", "train", *QUICK, *other], project).stdout)["run_id"]
+    run(["pipeline", "evaluate", "--run-id", run_id, *other], project)
+    out = json.loads(run(["pipeline", "register", *LOW_FLOOR, *other], project).stdout)
+    assert (out["version"], out["promoted"], out["rule"]) == (2, False, "incompatible_champion")
+    assert "2 classes [cat, dog]" in out["reason"] and "10 classes" in out["reason"]
+    client = _client(project)
+    assert _aliases(client) == {"champion": 1, "challenger": 2}
+    report = json.loads(open(client.download_artifacts(run_id, "promotion/decision.json")).read())
+    assert report["decision"]["rule"] == "incompatible_champion"
+
+    forced = ["pipeline", "promote", f"{NAME}/2", "--force", "--reason", "new task: pets"]
+    assert json.loads(run([*forced, *other], project).stdout)["rule"] == "forced"
+    assert _aliases(client)["champion"] == 2 and _aliases(client)["previous-champion"] == 1
+
+
 def test_mlflow_server_down_mid_register_then_completed(project, tmp_path):
     port = free_port()
     store = tmp_path / "server"

@@ -20,7 +20,6 @@ POLICY = RegisterConfig(floor=0.9, min_improvement=0.01, max_recall_drop=0.05)
         (scores(0.85), None, False, "floor"),
         (scores(0.85), scores(0.80), False, "floor"),  # beating a weak champion is not enough
         (scores(0.95), None, True, "first_model"),
-        (scores(0.95), {}, True, "incompatible_champion"),
         (scores(0.955), scores(0.95), False, "improvement"),  # +0.005 < +0.01
         (scores(0.96), scores(0.95), True, "improvement"),  # +0.01 is enough
         (scores(0.97, a=0.99, b=0.80), scores(0.95, a=0.90, b=0.90), False, "recall_guard"),
@@ -44,3 +43,12 @@ def test_default_policy_promotes_ties_and_has_no_guard():
     default = RegisterConfig()
     assert decide(default, scores(0.95, a=0.5), scores(0.95, a=1.0)).promote
     assert not decide(default, scores(0.949), scores(0.95)).promote
+
+
+def test_a_champion_for_other_classes_or_inputs_is_never_replaced_by_policy():
+    mismatch = "model: 10 classes [0, 1, ...], data: 2 classes [cat, dog]"
+    decision = decide(POLICY, scores(1.0), {}, mismatch)
+    assert (decision.promote, decision.rule) == (False, "incompatible_champion")
+    assert mismatch in decision.reason and "--force --reason" in decision.reason
+    assert "register.model_name" in decision.reason
+    assert decide(POLICY, scores(0.5), {}, mismatch).rule == "floor"  # below the floor first
