@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from pipeline.data import DataError
 from pipeline.settings import Settings
 
 MLFLOW_UI_HINT = "make mlflow-ui   (or: .venv/bin/mlflow ui --backend-store-uri {uri})"
+LOCAL_COMMANDS = {"data", "check-data"}  # everything else talks to MLflow
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = Settings.from_env()
     try:
+        if args.command not in LOCAL_COMMANDS:
+            from pipeline.registry import wait_for_server
+
+            wait_for_server(settings)
         return _dispatch(args, settings)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -134,22 +140,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from pipeline.checkpoint import CheckpointError
-        from pipeline.train import TrainingDiverged
-        from pipeline.validate import ValidationFailed
+        message = _known_failure(exc, settings)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
 
-        if isinstance(exc, ValidationFailed):  # the stage printed the full report already
-            print(
-                "error: validation failed; this data version must not be trained on",
-                file=sys.stderr,
-            )
-            return 1
-        from pipeline.registry import RegistryUnavailable
 
-        if isinstance(exc, TrainingDiverged | CheckpointError | RegistryUnavailable):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
+def _known_failure(exc: Exception, settings: Settings) -> str | None:
+    """One line (or a report already printed) for failures that have a known cause and fix."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.registry import RegistryUnavailable
+    from pipeline.train import TrainingDiverged
+    from pipeline.validate import ValidationFailed
+
+    if isinstance(exc, ValidationFailed):  # the stage printed the full report already
+        return "error: validation failed; this data version must not be trained on"
+    if isinstance(exc, TrainingDiverged | CheckpointError | RegistryUnavailable):
+        return f"error: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (
+            f"error: disk full{where}; nothing half-written was kept. Free space on that disk "
+            "and run the command again"
+        )
+    store_error = _store_error(exc)
+    if store_error:
+        return (
+            f"error: the MLflow store at {settings.tracking_uri} cannot be read ({store_error}); "
+            "restore it from a backup, or move it aside to start an empty store"
+        )
+    return None
+
+
+def _store_error(exc: BaseException) -> str | None:
+    """The database error behind an MLflow failure (a corrupt or foreign mlflow.db), if any."""
+    from sqlalchemy.exc import DatabaseError
+
+    while exc is not None:
+        if isinstance(exc, DatabaseError):
+            return str(exc.orig or exc).splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -252,7 +284,8 @@ def _lineage(settings: Settings, ref: str) -> int:
 
     client = _client(settings)
     version = registry.resolve(client, ref)
-    run = client.get_run(version.run_id)
+    with registry.run_artifacts(version.run_id, "record"):
+        run = client.get_run(version.run_id)
     aliases = client.get_registered_model(version.name).aliases or {}
     model = {
         "name": version.name,
@@ -272,6 +305,7 @@ def _rollback(cfg, settings: Settings, name: str, reason: str) -> dict:
 
     with registry.reachable(settings), registry.promotion_lock(settings, name):
         client = _client(settings)
+        registry.registered_model(client, name)
         old, new = promotion.rollback(client, name, reason, promotion.actor())
     return {"model_name": name, "champion": new, "previous-champion": old, "reason": reason}
 
@@ -280,7 +314,9 @@ def _history(settings: Settings, name: str, as_json: bool) -> int:
     from pipeline import promotion, registry
 
     with registry.reachable(settings):
-        events = promotion.history(_client(settings), name)
+        client = _client(settings)
+        registry.registered_model(client, name)
+        events = promotion.history(client, name)
     if as_json:
         print(json.dumps(events, indent=2))
         return 0

@@ -86,7 +86,10 @@ def of_run(run_id: str) -> dict:
     """The lineage record a training run logged (the active tracking URI)."""
     import mlflow
 
-    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{ARTIFACT}")
+    from pipeline.registry import run_artifacts
+
+    with run_artifacts(run_id, "lineage record"):
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{ARTIFACT}")
 
 
 def tags(lineage: dict) -> dict[str, str]:

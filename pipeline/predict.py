@@ -17,8 +17,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 def load_inputs(path: Path, shape: list[int]) -> tuple[list[str], np.ndarray]:
     """(names, float32 N x C x H x W in the 0-255 pixel scale the model was trained on).
 
-    An .npy holds N x C x H x W or N x H x W; folder images are converted to the model's
-    channel count and resized to its height and width."""
+    An .npy holds N x C x H x W or N x H x W of uint8 pixels, or of numbers on the same 0..255
+    scale; anything else (empty, NaN/Inf, outside 0..255, scaled to 0..1) is refused. Folder
+    images are converted to the model's channel count and resized to its height and width."""
     path = Path(path)
     c, h, w = shape
     if path.suffix == ".npy":
@@ -33,10 +34,41 @@ def load_inputs(path: Path, shape: list[int]) -> tuple[list[str], np.ndarray]:
                 f"{path} holds images of shape {list(images.shape[1:])}; the model takes "
                 f"{[c, h, w]} (N x C x H x W, or N x H x W for one channel)"
             )
-        return [f"{path.name}[{i}]" for i in range(len(images))], images.astype(np.float32)
+        return [f"{path.name}[{i}]" for i in range(len(images))], _pixels(path, images)
     if path.is_dir():
         return _read_folder(path, c, h, w)
     raise DataError(f"{path}: give a folder of images or an .npy file")
+
+
+def _pixels(path: Path, images: np.ndarray) -> np.ndarray:
+    """The array as float32 pixels, after checking it holds what the model was trained on."""
+    if len(images) == 0:
+        raise DataError(f"{path} holds no images (shape {list(images.shape)})")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32)
+    is_float = np.issubdtype(images.dtype, np.floating)
+    if not (is_float or np.issubdtype(images.dtype, np.integer)):
+        raise DataError(f"{path} holds {images.dtype} values; give uint8 pixels (0..255)")
+    if is_float:
+        bad = ~np.isfinite(images)
+        if bad.any():
+            first = int(np.argmax(bad.reshape(len(images), -1).any(axis=1)))
+            raise DataError(
+                f"{path} has {int(bad.sum())} NaN/Inf values (first in image {first}); "
+                "the model cannot score them"
+            )
+    low, high = images.min(), images.max()
+    if low < 0 or high > 255:
+        raise DataError(
+            f"{path} has values {low:g}..{high:g}; the model takes pixels in 0..255 "
+            "(uint8, or numbers on that scale)"
+        )
+    if is_float and high <= 1 and (images != np.round(images)).any():
+        raise DataError(
+            f"{path} looks scaled to 0..1 (values {low:g}..{high:g}); the model takes pixels in "
+            "0..255: multiply by 255 or save the array as uint8"
+        )
+    return images.astype(np.float32)
 
 
 def _read_folder(folder: Path, c: int, h: int, w: int) -> tuple[list[str], np.ndarray]:
@@ -85,14 +117,17 @@ def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], m
         for name, k, p in zip(names, probs.argmax(1), probs, strict=True)
     ]
     tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps({"model": model, "predictions": rows}, indent=2) + "\n")
-    else:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    tmp.replace(path)  # a reader never sees half a file
+    try:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps({"model": model, "predictions": rows}, indent=2) + "\n")
+        else:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        tmp.replace(path)  # a reader never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -6,8 +6,13 @@ cannot be reached. The policy and alias moves live in `pipeline.promotion`.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +29,68 @@ class RegistryUnavailable(RuntimeError):
     """MLflow did not answer after its retries; nothing was promoted."""
 
 
+def wait_for_server(settings: Settings, log=lambda text: print(text, file=sys.stderr)) -> None:
+    """For interactive commands: an MLflow server that does not answer is said at once, retried
+    until `settings.mlflow_wait_s`, then a clear error; a local store needs no wait.
+
+    MLflow's own HTTP retries (about 4 minutes per request by default) are bounded too, unless
+    MLFLOW_HTTP_REQUEST_* is set, so a server lost mid-command also fails within a minute."""
+    import os
+
+    uri = settings.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    for key, value in INTERACTIVE_HTTP.items():
+        os.environ.setdefault(key, value)
+    deadline, delay = time.monotonic() + settings.mlflow_wait_s, 1.0
+    while (problem := _unreachable(uri)) is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RegistryUnavailable(
+                f"MLflow at {uri} did not answer for {settings.mlflow_wait_s:g} s ({problem}); "
+                "nothing was changed. Start it (or fix MLFLOW_TRACKING_URI) and run again"
+            )
+        if delay == 1.0:
+            until = datetime.fromtimestamp(time.time() + left).strftime("%H:%M:%S")
+            log(
+                f"MLflow at {uri} not reachable ({problem}), retrying until {until} "
+                "(PIPELINE_MLFLOW_WAIT_S sets how long)"
+            )
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 10.0)
+
+
+# MLflow client retries for interactive commands: 3 tries with 2/4 s backoff, 20 s per request.
+INTERACTIVE_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def _unreachable(uri: str) -> str | None:
+    """None when the server answers at all (any HTTP status), else why not."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
+def connection_failure(exc: BaseException) -> bool:
+    """Whether an MLflow client error means the server could not be reached."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    text = str(exc)
+    return any(
+        s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish")
+    )
+
+
 @contextmanager
 def reachable(settings: Settings):
     """Turn MLflow's connection failures (after its own retries with backoff, see
@@ -35,9 +102,7 @@ def reachable(settings: Settings):
         yield
     except (MlflowException, requests.exceptions.RequestException) as exc:
         text = str(exc)
-        if isinstance(exc, MlflowException) and not any(
-            s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish")
-        ):
+        if not connection_failure(exc):
             raise
         raise RegistryUnavailable(
             f"MLflow at {settings.tracking_uri} is unreachable ({text.splitlines()[0][:200]}); "
@@ -90,13 +155,32 @@ def log_weights(model: torch.nn.Module, spec: dict) -> None:
         mlflow.log_artifact(str(path), artifact_path=str(Path(WEIGHTS).parent))
 
 
+@contextmanager
+def run_artifacts(run_id: str, what: str):
+    """A run or its artifacts deleted from MLflow becomes a LookupError that says so and what
+    to do; a server that cannot be reached stays that (see `reachable`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        if connection_failure(exc):
+            raise
+        raise LookupError(
+            f"the {what} of run {run_id} cannot be read from MLflow "
+            f"({str(exc).splitlines()[0][:200]}): the run or its artifacts were deleted. "
+            "Serve a version whose run exists (`pipeline status` lists them; `pipeline "
+            "rollback` / `pipeline promote` move champion), or train a new one"
+        ) from None
+
+
 def load_weights(run_id: str) -> tuple[torch.nn.Module, dict]:
     import mlflow
     import torch
 
     from pipeline.train import rebuild
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
         path = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp
         )
@@ -161,11 +245,7 @@ def resolve(client, ref: str):
         name, alias = ref.split("@", 1)
     elif "/" in ref:
         name, version = ref.rsplit("/", 1)
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        known = ", ".join(m.name for m in client.search_registered_models()) or "none yet"
-        raise LookupError(f"no registered model {name!r}; registered models: {known}") from None
+    model = registered_model(client, name)
     if version is None:
         if alias not in (model.aliases or {}):
             known = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "none"
@@ -180,6 +260,19 @@ def resolve(client, ref: str):
         ) from None
 
 
+def registered_model(client, name: str):
+    """The registered model `name`, or LookupError naming the ones that exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if connection_failure(exc):
+            raise
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none yet"
+        raise LookupError(f"no registered model {name!r}; registered models: {known}") from None
+
+
 def model_status(client) -> list[dict]:
     """Every registered model with its versions, aliases, key metrics and data md5."""
     models = []
@@ -191,7 +284,8 @@ def model_status(client) -> list[dict]:
         for v in sorted(
             client.search_model_versions(f"name='{rm.name}'"), key=lambda v: int(v.version)
         ):
-            run_metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}
+            run = run_or_none(client, v.run_id)
+            run_metrics = run.data.metrics if run else {}
             versions.append(
                 {
                     "version": int(v.version),
@@ -201,9 +295,21 @@ def model_status(client) -> list[dict]:
                     "dataset": v.tags.get("data.dataset", ""),
                     "test_accuracy": run_metrics.get("test_accuracy"),
                     "test_macro_f1": run_metrics.get("test_macro_f1"),
-                    "status": v.tags.get(STATUS_TAG, "complete"),
+                    "status": v.tags.get(STATUS_TAG, "complete") if run else "run deleted",
                     "created": v.creation_timestamp,
                 }
             )
         models.append({"name": rm.name, "versions": versions})
     return models
+
+
+def run_or_none(client, run_id: str | None):
+    """The run, or None when it was deleted from the store (`mlflow gc`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id) if run_id else None
+    except MlflowException as exc:
+        if connection_failure(exc):
+            raise
+        return None

@@ -13,6 +13,7 @@ class Settings:
     tracking_uri: str  # MLflow tracking + registry
     artifact_root: str  # where new MLflow experiments store artifacts
     code_root: Path | None = None  # the git checkout of the code when `root` is elsewhere
+    mlflow_wait_s: float = 60.0  # how long an interactive command waits for an MLflow server
 
     @property
     def code(self) -> Path:
@@ -40,7 +41,8 @@ class Settings:
     def from_env(cls, root: str | Path | None = None) -> Settings:
         """Defaults: the checkout around this package, MLflow on SQLite inside it (git-ignored).
 
-        PIPELINE_ROOT, MLFLOW_TRACKING_URI and MLFLOW_ARTIFACT_ROOT point a deployment elsewhere.
+        PIPELINE_ROOT, MLFLOW_TRACKING_URI and MLFLOW_ARTIFACT_ROOT point a deployment elsewhere;
+        PIPELINE_MLFLOW_WAIT_S bounds how long the CLI waits for an MLflow server that is down.
         """
         root = Path(root or os.environ.get("PIPELINE_ROOT") or Path(__file__).parents[1]).resolve()
         store = root / ".mlflow"
@@ -48,4 +50,5 @@ class Settings:
             root=root,
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}/mlflow.db",
             artifact_root=os.environ.get("MLFLOW_ARTIFACT_ROOT") or (store / "artifacts").as_uri(),
+            mlflow_wait_s=float(os.environ.get("PIPELINE_MLFLOW_WAIT_S") or 60),
         )

@@ -26,8 +26,11 @@ def _write_json(path: Path, payload: dict) -> None:
     """Atomic, so a crash never leaves a half-written hand-off file for the next stage."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write (a full disk): no 0-byte leftover
 
 
 def check_data_stage(cfg: Config, settings: Settings) -> dict:
@@ -69,7 +72,10 @@ def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dic
     champion = promotion.alias_version(client, cfg.register_.model_name, promotion.CHAMPION)
     if champion is None:
         return None, ["drift not checked: no champion yet"]
-    tags, where = client.get_run(champion.run_id).data.tags, f"champion v{champion.version}"
+    run, where = registry.run_or_none(client, champion.run_id), f"champion v{champion.version}"
+    if run is None:
+        return None, [f"drift not checked: the run of {where} was deleted"]
+    tags = run.data.tags
     if tags.get("data.dataset") != dataset:
         return None, [f"drift not checked: {where} was trained on {tags.get('data.dataset')}"]
     try:
@@ -116,7 +122,10 @@ def unchanged_stage(cfg: Config, settings: Settings, data_md5: str) -> dict:
     champion = promotion.alias_version(client, cfg.register_.model_name, promotion.CHAMPION)
     if champion is None:
         return {"unchanged": False, "reason": "no champion yet"}
-    tags, where = client.get_run(champion.run_id).data.tags, f"champion v{champion.version}"
+    run, where = registry.run_or_none(client, champion.run_id), f"champion v{champion.version}"
+    if run is None:
+        return None, [f"drift not checked: the run of {where} was deleted"]
+    tags = run.data.tags
     commit, dirty = lineage.git_state(settings.code)
     if dirty or tags.get("git.dirty") != "false":
         return {"unchanged": False, "reason": "uncommitted code changes (here or in " + where + ")"}

@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline import checkpoint, distributed
 from pipeline.augment import crop_flip
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.store import Split
 from pipeline.models import build_model
 from pipeline.optim import build_optimizer, lr_factor
@@ -67,7 +67,10 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is visible; use auto or cpu")
+        raise ConfigError(
+            "train.device is cuda but no CUDA device is visible (torch.cuda.is_available() is "
+            "False); use train.device=auto or cpu, or run on a machine with a GPU"
+        )
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -81,10 +81,8 @@ def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 600, env=
     return result
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+def fresh_clone(root: Path) -> Path:
     """A fresh clone of the project's tracked files (no data/, no stores) in its own git repo."""
-    root = tmp_path / "project"
     root.mkdir()
     for name in PROJECT_FILES:
         src, dst = REPO / name, root / name
@@ -97,6 +95,11 @@ def project(tmp_path: Path) -> Path:
     git(root, "add", "-A")
     git(root, "commit", "-qm", "fresh clone")
     return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return fresh_clone(tmp_path / "project")
 
 
 @pytest.fixture(scope="session")

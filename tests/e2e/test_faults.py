@@ -1,0 +1,146 @@
+"""Faults and bad inputs around a registered model end in one line that names the problem and
+the fix, never a traceback or a wrong answer, and leave nothing half-written behind."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import fresh_clone, run
+
+pytestmark = pytest.mark.slow
+NAME = "image-classifier"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A project with digits validated and a 1-epoch model registered as champion v1."""
+    project = fresh_clone(tmp_path_factory.mktemp("faults") / "project")
+    run(["pipeline", "data", "pull"], project)
+    run(["pipeline", "validate"], project)
+    run(["pipeline", "train", "--set", "train.epochs=1"], project)
+    run(["pipeline", "evaluate"], project)
+    run(["pipeline", "register", "--set", "register.floor=0"], project)
+    return project
+
+
+def _fails(cmd, project, rc=1, env=None, timeout=600):
+    result = run(cmd, project, check=False, env=env, timeout=timeout)
+    assert result.returncode == rc, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_predict_refuses_inputs_the_model_cannot_score_and_writes_nothing(registered, tmp_path):
+    pixels = np.load(registered / "data" / "test_images.npy")[:6]
+    nan = pixels.astype(np.float32)
+    nan[2, 0, 1, 1] = np.nan
+    cases = {
+        "scaled": (pixels / 255.0, "looks scaled to 0..1"),
+        "nan": (nan, "1 NaN/Inf values (first in image 2)"),
+        "empty": (pixels[:0], "holds no images"),
+        "wide": (pixels.astype(np.int32) * 4, "the model takes pixels in 0..255"),
+        "bool": (pixels > 0, "holds bool values"),
+    }
+    for name, (array, message) in cases.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        out = tmp_path / f"{name}.csv"
+        cmd = [
+            "pipeline",
+            "predict",
+            "--input",
+            str(tmp_path / f"{name}.npy"),
+            "--output",
+            str(out),
+        ]
+        assert message in _fails(cmd, registered), name
+        assert not out.exists() and not (tmp_path / f".{name}.csv.tmp").exists(), name
+
+    np.save(tmp_path / "good.npy", pixels.astype(np.float32))  # floats on the 0..255 scale: fine
+    stale = tmp_path / ".good.csv.tmp"
+    stale.write_text("what a killed predict left")
+    good = ["pipeline", "predict", "--input", str(tmp_path / "good.npy")]
+    run([*good, "--output", str(tmp_path / "good.csv")], registered)
+    assert len((tmp_path / "good.csv").read_text().splitlines()) == 7 and not stale.exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(registered, tmp_path):
+    tmp = registered / "outputs" / "validation.tmp"  # _write_json's temporary file: on /dev/full
+    before = (registered / "outputs" / "validation.json").read_text()
+    tmp.symlink_to("/dev/full")
+    assert "disk full" in _fails(["pipeline", "validate"], registered)
+    assert (
+        not tmp.is_symlink() and (registered / "outputs" / "validation.json").read_text() == before
+    )
+
+    np.save(tmp_path / "x.npy", np.load(registered / "data" / "test_images.npy")[:3])
+    (tmp_path / ".x.csv.tmp").symlink_to("/dev/full")
+    cmd = [
+        "pipeline",
+        "predict",
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--output",
+        str(tmp_path / "x.csv"),
+    ]
+    assert "disk full" in _fails(cmd, registered)
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / ".x.csv.tmp").is_symlink()
+
+
+def test_unknown_model_names_list_the_registered_ones(registered):
+    expected = f"no registered model 'nosuch'; registered models: {NAME}"
+    for cmd in (
+        ["pipeline", "history", "nosuch"],
+        ["pipeline", "rollback", "nosuch"],
+        ["pipeline", "lineage", "nosuch"],
+        ["pipeline", "predict", "--model", "nosuch", "--input", "x.npy"],
+    ):
+        assert expected in _fails(cmd, registered), cmd
+
+
+def test_cuda_without_a_gpu_is_a_config_error(registered):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: train.device=cuda is valid here")
+    stderr = _fails(["pipeline", "train", "--set", "train.device=cuda"], registered, rc=2)
+    assert "train.device is cuda but no CUDA device is visible" in stderr
+
+
+def test_an_mlflow_server_that_is_down_is_said_at_once_and_waited_for_boundedly(registered):
+    from tests.conftest import free_port
+
+    down = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "PIPELINE_MLFLOW_WAIT_S": "3"}
+    # MLflow's own retries alone take about 4 minutes: the timeout fails the test if they run.
+    stderr = _fails(["pipeline", "status"], registered, env=down, timeout=60)
+    first, *_, last = stderr.strip().splitlines()
+    assert "not reachable" in first and "retrying until" in first
+    assert "did not answer for 3 s" in last and "nothing was changed" in last
+
+
+# Last in this module: it damages the shared project's MLflow store.
+def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(registered):
+    train = json.loads((registered / "outputs" / "train.json").read_text())
+    run_id = train["run_id"]
+    (artifacts,) = registered.glob(f".mlflow/artifacts/*/{run_id}/artifacts")
+    shutil.rmtree(artifacts)
+    np.save(registered / "x.npy", np.load(registered / "data" / "test_images.npy")[:3])
+    for cmd in (["pipeline", "predict", "--input", "x.npy"], ["pipeline", "lineage", NAME]):
+        stderr = _fails(cmd, registered)
+        assert f"run {run_id} cannot be read from MLflow" in stderr
+        assert "the run or its artifacts were deleted" in stderr
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{registered}/.mlflow/mlflow.db"}
+    run(["mlflow", "runs", "delete", "--run-id", run_id], registered)
+    run(["mlflow", "gc", "--backend-store-uri", env["MLFLOW_TRACKING_URI"]], registered)
+    assert "(run deleted)" in run(["pipeline", "status"], registered).stdout
+    validated = run(["pipeline", "validate"], registered).stdout
+    assert "drift not checked: the run of champion v1 was deleted" in validated
+
+    (registered / ".mlflow" / "mlflow.db").write_bytes(os.urandom(4096))
+    stderr = _fails(["pipeline", "status"], registered)
+    assert (
+        "cannot be read (file is not a database)" in stderr and "restore it from a backup" in stderr
+    )
