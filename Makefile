@@ -15,7 +15,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export GX_ANALYTICS_ENABLED ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/.mlflow/mlflow.db
 
-.PHONY: setup run test lint repro bench mlflow-ui up down browser clean
+.PHONY: setup run test test-fast lint repro bench mlflow-ui up down browser clean
 
 setup: $(STAMP)
 
@@ -42,8 +42,14 @@ run: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	@grep -q "state=success" $(AIRFLOW_HOME)/last-run.log || { echo "DAG run failed; see $(AIRFLOW_HOME)/last-run.log"; exit 1; }
 	pipeline summary
 
-test: $(STAMP)
-	pytest
+# Everything, on both cores. Tests of one xdist_group (a module's shared fixture, the live
+# stacks) stay on one worker; the 15 slowest durations show where the time goes.
+test: $(STAMP) browser
+	pytest -n 2 --dist loadgroup --durations=15
+
+# The inner loop: unit, data, model and DAG-integrity tests; no live servers, no DAG runs.
+test-fast: $(STAMP)
+	pytest -n 2 -m "not slow and not integration"
 
 lint: $(STAMP)
 	ruff check . && ruff format --check .
@@ -66,7 +72,7 @@ down:
 	bash scripts/services.sh down
 
 # Debian's Chromium for the UI test (tests/e2e/test_services.py); Playwright drives it, so no
-# browser is downloaded. .ci/run calls this too.
+# browser is downloaded. `make test` calls this first.
 browser:
 	@command -v chromium > /dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -30,6 +30,13 @@ PROJECT_FILES = [
 ]
 
 
+def pytest_configure(config):
+    # Under xdist there is one worker per core: one compute thread each (in the worker and the
+    # pipelines it starts) instead of every worker's torch fighting for both cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

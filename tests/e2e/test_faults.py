@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import fresh_clone, run
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module: its tests share one registered model, in file order.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
 NAME = "image-classifier"
 
 

@@ -10,7 +10,8 @@ from tests.conftest import git, run
 from tests.e2e.browser import SCREENSHOTS, airflow_dag, chromium, mlflow_compare
 from tests.e2e.live import MAKE, Airflow, alive, http, services
 
-pytestmark = pytest.mark.slow
+# The live stacks (here and in test_topology.py) run one after the other on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live")]
 DAG = "train_image_classifier"
 
 
