@@ -10,8 +10,7 @@ import pytest
 
 from tests.conftest import fresh_clone, run
 
-# One worker runs the whole module: its tests share one registered model, in file order.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
+pytestmark = pytest.mark.slow
 NAME = "image-classifier"
 
 

@@ -10,8 +10,7 @@ from tests.conftest import git, run
 from tests.e2e.browser import SCREENSHOTS, airflow_dag, chromium, mlflow_compare
 from tests.e2e.live import MAKE, Airflow, alive, http, services
 
-# The live stacks (here and in test_topology.py) run one after the other on one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live")]
+pytestmark = pytest.mark.slow
 DAG = "train_image_classifier"
 
 

@@ -12,7 +12,7 @@ import redis
 from tests.conftest import free_port
 from tests.e2e.live import Airflow, http, services
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("live")]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 DAG = "train_image_classifier"
 POSTGRES = "postgres@127.0.0.1:5432"
 
