@@ -149,14 +149,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _known_failure(exc: Exception, settings: Settings) -> str | None:
     """One line (or a report already printed) for failures that have a known cause and fix."""
-    from pipeline.checkpoint import CheckpointError
     from pipeline.registry import RegistryUnavailable
+
+    if isinstance(exc, RegistryUnavailable):  # before importing torch: said without delay
+        return f"error: {exc}"
+    from pipeline.checkpoint import CheckpointError
     from pipeline.train import TrainingDiverged
     from pipeline.validate import ValidationFailed
 
     if isinstance(exc, ValidationFailed):  # the stage printed the full report already
         return "error: validation failed; this data version must not be trained on"
-    if isinstance(exc, TrainingDiverged | CheckpointError | RegistryUnavailable):
+    if isinstance(exc, TrainingDiverged | CheckpointError):
         return f"error: {exc}"
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" writing {exc.filename}" if exc.filename else ""
