@@ -124,7 +124,7 @@ def unchanged_stage(cfg: Config, settings: Settings, data_md5: str) -> dict:
         return {"unchanged": False, "reason": "no champion yet"}
     run, where = registry.run_or_none(client, champion.run_id), f"champion v{champion.version}"
     if run is None:
-        return None, [f"drift not checked: the run of {where} was deleted"]
+        return {"unchanged": False, "reason": f"the run of {where} was deleted"}
     tags = run.data.tags
     commit, dirty = lineage.git_state(settings.code)
     if dirty or tags.get("git.dirty") != "false":

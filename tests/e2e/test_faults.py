@@ -8,6 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
+from pipeline.config import load_config
+from pipeline.data.versioning import pointer
+from pipeline.settings import Settings
+from pipeline.stages import unchanged_stage
 from tests.conftest import fresh_clone, run
 
 pytestmark = pytest.mark.slow
@@ -119,7 +123,7 @@ def test_an_mlflow_server_that_is_down_is_said_at_once_and_waited_for_boundedly(
 
 
 # Last in this module: it damages the shared project's MLflow store.
-def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(registered):
+def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(registered, monkeypatch):
     train = json.loads((registered / "outputs" / "train.json").read_text())
     run_id = train["run_id"]
     (artifacts,) = registered.glob(f".mlflow/artifacts/*/{run_id}/artifacts")
@@ -136,6 +140,11 @@ def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(registered):
     assert "(run deleted)" in run(["pipeline", "status"], registered).stdout
     validated = run(["pipeline", "validate"], registered).stdout
     assert "drift not checked: the run of champion v1 was deleted" in validated
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # the DAG's skip check:
+    md5 = pointer(registered)["md5"]  # a champion without its run is never "unchanged"
+    cfg = load_config(registered / "params.yaml", {"train.epochs": 1})
+    decision = unchanged_stage(cfg, Settings.from_env(registered), md5)
+    assert decision == {"unchanged": False, "reason": "the run of champion v1 was deleted"}
 
     (registered / ".mlflow" / "mlflow.db").write_bytes(os.urandom(4096))
     stderr = _fails(["pipeline", "status"], registered)
