@@ -110,6 +110,24 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def templates(tmp_path_factory) -> Path:
+    """Where this session's project templates are built: one folder all xdist workers share."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture
+def from_template(templates, tmp_path):
+    """`from_template(name)`: a copy of a session-built project (tests/templates.py RECIPES)."""
+    from tests.templates import copy_project, template
+
+    def copy(name: str) -> Path:
+        return copy_project(template(templates, name), tmp_path / "project")
+
+    return copy
+
+
+@pytest.fixture(scope="session")
 def digits():
     from pipeline.data.sources import load_source
 

@@ -12,20 +12,18 @@ from pipeline.config import load_config
 from pipeline.data.versioning import pointer
 from pipeline.settings import Settings
 from pipeline.stages import unchanged_stage
-from tests.conftest import fresh_clone, run
+from tests.conftest import run
+from tests.templates import copy_project, template
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """A project with digits validated and a 1-epoch model registered as champion v1."""
-    project = fresh_clone(tmp_path_factory.mktemp("faults") / "project")
-    run(["pipeline", "data", "pull"], project)
-    run(["pipeline", "validate"], project)
-    run(["pipeline", "train", "--set", "train.epochs=1"], project)
-    run(["pipeline", "evaluate"], project)
+def registered(templates, tmp_path_factory):
+    """A project with digits validated and a 2-epoch model registered as champion v1."""
+    trained = template(templates, "trained")
+    project = copy_project(trained, tmp_path_factory.mktemp("faults") / "project")
     run(["pipeline", "register", "--set", "register.floor=0"], project)
     return project
 
@@ -142,7 +140,7 @@ def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(registered, mon
     assert "drift not checked: the run of champion v1 was deleted" in validated
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # the DAG's skip check:
     md5 = pointer(registered)["md5"]  # a champion without its run is never "unchanged"
-    cfg = load_config(registered / "params.yaml", {"train.epochs": 1})
+    cfg = load_config(registered / "params.yaml", {"train.epochs": 2})
     decision = unchanged_stage(cfg, Settings.from_env(registered), md5)
     assert decision == {"unchanged": False, "reason": "the run of champion v1 was deleted"}
 

@@ -29,12 +29,9 @@ def _dag_test(project, check=True, conf: dict | None = None, env=None):
 
 
 @pytest.fixture
-def airflow_project(project):
-    run(["pipeline", "data", "pull"], project)
-    run(["airflow", "db", "migrate"], project)
-    run(["airflow", "pools", "set", "promotion", "1", "one model promotion at a time"], project)
-    run(["airflow", "pools", "set", "gpu", "1", "one training per GPU (1 on CPU)"], project)
-    return project
+def airflow_project(from_template):
+    """Digits pulled; the Airflow DB migrated with the DAGs' pools, as `make run` leaves it."""
+    return from_template("airflow")
 
 
 def _make_run(project) -> str:

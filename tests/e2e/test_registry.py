@@ -41,12 +41,17 @@ def _train(project, seed: int) -> str:
     return run_id
 
 
+def _trained(from_template):
+    """Digits validated and one evaluated, unregistered run (default recipe, 2 epochs)."""
+    project = from_template("trained")
+    return project, json.loads((project / "outputs" / "train.json").read_text())["run_id"]
+
+
 @pytest.fixture
-def two_runs(project):
-    """Two evaluated, unregistered runs (seeds 1 and 2) of the default recipe, 2 epochs."""
-    run(["pipeline", "data", "pull"], project)
-    run(["pipeline", "validate"], project)
-    return project, _train(project, 1), _train(project, 2)
+def two_runs(from_template):
+    """Two evaluated, unregistered runs (seeds 42 and 2) of the default recipe, 2 epochs."""
+    project, first = _trained(from_template)
+    return project, first, _train(project, 2)
 
 
 def _client(project) -> MlflowClient:
@@ -131,10 +136,8 @@ def _photos(folder, classes=("cat", "dog"), per_class=130):
     return folder
 
 
-def test_a_model_for_other_classes_takes_champion_only_when_forced(project, tmp_path):
-    run(["pipeline", "data", "pull"], project)
-    run(["pipeline", "validate"], project)
-    _train(project, 1)
+def test_a_model_for_other_classes_takes_champion_only_when_forced(from_template, tmp_path):
+    project, _ = _trained(from_template)
     run(["pipeline", "register", *LOW_FLOOR], project)  # v1: the 10-class digits champion
     photos = _photos(tmp_path / "photos")
     run(

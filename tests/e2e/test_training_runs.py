@@ -23,10 +23,8 @@ SMALL = [
 
 
 @pytest.fixture
-def validated(project):
-    run(["pipeline", "data", "pull"], project)
-    run(["pipeline", "validate"], project)
-    return project
+def validated(from_template):
+    return from_template("validated")
 
 
 def _client(project) -> MlflowClient:
