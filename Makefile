@@ -42,11 +42,11 @@ run: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	@grep -q "state=success" $(AIRFLOW_HOME)/last-run.log || { echo "DAG run failed; see $(AIRFLOW_HOME)/last-run.log"; exit 1; }
 	pipeline summary
 
-# Everything, on both cores, one test file per worker at a time (a module's shared fixture is
-# built once, its tests run in file order); the 15 slowest durations show where the time goes.
-# Not --dist loadgroup: with pytest 9.2 it silently stops grouping (pytest-xdist issue 1386).
+# Everything, four workers on the two cores (with two, a third of the cores' time went idle while
+# e2e tests waited on servers and schedulers); `--dist worksteal` with the long tests dealt out
+# first (conftest.py) keeps the workers busy to the end. The 15 slowest show where time goes.
 test: $(STAMP) browser
-	pytest -n 2 --dist loadfile --durations=15
+	pytest -n 4 --dist worksteal --durations=15
 
 # The inner loop: unit, data, model and DAG-integrity tests; no live servers, no DAG runs.
 test-fast: $(STAMP)

@@ -37,6 +37,25 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tiers are checked: an e2e test without `slow` would run in `make test-fast`.
+
+    Under xdist (`--dist worksteal` gives each worker a contiguous share of this list): the `long`
+    tests, then the other slow ones, dealt round-robin, so each worker starts on long tests and
+    ends on short ones that idle workers steal, instead of one worker holding the long ones."""
+    untiered = [i.nodeid for i in items if "/e2e/" in i.nodeid and not i.get_closest_marker("slow")]
+    if untiered:
+        raise pytest.UsageError(f"end-to-end tests must be marked slow: {untiered}")
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers < 2:
+        return
+    order = sorted(
+        items,
+        key=lambda item: (not item.get_closest_marker("long"), not item.get_closest_marker("slow")),
+    )
+    items[:] = [item for k in range(workers) for item in order[k::workers]]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ and the others wait for it on a file lock: each template is built once per `make
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import sqlite3
@@ -26,6 +27,8 @@ RECIPES: dict[str, tuple[str | None, list[list[str]]]] = {
         "validated",
         [["pipeline", "train", "--set", "train.epochs=2"], ["pipeline", "evaluate"]],
     ),
+    # That run registered as champion v1 (no accuracy floor: the policy is not under test).
+    "registered": ("trained", [["pipeline", "register", "--set", "register.floor=0"]]),
     # The metadata DB as `make run` leaves it: migrated, with the DAGs' pools.
     "airflow": (
         "pulled",
@@ -56,6 +59,17 @@ def template(shared: Path, name: str) -> Path:
                 run(command, path)
             ready.touch()
     return path
+
+
+def add_airflow_db(shared: Path, project: Path) -> None:
+    """The `airflow` template's migrated metadata DB (it names no project path) in `project`."""
+    (project / ".airflow").mkdir(exist_ok=True)
+    shutil.copy2(template(shared, "airflow") / ".airflow" / "airflow.db", project / ".airflow")
+
+
+def trained_run(project: Path) -> str:
+    """The MLflow run id of the `trained` template's run."""
+    return json.loads((project / "outputs" / "train.json").read_text())["run_id"]
 
 
 def copy_project(src: Path, dst: Path) -> Path:

@@ -44,6 +44,7 @@ def _make_run(project) -> str:
     return run(["make", "-o", ".venv/.installed", "run"], project).stdout  # never reinstall
 
 
+@pytest.mark.long
 def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
     summary = _make_run(project)
     assert "validation     passed" in summary
@@ -139,6 +140,7 @@ def test_failed_validation_stops_the_dag_before_training(airflow_project, webhoo
     ).exists()
 
 
+@pytest.mark.long
 def test_dvc_repro_reproduces_and_exp_run_overrides(project):
     run(["pipeline", "data", "pull"], project)
     out = run(["dvc", "repro"], project)

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from tests.conftest import BIN, free_port, project_env, run
+from tests.templates import add_airflow_db, trained_run
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
@@ -41,17 +42,11 @@ def _train(project, seed: int) -> str:
     return run_id
 
 
-def _trained(from_template):
-    """Digits validated and one evaluated, unregistered run (default recipe, 2 epochs)."""
-    project = from_template("trained")
-    return project, json.loads((project / "outputs" / "train.json").read_text())["run_id"]
-
-
 @pytest.fixture
 def two_runs(from_template):
     """Two evaluated, unregistered runs (seeds 42 and 2) of the default recipe, 2 epochs."""
-    project, first = _trained(from_template)
-    return project, first, _train(project, 2)
+    project = from_template("trained")
+    return project, trained_run(project), _train(project, 2)
 
 
 def _client(project) -> MlflowClient:
@@ -137,8 +132,7 @@ def _photos(folder, classes=("cat", "dog"), per_class=130):
 
 
 def test_a_model_for_other_classes_takes_champion_only_when_forced(from_template, tmp_path):
-    project, _ = _trained(from_template)
-    run(["pipeline", "register", *LOW_FLOOR], project)  # v1: the 10-class digits champion
+    project = from_template("registered")  # v1: the 10-class digits champion
     photos = _photos(tmp_path / "photos")
     run(
         ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(photos)],
@@ -161,7 +155,9 @@ def test_a_model_for_other_classes_takes_champion_only_when_forced(from_template
     assert _aliases(client)["champion"] == 2 and _aliases(client)["previous-champion"] == 1
 
 
-def test_mlflow_server_down_mid_register_then_completed(project, tmp_path):
+@pytest.mark.long
+def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path):
+    project = from_template("validated")  # validation records nothing in MLflow when it passes
     port = free_port()
     store = tmp_path / "server"
     store.mkdir()
@@ -216,8 +212,6 @@ def test_mlflow_server_down_mid_register_then_completed(project, tmp_path):
 
     server = start()
     try:
-        pipeline("data", "pull")
-        pipeline("validate")
         run_id = json.loads(pipeline("train", *QUICK).stdout)["run_id"]
         pipeline("evaluate")
     finally:
@@ -266,9 +260,12 @@ def test_mlflow_server_down_mid_register_then_completed(project, tmp_path):
         stop(server)
 
 
-def test_predict_from_the_cli_the_served_model_and_the_batch_dag(two_runs, tmp_path):
-    project, a, _ = two_runs
-    run(["pipeline", "register", "--run-id", a, *LOW_FLOOR], project)
+@pytest.mark.long
+def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
+    from_template, templates, tmp_path
+):
+    project = from_template("registered")
+    a = trained_run(project)
     images = np.load(project / "data" / "test_images.npy")
     labels = np.load(project / "data" / "test_labels.npy")
     np.save(tmp_path / "test.npy", images)
@@ -330,7 +327,7 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(two_runs, tmp_p
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=30)
 
-    run(["airflow", "db", "migrate"], project)
+    add_airflow_db(templates, project)
     batch_out = tmp_path / "batch.csv"
     conf = {"input": str(folder), "output": str(batch_out)}
     log = run(["airflow", "dags", "test", "batch_predict", "-c", json.dumps(conf)], project)

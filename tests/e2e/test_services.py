@@ -18,6 +18,7 @@ def _finished(runs: list[dict], count: int) -> bool:
     return len(runs) == count and all(r["state"] in ("success", "failed") for r in runs)
 
 
+@pytest.mark.long
 def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(project, tmp_path):
     started_at = time.time()
     with services(project) as (ports, started):

@@ -51,6 +51,7 @@ def broker():
         db.close()
 
 
+@pytest.mark.long
 def test_celery_on_redis_with_postgres_runs_the_dag_to_a_registered_model(
     project: Path, tmp_path: Path, databases, broker
 ):
