@@ -17,10 +17,9 @@ from pathlib import Path
 
 from tests.conftest import fresh_clone, run
 
-PULL = ["pipeline", "data", "pull"]
 # name: (template it starts from or None for a fresh clone, commands run in it)
 RECIPES: dict[str, tuple[str | None, list[list[str]]]] = {
-    "pulled": (None, [PULL]),
+    "pulled": (None, [["pipeline", "data", "pull"]]),
     "validated": ("pulled", [["pipeline", "validate"]]),
     # One evaluated, unregistered run of the default recipe, 2 epochs (outputs/train.json).
     "trained": (

@@ -1,7 +1,6 @@
 """Faults and bad inputs around a registered model end in one line that names the problem and
 the fix, never a traceback or a wrong answer, and leave nothing half-written behind."""
 
-import json
 import os
 import shutil
 
@@ -13,7 +12,7 @@ from pipeline.data.versioning import pointer
 from pipeline.settings import Settings
 from pipeline.stages import unchanged_stage
 from tests.conftest import run
-from tests.templates import copy_project, template
+from tests.templates import copy_project, template, trained_run
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
@@ -119,11 +118,9 @@ def test_an_mlflow_server_that_is_down_is_said_at_once_and_waited_for_boundedly(
     assert "did not answer for 3 s" in last and "nothing was changed" in last
 
 
-# Last in this module: it damages the shared project's MLflow store.
 def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(from_template, monkeypatch):
     registered = from_template("registered")  # its own: this test deletes and corrupts
-    train = json.loads((registered / "outputs" / "train.json").read_text())
-    run_id = train["run_id"]
+    run_id = trained_run(registered)
     (artifacts,) = registered.glob(f".mlflow/artifacts/*/{run_id}/artifacts")
     shutil.rmtree(artifacts)
     np.save(registered / "x.npy", np.load(registered / "data" / "test_images.npy")[:3])
