@@ -35,8 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.store import Split  # noqa: E402
-from pipeline.optim import build_optimizer, lr_factor  # noqa: E402
-from pipeline.train import fit, pick_device, pixel_stats, rebuild  # noqa: E402
+from pipeline.training.batches import pixel_stats  # noqa: E402
+from pipeline.training.engine import fit, pick_device  # noqa: E402
+from pipeline.training.models import ModelSpec, rebuild  # noqa: E402
+from pipeline.training.optim import build_optimizer, lr_factor  # noqa: E402
 
 
 def mnist_shaped(n: int = 60_000, shape=(1, 28, 28), seed: int = 0) -> Split:
@@ -66,13 +68,13 @@ def hand_loop_epochs(cfg, split: Split, epochs: int) -> list[float]:
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.base.seed)
     mean, std = pixel_stats(split.images)
-    spec = {
-        "model": cfg.train.model.model_dump(),
-        "shape": list(split.images.shape[1:]),
-        "classes": [str(i) for i in range(10)],
-        "mean": mean,
-        "std": std,
-    }
+    spec = ModelSpec(
+        cfg.train.model.model_dump(),
+        tuple(split.images.shape[1:]),
+        tuple(str(i) for i in range(10)),
+        mean,
+        std,
+    )
     model = rebuild(spec).to(device)
     opt = build_optimizer(model, cfg.train.optimizer)  # same recipe; the loop is what differs
     x = torch.from_numpy(np.array(split.images, dtype=np.float32)).to(device)
@@ -173,7 +175,7 @@ def tracking_overhead(cfg, split: Split, rounds: int) -> dict:
     """Whole fit() wall time with the train stage's MLflow tracking vs without."""
     import mlflow
 
-    from pipeline.stages import SYSTEM_METRICS_INTERVAL_S, log_epoch
+    from pipeline.stages.train import SYSTEM_METRICS_INTERVAL_S, log_epoch
 
     store = tempfile.mkdtemp(prefix="bench-mlflow-")
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
@@ -204,7 +206,8 @@ def tracking_overhead(cfg, split: Split, rounds: int) -> dict:
 
 def time_to_accuracy_digits(seeds: range) -> dict:
     from pipeline.data.sources import digits
-    from pipeline.evaluate import metrics, predict
+    from pipeline.training.inference import predict
+    from pipeline.training.scoring import metrics
 
     ds = digits()
     rows = []
@@ -321,7 +324,8 @@ def accuracy_targets(smoke: bool) -> dict:
     import os
 
     from pipeline.data.sources import cifar10, mnist_like
-    from pipeline.evaluate import metrics, predict
+    from pipeline.training.inference import predict
+    from pipeline.training.scoring import metrics
 
     root = Path(os.environ.get("PIPELINE_BENCH_DATA", "/nonexistent"))
     out = {}

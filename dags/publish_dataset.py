@@ -7,39 +7,14 @@ data.dvc is left in the checkout for you to commit: the DAG records versions, gi
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
+import dag_support as ds
 import pendulum
-import yaml
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
-PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
-
-
-def _alert(context) -> None:
-    """on_failure_callback: the ALERT log line and webhook of pipeline/alerts.py, imported late."""
-    from pipeline.alerts import on_failure
-
-    on_failure(context)
-
-
-DATA = Asset(name="pipeline-data", uri=(PROJECT_ROOT / "data.dvc").as_uri())
-
-
-def _data_defaults() -> dict:
-    try:
-        params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        params = {}
-    return {
-        "dataset": params.get("base", {}).get("dataset", "digits"),
-        "test_fraction": params.get("data", {}).get("test_fraction", 0.2),
-    }
-
-
-DEFAULTS = _data_defaults()
+PARAMS = ds.params_yaml()
 
 
 @dag(
@@ -50,36 +25,36 @@ DEFAULTS = _data_defaults()
     catchup=False,
     max_active_runs=1,
     tags=["data", "dvc"],
-    default_args={
-        "retries": 1,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": 2.0,
-        "execution_timeout": timedelta(hours=2),
-        "on_failure_callback": _alert,
-    },
+    default_args=ds.default_args(retries=1, execution_timeout=timedelta(hours=2)),
     doc_md=__doc__,
     params={
-        "dataset": Param(
-            DEFAULTS["dataset"], enum=["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
+        "dataset": ds.form_param(
+            ds.param(PARAMS, "base.dataset"),
+            enum=["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"],
         ),
-        "source_dir": Param(None, type=["null", "string"], description="raw files / class folders"),
-        "test_fraction": Param(DEFAULTS["test_fraction"], type="number", exclusiveMinimum=0),
+        "source_dir": ds.form_param(
+            ds.param(PARAMS, "data.source_dir"),
+            type="string",
+            description="raw files / class folders",
+        ),
+        "test_fraction": ds.form_param(
+            ds.param(PARAMS, "data.test_fraction"), type="number", exclusiveMinimum=0
+        ),
     },
 )
 def publish_dataset():
-    @task(outlets=[DATA])
+    @task(outlets=[ds.DATA])
     def publish() -> dict:
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipeline.config import ConfigError, load_config
-        from pipeline.data import DataError, materialize
+        from pipeline.config import load_config
+        from pipeline.data import materialize
         from pipeline.data.versioning import POINTER, recorded_md5
-        from pipeline.settings import Settings
 
         ctx = get_current_context()
-        params, settings = ctx["params"], Settings.from_env(PROJECT_ROOT)
+        params, settings = ctx["params"], ds.settings()
         before = recorded_md5(settings.root) if (settings.root / POINTER).exists() else None
-        try:
+        with ds.permanent_errors():
             cfg = load_config(
                 settings.params,
                 {"base.dataset": params["dataset"], "data.test_fraction": params["test_fraction"]},
@@ -94,11 +69,9 @@ def publish_dataset():
                 cfg.data.image_size,
                 rewrite=True,
             )
-        except (ConfigError, DataError) as exc:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
         if md5 == before:
             raise AirflowSkipException(f"data unchanged ({md5}): no new version, no Asset event")
-        ctx["outlet_events"][DATA].extra = {"data_md5": md5, "dataset": cfg.base.dataset}
+        ctx["outlet_events"][ds.DATA].extra = {"data_md5": md5, "dataset": cfg.base.dataset}
         return {"data_md5": md5, "previous": before, "dataset": cfg.base.dataset}
 
     publish()

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DataError
+
 SPLITS = ("train", "test")
-
-
-class DataError(RuntimeError):
-    """The dataset on disk is missing, unreadable or inconsistent."""
 
 
 @dataclass(frozen=True)

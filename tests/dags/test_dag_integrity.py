@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,14 @@ import pytest
 from tests.conftest import REPO
 
 DAG_ID = "train_image_classifier"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dags_on_path():
+    """Airflow puts the DAG folder on sys.path (the DAGs import dag_support from it)."""
+    sys.path.insert(0, str(REPO / "dags"))
+    yield
+    sys.path.remove(str(REPO / "dags"))
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +56,12 @@ def test_retries_back_off_time_out_and_alert(dagbag, webhook, monkeypatch):
             assert received and received.pop()["task_id"] == t.task_id  # the alert went out
     train = dagbag.dags[DAG_ID].get_task("train")
     assert train.pool == "gpu" and train.execution_timeout.total_seconds() == 6 * 3600
+    trial = dagbag.dags["sweep_image_classifier"].get_task("trial")
+    assert trial.executor_config == train.executor_config  # both get the GPU pod template
+    assert Path(train.executor_config["pod_template_file"]).is_file()
+    for dag_id in (DAG_ID, "batch_predict", "sweep_image_classifier", "publish_dataset"):
+        for t in dagbag.dags[dag_id].tasks:
+            assert t.max_retry_delay is not None, t.task_id  # backoff is bounded everywhere
 
 
 def test_sweep_maps_one_trial_per_grid_point_in_the_gpu_pool(dagbag):
@@ -138,6 +153,7 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
 def test_parsing_the_dag_imports_no_heavy_library(dag_file):
     code = f"""
 import json, sys, runpy
+sys.path.insert(0, {str(REPO / "dags")!r})  # as Airflow does for the DAG folder
 runpy.run_path({str(REPO / "dags" / dag_file)!r})
 print(json.dumps([m for m in ("torch", "mlflow", "great_expectations", "dvc", "sklearn", "pipeline")
                   if m in sys.modules]))

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ValidateConfig
 from pipeline.data.store import Split
-from pipeline.validate import sample_table, split_stats, summary, validate_dataset
+from pipeline.data.validation import sample_table, split_stats, summary, validate_dataset
 
 CFG = ValidateConfig(min_rows_per_split=50, pixel_min=0, pixel_max=255)
 

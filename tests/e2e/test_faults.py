@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data.versioning import pointer
 from pipeline.settings import Settings
-from pipeline.stages import unchanged_stage
+from pipeline.stages.skip import unchanged_stage
 from tests.conftest import run
 from tests.templates import copy_project, template, trained_run
 

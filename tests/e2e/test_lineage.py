@@ -88,7 +88,7 @@ def test_a_data_version_gone_from_cache_and_remote_cannot_be_reproduced(register
 
 
 def test_skip_only_when_data_params_and_code_equal_the_champions(registered, monkeypatch):
-    from pipeline.stages import unchanged_stage
+    from pipeline.stages.skip import unchanged_stage
 
     project = registered
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project}/.mlflow/mlflow.db")

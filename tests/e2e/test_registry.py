@@ -225,7 +225,7 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
         "from pipeline.config import load_config\n"
         "from pipeline.registry import RegistryUnavailable\n"
         "from pipeline.settings import Settings\n"
-        "from pipeline.stages import register_stage\n"
+        "from pipeline.stages.register import register_stage\n"
         "settings = Settings.from_env()\n"
         "try:\n"
         f"    register_stage(load_config(settings.params), settings, {run_id!r})\n"

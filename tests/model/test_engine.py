@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.augment import crop_flip
 from pipeline.config import config_from_dict, load_config
 from pipeline.data.store import Split
-from pipeline.optim import lr_factor
-from pipeline.train import fit, rebuild
+from pipeline.training import checkpoint
+from pipeline.training.augment import crop_flip
+from pipeline.training.engine import fit
+from pipeline.training.models import rebuild
+from pipeline.training.optim import lr_factor
 from tests.conftest import REPO
 
 TIMING = {"epoch_seconds", "samples_per_second"}

@@ -8,8 +8,11 @@ import torch
 
 from pipeline.config import config_from_dict
 from pipeline.data.store import Split
-from pipeline.evaluate import metrics, predict
-from pipeline.train import TrainingDiverged, fit, split_validation
+from pipeline.errors import TrainingDiverged
+from pipeline.training.batches import split_validation
+from pipeline.training.engine import fit
+from pipeline.training.inference import predict
+from pipeline.training.scoring import metrics
 
 
 def _cfg(**overrides):

@@ -4,8 +4,8 @@ recorded history that MLflow itself does not keep."""
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import promotion
-from pipeline.promotion import CHAMPION, PREVIOUS
+from pipeline.registry import promotion
+from pipeline.registry.promotion import CHAMPION, PREVIOUS
 
 NAME = "m"
 

@@ -90,3 +90,11 @@ def test_a_resolved_config_round_trips_without_reapplying_its_preset():
     assert again.params_hash() == cfg.params_hash()
     with pytest.raises(ConfigError, match="train.epochs"):
         resolved_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 0}})
+
+
+def test_typed_defaults_are_the_values_in_params_yaml():
+    """One source of defaults: a key left out of a params file means params.yaml's value."""
+    committed = load_config(REPO / "params.yaml").to_dict()
+    defaults = config_from_dict({}).to_dict()
+    committed.pop("presets"), defaults.pop("presets")
+    assert defaults == committed

@@ -87,8 +87,8 @@ def test_image_dag_folder_and_pools_agree_with_the_dags():
     assert f"AIRFLOW__CORE__DAGS_FOLDER={folder}" in dockerfile and "COPY dags ./dags" in dockerfile
     assert helm["config"]["core"]["dags_folder"] == folder
     assert env["PIPELINE_ROOT"] == folder.removesuffix("/dags")
-    dag_text = (REPO / "dags" / "train_image_classifier.py").read_text()
-    pools = set(re.findall(r'^(?:PROMOTION|GPU)_POOL = "(\w+)"', dag_text, re.M))
+    wiring = (REPO / "dags" / "dag_support.py").read_text()
+    pools = set(re.findall(r'^(?:PROMOTION|GPU)_POOL = "(\w+)"', wiring, re.M))
     init = _compose()["services"]["airflow-init"]["command"]
     assert pools == {"promotion", "gpu"}
     assert all(f"airflow pools set {p} " in init for p in pools)
@@ -102,6 +102,6 @@ def test_kubernetes_runs_the_train_task_on_a_gpu_node():
     assert container["name"] == "base"  # the KubernetesExecutor fills in the container called base
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["spec"]["nodeSelector"]
-    dag_text = (REPO / "dags" / "train_image_classifier.py").read_text()
-    assert "infra/helm/gpu-pod-template.yaml" in dag_text
+    wiring = (REPO / "dags" / "dag_support.py").read_text()  # GPU_TASK: train and sweep trials
+    assert "infra/helm/gpu-pod-template.yaml" in wiring
     assert "COPY infra/helm ./infra/helm" in (INFRA / "Dockerfile").read_text()  # in the image

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.evaluate import confusion, metrics
+from pipeline.training.scoring import confusion, metrics
 
 
 def test_confusion_rows_are_true_classes():

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from pipeline.config import OptimizerConfig, ScheduleConfig
-from pipeline.models import small_cnn
-from pipeline.optim import build_optimizer, lr_factor, param_groups
+from pipeline.training.models import small_cnn
+from pipeline.training.optim import build_optimizer, lr_factor, param_groups
 
 SPE, EPOCHS = 10, 10  # steps per epoch, epochs
 
 
 def table(name: str, **kw) -> list[float]:
-    cfg = ScheduleConfig(name=name, **kw)
+    """The schedule's factor at every step; no warmup unless asked for."""
+    cfg = ScheduleConfig(name=name, **{"warmup_epochs": 0, **kw})
     return [lr_factor(step, SPE, EPOCHS, cfg) for step in range(SPE * EPOCHS)]
 
 

@@ -4,7 +4,7 @@ per-class recall guard."""
 import pytest
 
 from pipeline.config import RegisterConfig
-from pipeline.promotion import decide
+from pipeline.registry.policy import decide
 
 
 def scores(acc: float, **recalls: float) -> dict:

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import ConfigError, config_from_dict, load_config
-from pipeline.sweep import grid, trial_config
+from pipeline.stages.sweep import grid, trial_config
 from tests.conftest import REPO
 
 

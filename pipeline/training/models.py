@@ -1,7 +1,11 @@
-"""Model zoo: the classic tutorial MLP, a small CNN and ResNet-18, built from config and shape."""
+"""Model zoo: the classic tutorial MLP, a small CNN and ResNet-18, built from config and shape;
+`rebuild` makes the saved network (normalization in front) from its spec."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
+import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
@@ -67,3 +71,48 @@ def resnet18(shape, num_classes: int, dropout: float = 0.0) -> nn.Module:
     if dropout:
         net.fc = nn.Sequential(nn.Dropout(dropout), net.fc)
     return net
+
+
+class Normalize(nn.Module):
+    """Raw pixel values in, standardized values out, so the saved model takes raw images."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything but the weights: what `rebuild` needs, and what a caller of the model must
+    know (input shape, class names). Saved beside the weights as a plain dict."""
+
+    model: dict  # the ModelConfig it was built from
+    shape: tuple[int, int, int]  # C x H x W of one input image
+    classes: tuple[str, ...]
+    mean: float  # pixel normalization of the training split, built into the network
+    std: float
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelSpec:
+        return cls(
+            dict(raw["model"]),
+            tuple(raw["shape"]),
+            tuple(raw["classes"]),
+            float(raw["mean"]),
+            float(raw["std"]),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain lists, strings and numbers: loads with `weights_only=True`."""
+        raw = asdict(self)
+        return {**raw, "shape": list(self.shape), "classes": list(self.classes)}
+
+
+def rebuild(spec: ModelSpec) -> nn.Module:
+    """The network described by `spec`, with freshly initialized weights."""
+    net = build_model(ModelConfig(**spec.model), spec.shape, len(spec.classes))
+    return nn.Sequential(Normalize(spec.mean, spec.std), net)

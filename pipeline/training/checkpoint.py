@@ -6,39 +6,20 @@ A checkpoint holds plain tensors, numbers, strings, lists and dicts only, so `to
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be trusted or read; delete it to start over."""
+from pipeline.errors import CheckpointError
+from pipeline.files import write_atomic
 
 
 def save(state: dict, path: Path) -> None:
-    """Temp file + fsync + rename: a crash or full disk leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """Atomic: a crash or full disk leaves the previous checkpoint intact."""
+    write_atomic(path, lambda handle: torch.save(state, handle), mode="wb")
 
 
 def load(path: Path) -> dict:

@@ -55,7 +55,7 @@ def record(
     airflow: dict | None = None,
 ) -> dict:
     """The lineage of a run about to train on the data version `pointer` (data.dvc's outs[0])."""
-    from pipeline.validate import summary
+    from pipeline.data.validation import summary
 
     commit, dirty = git_state(code_root)
     metrics, _ = summary(validation)
@@ -86,7 +86,7 @@ def of_run(run_id: str) -> dict:
     """The lineage record a training run logged (the active tracking URI)."""
     import mlflow
 
-    from pipeline.registry import run_artifacts
+    from pipeline.tracking.store import run_artifacts
 
     with run_artifacts(run_id, "lineage record"):
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{ARTIFACT}")

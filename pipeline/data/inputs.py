@@ -1,17 +1,14 @@
-"""Batch prediction with a registered model: a folder of images or an .npy file in, CSV or JSON
-with class names and probabilities out, stamped with the exact model version used."""
+"""Images to score: a folder of image files or an .npy array, checked and brought to the model's
+input shape on the pixel scale it was trained on."""
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import DataError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from pipeline.data.sources import IMAGE_SUFFIXES
+from pipeline.errors import DataError
 
 
 def load_inputs(path: Path, shape: list[int]) -> tuple[list[str], np.ndarray]:
@@ -87,59 +84,3 @@ def _read_folder(folder: Path, c: int, h: int, w: int) -> tuple[list[str], np.nd
             raise DataError(f"cannot read image {file}: {exc}") from None
         out[i] = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
     return [str(p.relative_to(folder)) for p in files], out
-
-
-def probabilities(model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    import torch
-
-    model.eval()
-    x = torch.from_numpy(images)
-    with torch.no_grad():
-        return torch.cat(
-            [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
-        ).numpy()
-
-
-def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], model: dict):
-    """One row per input: name, predicted class, its probability, one column per class, and the
-    exact model version. CSV or JSON (rows under `predictions`, the model beside them)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pinned = f"{model['name']}/{model['version']}"
-    rows = [
-        {
-            "input": name,
-            "prediction": classes[k],
-            "probability": round(float(p[k]), 6),
-            **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, p, strict=True)},
-            "model": pinned,
-        }
-        for name, k, p in zip(names, probs.argmax(1), probs, strict=True)
-    ]
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if path.suffix == ".json":
-            tmp.write_text(json.dumps({"model": model, "predictions": rows}, indent=2) + "\n")
-        else:
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        tmp.replace(path)  # a reader never sees half a file
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def predict_stage(client, ref: str, inputs: Path, output: Path) -> dict:
-    """Resolve `ref` once (pinning the version), score `inputs`, write `output`."""
-    from pipeline import registry
-
-    if Path(output).suffix not in (".csv", ".json"):
-        raise DataError(f"{output}: the output must end in .csv or .json")
-    version = registry.resolve(client, ref)
-    model, spec = registry.load_weights(version.run_id)
-    names, images = load_inputs(inputs, spec["shape"])
-    pinned = {"name": version.name, "version": int(version.version), "run_id": version.run_id}
-    write(output, names, probabilities(model, images), spec["classes"], pinned)
-    return {"model": pinned, "inputs": len(names), "output": str(output)}

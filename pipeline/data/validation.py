@@ -22,12 +22,6 @@ EXPECTED_DTYPE = "uint8"
 INTEGER_DTYPES = [str(np.dtype(t)) for t in np.typecodes["AllInteger"]]
 
 
-class ValidationFailed(RuntimeError):
-    def __init__(self, report: ValidationReport):
-        self.report = report
-        super().__init__(report.describe())
-
-
 @dataclass
 class ValidationReport:
     success: bool

@@ -4,10 +4,10 @@ class, what it is for and where it will fail. Markdown, logged next to the model
 from __future__ import annotations
 
 
-def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, spec: dict) -> str:
+def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, spec) -> str:
     data, train = lineage["data"], config["train"]
-    classes = spec["classes"]
-    c, h, w = spec["shape"]
+    classes = list(spec.classes)
+    c, h, w = spec.shape
     rows = [
         f"| {k} | {metrics.get(f'test_precision.{k}', 0):.4f} | "
         f"{metrics.get(f'test_recall.{k}', 0):.4f} |"

@@ -1,43 +1,10 @@
-"""Evaluation: metrics on the untouched test split, confusion matrix and learning-curve plots."""
+"""Plots people would rather look at than read: confusion matrix, learning curves, sweeps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    model.eval()
-    x = torch.as_tensor(images, dtype=torch.float32)
-    return torch.cat(
-        [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
-    ).numpy()
-
-
-def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Rows are true classes, columns predicted classes."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (labels, preds), 1)
-    return matrix
-
-
-def metrics(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """Accuracy, macro-F1 and per-class precision/recall (0 where a class is never predicted)."""
-    cm = confusion(labels, preds, len(classes))
-    tp = np.diag(cm).astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.nan_to_num(tp / cm.sum(0))
-        recall = np.nan_to_num(tp / cm.sum(1))
-        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    out = {"test_accuracy": float(tp.sum() / cm.sum()), "test_macro_f1": float(f1.mean())}
-    for i, name in enumerate(classes):
-        out[f"test_precision.{name}"] = float(precision[i])
-        out[f"test_recall.{name}"] = float(recall[i])
-    return out
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:

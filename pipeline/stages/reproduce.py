@@ -63,11 +63,15 @@ def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import lineage, registry, stages
+    from pipeline.registry.versions import versions
+    from pipeline.stages.evaluate import evaluate_stage
+    from pipeline.stages.train import train_stage
+    from pipeline.stages.validate import validate_stage
+    from pipeline.tracking import lineage
 
     mlflow.set_tracking_uri(settings.tracking_uri)
     client = MlflowClient()
-    version = registry.resolve(client, ref)
+    version = versions.resolve(client, ref)
     name, run_id = version.name, version.run_id
     record = lineage.of_run(run_id)
     cfg = resolved_config(mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"))
@@ -79,16 +83,16 @@ def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     print(f"reproduce: {name} v{version.version} (run {run_id}) in {workspace}")
     checkout_version(settings.root, workspace, record["data"])
     here = replace(settings, root=workspace, code_root=settings.code)
-    validation = stages.validate_stage(cfg, here)
+    validation = validate_stage(cfg, here)
     of = {"reproduce.of": f"{name}/{version.version}", "reproduce.of_run": run_id}
-    trained = stages.train_stage(cfg, here, validation, extra_tags=of)
-    stages.evaluate_stage(cfg, here, trained["run_id"])
+    trained = train_stage(cfg, here, validation, extra_tags=of)
+    evaluate_stage(cfg, here, trained["run_id"])
     return compare(client, run_id, trained["run_id"], record, tolerance)
 
 
 def compare(client, recorded_id: str, new_id: str, record: dict, tolerance: float) -> dict:
     """Metric by metric difference, identical weights or not, and what differs in the setup."""
-    from pipeline import lineage, registry
+    from pipeline.tracking import lineage, weights
 
     old, new = client.get_run(recorded_id).data, client.get_run(new_id).data
     metrics = {
@@ -100,8 +104,8 @@ def compare(client, recorded_id: str, new_id: str, record: dict, tolerance: floa
         for key in COMPARED
         if key in old.metrics and key in new.metrics
     }
-    old_weights = registry.load_weights(recorded_id)[0].state_dict()
-    new_weights = registry.load_weights(new_id)[0].state_dict()
+    old_weights = weights.load_weights(recorded_id)[0].state_dict()
+    new_weights = weights.load_weights(new_id)[0].state_dict()
     weights_diff = max(
         float((old_weights[k].double() - new_weights[k].double()).abs().max()) for k in old_weights
     )

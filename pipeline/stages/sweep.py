@@ -40,9 +40,9 @@ def start(cfg: Config, settings: Settings, airflow: dict | None = None) -> str:
     """The parent run; it stays RUNNING until `finish`."""
     from mlflow import MlflowClient
 
-    from pipeline import registry
+    from pipeline.tracking import store
 
-    experiment = registry.configure(settings, cfg.tracking.experiment)
+    experiment = store.configure(settings, cfg.tracking.experiment)
     tags = {
         "mlflow.runName": f"sweep-{cfg.base.dataset}-{len(grid(cfg))}-trials",
         "sweep.grid": json.dumps(cfg.sweep.model_dump()),
@@ -60,12 +60,13 @@ def trial_stage(
     airflow: dict | None = None,
 ) -> dict:
     """Train and evaluate one grid point as a child run of `parent`."""
-    from pipeline import stages
+    from pipeline.stages.evaluate import evaluate_stage
+    from pipeline.stages.train import train_stage
 
     trial = trial_config(cfg, overrides)
     tags = {"mlflow.parentRunId": parent, SWEEP_TAG: parent}
-    trained = stages.train_stage(trial, settings, validation, airflow, resume=True, extra_tags=tags)
-    scores = stages.evaluate_stage(trial, settings, trained["run_id"])
+    trained = train_stage(trial, settings, validation, airflow, resume=True, extra_tags=tags)
+    scores = evaluate_stage(trial, settings, trained["run_id"])
     return {"run_id": trained["run_id"], "overrides": overrides, **scores}
 
 
@@ -75,9 +76,10 @@ def finish(cfg: Config, settings: Settings, parent: str, results: list[dict]) ->
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import evaluate, registry
+    from pipeline.tracking import store
+    from pipeline.training import plots
 
-    registry.configure(settings, cfg.tracking.experiment)
+    store.configure(settings, cfg.tracking.experiment)
     client = MlflowClient()
     metric = cfg.register_.metric
     ranked = sorted(results, key=lambda r: r[metric], reverse=True)
@@ -88,9 +90,9 @@ def finish(cfg: Config, settings: Settings, parent: str, results: list[dict]) ->
         ]
         for r in ranked
     }
-    plots = settings.outputs / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    plot = evaluate.plot_sweep(histories, plots / "sweep_curves.png")
+    plot_dir = settings.outputs / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plot = plots.plot_sweep(histories, plot_dir / "sweep_curves.png")
     client.log_artifact(parent, str(plot), "plots")
     client.log_dict(parent, {"metric": metric, "trials": ranked}, "sweep_results.json")
     client.log_text(parent, _table(ranked, metric), "sweep_results.md")

@@ -1,10 +1,10 @@
-"""The training engine.
+"""The training engine: `fit` builds the network from its spec and runs the epoch loop.
 
-Datasets that fit live on the device as one tensor; a batch is an index slice of a per-epoch
-permutation, augmented on the device. Larger ones stream from a memory-mapped file through a
-DataLoader. The learning rate is a pure function of the step (`optim.lr_factor`), so a checkpoint's
-step count is the whole scheduler state. `fit` knows nothing about MLflow or Airflow: it reports
-each epoch through `on_epoch` and checkpoints to a path it is given.
+The loop is a hand-written PyTorch loop over `batches` (resident on the device, or streamed). The
+learning rate is a pure function of the step (`optim.lr_factor`), so `LoopState` (step, history,
+early-stopping counters) plus the model, optimizer and RNG states is the whole resumable state.
+`fit` knows nothing about MLflow or Airflow: it reports each epoch through `on_epoch` and
+checkpoints to a path it is given.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -24,37 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import checkpoint, distributed
-from pipeline.augment import crop_flip
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.store import Split
-from pipeline.models import build_model
-from pipeline.optim import build_optimizer, lr_factor
-from pipeline.progress import Progress
-
-RESIDENT_MEMORY_SHARE = 0.5  # loader=auto keeps data on the device if it takes at most this share
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the run is stopped and nothing is registered."""
-
-
-class Normalize(nn.Module):
-    """Raw pixel values in, standardized values out, so the saved model takes raw images."""
-
-    def __init__(self, mean: float, std: float):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+from pipeline.errors import CheckpointError, TrainingDiverged
+from pipeline.training import checkpoint, distributed
+from pipeline.training.augment import crop_flip
+from pipeline.training.batches import ResidentBatches, make_batches, pixel_stats, split_validation
+from pipeline.training.models import ModelSpec, rebuild
+from pipeline.training.optim import build_optimizer, lr_factor
+from pipeline.training.progress import Progress
 
 
 @dataclass
 class FitResult:
     model: nn.Module
-    spec: dict  # what `rebuild` needs: model config, input shape, classes, normalization
+    spec: ModelSpec
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
 
@@ -74,124 +58,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-def rebuild(spec: dict) -> nn.Module:
-    """The network described by `spec`, with freshly initialized weights."""
-    from pipeline.config import ModelConfig
-
-    net = build_model(ModelConfig(**spec["model"]), tuple(spec["shape"]), len(spec["classes"]))
-    return nn.Sequential(Normalize(spec["mean"], spec["std"]), net)
-
-
-def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
-    """Carve a validation split out of train; test stays untouched until evaluate."""
-    if fraction == 0:
-        return split, None
-    order = np.random.RandomState(seed).permutation(len(split.labels))
-    n_val = max(1, int(len(order) * fraction))
-    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return (
-        Split(split.images[train], split.labels[train]),
-        Split(split.images[val], split.labels[val]),
-    )
-
-
-def pixel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
-    """Mean and std over every pixel, chunked so a memory-mapped split is never loaded whole."""
-    total = total_sq = 0.0
-    for start in range(0, len(images), chunk):
-        part = np.asarray(images[start : start + chunk], dtype=np.float64)
-        total += part.sum()
-        total_sq += np.square(part).sum()
-    count = images.size
-    mean = float(total / count)  # plain floats: checkpoints hold no numpy objects
-    std = math.sqrt(max(float(total_sq / count) - mean * mean, 0.0))
-    return mean, std or 1.0
-
-
-class ResidentBatches:
-    """The split as one float tensor on the device; batches are slices of a permutation."""
-
-    def __init__(self, split: Split, device, batch_size: int, dist, memory_format):
-        self.x = torch.from_numpy(np.array(split.images, dtype=np.float32)).to(device)
-        self.x = self.x.contiguous(memory_format=memory_format)
-        self.y = torch.from_numpy(np.array(split.labels, dtype=np.int64)).to(device)
-        self.batch_size, self.dist = batch_size, dist
-        self.n, self.samples = len(self.y), len(self.y) // dist.world  # per process, equal
-
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = _shard(torch.randperm(self.n, device=self.x.device, generator=generator), self)
-        for idx in order.split(self.batch_size):
-            yield self.x[idx], self.y[idx]
-
-
-class StreamingBatches:
-    """For splits that do not fit: worker processes read batches from the memory-mapped .npy
-    into pinned memory, a few batches ahead of the device."""
-
-    def __init__(self, split: Split, device, batch_size: int, dist, memory_format):
-        from torch.utils.data import DataLoader
-
-        self.device, self.memory_format = device, memory_format
-        self.batch_size, self.dist = batch_size, dist
-        self.n, self.samples = len(split.labels), len(split.labels) // dist.world
-        self.order: list[np.ndarray] = []
-        workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-        self.loader = DataLoader(
-            _ArrayBatches(split.images, split.labels),
-            batch_size=None,
-            sampler=self,  # iterated in this process: yields this epoch's index batches
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-            persistent_workers=workers > 0,
-        )
-
-    def __iter__(self):
-        return iter(self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = _shard(torch.randperm(self.n, generator=generator), self)
-        self.order = [idx.numpy() for idx in perm.split(self.batch_size)]
-        for xb, yb in self.loader:
-            xb = xb.to(self.device, non_blocking=True).float()
-            yield xb.contiguous(memory_format=self.memory_format), yb.to(self.device)
-
-
-class _ArrayBatches:
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __getitem__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.sort(idx)  # sequential reads from the memory map; order within a batch is moot
-        return torch.from_numpy(np.asarray(self.images[idx])), torch.from_numpy(self.labels[idx])
-
-
-def _shard(order: torch.Tensor, batches) -> torch.Tensor:
-    """This rank's equal share of the epoch's permutation (every rank draws the same one)."""
-    dist = batches.dist
-    if not dist.enabled:
-        return order
-    return order[: batches.samples * dist.world][dist.rank :: dist.world]
-
-
-def make_batches(split: Split, cfg: TrainConfig, device, dist, memory_format):
-    loader = cfg.loader
-    if loader == "auto":
-        need = split.images.size * 4  # float32 on the device
-        if device.type == "cuda":
-            available = torch.cuda.mem_get_info(device)[0]
-        else:
-            import psutil
-
-            available = psutil.virtual_memory().available
-        loader = "resident" if need <= RESIDENT_MEMORY_SHARE * available else "stream"
-    kind = ResidentBatches if loader == "resident" else StreamingBatches
-    return kind(split, device, cfg.batch_size, dist, memory_format)
 
 
 def fit(
@@ -218,13 +84,9 @@ def fit(
         seed_everything(seed)
         train_part, val_part = split_validation(train_split, cfg.val_fraction, seed)
         mean, std = pixel_stats(train_part.images)
-        spec = {
-            "model": cfg.model.model_dump(),
-            "shape": list(train_split.images.shape[1:]),
-            "classes": list(classes),
-            "mean": mean,
-            "std": std,
-        }
+        spec = ModelSpec(
+            cfg.model.model_dump(), tuple(train_split.images.shape[1:]), tuple(classes), mean, std
+        )
         model = rebuild(spec).to(device)
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         fmt = torch.channels_last if cuda and cfg.cuda.channels_last and has_conv else None
@@ -261,6 +123,29 @@ def _set_deterministic(mode: bool) -> None:
         torch.use_deterministic_algorithms(mode)
 
 
+@dataclass
+class LoopState:
+    """What carries over from one epoch to the next, and through a checkpoint."""
+
+    step: int = 0  # the LR schedule's whole state
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    best_val_loss: float = math.inf
+    bad_epochs: int = 0  # epochs without improvement, for early stopping
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+    def to_checkpoint(self) -> dict:
+        return {"format": 1, "epoch": self.epoch, **asdict(self)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> LoopState:
+        state = cls(**{f.name: saved[f.name] for f in fields(cls)})
+        state.history = list(state.history)
+        return state
+
+
 class _Loop:
     """One training run's moving parts; `run` is the epoch loop, `train_epoch` the hot path."""
 
@@ -287,22 +172,20 @@ class _Loop:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.steps_per_epoch = -(-batches.samples // cfg.batch_size)
         self.augment = cfg.augment.crop_padding > 0 or cfg.augment.flip
-        self.step = 0
-        self.history: list[dict] = []
-        self.best_val_loss, self.bad_epochs = math.inf, 0
+        self.state = LoopState()
 
     def run(self, on_epoch, checkpoint_path, resume, extra) -> FitResult:
         if resume is not None:
             self._restore(resume)
         cfg, progress = self.cfg, Progress(self.cfg.epochs, enabled=self.dist.main)
         stopped_early = False
-        for epoch in range(len(self.history) + 1, cfg.epochs + 1):
+        for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
             progress.start_epoch(epoch, self.batches.samples)
             row = self.train_epoch(epoch, progress if progress.live else None)
             if self.val is not None:
                 row.update(self.evaluate())
                 stopped_early = self._no_longer_improving(row["val_loss"])
-            self.history.append(row)
+            self.state.history.append(row)
             if checkpoint_path is not None and self.dist.main:
                 checkpoint.save(self._state(extra), checkpoint_path)
             distributed.barrier(self.dist)
@@ -312,12 +195,13 @@ class _Loop:
             if stopped_early:
                 break
         self.model.eval()
-        return FitResult(self.model.cpu(), self.spec, self.history, stopped_early)
+        return FitResult(self.model.cpu(), self.spec, self.state.history, stopped_early)
 
     def train_epoch(self, epoch: int, progress: Progress | None) -> dict:
         cfg, optimizer, base_lr = self.cfg, self.optimizer, self.cfg.optimizer.lr
         check_every = cfg.max_bad_steps
-        started, lr_at_start = time.perf_counter(), base_lr * self._lr_factor(self.step)
+        state = self.state
+        started, lr_at_start = time.perf_counter(), base_lr * self._lr_factor(state.step)
         self.net.train()
         loss_sum = torch.zeros((), device=self.device)
         for i, (xb, yb) in enumerate(self.batches.epoch(self.generator), start=1):
@@ -327,9 +211,9 @@ class _Loop:
                     self.generator,
                     cfg.augment.crop_padding,
                     cfg.augment.flip,
-                    self.spec["mean"],
+                    self.spec.mean,
                 )
-            lr = base_lr * self._lr_factor(self.step)
+            lr = base_lr * self._lr_factor(state.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with self.autocast():
@@ -342,7 +226,7 @@ class _Loop:
                 optimizer.step()
             else:
                 self._scaled_step(loss)
-            self.step += 1
+            state.step += 1
             loss_sum += loss.detach()
             if i % check_every == 0 and not torch.isfinite(loss_sum):  # one sync per check
                 self._diverged(epoch)
@@ -394,23 +278,19 @@ class _Loop:
 
     def _no_longer_improving(self, val_loss: float) -> bool:
         """Early stopping on validation loss; patience 0 never stops."""
-        if val_loss < self.best_val_loss - self.cfg.early_stopping.min_delta:
-            self.best_val_loss, self.bad_epochs = val_loss, 0
+        state = self.state
+        if val_loss < state.best_val_loss - self.cfg.early_stopping.min_delta:
+            state.best_val_loss, state.bad_epochs = val_loss, 0
         else:
-            self.bad_epochs += 1
+            state.bad_epochs += 1
         patience = self.cfg.early_stopping.patience
-        return patience > 0 and self.bad_epochs >= patience
+        return patience > 0 and state.bad_epochs >= patience
 
     def _state(self, extra: dict) -> dict:
         return {
             **extra,
-            "format": 1,
-            "epoch": len(self.history),
-            "step": self.step,  # the LR schedule's whole state
-            "history": self.history,
-            "best_val_loss": self.best_val_loss,
-            "bad_epochs": self.bad_epochs,
-            "spec": self.spec,
+            **self.state.to_checkpoint(),
+            "spec": self.spec.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
@@ -418,8 +298,8 @@ class _Loop:
         }
 
     def _restore(self, state: dict) -> None:
-        if state.get("spec") != self.spec:
-            raise checkpoint.CheckpointError(
+        if state.get("spec") != self.spec.to_dict():
+            raise CheckpointError(
                 "the checkpoint was written for another model, input shape or normalization; "
                 "delete it or train without --resume"
             )
@@ -427,6 +307,5 @@ class _Loop:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.history = state["step"], list(state["history"])
-        self.best_val_loss, self.bad_epochs = state["best_val_loss"], state["bad_epochs"]
+        self.state = LoopState.from_checkpoint(state)
         checkpoint.restore_rng(state["rng"], self.generator)

@@ -1,0 +1,122 @@
+"""What the four DAGs share: where the project is, the data Asset, pools, default_args with the
+failure alert, the params.yaml values the trigger forms start from, and the task helpers.
+
+Airflow puts the DAG folder on sys.path, so the DAG files `import dag_support`; .airflowignore
+keeps it from being parsed as a DAG. Like the DAG files it imports no pipeline code at the top:
+parsing stays fast and free of torch, MLflow and GX.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+from airflow.sdk import Asset, Param, get_current_context
+from airflow.sdk.exceptions import AirflowFailException
+
+PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
+# Updated by publish_dataset when it records a new data version; the training DAG runs on it.
+DATA = Asset(name="pipeline-data", uri=(PROJECT_ROOT / "data.dvc").as_uri())
+PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
+GPU_POOL = "gpu"  # slots = GPUs on the worker (1 on CPU): one training per device
+# What every training task (train, each sweep trial) runs with: a GPU slot, hours of time, and
+# under the KubernetesExecutor (others ignore it) a pod on a GPU node.
+GPU_TASK = {
+    "pool": GPU_POOL,
+    "execution_timeout": timedelta(hours=6),
+    "executor_config": {
+        "pod_template_file": str(PROJECT_ROOT / "infra/helm/gpu-pod-template.yaml")
+    },
+}
+
+
+def alert(context) -> None:
+    """on_failure_callback: the ALERT log line and webhook of pipeline/alerts.py, imported late."""
+    from pipeline.alerts import on_failure
+
+    on_failure(context)
+
+
+def default_args(**changes) -> dict:
+    """Retries with backoff (30 s, then 60 s, at most 10 min apart: a flaky store gets time to
+    recover), a timeout, and the failure alert; `changes` for a DAG that needs other values."""
+    return {
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=10),
+        "execution_timeout": timedelta(minutes=30),
+        "on_failure_callback": alert,
+        **changes,
+    }
+
+
+def params_yaml() -> dict:
+    """params.yaml as written, for the trigger forms' starting values (the one source of
+    defaults). A file that does not parse leaves the forms empty; the first task then fails
+    with the config error that names the problem."""
+    try:
+        return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def param(params: dict, dotted: str):
+    """A value of params.yaml by its dotted key (None where the file has no such key)."""
+    node = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def form_param(default, **schema) -> Param:
+    """A trigger-form field starting at `default` (from params.yaml). Where params.yaml gave no
+    value (it does not parse), the field also takes null, so a scheduled run still starts and
+    its first task fails with the config error and the alert."""
+    if default is None:
+        if "enum" in schema:
+            schema["enum"] = [None, *schema["enum"]]
+        if "type" in schema:
+            schema["type"] = ["null", schema["type"]]
+    return Param(default, **schema)
+
+
+@contextmanager
+def permanent_errors():
+    """Bad config, bad or untracked data, failed validation, divergence, an untrusted checkpoint
+    or a model reference that does not resolve will not fix themselves: fail, no retry."""
+    from pipeline.errors import PermanentError
+
+    try:
+        yield
+    except (PermanentError, LookupError) as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def airflow_ids() -> dict:
+    """Where a run came from, for lineage: which DAG, which run, which try."""
+    ctx = get_current_context()
+    return {
+        "dag_id": ctx["dag"].dag_id,
+        "run_id": ctx["run_id"],
+        "try_number": ctx["ti"].try_number,
+    }
+
+
+def settings():
+    from pipeline.settings import Settings
+
+    return Settings.from_env(PROJECT_ROOT)
+
+
+def config(resolved: dict | None = None):
+    """The config a previous task resolved, or params.yaml as it is now."""
+    from pipeline.config import load_config, resolved_config
+
+    with permanent_errors():
+        return resolved_config(resolved) if resolved else load_config(settings().params)

@@ -1,0 +1,77 @@
+"""`pipeline` command line: parse, run the subcommand's handler, and turn the failures that have
+a known cause and fix into one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from pipeline.cli.commands import HANDLERS, LOCAL_COMMANDS
+from pipeline.cli.parser import build_parser
+from pipeline.errors import ConfigError, DataError, PermanentError, ValidationFailed
+from pipeline.settings import Settings
+
+__all__ = ["build_parser", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # stdout is the command's JSON result: no download bars, no "View run at" lines in it.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    settings = Settings.from_env()
+    try:
+        if args.command not in LOCAL_COMMANDS:
+            from pipeline.tracking.server import wait_for_server
+
+            wait_for_server(settings)
+        return HANDLERS[args.command](args, settings)
+    except (PermanentError, LookupError) as exc:  # LookupError: a model that does not resolve
+        print(_permanent(exc), file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except Exception as exc:
+        message = _known_failure(exc, settings)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
+
+
+def _permanent(exc: Exception) -> str:
+    if isinstance(exc, ValidationFailed):  # the stage printed the full report already
+        return "error: validation failed; this data version must not be trained on"
+    kind = {ConfigError: "config error", DataError: "data error"}.get(type(exc), "error")
+    return f"{kind}: {exc}"
+
+
+def _known_failure(exc: Exception, settings: Settings) -> str | None:
+    """One line for failures that have a known cause and fix, else None (a traceback)."""
+    from pipeline.errors import RegistryUnavailable
+
+    if isinstance(exc, RegistryUnavailable):
+        return f"error: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (
+            f"error: disk full{where}; nothing half-written was kept. Free space on that disk "
+            "and run the command again"
+        )
+    store_error = _store_error(exc)
+    if store_error:
+        return (
+            f"error: the MLflow store at {settings.tracking_uri} cannot be read ({store_error}); "
+            "restore it from a backup, or move it aside to start an empty store"
+        )
+    return None
+
+
+def _store_error(exc: BaseException) -> str | None:
+    """The database error behind an MLflow failure (a corrupt or foreign mlflow.db), if any."""
+    from sqlalchemy.exc import DatabaseError
+
+    while exc is not None:
+        if isinstance(exc, DatabaseError):
+            return str(exc.orig or exc).splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,0 +1,231 @@
+"""One handler per subcommand: `(args, settings) -> exit code`. Each calls a stage or a registry
+function and prints its result (JSON, or the tables of `display`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.cli import display
+from pipeline.config import Config, load_config, parse_overrides
+from pipeline.errors import DataError
+from pipeline.settings import Settings
+
+LOCAL_COMMANDS = {"data", "check-data"}  # everything else talks to MLflow
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> Config:
+    """params.yaml (or --params) with --preset, --dataset, --source-dir and --set applied."""
+    overrides = parse_overrides(args.overrides)
+    if getattr(args, "preset", None):
+        overrides["base.preset"] = args.preset
+    if getattr(args, "dataset", None):
+        overrides["base.dataset"] = args.dataset
+    if getattr(args, "source_dir", None):
+        overrides["data.source_dir"] = str(args.source_dir.resolve())
+    return load_config(args.params or settings.params, overrides)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise DataError(f"{path} not found; run `pipeline {what}` first")
+    return json.loads(path.read_text())
+
+
+def _print(result: dict) -> int:
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def data(args, settings: Settings) -> int:
+    from pipeline.data import materialize
+
+    cfg = _config(args, settings)
+    source = Path(cfg.data.source_dir) if cfg.data.source_dir else None
+    md5 = materialize(
+        cfg.base.dataset,
+        settings.root,
+        settings.data_dir,
+        source,
+        cfg.data.download,
+        cfg.data.test_fraction,
+        cfg.data.image_size,
+    )
+    print(json.dumps({"dataset": cfg.base.dataset, "data_md5": md5}))
+    return 0
+
+
+def check_data(args, settings: Settings) -> int:
+    from pipeline.stages.validate import check_data_stage
+
+    return _print(check_data_stage(_config(args, settings), settings))
+
+
+def validate(args, settings: Settings) -> int:
+    from pipeline.stages.validate import validate_stage
+
+    return _print(validate_stage(_config(args, settings), settings))
+
+
+def train(args, settings: Settings) -> int:
+    from pipeline.stages.train import train_stage
+
+    cfg = _config(args, settings)
+    if args.nproc > 1:
+        from pipeline.training.distributed import launch
+
+        return launch(args.nproc, _train_argv(args))
+    validation = _read_json(settings.outputs / "validation.json", "validate")
+    result = train_stage(cfg, settings, validation, resume=args.resume)
+    return _print(result) if result else 0  # {}: a torchrun worker; rank 0 reports
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The same `pipeline train` command, for each torchrun process."""
+    argv = ["train"]
+    if args.params:
+        argv += ["--params", str(args.params.resolve())]
+    if args.preset:
+        argv += ["--preset", args.preset]
+    for pair in args.overrides:
+        argv += ["--set", pair]
+    return argv + (["--resume"] if args.resume else [])
+
+
+def _run_id(args, settings: Settings) -> str:
+    return args.run_id or _read_json(settings.outputs / "train.json", "train")["run_id"]
+
+
+def evaluate(args, settings: Settings) -> int:
+    from pipeline.stages.evaluate import evaluate_stage
+
+    cfg = _config(args, settings)
+    return _print(evaluate_stage(cfg, settings, _run_id(args, settings)))
+
+
+def register(args, settings: Settings) -> int:
+    from pipeline.stages.register import register_stage
+
+    cfg = _config(args, settings)
+    return _print(register_stage(cfg, settings, _run_id(args, settings)))
+
+
+def promote(args, settings: Settings) -> int:
+    from pipeline.stages.register import promote_stage
+
+    cfg = _config(args, settings)
+    return _print(promote_stage(cfg, settings, args.model, args.reason, args.force))
+
+
+def rollback(args, settings: Settings) -> int:
+    from pipeline.stages.register import rollback_stage
+
+    return _print(rollback_stage(settings, args.model, args.reason))
+
+
+def predict(args, settings: Settings) -> int:
+    from pipeline.stages.predict import predict_stage
+    from pipeline.tracking import server, store
+
+    with server.reachable(settings):
+        client = store.client(settings)
+        return _print(predict_stage(client, args.model, args.input, args.output))
+
+
+def reproduce(args, settings: Settings) -> int:
+    from pipeline.stages.reproduce import describe, reproduce
+
+    report = reproduce(settings, args.model, args.tolerance)
+    print(describe(report))
+    return 0 if report["reproduced"] else 1
+
+
+def lineage(args, settings: Settings) -> int:
+    """The model version, its run and scores, then the lineage record its run logged."""
+    from pipeline.registry import versions
+    from pipeline.tracking import lineage, store
+
+    client = store.client(settings)
+    version = versions.resolve(client, args.model)
+    with store.run_artifacts(version.run_id, "record"):
+        run = client.get_run(version.run_id)
+    aliases = client.get_registered_model(version.name).aliases or {}
+    model = {
+        "name": version.name,
+        "version": int(version.version),
+        "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version.version)),
+        "run_id": version.run_id,
+        "model_uri": run.data.tags.get("model_uri"),
+        "metrics": {k: run.data.metrics.get(k) for k in ("test_accuracy", "test_macro_f1")},
+        "promotion": version.tags.get("promotion.decision"),
+    }
+    return _print({"model": model, **lineage.of_run(version.run_id)})
+
+
+def history(args, settings: Settings) -> int:
+    from pipeline.registry import promotion, versions
+    from pipeline.tracking import server, store
+
+    with server.reachable(settings):
+        client = store.client(settings)
+        versions.registered_model(client, args.model)
+        events = promotion.history(client, args.model)
+    if args.json:
+        return _print(events)
+    print(display.history(args.model, events))
+    return 0
+
+
+def status(args, settings: Settings) -> int:
+    from pipeline.registry.versions import model_status
+    from pipeline.tracking import store
+
+    models = model_status(store.client(settings))
+    if args.json:
+        return _print(models)
+    print(display.status(models))
+    return 0
+
+
+def summary(args, settings: Settings) -> int:
+    """The latest run's data version, validation, accuracy, and its registered version."""
+    from pipeline.registry.versions import model_status
+    from pipeline.tracking import store
+
+    client = store.client(settings)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        print("no runs yet; run `make run`")
+        return 1
+    run = runs[0]
+    registered = [
+        (m["name"], v)
+        for m in model_status(client)
+        for v in m["versions"]
+        if v["run_id"] == run.info.run_id
+    ]
+    print(display.summary(run, registered, settings.tracking_uri))
+    return 0
+
+
+HANDLERS = {
+    "data": data,
+    "check-data": check_data,
+    "validate": validate,
+    "train": train,
+    "evaluate": evaluate,
+    "register": register,
+    "promote": promote,
+    "rollback": rollback,
+    "predict": predict,
+    "reproduce": reproduce,
+    "lineage": lineage,
+    "history": history,
+    "status": status,
+    "summary": summary,
+}

@@ -1,0 +1,104 @@
+"""The `pipeline` command line's arguments: one subcommand per stage, plus data, the registry
+commands, status and summary."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", type=Path, help="params file (default: params.yaml in the project)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. --set train.optimizer.name=adam (repeatable)",
+    )
+    parser.add_argument("--preset", help="a recipe from params.yaml `presets:` (base.preset)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description="train, register and serve image classifiers"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="materialize and version a dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pull = data_sub.add_parser("pull", help="write the dataset to data/, dvc add + push it")
+    _common(pull)
+    pull.add_argument("--dataset", help="digits | mnist | fashion_mnist | cifar10 | imagefolder")
+    pull.add_argument("--source-dir", type=Path, help="raw files / class folders (data.source_dir)")
+
+    for name, text in (
+        ("check-data", "check data/ is present and matches data.dvc"),
+        ("validate", "run the Great Expectations suite; write Data Docs"),
+    ):
+        _common(sub.add_parser(name, help=text))
+    train = sub.add_parser("train", help="train on validated data; log to MLflow")
+    _common(train)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run of these params and data from its last checkpoint",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (torchrun; one per GPU, gloo on CPU)",
+    )
+    for name, text in (
+        ("evaluate", "score the trained model on the test split"),
+        ("register", "register the model; promote it if it passes the gate"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--run-id", help="MLflow run (default: the one in outputs/train.json)")
+
+    ref_help = "NAME/VERSION, NAME@ALIAS, or NAME for its champion (e.g. image-classifier/3)"
+    lineage = sub.add_parser("lineage", help="what data, code, params and run made a model")
+    lineage.add_argument("model", help=ref_help)
+    reproduce = sub.add_parser(
+        "reproduce", help="retrain a registered model from its lineage; compare the metrics"
+    )
+    reproduce.add_argument("model", help=ref_help)
+    reproduce.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest metric difference that still counts as reproduced (default 0: exact)",
+    )
+
+    promote = sub.add_parser(
+        "promote", help="make a version champion (the promotion policy, unless --force)"
+    )
+    _common(promote)
+    promote.add_argument("model", help="NAME/VERSION (e.g. image-classifier/3)")
+    promote.add_argument("--reason", help="why; recorded in the alias history")
+    promote.add_argument("--force", action="store_true", help="skip the policy (needs --reason)")
+    rollback = sub.add_parser("rollback", help="champion <- previous-champion, recorded")
+    _common(rollback)
+    rollback.add_argument("model", help="registered model name")
+    rollback.add_argument("--reason", default="manual rollback", help="recorded in the history")
+    history = sub.add_parser("history", help="which version held which alias when, and why")
+    history.add_argument("model", help="registered model name")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+    predict = sub.add_parser("predict", help="score images with a registered model")
+    predict.add_argument("--model", default="image-classifier@champion", help=ref_help)
+    predict.add_argument(
+        "--input", type=Path, required=True, help="a folder of images or an .npy file"
+    )
+    predict.add_argument(
+        "--output", type=Path, default=Path("predictions.csv"), help=".csv or .json"
+    )
+
+    status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
+    return parser

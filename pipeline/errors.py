@@ -1,0 +1,39 @@
+"""What can go wrong, by whether a retry can fix it.
+
+`PermanentError` and its kinds will not fix themselves: the CLI reports them in one line and the
+DAG tasks fail at once, without retries. `RegistryUnavailable` is transient: retried with backoff.
+"""
+
+from __future__ import annotations
+
+
+class PermanentError(RuntimeError):
+    """Bad config, bad or untracked data, a diverged run, an untrusted checkpoint."""
+
+
+class ConfigError(PermanentError, ValueError):
+    """params.yaml or an override names an unknown key or an impossible value."""
+
+
+class DataError(PermanentError):
+    """The dataset on disk is missing, unreadable, inconsistent or not the tracked version."""
+
+
+class ValidationFailed(PermanentError):
+    """The data failed its expectations; `report` (a `ValidationReport`) says which."""
+
+    def __init__(self, report):
+        self.report = report
+        super().__init__(report.describe())
+
+
+class TrainingDiverged(PermanentError):
+    """The loss became NaN/Inf; the run is stopped and nothing is registered."""
+
+
+class CheckpointError(PermanentError):
+    """A checkpoint file cannot be trusted or read; delete it to start over."""
+
+
+class RegistryUnavailable(RuntimeError):
+    """MLflow did not answer after its retries; nothing was promoted."""

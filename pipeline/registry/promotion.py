@@ -1,0 +1,85 @@
+"""Alias moves with a recorded history, and rollback.
+
+Aliases: `challenger` = newest candidate, `champion` = serving model, `previous-champion` = the one
+it replaced. MLflow keeps no alias history, so every move is also written as a registered-model
+tag `alias_history.<ns>` holding {at, alias, version, previous, reason, by}.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+from datetime import UTC, datetime
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+
+
+HISTORY_TAG = "alias_history."
+
+
+def actor(airflow: dict | None = None) -> str:
+    """Who or what moved an alias: the Airflow run, or the user at the host."""
+    if airflow:
+        return f"airflow:{airflow['dag_id']}/{airflow['run_id']} try {airflow['try_number']}"
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+
+
+def alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def move_alias(client, name: str, alias: str, version: int, reason: str, by: str) -> None:
+    """Point `alias` at `version` and append the move to the model's alias history."""
+    current = alias_version(client, name, alias)
+    previous = int(current.version) if current is not None else None
+    if previous == int(version):
+        return
+    client.set_registered_model_alias(name, alias, str(version))
+    event = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "alias": alias,
+        "version": int(version),
+        "previous": previous,
+        "reason": reason,
+        "by": by,
+    }
+    client.set_registered_model_tag(name, f"{HISTORY_TAG}{time.time_ns()}", json.dumps(event))
+
+
+def crown(client, name: str, version: int, reason: str, by: str) -> None:
+    """Make `version` champion; the one it replaces becomes previous-champion."""
+    current = alias_version(client, name, CHAMPION)
+    if current is not None and int(current.version) == int(version):
+        return
+    if current is not None:
+        move_alias(client, name, PREVIOUS, int(current.version), f"replaced by v{version}", by)
+    move_alias(client, name, CHAMPION, version, reason, by)
+
+
+def rollback(client, name: str, reason: str, by: str) -> tuple[int, int]:
+    """champion <- previous-champion (and the other way round, so a rollback can be undone).
+    Returns (from version, to version)."""
+    champion = alias_version(client, name, CHAMPION)
+    previous = alias_version(client, name, PREVIOUS)
+    if champion is None or previous is None:
+        raise LookupError(
+            f"{name} has no {'champion' if champion is None else 'previous-champion'} to roll "
+            "back from; `pipeline history` shows the alias moves so far"
+        )
+    old, new = int(champion.version), int(previous.version)
+    move_alias(client, name, PREVIOUS, old, f"rolled back from v{old}", by)
+    move_alias(client, name, CHAMPION, new, f"rollback: {reason}", by)
+    return old, new
+
+
+def history(client, name: str) -> list[dict]:
+    """Every recorded alias move of `name`, oldest first."""
+    tags = client.get_registered_model(name).tags or {}
+    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_TAG)]

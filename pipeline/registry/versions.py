@@ -1,0 +1,143 @@
+"""Registered model versions: created pending and completed, found again by run id, resolved
+from a reference, listed with their status; the promotion lock."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from pipeline.settings import Settings
+from pipeline.tracking.server import connection_failure
+from pipeline.tracking.store import run_or_none
+
+if TYPE_CHECKING:
+    pass
+
+STATUS_TAG = "registration.status"  # pending until register finished; only complete ones promote
+
+
+@contextmanager
+def promotion_lock(settings: Settings, name: str):
+    """One registration/promotion of `name` at a time on this machine; across Airflow workers
+    the `promotion` pool (one slot) serializes the register tasks."""
+    import fcntl
+
+    path = settings.outputs / "locks" / f"promotion-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def create_version(client, name: str, run, tags: dict):
+    """A new version of the run's logged model, pending until `complete`: a crash in between
+    leaves it pending (never promoted) and the retried register, finding it, completes it."""
+    import mlflow
+
+    return mlflow.register_model(
+        run.data.tags["model_uri"], name, tags={**tags, STATUS_TAG: "pending"}
+    )
+
+
+def complete(client, name: str, version: int) -> None:
+    client.set_model_version_tag(name, str(version), STATUS_TAG, "complete")
+
+
+def require_complete(version) -> None:
+    status = version.tags.get(STATUS_TAG, "complete")  # versions from before the tag existed
+    if status != "complete":
+        raise LookupError(
+            f"{version.name} v{version.version} did not finish registering ({STATUS_TAG} "
+            f"{status}); complete it with `pipeline register --run-id {version.run_id}`"
+        )
+
+
+def record_decision(client, name: str, version: int, run_id: str, report: dict, text: str):
+    """The decision report: JSON + markdown on the run, the gist as model-version tags."""
+    client.log_dict(run_id, report, "promotion/decision.json")
+    client.log_text(run_id, text, "promotion/decision.md")
+    decision = report["decision"]
+    for key, value in (
+        ("promotion.decision", decision["reason"]),
+        ("promotion.rule", decision["rule"]),
+        ("promotion.report", json.dumps(report)[:5000]),
+    ):
+        client.set_model_version_tag(name, str(version), key, value)
+
+
+def find_version(client, name: str, run_id: str):
+    """The version already registered from `run_id`, so a retried task does not add another."""
+    versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def resolve(client, ref: str):
+    """`NAME` (its champion), `NAME@ALIAS` or `NAME/VERSION` -> the model version.
+
+    Raises LookupError naming what exists when the reference does not resolve."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry.promotion import CHAMPION
+
+    name, alias, version = ref, CHAMPION, None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    model = registered_model(client, name)
+    if version is None:
+        if alias not in (model.aliases or {}):
+            known = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "none"
+            raise LookupError(f"{name} has no alias @{alias}; its aliases: {known}")
+        return client.get_model_version_by_alias(name, alias)
+    try:
+        return client.get_model_version(name, str(int(version)))
+    except (MlflowException, ValueError):
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise LookupError(
+            f"{name} has no version {version!r}; versions: {', '.join(map(str, versions))}"
+        ) from None
+
+
+def registered_model(client, name: str):
+    """The registered model `name`, or LookupError naming the ones that exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if connection_failure(exc):
+            raise
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none yet"
+        raise LookupError(f"no registered model {name!r}; registered models: {known}") from None
+
+
+def model_status(client) -> list[dict]:
+    """Every registered model with its versions, aliases, key metrics and data md5."""
+    models = []
+    for rm in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        versions = []
+        for v in sorted(
+            client.search_model_versions(f"name='{rm.name}'"), key=lambda v: int(v.version)
+        ):
+            run = run_or_none(client, v.run_id)
+            run_metrics = run.data.metrics if run else {}
+            versions.append(
+                {
+                    "version": int(v.version),
+                    "aliases": sorted(aliases.get(str(v.version), [])),
+                    "run_id": v.run_id,
+                    "data_md5": v.tags.get("data.md5", ""),
+                    "dataset": v.tags.get("data.dataset", ""),
+                    "test_accuracy": run_metrics.get("test_accuracy"),
+                    "test_macro_f1": run_metrics.get("test_macro_f1"),
+                    "status": v.tags.get(STATUS_TAG, "complete") if run else "run deleted",
+                    "created": v.creation_timestamp,
+                }
+            )
+        models.append({"name": rm.name, "versions": versions})
+    return models

@@ -1,0 +1,162 @@
+"""register and promote: a version per run (idempotent), the policy moves champion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+from pipeline.data import check_data
+from pipeline.files import write_json
+from pipeline.settings import Settings
+from pipeline.stages.evaluate import rescore
+
+
+def _gate(cfg: Config, settings: Settings, client, name: str, version: int, challenger: dict):
+    """Decide against the current champion, re-read it right before the alias would move, and
+    decide again if another promotion moved it meanwhile. Returns (decision, champion)."""
+    from pipeline.registry import policy, promotion
+
+    for _ in range(3):
+        champion = promotion.alias_version(client, name, promotion.CHAMPION)
+        if champion is not None and int(champion.version) == version:
+            reason = f"v{version} is already champion (a retried task)"
+            return policy.Decision(True, "already_champion", reason), champion
+        scored, mismatch = (
+            (None, "") if champion is None else rescore(cfg, settings, champion.run_id)
+        )
+        decision = policy.decide(cfg.register_, challenger, scored, mismatch)
+        now = promotion.alias_version(client, name, promotion.CHAMPION)
+        if (now and now.version) == (champion and champion.version):
+            return decision, champion
+    raise RuntimeError(f"the champion of {name} kept moving during this promotion; run it again")
+
+
+def _decided(client, name: str, version: int, run_id: str, decision, champion, cfg, by, data_md5):
+    """Record the decision report (`data_md5`: the data both models were scored on); return the
+    stage's small JSON result."""
+    from datetime import UTC, datetime
+
+    from pipeline.registry import policy, versions
+
+    report = {
+        "model": name,
+        "version": version,
+        "metric": cfg.register_.metric,
+        "decision": decision.to_dict(),
+        "champion_version": int(champion.version) if champion is not None else None,
+        "data_md5": data_md5,
+        "policy": cfg.register_.model_dump(),
+        "by": by,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    versions.record_decision(client, name, version, run_id, report, policy.report_markdown(report))
+    aliases = client.get_registered_model(name).aliases or {}
+    return {
+        "model_name": name,
+        "version": version,
+        "aliases": sorted(a for a, v in aliases.items() if int(v) == version),
+        "promoted": decision.promote,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        **{k: v for k, v in decision.scores.items() if v is not None},
+    }
+
+
+def register_stage(
+    cfg: Config, settings: Settings, run_id: str, airflow: dict | None = None
+) -> dict:
+    """Register the run's model (idempotent: a retry finds its version), alias it challenger,
+    write its model card, and let the policy decide on champion. One promotion per model at a
+    time; a version stays `pending` until all of this has happened."""
+    from mlflow import MlflowClient
+
+    from pipeline.registry import model_card, promotion, versions
+    from pipeline.tracking import lineage, server, store, weights
+
+    name, by = cfg.register_.model_name, promotion.actor(airflow)
+    with server.reachable(settings), versions.promotion_lock(settings, name):
+        store.configure(settings, cfg.tracking.experiment)
+        client = MlflowClient()
+        run = client.get_run(run_id)
+        metric = cfg.register_.metric
+        if metric not in run.data.metrics:
+            raise RuntimeError(f"run {run_id} has no {metric}; run `pipeline evaluate` first")
+        record = lineage.of_run(run_id)
+        found = versions.find_version(client, name, run_id)
+        version = found or versions.create_version(
+            client, name, run, {**lineage.tags(record), metric: str(run.data.metrics[metric])}
+        )
+        v = int(version.version)
+        _, spec = weights.load_weights(run_id)
+        config = client.download_artifacts(run_id, "config.json")
+        card = model_card.render(
+            name, v, record, json.loads(Path(config).read_text()), run.data.metrics, spec
+        )
+        client.log_text(run_id, card, "model_card.md")
+        promotion.move_alias(client, name, promotion.CHALLENGER, v, "newest candidate", by)
+        decision, champion = _gate(cfg, settings, client, name, v, run.data.metrics)
+        if decision.promote:
+            promotion.crown(client, name, v, decision.reason, by)
+        md5 = run.data.tags.get("data.md5")
+        out = _decided(client, name, v, run_id, decision, champion, cfg, by, md5)
+        versions.complete(client, name, v)
+    write_json(settings.outputs / "registered.json", out)
+    return out
+
+
+def promote_stage(
+    cfg: Config,
+    settings: Settings,
+    ref: str,
+    reason: str | None = None,
+    force: bool = False,
+    airflow: dict | None = None,
+) -> dict:
+    """Make a registered version champion by hand: the same policy, both models scored on the
+    current data version, unless `force` (which needs a reason, kept in the history)."""
+    from mlflow import MlflowClient
+
+    from pipeline.registry import policy, promotion, versions
+    from pipeline.tracking import server, store
+
+    if force and not reason:
+        raise ConfigError("--force needs --reason: it is recorded in the alias history")
+    by = promotion.actor(airflow)
+    with server.reachable(settings):
+        store.configure(settings, cfg.tracking.experiment)
+        client = MlflowClient()
+        version = versions.resolve(client, ref)
+        name, v = version.name, int(version.version)
+        versions.require_complete(version)
+        with versions.promotion_lock(settings, name):
+            if force:
+                champion = promotion.alias_version(client, name, promotion.CHAMPION)
+                decision = policy.Decision(True, "forced", f"forced: {reason}")
+                md5 = None  # nothing was scored
+            else:
+                md5 = check_data(cfg.base.dataset, settings.root, settings.data_dir)["data_md5"]
+                challenger, mismatch = rescore(cfg, settings, version.run_id)
+                if mismatch:
+                    raise LookupError(
+                        f"{name} v{v} was built for other inputs or classes than data/ holds "
+                        f"({mismatch}); check out its data version first (`pipeline lineage`), "
+                        "or --force"
+                    )
+                decision, champion = _gate(cfg, settings, client, name, v, challenger)
+            if decision.promote:
+                note = f" ({reason})" if reason and not force else ""
+                promotion.crown(client, name, v, f"{decision.reason}{note}", by)
+            return _decided(client, name, v, version.run_id, decision, champion, cfg, by, md5)
+
+
+def rollback_stage(settings: Settings, name: str, reason: str) -> dict:
+    """champion <- previous-champion, recorded in the alias history."""
+    from pipeline.registry import promotion, versions
+    from pipeline.tracking import server, store
+
+    with server.reachable(settings), versions.promotion_lock(settings, name):
+        client = store.client(settings)
+        versions.registered_model(client, name)
+        old, new = promotion.rollback(client, name, reason, promotion.actor())
+    return {"model_name": name, "champion": new, "previous-champion": old, "reason": reason}

@@ -1,0 +1,70 @@
+"""The MLflow store: pointing MLflow at it (the one place that sets the tracking URI), and runs
+that may have been deleted."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.settings import Settings
+from pipeline.tracking.server import connection_failure
+
+
+def configure(settings: Settings, experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id (created with our artifact root)."""
+    import mlflow
+
+    if settings.tracking_uri.startswith("sqlite:///"):
+        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        exp_id = found.experiment_id
+    else:
+        exp_id = mlflow.create_experiment(
+            experiment, artifact_location=f"{settings.artifact_root.rstrip('/')}/{experiment}"
+        )
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextmanager
+def run_artifacts(run_id: str, what: str):
+    """A run or its artifacts deleted from MLflow becomes a LookupError that says so and what
+    to do; a server that cannot be reached stays that (see `reachable`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        if connection_failure(exc):
+            raise
+        raise LookupError(
+            f"the {what} of run {run_id} cannot be read from MLflow "
+            f"({str(exc).splitlines()[0][:200]}): the run or its artifacts were deleted. "
+            "Serve a version whose run exists (`pipeline status` lists them; `pipeline "
+            "rollback` / `pipeline promote` move champion), or train a new one"
+        ) from None
+
+
+def run_or_none(client, run_id: str | None):
+    """The run, or None when it was deleted from the store (`mlflow gc`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id) if run_id else None
+    except MlflowException as exc:
+        if connection_failure(exc):
+            raise
+        return None
+
+
+def client(settings: Settings):
+    """An MLflow client on the store (for commands that need no experiment)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    return MlflowClient()

@@ -1,0 +1,38 @@
+"""Batched inference: one pass over images (resident or memory-mapped), a batch at a time, so
+memory holds one batch of float pixels, never the whole split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+BATCH_SIZE = 1024
+
+
+@torch.no_grad()
+def batched(
+    model: nn.Module,
+    images: np.ndarray,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = BATCH_SIZE,
+) -> np.ndarray:
+    """`head(logits)` of every image, concatenated in order; the model is put in eval mode."""
+    model.eval()
+    outputs = [
+        head(model(torch.as_tensor(np.asarray(images[i : i + batch_size], dtype=np.float32))))
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outputs).numpy()
+
+
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """The predicted class index of every image."""
+    return batched(model, images, lambda logits: logits.argmax(1), batch_size)
+
+
+def probabilities(model: nn.Module, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Every image's class probabilities (softmax), N x classes."""
+    return batched(model, images, lambda logits: logits.softmax(1), batch_size)
