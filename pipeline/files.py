@@ -5,26 +5,26 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 
 def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Path:
-    """Call `write(handle)` on a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Call `write(handle)` on `.NAME.tmp` beside `path`, fsync it, then rename it over `path`.
+
+    The temporary name is fixed, so the next write replaces what a killed writer left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as handle:
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # after a failed write (a full disk): no leftover
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write (a full disk): no leftover
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -27,7 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pipeline", description="train, register and serve image classifiers"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _stage_commands(sub)
+    _model_commands(sub)
+    status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
+    return parser
 
+
+def _stage_commands(sub) -> None:
+    """data pull and the stages of dvc.yaml, each taking --params / --set / --preset."""
     data = sub.add_parser("data", help="materialize and version a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pull = data_sub.add_parser("pull", help="write the dataset to data/, dvc add + push it")
@@ -61,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--run-id", help="MLflow run (default: the one in outputs/train.json)")
 
+
+def _model_commands(sub) -> None:
+    """What works on registered models: lineage, reproduce, promote, rollback, history, predict."""
     ref_help = "NAME/VERSION, NAME@ALIAS, or NAME for its champion (e.g. image-classifier/3)"
     lineage = sub.add_parser("lineage", help="what data, code, params and run made a model")
     lineage.add_argument("model", help=ref_help)
@@ -97,8 +109,3 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--output", type=Path, default=Path("predictions.csv"), help=".csv or .json"
     )
-
-    status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
-    return parser

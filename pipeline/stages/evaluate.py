@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+
 from pipeline.config import Config
-from pipeline.data import check_data, read_dataset
+from pipeline.data import Dataset, check_data, read_dataset
 from pipeline.files import write_json
 from pipeline.settings import Settings
 
@@ -42,14 +45,24 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     return {"run_id": run_id, **summary}
 
 
-def rescore(cfg: Config, settings: Settings, run_id: str) -> tuple[dict, str]:
-    """A model's metrics on the current data's test split (a fair comparison even when the data
-    changed), or ({}, how it differs) when it was built for other image shapes or classes."""
+def current_data(cfg: Config, settings: Settings) -> Callable[[], tuple[str, Dataset]]:
+    """(data md5, dataset) of data/, checked against data.dvc on the first call only: a promotion
+    scores two models on it, or none."""
+
+    @cache
+    def load() -> tuple[str, Dataset]:
+        md5 = check_data(cfg.base.dataset, settings.root, settings.data_dir)["data_md5"]
+        return md5, read_dataset(settings.data_dir, mmap=True)
+
+    return load
+
+
+def rescore(run_id: str, ds: Dataset) -> tuple[dict, str]:
+    """A model's metrics on `ds`'s test split (a fair comparison even when the data changed), or
+    ({}, how it differs) when it was built for other image shapes or classes."""
     from pipeline.tracking import weights
     from pipeline.training import inference, scoring
 
-    check_data(cfg.base.dataset, settings.root, settings.data_dir)
-    ds = read_dataset(settings.data_dir)
     model, spec = weights.load_weights(run_id)
     mismatch = _mismatch(spec, ds)
     if mismatch:

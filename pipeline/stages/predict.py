@@ -43,7 +43,7 @@ def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], m
 
 def predict_stage(client, ref: str, inputs: Path, output: Path) -> dict:
     """Resolve `ref` once (pinning the version), score `inputs`, write `output`."""
-    from pipeline.registry.versions import versions
+    from pipeline.registry import versions
     from pipeline.tracking import weights
 
     if Path(output).suffix not in (".csv", ".json"):

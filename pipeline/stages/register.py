@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
-from pipeline.data import check_data
 from pipeline.files import write_json
 from pipeline.settings import Settings
-from pipeline.stages.evaluate import rescore
+from pipeline.stages.evaluate import current_data, rescore
 
 
-def _gate(cfg: Config, settings: Settings, client, name: str, version: int, challenger: dict):
-    """Decide against the current champion, re-read it right before the alias would move, and
-    decide again if another promotion moved it meanwhile. Returns (decision, champion)."""
+def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict):
+    """Decide against the current champion (scored on `data()`, see `current_data`), re-read it
+    right before the alias would move, and decide again if another promotion moved it meanwhile.
+    Returns (decision, champion)."""
     from pipeline.registry import policy, promotion
 
     for _ in range(3):
@@ -22,9 +22,7 @@ def _gate(cfg: Config, settings: Settings, client, name: str, version: int, chal
         if champion is not None and int(champion.version) == version:
             reason = f"v{version} is already champion (a retried task)"
             return policy.Decision(True, "already_champion", reason), champion
-        scored, mismatch = (
-            (None, "") if champion is None else rescore(cfg, settings, champion.run_id)
-        )
+        scored, mismatch = (None, "") if champion is None else rescore(champion.run_id, data()[1])
         decision = policy.decide(cfg.register_, challenger, scored, mismatch)
         now = promotion.alias_version(client, name, promotion.CHAMPION)
         if (now and now.version) == (champion and champion.version):
@@ -95,7 +93,8 @@ def register_stage(
         )
         client.log_text(run_id, card, "model_card.md")
         promotion.move_alias(client, name, promotion.CHALLENGER, v, "newest candidate", by)
-        decision, champion = _gate(cfg, settings, client, name, v, run.data.metrics)
+        data = current_data(cfg, settings)
+        decision, champion = _gate(cfg, data, client, name, v, run.data.metrics)
         if decision.promote:
             promotion.crown(client, name, v, decision.reason, by)
         md5 = run.data.tags.get("data.md5")
@@ -135,15 +134,16 @@ def promote_stage(
                 decision = policy.Decision(True, "forced", f"forced: {reason}")
                 md5 = None  # nothing was scored
             else:
-                md5 = check_data(cfg.base.dataset, settings.root, settings.data_dir)["data_md5"]
-                challenger, mismatch = rescore(cfg, settings, version.run_id)
+                data = current_data(cfg, settings)
+                md5, ds = data()
+                challenger, mismatch = rescore(version.run_id, ds)
                 if mismatch:
                     raise LookupError(
                         f"{name} v{v} was built for other inputs or classes than data/ holds "
                         f"({mismatch}); check out its data version first (`pipeline lineage`), "
                         "or --force"
                     )
-                decision, champion = _gate(cfg, settings, client, name, v, challenger)
+                decision, champion = _gate(cfg, data, client, name, v, challenger)
             if decision.promote:
                 note = f" ({reason})" if reason and not force else ""
                 promotion.crown(client, name, v, f"{decision.reason}{note}", by)

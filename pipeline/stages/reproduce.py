@@ -63,7 +63,7 @@ def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.registry.versions import versions
+    from pipeline.registry import versions
     from pipeline.stages.evaluate import evaluate_stage
     from pipeline.stages.train import train_stage
     from pipeline.stages.validate import validate_stage

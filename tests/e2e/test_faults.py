@@ -67,7 +67,7 @@ def test_predict_refuses_inputs_the_model_cannot_score_and_writes_nothing(regist
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(registered, tmp_path):
-    tmp = registered / "outputs" / "validation.tmp"  # _write_json's temporary file: on /dev/full
+    tmp = registered / "outputs" / ".validation.json.tmp"  # write_atomic's temporary: /dev/full
     before = (registered / "outputs" / "validation.json").read_text()
     tmp.symlink_to("/dev/full")
     assert "disk full" in _fails(["pipeline", "validate"], registered)

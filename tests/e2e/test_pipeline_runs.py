@@ -111,11 +111,11 @@ def test_failed_validation_stops_the_dag_before_training(airflow_project, webhoo
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["validate"]["min_rows_per_split"] = 10_000
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    result = _dag_test(project, check=False, env={"PIPELINE_ALERT_WEBHOOK": url})
+    result = _dag_test(project, check=False, env={"PIPELINE_ALERT_URLS": url.replace("http://", "json://")})
     log = result.stdout + result.stderr
     assert "min_rows" in log and "ValidationFailed" in log
     (alert,) = alerts  # one alert, from the failed task (no retries: it cannot fix itself)
-    assert alert["task_id"] == "validate" and "min_rows" in alert["error"]
+    assert alert["title"].endswith(".validate") and "min_rows" in alert["message"]
     assert "[DAG TEST] starting task_id=train" not in log
     # On record in MLflow: one FAILED run with the summary and the Data Docs, and no model.
     (failed,) = _client(project).search_runs(

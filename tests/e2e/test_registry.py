@@ -223,7 +223,7 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
     assert "did not answer for 3 s" in down.stderr and "nothing was changed" in down.stderr
     as_a_task = (  # what the DAG's register task calls: MLflow's own retries, then a clear error
         "from pipeline.config import load_config\n"
-        "from pipeline.registry import RegistryUnavailable\n"
+        "from pipeline.errors import RegistryUnavailable\n"
         "from pipeline.settings import Settings\n"
         "from pipeline.stages.register import register_stage\n"
         "settings = Settings.from_env()\n"
