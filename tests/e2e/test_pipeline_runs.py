@@ -111,7 +111,9 @@ def test_failed_validation_stops_the_dag_before_training(airflow_project, webhoo
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["validate"]["min_rows_per_split"] = 10_000
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    result = _dag_test(project, check=False, env={"PIPELINE_ALERT_URLS": url.replace("http://", "json://")})
+    result = _dag_test(
+        project, check=False, env={"PIPELINE_ALERT_URLS": url.replace("http://", "json://")}
+    )
     log = result.stdout + result.stderr
     assert "min_rows" in log and "ValidationFailed" in log
     (alert,) = alerts  # one alert, from the failed task (no retries: it cannot fix itself)

@@ -32,7 +32,10 @@ def test_failure_is_sent_to_the_urls_from_the_environment(webhook, monkeypatch):
 def test_destinations_from_an_airflow_apprise_connection(webhook, monkeypatch):
     url, received = webhook
     monkeypatch.delenv("PIPELINE_ALERT_URLS", raising=False)
-    conn = {"conn_type": "apprise", "extra": {"config": {"path": url.replace("http://", "json://")}}}
+    conn = {
+        "conn_type": "apprise",
+        "extra": {"config": {"path": url.replace("http://", "json://")}},
+    }
     monkeypatch.setenv("AIRFLOW_CONN_PIPELINE_ALERTS", json.dumps(conn))
     assert alerts.destinations() == []  # the connection holds them
     alerts.on_failure(_context())
