@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.store import Split  # noqa: E402
-from pipeline.training.batches import pixel_stats  # noqa: E402
+from pipeline.training.batches import Rows, pixel_stats  # noqa: E402
 from pipeline.training.engine import fit, pick_device  # noqa: E402
 from pipeline.training.models import ModelSpec, rebuild  # noqa: E402
 from pipeline.training.optim import build_optimizer, lr_factor  # noqa: E402
@@ -67,7 +67,7 @@ def hand_loop_epochs(cfg, split: Split, epochs: int) -> list[float]:
     engine's recipe (optimizer with decay / no-decay groups, lr schedule set every step)."""
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.base.seed)
-    mean, std = pixel_stats(split.images)
+    mean, std = pixel_stats(Rows(split))
     spec = ModelSpec(
         cfg.train.model.model_dump(),
         tuple(split.images.shape[1:]),

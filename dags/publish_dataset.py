@@ -8,7 +8,6 @@ data.dvc is left in the checkout for you to commit: the DAG records versions, gi
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import dag_support as ds
 import pendulum
@@ -55,19 +54,14 @@ def publish_dataset():
         params, settings = ctx["params"], ds.settings()
         before = recorded_md5(settings.root) if (settings.root / POINTER).exists() else None
         with ds.permanent_errors():
-            cfg = load_config(
-                settings.params,
-                {"base.dataset": params["dataset"], "data.test_fraction": params["test_fraction"]},
-            )
+            overrides = {
+                "base.dataset": params["dataset"],
+                "data.source_dir": params["source_dir"],
+                "data.test_fraction": params["test_fraction"],
+            }
+            cfg = load_config(settings.params, overrides)
             md5 = materialize(
-                cfg.base.dataset,
-                settings.root,
-                settings.data_dir,
-                Path(params["source_dir"]) if params["source_dir"] else None,
-                cfg.data.download,
-                cfg.data.test_fraction,
-                cfg.data.image_size,
-                rewrite=True,
+                cfg.base.dataset, settings.root, settings.data_dir, cfg.data, rewrite=True
             )
         if md5 == before:
             raise AirflowSkipException(f"data unchanged ({md5}): no new version, no Asset event")

@@ -38,7 +38,10 @@ class DataConfig(_Block):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     source_dir: str | None = None  # raw files (mnist/cifar) or class folders (imagefolder)
     download: bool = True
-    image_size: int | None = Field(None, ge=4)  # imagefolder only: resize to a square
+    image_size: int | None = Field(None, ge=4)  # imagefolder only: bring every image to a square
+    resize: Literal["crop", "squash", "pad"] = "crop"  # how image_size is reached (imagefolder)
+    on_bad_image: Literal["fail", "skip"] = "fail"  # skip: left out, listed in data/meta.json
+    workers: int | None = Field(None, ge=1)  # imagefolder decoding processes; null: one per core
 
 
 class ValidateConfig(_Block):
@@ -126,6 +129,7 @@ class TrainConfig(_Block):
     grad_clip: float = Field(0.0, ge=0)  # max global gradient norm; 0 = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loader: Literal["auto", "resident", "stream"] = "auto"  # auto: resident when it fits
+    resident_max_mb: int = Field(1024, ge=0)  # auto on CPU: keep at most this much in memory
     deterministic: bool = False  # deterministic algorithms (slower on GPU)
     max_bad_steps: int = Field(10, ge=1)  # a NaN/Inf loss stops training within this many steps
 

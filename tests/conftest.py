@@ -148,9 +148,9 @@ def from_template(templates, tmp_path):
 
 @pytest.fixture(scope="session")
 def digits():
-    from pipeline.data.sources import load_source
+    from pipeline.data.sources import digits
 
-    return load_source("digits")
+    return digits()
 
 
 @pytest.fixture

@@ -42,16 +42,7 @@ def data(args, settings: Settings) -> int:
     from pipeline.data import materialize
 
     cfg = _config(args, settings)
-    source = Path(cfg.data.source_dir) if cfg.data.source_dir else None
-    md5 = materialize(
-        cfg.base.dataset,
-        settings.root,
-        settings.data_dir,
-        source,
-        cfg.data.download,
-        cfg.data.test_fraction,
-        cfg.data.image_size,
-    )
+    md5 = materialize(cfg.base.dataset, settings.root, settings.data_dir, cfg.data)
     print(json.dumps({"dataset": cfg.base.dataset, "data_md5": md5}))
     return 0
 

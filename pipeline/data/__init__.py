@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.config import DataConfig
 from pipeline.data import versioning
-from pipeline.data.sources import load_source, recipe
-from pipeline.data.store import DataError, Dataset, read_dataset, read_meta, write_dataset
+from pipeline.data.sources import recipe, write_source
+from pipeline.data.store import DataError, Dataset, read_dataset, read_meta
 
 __all__ = ["DataError", "Dataset", "check_data", "materialize", "read_dataset"]
 
@@ -15,10 +16,7 @@ def materialize(
     dataset: str,
     repo_root: Path,
     data_dir: Path,
-    source_dir: Path | None = None,
-    download: bool = True,
-    test_fraction: float = 0.2,
-    image_size: int | None = None,
+    data: DataConfig | None = None,
     log=print,
     rewrite: bool = False,
 ) -> str:
@@ -30,7 +28,8 @@ def materialize(
     records it (a new version when the bytes differ). A pull killed between writing data/ and
     recording it is finished by the next one.
     """
-    wanted = recipe(dataset, source_dir, test_fraction, image_size)
+    data = data or DataConfig()
+    wanted = recipe(dataset, data)
     with versioning.data_lock(repo_root):
         interrupted = versioning.pending_write(repo_root)
         has_pointer = (repo_root / versioning.POINTER).exists()
@@ -50,9 +49,8 @@ def materialize(
             log(f"data: settings differ from the tracked version ({changed}); rewriting")
         previous = versioning.recorded_md5(repo_root) if has_pointer else None
         log(f"data: writing {dataset} to {data_dir}")
-        ds = load_source(dataset, source_dir, download, test_fraction, image_size)
         versioning.mark_pending(repo_root, wanted)
-        write_dataset(ds, data_dir)
+        write_source(dataset, data, data_dir)
         md5 = versioning.add_and_push(repo_root, data_dir)
         versioning.clear_pending(repo_root)
     if md5 != previous:

@@ -2,7 +2,7 @@
 
 `digits` ships with scikit-learn (the offline default). `mnist`, `fashion_mnist` and `cifar10`
 read the dataset's own raw files from `source_dir`, downloading them with torchvision first when
-allowed and missing. `imagefolder` reads a folder of class sub-folders.
+allowed and missing. `imagefolder` (a folder of photos) streams to disk: see `imagefolder.py`.
 """
 
 from __future__ import annotations
@@ -13,31 +13,28 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.store import DataError, Dataset, Split
+from pipeline.config import DataConfig
+from pipeline.data.store import DataError, Dataset, Split, write_dataset
 
 CIFAR10_DIR = "cifar-10-batches-py"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def recipe(
-    name: str,
-    source_dir: Path | str | None = None,
-    test_fraction: float = 0.2,
-    image_size: int | None = None,
-) -> dict:
+def recipe(name: str, data: DataConfig) -> dict:
     """The settings that determine a dataset's bytes, for the sources they apply to.
 
     Stored in meta.json, so a pull with other settings knows data/ is not what it asks for."""
     if name == "digits":
-        return {"dataset": name, "test_fraction": test_fraction}
+        return {"dataset": name, "test_fraction": data.test_fraction}
     if name in ("mnist", "fashion_mnist", "cifar10"):
-        return {"dataset": name, "source_dir": _resolved(source_dir)}
+        return {"dataset": name, "source_dir": _resolved(data.source_dir)}
     if name == "imagefolder":
         return {
             "dataset": name,
-            "source_dir": _resolved(source_dir),
-            "test_fraction": test_fraction,
-            "image_size": image_size,
+            "source_dir": _resolved(data.source_dir),
+            "test_fraction": data.test_fraction,
+            "image_size": data.image_size,
+            "resize": data.resize,
+            "on_bad_image": data.on_bad_image,
         }
     raise DataError(f"unknown dataset {name!r}")
 
@@ -46,26 +43,29 @@ def _resolved(source_dir: Path | str | None) -> str | None:
     return str(Path(source_dir).resolve()) if source_dir else None
 
 
-def load_source(
-    name: str,
-    source_dir: Path | None = None,
-    download: bool = True,
-    test_fraction: float = 0.2,
-    image_size: int | None = None,
-) -> Dataset:
-    made_by = recipe(name, source_dir, test_fraction, image_size)
-    if name == "digits":
-        ds = digits(test_fraction)
-    elif name in ("mnist", "fashion_mnist"):
-        ds = mnist_like(name, _need_dir(name, source_dir), download)
-    elif name == "cifar10":
-        ds = cifar10(_need_dir(name, source_dir), download)
+def write_source(name: str, data: DataConfig, data_dir: Path) -> None:
+    """Write dataset `name` from its source to `data_dir` (replacing what is there)."""
+    made_by = recipe(name, data)
+    if name == "imagefolder":
+        from pipeline.data.imagefolder import ingest
+
+        ingest(need_dir(name, data.source_dir).resolve(), data, data_dir, made_by)
     else:
-        ds = imagefolder(_need_dir(name, source_dir), test_fraction, image_size)
-    return replace(ds, recipe=made_by)
+        write_dataset(replace(load_source(name, data), recipe=made_by), data_dir)
 
 
-def _need_dir(name: str, source_dir: Path | None) -> Path:
+def load_source(name: str, data: DataConfig) -> Dataset:
+    """The built-in datasets, which fit in memory (CIFAR-10, the largest, is 180 MB)."""
+    if name == "digits":
+        return digits(data.test_fraction)
+    if name in ("mnist", "fashion_mnist"):
+        return mnist_like(name, need_dir(name, data.source_dir), data.download)
+    if name == "cifar10":
+        return cifar10(need_dir(name, data.source_dir), data.download)
+    raise DataError(f"dataset {name!r} is not held in memory; `write_source` writes it")
+
+
+def need_dir(name: str, source_dir: Path | str | None) -> Path:
     if source_dir is None:
         raise DataError(f"dataset {name!r} needs data.source_dir (where its raw files live)")
     return Path(source_dir)
@@ -184,81 +184,3 @@ def cifar10(root: Path, download: bool) -> Dataset:
     classes = list(batch("batches.meta")["label_names"])
     train = split([f"data_batch_{i}" for i in range(1, 6)])
     return Dataset("cifar10", classes, train, split(["test_batch"]), "cifar-10-python")
-
-
-def imagefolder(root: Path, test_fraction: float, image_size: int | None) -> Dataset:
-    """`root/<class>/<image>`; grayscale if every image is, else RGB; one size for all.
-
-    Images with more than 8 bits per value (16-bit PNG/TIFF, 32-bit integer TIFF) are scaled, not
-    clipped, into 0..255 by the dataset's bit depth (see `_bit_depth`); float images are refused:
-    they have no fixed range to scale from."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not root.is_dir():
-        raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = [
-        (f, c)
-        for c, name in enumerate(classes)
-        for f in sorted((root / name).iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise DataError(f"imagefolder: no images under {root}/<class>/ ({sorted(IMAGE_SUFFIXES)})")
-    pics = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                pics.append(im.copy())
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"imagefolder: cannot read image {path}: {exc}") from None
-        if pics[-1].mode == "F":
-            raise DataError(
-                f"imagefolder: {path} is a floating-point image, which has no fixed range to "
-                "scale into 0..255; save it as an 8- or 16-bit integer image"
-            )
-    depth = _bit_depth([(path, pic) for (path, _), pic in zip(files, pics, strict=True)])
-    mode = "L" if all(p.mode in ("L", "1", *HIGH_BIT_MODES) for p in pics) else "RGB"
-    size = (image_size, image_size) if image_size else pics[0].size
-    arrays = []
-    for (path, _), pic in zip(files, pics, strict=True):
-        if pic.size != size and not image_size:
-            raise DataError(
-                f"imagefolder: {path} is {pic.size[0]}x{pic.size[1]}, others {size[0]}x{size[1]};"
-                " set data.image_size to resize all images"
-            )
-        arr = np.asarray(_to_8bit(pic, depth).convert(mode).resize(size), dtype=np.uint8)
-        arrays.append(arr[None] if mode == "L" else arr.transpose(2, 0, 1))
-    images, labels = np.stack(arrays), np.array([c for _, c in files], dtype=np.int64)
-    train, test = _from_mask(images, labels, stratified_split(labels, test_fraction))
-    return Dataset("imagefolder", classes, train, test, str(root))
-
-
-# Pillow's modes for one channel of more than 8 bits; `convert("L")` would clip them at 255.
-HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
-
-
-def _bit_depth(pics: list) -> int:
-    """The bit depth of the dataset's high-bit images: the smallest of 8/10/12/14/16/24/32 bits
-    that holds their brightest value. One depth for the whole dataset keeps relative brightness
-    between images (a 12-bit camera's files in 16-bit PNGs scale by 4096, not 65536)."""
-    brightest = 0
-    for path, pic in pics:
-        if pic.mode in HIGH_BIT_MODES:
-            low, high = pic.getextrema()
-            if low < 0:
-                raise DataError(f"imagefolder: {path} has negative pixel values ({low})")
-            brightest = max(brightest, high)
-    return next(d for d in BIT_DEPTHS if brightest < 2**d)
-
-
-def _to_8bit(pic, depth: int):
-    """High-bit grayscale scaled into 0..255 by `depth` bits; other modes as they are."""
-    from PIL import Image
-
-    if pic.mode not in HIGH_BIT_MODES:
-        return pic
-    values = np.asarray(pic, dtype=np.int64) >> (depth - 8)
-    return Image.fromarray(values.astype(np.uint8), "L")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidateConfig
-from pipeline.data.store import SPLITS, Dataset
+from pipeline.data.store import SPLITS, Dataset, chunks
 
 EXPECTED_DTYPE = "uint8"
 INTEGER_DTYPES = [str(np.dtype(t)) for t in np.typecodes["AllInteger"]]
@@ -30,6 +30,7 @@ class ValidationReport:
     docs: str = ""
     stats: dict = field(default_factory=dict)  # split -> rows, class_ratio, pixel_mean, contrast
     notes: list[str] = field(default_factory=list)  # checks that could not run, and why
+    skipped: int = 0  # unreadable files left out when data/ was written (data.on_bad_image)
 
     def describe(self) -> str:
         head = f"validation {'passed' if self.success else 'FAILED'}: "
@@ -50,6 +51,7 @@ def summary(validation: dict) -> tuple[dict[str, float], dict[str, str]]:
         "validation.evaluated": evaluated,
         "validation.passed": evaluated - len(failed),
         "validation.failed": len(failed),
+        "validation.skipped_files": validation.get("skipped", 0),
     }
     tags = {
         "validation.success": str(bool(validation.get("success"))).lower(),
@@ -62,16 +64,19 @@ def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
     """One row per image: label, shape, dtype, pixel range, non-finite count, mean and contrast,
     share of pixels at 0 and at 255, leak flag; plus split-wide facts on every row (label dtype,
     declared class names, class ratio = largest / smallest class count), so one expectation
-    reports each of them by value."""
+    reports each of them by value.
+
+    Computed a chunk of images at a time over the (memory-mapped) split: memory holds one chunk
+    and the table (a few numbers per image), never the split."""
     part = getattr(ds, split)
     images = part.images
     n = len(images)
-    flat = images.reshape(n, -1) if n else np.zeros((0, 1))
-    as_float = flat.astype(np.float64, copy=False)
-    finite = np.isfinite(as_float)
+    columns = {name: np.zeros(n) for name in PER_IMAGE}
+    per_chunk = max(1, CHUNK_VALUES // max(1, int(np.prod(images.shape[1:]))))
+    for start, chunk in chunks(images, per_chunk):
+        for name, values in _image_stats(chunk).items():
+            columns[name][start : start + len(chunk)] = values
     shape = images.shape[1:] if images.ndim == 4 else (None, None, None)
-    with np.errstate(invalid="ignore"):  # an Inf image's std is NaN: no_nan_or_inf reports it
-        means, contrast = as_float.mean(axis=1), as_float.std(axis=1)
     table = pd.DataFrame(
         {
             "label": part.labels.astype(np.int64) if part.labels.ndim == 1 else -1,
@@ -81,20 +86,36 @@ def sample_table(ds: Dataset, split: str) -> pd.DataFrame:
             "height": shape[1],
             "width": shape[2],
             "dtype": str(images.dtype),
-            "pixel_min": np.where(finite, as_float, np.inf).min(axis=1) if n else [],
-            "pixel_max": np.where(finite, as_float, -np.inf).max(axis=1) if n else [],
-            "nonfinite": (~finite).sum(axis=1) if n else [],
-            "pixel_mean": _finite_or_nan(means) if n else [],
-            "contrast": _finite_or_nan(contrast) if n else [],
-            "share_at_0": (flat == 0).mean(axis=1) if n else [],
-            "share_at_255": (flat == 255).mean(axis=1) if n else [],
+            **columns,
             "class_ratio": _class_ratio(part.labels, len(ds.classes)) if n else [],
         }
     )
     if split == "test":
-        train_hashes = {_digest(x) for x in ds.train.images}
-        table["in_train"] = [_digest(x) in train_hashes for x in images]
+        train_hashes = {_digest(x) for _, chunk in chunks(ds.train.images) for x in chunk}
+        table["in_train"] = [_digest(x) in train_hashes for _, c in chunks(images) for x in c]
     return table
+
+
+PER_IMAGE = ("pixel_min", "pixel_max", "nonfinite", "pixel_mean", "contrast")
+PER_IMAGE += ("share_at_0", "share_at_255")
+CHUNK_VALUES = 1 << 22  # pixel values per chunk: 32 MB as float64
+
+
+def _image_stats(chunk: np.ndarray) -> dict[str, np.ndarray]:
+    flat = chunk.reshape(len(chunk), -1)
+    as_float = flat.astype(np.float64, copy=False)
+    finite = np.isfinite(as_float)
+    with np.errstate(invalid="ignore"):  # an Inf image's std is NaN: no_nan_or_inf reports it
+        means, contrast = as_float.mean(axis=1), as_float.std(axis=1)
+    return {
+        "pixel_min": np.where(finite, as_float, np.inf).min(axis=1),
+        "pixel_max": np.where(finite, as_float, -np.inf).max(axis=1),
+        "nonfinite": (~finite).sum(axis=1),
+        "pixel_mean": _finite_or_nan(means),
+        "contrast": _finite_or_nan(contrast),
+        "share_at_0": (flat == 0).mean(axis=1),
+        "share_at_255": (flat == 255).mean(axis=1),
+    }
 
 
 def _finite_or_nan(values: np.ndarray) -> np.ndarray:
@@ -212,9 +233,11 @@ def validate_dataset(
     and `notes` should say why)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phone-home from a closed network
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     gx_root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(gx_root))
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
     source = ctx.data_sources.add_or_update_pandas(f"{ds.name}-samples")
     evaluated, failed, definitions, frames = 0, [], [], {}
     for split in SPLITS:
@@ -245,18 +268,27 @@ def validate_dataset(
             for r in run.results:
                 evaluated += 1
                 if not r.success:
-                    failed.append(
-                        {
-                            "split": split,
-                            "name": r.expectation_config.meta.get(
-                                "name", r.expectation_config.type
-                            ),
-                            "observed": _observed(r.result, r.expectation_config.kwargs),
-                        }
-                    )
+                    name = r.expectation_config.meta.get("name", r.expectation_config.type)
+                    observed = _observed(r.result, r.expectation_config.kwargs)
+                    if name == "every_class_present":
+                        observed = _missing(frames[split], ds.classes, split)
+                    failed.append({"split": split, "name": name, "observed": observed})
     docs = gx_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     stats = {split: split_stats(frames[split]) for split in SPLITS}
-    return ValidationReport(not failed, evaluated, failed, str(docs), stats, list(notes or []))
+    notes, skipped = list(notes or []), len(declared.get("skipped", []))
+    if skipped:
+        notes.append(
+            f"{skipped} unreadable image files were left out when data/ was written "
+            "(data.on_bad_image=skip); data/meta.json `skipped` lists them with the reasons"
+        )
+    return ValidationReport(not failed, evaluated, failed, str(docs), stats, notes, skipped)
+
+
+def _missing(table: pd.DataFrame, classes: list[str], split: str) -> str:
+    """Which declared classes have no image in the split, by name."""
+    present = set(table["label"].tolist()) if len(table) else set()
+    gone = [f"{name!r} (label {i})" for i, name in enumerate(classes) if i not in present]
+    return f"no {split} images of class {', '.join(gone)}" if gone else "every class present"
 
 
 def _observed(result: dict, kwargs: dict) -> str:

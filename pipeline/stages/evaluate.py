@@ -19,7 +19,7 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     from pipeline.training import inference, plots, scoring
 
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
-    ds = read_dataset(settings.data_dir)
+    ds = read_dataset(settings.data_dir, mmap=True)
     store.configure(settings, cfg.tracking.experiment)
     model, _ = weights.load_weights(run_id)
     preds = inference.predict(model, ds.test.images)

@@ -73,7 +73,8 @@ def train_stage(
             checkpoint_extra={"mlflow_run_id": run.info.run_id, "identity": identity},
         )
         model_uri = _log_model(result, ds)
-        mlflow.set_tag("train.stopped_early", str(result.stopped_early).lower())
+        stopped = str(result.stopped_early).lower()
+        mlflow.set_tags({"train.stopped_early": stopped, "train.loader": result.loader})
     ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
     out = {"run_id": run.info.run_id, "model_uri": model_uri, "data_md5": data["data_md5"]}
     write_json(settings.outputs / "train.json", out)

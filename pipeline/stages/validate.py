@@ -24,7 +24,7 @@ def validate_stage(cfg: Config, settings: Settings, airflow: dict | None = None)
     from pipeline.errors import ValidationFailed
 
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
-    ds = read_dataset(settings.data_dir)
+    ds = read_dataset(settings.data_dir, mmap=True)
     reference, notes = _drift_reference(cfg, settings, ds.name)
     report = validate_dataset(
         ds, read_meta(settings.data_dir), cfg.validate_, settings.outputs / "gx", reference, notes

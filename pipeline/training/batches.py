@@ -1,8 +1,10 @@
-"""The training data as the loop sees it: a validation split carved from train, pixel statistics,
+"""The training data as the loop sees it: a validation part carved from train, pixel statistics,
 and batches that are either resident on the device or streamed from the memory map.
 
-Datasets that fit live on the device as one tensor; a batch is an index slice of a per-epoch
-permutation. Larger ones stream from a memory-mapped file through a DataLoader.
+Rows are read lazily: the train and validation parts are row numbers into the (memory-mapped)
+split, never copies of it, so a split far larger than memory trains in bounded memory. A split
+that fits the resident budget lives on the device as one tensor, and a batch is an index slice
+of a per-epoch permutation; a larger one streams through a DataLoader.
 """
 
 from __future__ import annotations
@@ -15,44 +17,75 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data.store import Split
+from pipeline.data.store import Split, release
 
-RESIDENT_MEMORY_SHARE = 0.5  # loader=auto keeps data on the device if it takes at most this share
+RESIDENT_DEVICE_SHARE = 0.5  # loader=auto on CUDA: resident if it takes at most this share
+CHUNK = 4096  # rows per read when filling the device or computing statistics
+RELEASE_EVERY = 16  # streamed batches between dropping the memory map's pages
 
 
-def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
-    """Carve a validation split out of train; test stays untouched until evaluate."""
+class Rows:
+    """Some rows of a split (all of it, or the train or validation part), read on demand."""
+
+    def __init__(self, split: Split, index: np.ndarray | None = None):
+        self.images = split.images
+        self.index = np.arange(len(split.labels)) if index is None else np.sort(index)
+        self.labels = np.asarray(split.labels)[self.index].astype(np.int64)
+        self.shape = tuple(split.images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The images at these positions (sorted: sequential reads from the memory map)."""
+        return np.asarray(self.images[self.index[np.sort(positions)]])
+
+    def chunks(self, size: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 images, labels) in row order, `size` at a time, one chunk in memory."""
+        for start in range(0, len(self), size):
+            rows = self.index[start : start + size]
+            contiguous = len(rows) and rows[-1] - rows[0] == len(rows) - 1
+            images = self.images[rows[0] : rows[-1] + 1] if contiguous else self.images[rows]
+            yield np.array(images), self.labels[start : start + size]
+            release(self.images)
+
+
+def split_validation(split: Split, fraction: float, seed: int) -> tuple[Rows, Rows | None]:
+    """Carve a validation part out of train; test stays untouched until evaluate."""
     if fraction == 0:
-        return split, None
+        return Rows(split), None
     order = np.random.RandomState(seed).permutation(len(split.labels))
     n_val = max(1, int(len(order) * fraction))
-    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return (
-        Split(split.images[train], split.labels[train]),
-        Split(split.images[val], split.labels[val]),
-    )
+    return Rows(split, order[n_val:]), Rows(split, order[:n_val])
 
 
-def pixel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
-    """Mean and std over every pixel, chunked so a memory-mapped split is never loaded whole."""
+def pixel_stats(rows: Rows) -> tuple[float, float]:
+    """Mean and std over every pixel, a chunk at a time."""
     total = total_sq = 0.0
-    for start in range(0, len(images), chunk):
-        part = np.asarray(images[start : start + chunk], dtype=np.float64)
+    for images, _ in rows.chunks():
+        part = images.astype(np.float64)
         total += part.sum()
         total_sq += np.square(part).sum()
-    count = images.size
+    count = len(rows) * int(np.prod(rows.shape))
     mean = float(total / count)  # plain floats: checkpoints hold no numpy objects
     std = math.sqrt(max(float(total_sq / count) - mean * mean, 0.0))
     return mean, std or 1.0
 
 
 class ResidentBatches:
-    """The split as one float tensor on the device; batches are slices of a permutation."""
+    """The rows as one float tensor on the device, filled a chunk at a time; batches are slices
+    of a permutation."""
 
-    def __init__(self, split: Split, device, batch_size: int, dist, memory_format):
-        self.x = torch.from_numpy(np.array(split.images, dtype=np.float32)).to(device)
+    kind = "resident"
+
+    def __init__(self, rows: Rows, device, batch_size: int, dist, memory_format):
+        self.x = torch.empty((len(rows), *rows.shape), dtype=torch.float32, device=device)
+        start = 0
+        for images, _ in rows.chunks():
+            self.x[start : start + len(images)] = torch.from_numpy(images).to(device)
+            start += len(images)
         self.x = self.x.contiguous(memory_format=memory_format)
-        self.y = torch.from_numpy(np.array(split.labels, dtype=np.int64)).to(device)
+        self.y = torch.from_numpy(rows.labels).to(device)
         self.batch_size, self.dist = batch_size, dist
         self.n, self.samples = len(self.y), len(self.y) // dist.world  # per process, equal
 
@@ -61,21 +94,28 @@ class ResidentBatches:
         for idx in order.split(self.batch_size):
             yield self.x[idx], self.y[idx]
 
+    def in_order(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.n, self.batch_size):
+            end = start + self.batch_size
+            yield self.x[start:end], self.y[start:end]
+
 
 class StreamingBatches:
-    """For splits that do not fit: worker processes read batches from the memory-mapped .npy
+    """For rows that do not fit: worker processes read batches from the memory-mapped .npy
     into pinned memory, a few batches ahead of the device."""
 
-    def __init__(self, split: Split, device, batch_size: int, dist, memory_format):
+    kind = "stream"
+
+    def __init__(self, rows: Rows, device, batch_size: int, dist, memory_format):
         from torch.utils.data import DataLoader
 
-        self.device, self.memory_format = device, memory_format
+        self.rows, self.device, self.memory_format = rows, device, memory_format
         self.batch_size, self.dist = batch_size, dist
-        self.n, self.samples = len(split.labels), len(split.labels) // dist.world
+        self.n, self.samples = len(rows), len(rows) // dist.world
         self.order: list[np.ndarray] = []
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
         self.loader = DataLoader(
-            _ArrayBatches(split.images, split.labels),
+            _RowBatches(rows),
             batch_size=None,
             sampler=self,  # iterated in this process: yields this epoch's index batches
             num_workers=workers,
@@ -94,17 +134,30 @@ class StreamingBatches:
         perm = _shard(torch.randperm(self.n, generator=generator), self)
         self.order = [idx.numpy() for idx in perm.split(self.batch_size)]
         for xb, yb in self.loader:
-            xb = xb.to(self.device, non_blocking=True).float()
-            yield xb.contiguous(memory_format=self.memory_format), yb.to(self.device)
+            yield self._to_device(xb, yb)
+
+    def in_order(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.rows.chunks(self.batch_size):
+            yield self._to_device(torch.from_numpy(images), torch.from_numpy(labels))
+
+    def _to_device(self, xb: torch.Tensor, yb: torch.Tensor):
+        xb = xb.to(self.device, non_blocking=True).float()
+        return xb.contiguous(memory_format=self.memory_format), yb.to(self.device)
 
 
-class _ArrayBatches:
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
+class _RowBatches:
+    """What a DataLoader worker reads: one batch of rows per index array."""
+
+    def __init__(self, rows: Rows):
+        self.rows, self.reads = rows, 0
 
     def __getitem__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.sort(idx)  # sequential reads from the memory map; order within a batch is moot
-        return torch.from_numpy(np.asarray(self.images[idx])), torch.from_numpy(self.labels[idx])
+        idx = np.sort(idx)  # order within a batch is moot
+        images, labels = self.rows.take(idx), self.rows.labels[idx]
+        self.reads += 1
+        if self.reads % RELEASE_EVERY == 0:
+            release(self.rows.images)  # this worker's resident pages stay a few batches
+        return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 def _shard(order: torch.Tensor, batches) -> torch.Tensor:
@@ -115,16 +168,16 @@ def _shard(order: torch.Tensor, batches) -> torch.Tensor:
     return order[: batches.samples * dist.world][dist.rank :: dist.world]
 
 
-def make_batches(split: Split, cfg: TrainConfig, device, dist, memory_format):
+def make_batches(rows: Rows, cfg: TrainConfig, device, dist, memory_format, batch_size: int):
+    """Resident when `train.loader` says so, or (auto) when the float32 rows fit: half the free
+    device memory on CUDA, `train.resident_max_mb` of host memory on the CPU."""
     loader = cfg.loader
     if loader == "auto":
-        need = split.images.size * 4  # float32 on the device
+        need = len(rows) * int(np.prod(rows.shape)) * 4
         if device.type == "cuda":
-            available = torch.cuda.mem_get_info(device)[0]
+            budget = RESIDENT_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
         else:
-            import psutil
-
-            available = psutil.virtual_memory().available
-        loader = "resident" if need <= RESIDENT_MEMORY_SHARE * available else "stream"
+            budget = cfg.resident_max_mb * 2**20
+        loader = "resident" if need <= budget else "stream"
     kind = ResidentBatches if loader == "resident" else StreamingBatches
-    return kind(split, device, cfg.batch_size, dist, memory_format)
+    return kind(rows, device, batch_size, dist, memory_format)

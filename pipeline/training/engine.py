@@ -29,7 +29,7 @@ from pipeline.data.store import Split
 from pipeline.errors import CheckpointError, TrainingDiverged
 from pipeline.training import checkpoint, distributed
 from pipeline.training.augment import crop_flip
-from pipeline.training.batches import ResidentBatches, make_batches, pixel_stats, split_validation
+from pipeline.training.batches import make_batches, pixel_stats, split_validation
 from pipeline.training.models import ModelSpec, rebuild
 from pipeline.training.optim import build_optimizer, lr_factor
 from pipeline.training.progress import Progress
@@ -41,6 +41,7 @@ class FitResult:
     spec: ModelSpec
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    loader: str = "resident"  # how the training rows were fed: resident | stream
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +84,7 @@ def fit(
     try:
         seed_everything(seed)
         train_part, val_part = split_validation(train_split, cfg.val_fraction, seed)
-        mean, std = pixel_stats(train_part.images)
+        mean, std = pixel_stats(train_part)
         spec = ModelSpec(
             cfg.model.model_dump(), tuple(train_split.images.shape[1:]), tuple(classes), mean, std
         )
@@ -92,10 +93,10 @@ def fit(
         fmt = torch.channels_last if cuda and cfg.cuda.channels_last and has_conv else None
         fmt = fmt or torch.contiguous_format
         model = model.to(memory_format=fmt)
-        batches = make_batches(train_part, cfg, device, dist, fmt)
+        batches = make_batches(train_part, cfg, device, dist, fmt, cfg.batch_size)
         val = None
         if val_part is not None:
-            val = ResidentBatches(val_part, device, cfg.batch_size * 4, distributed.Dist(), fmt)
+            val = make_batches(val_part, cfg, device, distributed.Dist(), fmt, cfg.batch_size * 4)
         return _Loop(cfg, model, spec, batches, val, device, dist, seed).run(
             on_epoch, checkpoint_path, resume, checkpoint_extra or {}
         )
@@ -195,7 +196,8 @@ class _Loop:
             if stopped_early:
                 break
         self.model.eval()
-        return FitResult(self.model.cpu(), self.spec, self.state.history, stopped_early)
+        history = self.state.history
+        return FitResult(self.model.cpu(), self.spec, history, stopped_early, self.batches.kind)
 
     def train_epoch(self, epoch: int, progress: Progress | None) -> dict:
         cfg, optimizer, base_lr = self.cfg, self.optimizer, self.cfg.optimizer.lr
@@ -267,14 +269,13 @@ class _Loop:
         self.net.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        x, y = self.val.x, self.val.y
-        for start in range(0, len(y), self.val.batch_size):
-            xb, yb = x[start : start + self.val.batch_size], y[start : start + self.val.batch_size]
+        for xb, yb in self.val.in_order():
             with self.autocast():
                 logits = self.model(xb)
             loss_sum += self.loss_fn(logits.float(), yb) * len(yb)
             correct += (logits.argmax(1) == yb).sum()
-        return {"val_loss": float(loss_sum) / len(y), "val_accuracy": float(correct) / len(y)}
+        n = self.val.n
+        return {"val_loss": float(loss_sum) / n, "val_accuracy": float(correct) / n}
 
     def _no_longer_improving(self, val_loss: float) -> bool:
         """Early stopping on validation loss; patience 0 never stops."""

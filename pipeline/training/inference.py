@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.store import release
+
 BATCH_SIZE = 1024
 
 
@@ -21,10 +23,11 @@ def batched(
 ) -> np.ndarray:
     """`head(logits)` of every image, concatenated in order; the model is put in eval mode."""
     model.eval()
-    outputs = [
-        head(model(torch.as_tensor(np.asarray(images[i : i + batch_size], dtype=np.float32))))
-        for i in range(0, len(images), batch_size)
-    ]
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
+        outputs.append(head(model(torch.from_numpy(batch))))
+        release(images)  # a memory-mapped split: keep one batch resident, not the file
     return torch.cat(outputs).numpy()
 
 

@@ -8,8 +8,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.sources import load_source, stratified_split
+from pipeline.config import DataConfig
+from pipeline.data.sources import load_source, stratified_split, write_source
 from pipeline.data.store import DataError, read_dataset, write_dataset
+
+
+def _source(name, folder=None, **data):
+    return load_source(name, DataConfig(source_dir=folder and str(folder), **data))
+
+
+def _imagefolder_ds(folder, **data):
+    """The folder ingested into a data/ beside it, read back."""
+    out = folder.parent / f"{folder.name}-data"
+    write_source("imagefolder", DataConfig(source_dir=str(folder), **data), out)
+    return read_dataset(out)
 
 
 def _md5s(folder):
@@ -18,7 +30,7 @@ def _md5s(folder):
 
 def test_digits_is_written_deterministically_with_every_class_in_both_splits(tmp_path, digits):
     write_dataset(digits, tmp_path / "a")
-    write_dataset(load_source("digits"), tmp_path / "b")
+    write_dataset(_source("digits"), tmp_path / "b")
     assert _md5s(tmp_path / "a") == _md5s(tmp_path / "b")
     ds = read_dataset(tmp_path / "a")
     assert ds.train.images.shape[1:] == (1, 8, 8) and ds.train.images.dtype == np.uint8
@@ -48,7 +60,7 @@ def test_mnist_like_reads_idx_files(tmp_path, name, folder):
     for prefix, n in (("train", 30), ("t10k", 12)):
         _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 0x803)
         _idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 0x801)
-    ds = load_source(name, tmp_path, download=False)
+    ds = _source(name, tmp_path, download=False)
     assert ds.train.images.shape == (30, 1, 28, 28) and ds.test.images.shape == (12, 1, 28, 28)
     assert ds.test.labels.tolist() == (np.arange(12) % 10).tolist()
     assert len(ds.classes) == 10 and ds.name == name
@@ -56,7 +68,7 @@ def test_mnist_like_reads_idx_files(tmp_path, name, folder):
 
 def test_mnist_without_files_or_download_says_where_to_put_them(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte"):
-        load_source("mnist", tmp_path, download=False)
+        _source("mnist", tmp_path, download=False)
 
 
 def _cifar10(root, protocol):
@@ -81,7 +93,7 @@ def _cifar10(root, protocol):
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_cifar10_reads_python_batches(tmp_path, protocol):
     _cifar10(tmp_path, protocol)
-    ds = load_source("cifar10", tmp_path, download=False)
+    ds = _source("cifar10", tmp_path, download=False)
     assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
     assert ds.test.labels.tolist() == [5] * 4 and ds.classes[0] == "c0"
 
@@ -101,11 +113,12 @@ def test_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_pat
     pwned = tmp_path / "pwned"
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": _Exploit(pwned)}, 2))
     with pytest.raises(DataError, match="refusing to load io.open") as err:
-        load_source("cifar10", tmp_path, download=False)
+        _source("cifar10", tmp_path, download=False)
     assert "batches.meta" in str(err.value) and not pwned.exists()
 
 
 def _imagefolder(root, n=10):
+    root = root / "imgs"
     for cls, value in (("cat", 30), ("dog", 200)):
         (root / cls).mkdir(parents=True)
         for i in range(n):
@@ -114,24 +127,24 @@ def _imagefolder(root, n=10):
 
 def test_imagefolder_reads_class_folders(tmp_path):
     _imagefolder(tmp_path)
-    ds = load_source("imagefolder", tmp_path, test_fraction=0.2)
+    ds = _imagefolder_ds(tmp_path / "imgs", test_fraction=0.2)
     assert ds.classes == ["cat", "dog"]
     assert ds.train.images.shape == (16, 3, 6, 6) and len(ds.test.labels) == 4
-    resized = load_source("imagefolder", tmp_path, image_size=4)
+    resized = _imagefolder_ds(tmp_path / "imgs", image_size=4)
     assert resized.train.images.shape[2:] == (4, 4)
 
 
 def test_imagefolder_names_a_corrupted_file(tmp_path):
     _imagefolder(tmp_path)
-    bad = tmp_path / "dog" / "broken.png"
+    bad = tmp_path / "imgs" / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match="broken.png"):
-        load_source("imagefolder", tmp_path)
+        _imagefolder_ds(tmp_path / "imgs")
 
 
 def test_datasets_that_need_files_say_so():
     with pytest.raises(DataError, match="data.source_dir"):
-        load_source("cifar10", None)
+        _source("cifar10", None)
 
 
 def test_16_bit_images_are_scaled_by_the_datasets_bit_depth_not_clipped(tmp_path):
@@ -142,7 +155,7 @@ def test_16_bit_images_are_scaled_by_the_datasets_bit_depth_not_clipped(tmp_path
             values[0, 0] = 0
             Image.fromarray(values).save(tmp_path / cls / f"{i}.png")
     assert Image.open(tmp_path / "dim" / "0.png").mode == "I;16"
-    ds = load_source("imagefolder", tmp_path, test_fraction=0.2)
+    ds = _imagefolder_ds(tmp_path, test_fraction=0.2)
     images = np.concatenate([ds.train.images, ds.test.images])
     labels = np.concatenate([ds.train.labels, ds.test.labels])
     bright, dim = images[labels == 0], images[labels == 1]
@@ -152,6 +165,6 @@ def test_16_bit_images_are_scaled_by_the_datasets_bit_depth_not_clipped(tmp_path
 
 def test_float_images_are_refused_with_the_file_named(tmp_path):
     _imagefolder(tmp_path)
-    Image.fromarray(np.full((6, 6), 0.5, np.float32)).save(tmp_path / "cat" / "float.tif")
-    with pytest.raises(DataError, match=r"float\.tif is a floating-point image"):
-        load_source("imagefolder", tmp_path)
+    Image.fromarray(np.full((6, 6), 0.5, np.float32)).save(tmp_path / "imgs" / "cat" / "float.tif")
+    with pytest.raises(DataError, match=r"float\.tif: a floating-point image"):
+        _imagefolder_ds(tmp_path / "imgs")

@@ -188,3 +188,17 @@ def test_summary_counts_and_names_failures_for_mlflow(digits, tmp_path):
         "validation.success": "false",
         "validation.failed_expectations": "test.label_in_class_set",
     }
+
+
+def test_a_missing_class_is_named_with_its_split(digits, tmp_path):
+    report = _run(_missing_class(digits), tmp_path)
+    (failure,) = [f for f in report.failed if f["name"] == "every_class_present"]
+    missing = sorted(set(range(10)) - set(_missing_class(digits).test.labels.tolist()))
+    assert failure["observed"].startswith("no test images of class ")
+    assert all(f"'{digits.classes[i]}' (label {i})" in failure["observed"] for i in missing)
+
+
+def test_no_progress_bars_flood_the_logs(digits, tmp_path, capfd):
+    _run(digits, tmp_path)
+    out, err = capfd.readouterr()
+    assert "Calculating Metrics" not in out + err

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.config import DataConfig
 from pipeline.data import DataError, check_data, materialize
 from pipeline.data.store import read_meta
 from pipeline.data.versioning import CHECKOUT_FIX, PENDING, recorded_md5
@@ -83,9 +84,8 @@ def test_new_dataset_becomes_a_new_version(project, tmp_path):
             Image.fromarray(np.full((4, 4), i * 40 + (cls == "b"), np.uint8)).save(
                 tmp_path / "imgs" / cls / f"{i}.png"
             )
-    md5 = materialize(
-        "imagefolder", project, project / "data", tmp_path / "imgs", log=lambda _: None
-    )
+    data = DataConfig(source_dir=str(tmp_path / "imgs"))
+    md5 = materialize("imagefolder", project, project / "data", data, log=lambda _: None)
     assert (
         md5 != before
         and yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"] == md5
@@ -94,7 +94,8 @@ def test_new_dataset_becomes_a_new_version(project, tmp_path):
 
 
 def _pull_with(project, dataset="digits", source=None, **settings):
-    return materialize(dataset, project, project / "data", source, log=lambda _: None, **settings)
+    data = DataConfig(source_dir=source and str(source), **settings)
+    return materialize(dataset, project, project / "data", data, log=lambda _: None)
 
 
 def _classes(root, names, value=0):

@@ -209,3 +209,17 @@ def test_sweep_dag_logs_child_runs_under_one_parent_and_reports_the_best(airflow
     assert {"sweep_results.json", "sweep_results.md", "plots/sweep_curves.png"} <= files
     (model,) = _status(project)  # register_best: the best trial went through the policy
     assert [v["run_id"] for v in model["versions"]] == [best.info.run_id]
+
+
+def test_the_dag_streams_a_dataset_over_the_resident_budget_from_disk(airflow_project):
+    project = airflow_project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] |= {"resident_max_mb": 0, "epochs": 2}  # nothing fits: every split streams
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _dag_test(project)
+    (model,) = _status(project)
+    (version,) = model["versions"]
+    assert version["aliases"] == ["challenger", "champion"] and version["test_accuracy"] > 0.9
+    run = _client(project).get_run(version["run_id"])
+    assert run.data.tags["train.loader"] == "stream"
+    assert {"val_loss", "test_accuracy"} <= set(run.data.metrics)

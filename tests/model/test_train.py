@@ -81,7 +81,7 @@ def test_nan_loss_stops_with_a_clear_error(digits):
 
 def test_validation_split_is_carved_from_train_only(digits):
     train, val = split_validation(digits.train, 0.1, seed=0)
-    assert len(train.labels) + len(val.labels) == len(digits.train.labels)
-    assert len(val.labels) == int(len(digits.train.labels) * 0.1)
-    train_rows = {x.tobytes() for x in train.images}
-    assert not any(x.tobytes() in train_rows for x in val.images)
+    assert len(train) + len(val) == len(digits.train.labels)
+    assert len(val) == int(len(digits.train.labels) * 0.1)
+    train_rows = {x.tobytes() for images, _ in train.chunks(100) for x in images}
+    assert not any(x.tobytes() in train_rows for images, _ in val.chunks(7) for x in images)

@@ -1,0 +1,274 @@
+"""Scale: photo folders of N = 2,000 / 20,000 / 100,000 synthetic 256x256 JPEGs (10 classes,
+`data.image_size=64`), then full-size MNIST and CIFAR-10 in their real file formats (synthetic
+content), each through the stages in a scratch project: data pull, validate, train (1 epoch),
+evaluate, register. Per stage: wall seconds, images per second and the peak RSS of the stage's
+largest process (its worker processes are measured too; RUSAGE_CHILDREN's maximum). The baseline
+is a single-process plain Pillow loop (open, convert, resize) over the same files, in the same run.
+
+`make bench-scale` (or `python bench/scale.py --sizes 2000 20000`): writes bench/out/scale.json
+and the table between the scale markers in BENCHMARKS.md. The photos are generated once into
+bench/out/photos (about 2.5 GB for 100,000) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", ".dvcignore", ".gitignore", ".dvc/config",
+                 ".dvc/.gitignore", "dags", "pipeline"]  # fmt: skip
+CLASSES = 10
+PHOTO = 256
+# One epoch of a small CNN: what is measured is the data path, not the model.
+TRAIN = [
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.model.hidden=16",
+    "--set",
+    "train.batch_size=256",
+]
+MEASURED = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)
+"""
+
+
+def photo(args) -> None:
+    """A photo-like picture: a smooth two-colour gradient, a few soft shapes, a little grain."""
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:PHOTO, 0:PHOTO] / PHOTO
+    a, b = rng.integers(0, 256, (2, 3))
+    img = a * (1 - x[..., None]) + b * y[..., None]
+    for _ in range(3):
+        cx, cy, r = rng.random(3) * [1, 1, 0.3] + [0, 0, 0.05]
+        inside = ((x - cx) ** 2 + (y - cy) ** 2) < r**2
+        img[inside] = img[inside] * 0.4 + rng.integers(0, 256, 3) * 0.6
+    img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    from PIL import Image
+
+    Image.fromarray(img).save(path, quality=85)
+
+
+def photos(n: int) -> Path:
+    """`n` photos in 10 class folders under bench/out/photos, made once and reused."""
+    folder = OUT / "photos"
+    todo = []
+    for i in range(n):
+        path = folder / f"class{i % CLASSES}" / f"{i:06d}.jpg"
+        if not path.exists():
+            todo.append((path, i))
+    for c in range(CLASSES):
+        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+    if todo:
+        print(f"generating {len(todo)} photos ...", file=sys.stderr)
+        with multiprocessing.Pool() as pool:
+            pool.map(photo, todo, chunksize=256)
+    return folder
+
+
+def subset(n: int) -> Path:
+    """A folder of the first `n` photos (symlinks), so each size is its own source."""
+    source, folder = photos(n), OUT / f"photos-{n}"
+    if not folder.exists():
+        for c in range(CLASSES):
+            (folder / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            name = f"class{i % CLASSES}/{i:06d}.jpg"
+            (folder / name).symlink_to(source / name)
+    return folder
+
+
+def pillow_baseline(folder: Path, n: int = 2000) -> float:
+    """Images per second of the plain loop people write first: open, convert, resize."""
+    from PIL import Image
+
+    files = sorted(folder.rglob("*.jpg"))[:n]
+    start = time.perf_counter()
+    for f in files:
+        with Image.open(f) as im:
+            np.asarray(im.convert("RGB").resize((64, 64)))
+    return len(files) / (time.perf_counter() - start)
+
+
+def mnist_files(root: Path, seed: int = 0) -> Path:
+    """MNIST's IDX files at full size (60,000 + 10,000), stroke-like synthetic digits."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", 60_000), ("t10k", 10_000)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = np.zeros((n, 28, 28), np.uint8)
+        rows = (labels[:, None] * 2 + 4 + np.arange(4)).clip(0, 27)
+        images[np.arange(n)[:, None], rows, 6:22] = 255  # a bar whose height is the label
+        for name, array, magic in (("images-idx3", images, 0x803), ("labels-idx1", labels, 0x801)):
+            header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+            (raw / f"{prefix}-{name}-ubyte").write_bytes(header + array.tobytes())
+    return root
+
+
+def cifar_files(root: Path, seed: int = 0) -> Path:
+    """CIFAR-10's python batches at full size (5 x 10,000 + 10,000), as the official files hold
+    them: pickled dicts of bytes keys, uint8 rows, label lists."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, 10_000)
+        data = np.repeat((labels * 25).astype(np.uint8)[:, None], 3072, axis=1)
+        data = (data + rng.integers(0, 40, data.shape)).astype(np.uint8)
+        batch = {b"batch_label": name.encode(), b"data": data, b"labels": labels.tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def scratch_project(where: Path) -> Path:
+    project = where / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, project / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scale bench"]):
+        subprocess.run(["git", *args], cwd=project, check=True, env=_env(project))
+    return project
+
+
+def _env(project: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW"))}
+    return env | {
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PIPELINE_ROOT": str(project),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project}/.mlflow/mlflow.db",
+        "GX_ANALYTICS_ENABLED": "false",
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@localhost",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@localhost",
+    }
+
+
+def stage(project: Path, args: list[str]) -> dict:
+    """Wall seconds and the peak RSS (MB) of the largest process of `pipeline <args>`."""
+    cmd = [sys.executable, "-c", MEASURED, str(BIN / "pipeline"), *args]
+    out = subprocess.run(cmd, cwd=project, env=_env(project), capture_output=True, text=True)
+    seconds, rss_kb, code = out.stdout.split()
+    if code != "0":
+        raise RuntimeError(f"pipeline {' '.join(args)} failed ({code}):\n{out.stderr[-3000:]}")
+    return {"seconds": round(float(seconds), 2), "peak_rss_mb": round(int(rss_kb) / 1024)}
+
+
+def run_stages(name: str, pull: list[str], images: int, sets: list[str]) -> dict:
+    """Every stage of one dataset in a fresh scratch project; img/s per stage over `images`."""
+    with tempfile.TemporaryDirectory(prefix=f"scale-{name}-") as tmp:
+        project = scratch_project(Path(tmp))
+        rows = {"data pull": stage(project, ["data", "pull", *pull, *sets])}
+        rows["validate"] = stage(project, ["validate", *sets])
+        rows["train 1 epoch"] = stage(project, ["train", *sets, *TRAIN])
+        rows["evaluate"] = stage(project, ["evaluate", *sets])
+        rows["register"] = stage(project, ["register", *sets, "--set", "register.floor=0"])
+        meta = json.loads((project / "data" / "meta.json").read_text())
+    for row in rows.values():
+        row["img_per_s"] = round(images / row["seconds"])
+    print(f"{name}: {json.dumps(rows)}", file=sys.stderr)
+    return {"images": images, "splits": meta["splits"], "stages": rows}
+
+
+def table(results: dict) -> str:
+    stages = ["data pull", "validate", "train 1 epoch", "evaluate", "register"]
+    lines = [
+        "| dataset | images | " + " | ".join(stages) + " |",
+        "|---|---|" + "---|" * len(stages),
+    ]
+    for name, r in results["datasets"].items():
+        cells = [
+            f"{s['seconds']:.1f} s, {s['img_per_s']:,} img/s, {s['peak_rss_mb']:,} MB"
+            for s in (r["stages"][k] for k in stages)
+        ]
+        lines.append(f"| {name} | {r['images']:,} | " + " | ".join(cells) + " |")
+    b = results["baseline"]
+    lines.append("")
+    lines.append(
+        f"Plain single-process Pillow loop (open, convert, resize to 64x64) over the same "
+        f"photos: {b['img_per_s']:,.0f} img/s; `data pull` of the largest folder: "
+        f"{b['ingest_ratio']:.2f}x that."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 20_000, 100_000])
+    parser.add_argument("--no-builtin", action="store_true", help="skip MNIST and CIFAR-10")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"datasets": {}, "cpus": os.cpu_count()}
+    photo_sets = ["--set=base.dataset=imagefolder", "--set=data.image_size=64"]
+    photo_sets += ["--set=validate.drift_max_shift=null"]
+    for n in args.sizes:
+        folder = subset(n)
+        pull = ["--dataset", "imagefolder", "--source-dir", str(folder)]
+        results["datasets"][f"photos {n:,}"] = run_stages(f"photos-{n}", pull, n, photo_sets)
+    largest = max(args.sizes)
+    baseline = pillow_baseline(subset(largest))
+    ingest = results["datasets"][f"photos {largest:,}"]["stages"]["data pull"]["img_per_s"]
+    results["baseline"] = {"img_per_s": baseline, "ingest_ratio": ingest / baseline}
+    if not args.no_builtin:
+        with tempfile.TemporaryDirectory(prefix="scale-raw-") as raw:
+            sources = {
+                "mnist": mnist_files(Path(raw) / "m"),
+                "cifar10": cifar_files(Path(raw) / "c"),
+            }
+            for name, source in sources.items():
+                pull = [
+                    "--dataset",
+                    name,
+                    "--source-dir",
+                    str(source),
+                    "--set",
+                    "data.download=false",
+                ]
+                sets = [f"--set=base.dataset={name}"] + [
+                    f"--set=validate.{key}=null"
+                    for key in ("drift_max_shift", "max_share_at_0", "max_share_at_255")
+                ]
+                results["datasets"][name] = run_stages(
+                    name, pull, 70_000 if name == "mnist" else 60_000, sets
+                )
+    (OUT / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    print(text)
+    bench = ROOT / "BENCHMARKS.md"
+    start, end = "<!-- scale:start -->", "<!-- scale:end -->"
+    doc = bench.read_text()
+    if start in doc:
+        head, rest = doc.split(start, 1)
+        doc = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+        bench.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""ImageFolder ingest: a folder of photos to data/ in bounded memory.
+
+Layouts: `root/<class>/*` (split at random, stratified by class, `data.test_fraction`), or the
+ImageNet layout `root/train/<class>/*` + `root/val/<class>/*` (the given split). Files are probed
+(mode, size, high-bit range), then decoded in worker processes a batch at a time and appended to
+data/ in file order, so memory holds a few batches and any worker count writes the same bytes.
+A file that cannot be read fails the pull naming it, or with `data.on_bad_image: skip` is left
+out and listed in meta.json (`skipped`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import DataConfig
+from pipeline.data.images import IMAGE_SUFFIXES, BadImage, Probe, bit_depth, decode, probe
+from pipeline.data.sources import stratified_split
+from pipeline.data.store import DatasetWriter
+from pipeline.errors import DataError
+
+BATCH = 64  # files per worker task: large enough to amortize the hand-off, small in memory
+GIVEN_SPLITS = {"train": "train", "val": "test"}  # ImageNet layout folder -> our split
+
+
+@dataclass(frozen=True)
+class Listing:
+    classes: list[str]
+    files: list[Path]
+    labels: np.ndarray
+    is_test: np.ndarray | None  # the layout's own split; None: split at random
+
+
+def list_files(root: Path) -> Listing:
+    if not root.is_dir():
+        raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if set(folders) == set(GIVEN_SPLITS):
+        classes = _class_folders(root / "train")
+        unknown = sorted(set(_class_folders(root / "val")) - set(classes))
+        if unknown:
+            raise DataError(
+                f"imagefolder: {root}/val has classes {unknown} that {root}/train does not; "
+                "every validation class needs training images"
+            )
+        parts = [_files(root / folder, classes) for folder in GIVEN_SPLITS]
+        files = parts[0][0] + parts[1][0]
+        labels = np.concatenate([parts[0][1], parts[1][1]])
+        is_test = np.repeat([False, True], [len(parts[0][0]), len(parts[1][0])])
+        listing = Listing(classes, files, labels, is_test)
+    else:
+        classes = folders
+        files, labels = _files(root, classes)
+        listing = Listing(classes, files, labels, None)
+    if not listing.files:
+        raise DataError(
+            f"imagefolder: no images under {root}/<class>/ or {root}/train/<class>/ "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return listing
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _files(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        if (folder / name).is_dir():
+            found = sorted(
+                f for f in (folder / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+            )
+            files += found
+            labels += [label] * len(found)
+    return files, np.array(labels, dtype=np.int64)
+
+
+def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[str, str]:
+    """Write the folder to `data_dir`; returns what was skipped ({path: reason})."""
+    listing = list_files(root)
+    workers = data.workers or os.cpu_count() or 1
+    with _pool(workers) as pool:
+        probed = _map(pool, _probe_batch, _batches(listing.files))
+        probes = [p for batch in _progress(probed, "probe", len(listing.files)) for p in batch]
+        skipped = _bad(root, listing.files, probes, data.on_bad_image)
+        while True:  # again only when a probed file then failed to decode (a truncated JPEG)
+            keep = np.array([_name(root, f) not in skipped for f in listing.files])
+            files = [f for f, k in zip(listing.files, keep, strict=True) if k]
+            good = [p for p, k in zip(probes, keep, strict=True) if k]
+            labels = listing.labels[keep]
+            if listing.is_test is not None:
+                is_test = listing.is_test[keep]
+            else:
+                is_test = stratified_split(labels, data.test_fraction)
+            gray, size, depth = _dataset_format(files, good, data.image_size)
+            shape = (1 if gray else 3, size[1], size[0])
+            counts = {"train": int((~is_test).sum()), "test": int(is_test.sum())}
+            settings = (gray, size if data.image_size else None, data.resize, depth)
+            meta = {
+                "name": "imagefolder",
+                "classes": listing.classes,
+                "shape": list(shape),
+                "dtype": "uint8",
+                "source": str(root),
+                "recipe": recipe,
+                "splits": counts,
+                "skipped": [{"path": p, "reason": r} for p, r in sorted(skipped.items())],
+            }
+            failed = _write(pool, files, labels, is_test, settings, shape, counts, data_dir, meta)
+            if not failed:
+                return skipped
+            skipped |= _bad(root, list(failed), list(failed.values()), data.on_bad_image)
+
+
+def _write(pool, files, labels, is_test, settings, shape, counts, data_dir, meta) -> dict:
+    """Decode `files` into a new data/; {path: BadImage} instead when some fail to decode."""
+    failed = {}
+    with DatasetWriter(data_dir, shape, counts) as writer:
+        start = 0
+        decoded = _map(pool, _decode_batch, ((batch, *settings) for batch in _batches(files)))
+        for pixels, errors in _progress(decoded, "decode", len(files)):
+            end = start + len(pixels)
+            for offset, reason in errors.items():
+                failed[files[start + offset]] = reason
+            for split, mask in (("train", ~is_test[start:end]), ("test", is_test[start:end])):
+                writer.append(split, pixels[mask], labels[start:end][mask])
+            start = end
+        if not failed:
+            writer.commit(meta)
+    return failed
+
+
+def _dataset_format(files: list[Path], probes: list[Probe], image_size: int | None):
+    """(grayscale, (width, height), bit depth): grayscale if every image is, else RGB."""
+    gray = all(p.gray for p in probes)
+    depth = bit_depth(max((p.brightest for p in probes), default=0))
+    if image_size:
+        return gray, (image_size, image_size), depth
+    size = probes[0].size
+    for f, p in zip(files, probes, strict=True):
+        if p.size != size:
+            raise DataError(
+                f"imagefolder: {f} is {p.size[0]}x{p.size[1]}, others {size[0]}x{size[1]}; "
+                "set data.image_size to bring all images to one size (data.resize says how)"
+            )
+    return gray, size, depth
+
+
+def _name(root: Path, path: Path) -> str:
+    return str(path.relative_to(root))
+
+
+def _bad(root: Path, files, results, policy: str) -> dict[str, str]:
+    """{path under root: reason} of the files whose result is an error (a reason string); with
+    the `fail` policy a DataError naming the first instead."""
+    bad = {_name(root, f): r for f, r in zip(files, results, strict=True) if isinstance(r, str)}
+    if bad and policy == "fail":
+        first, reason = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"imagefolder: cannot read image {root / first}: {reason}{more}; fix or remove it, "
+            "or set data.on_bad_image=skip to leave such files out (listed in data/meta.json)"
+        )
+    return bad
+
+
+def _batches(items: list) -> Iterator[list]:
+    for start in range(0, len(items), BATCH):
+        yield items[start : start + BATCH]
+
+
+def _probe_batch(files: list[Path]) -> list[Probe | str]:
+    out = []
+    for f in files:
+        try:
+            out.append(probe(f))
+        except BadImage as exc:
+            out.append(str(exc))
+    return out
+
+
+def _decode_batch(args) -> tuple[np.ndarray, dict[int, str]]:
+    """A batch of files as one uint8 array; a file that fails is zeros, its reason by offset."""
+    files, gray, size, policy, depth = args
+    arrays, errors = [], {}
+    for i, f in enumerate(files):
+        try:
+            arrays.append(decode(f, gray, size, policy, depth))
+        except BadImage as exc:
+            errors[i] = str(exc)
+            arrays.append(None)
+    shape = next((a.shape for a in arrays if a is not None), (1 if gray else 3, 1, 1))
+    pixels = np.stack([np.zeros(shape, np.uint8) if a is None else a for a in arrays])
+    return pixels, errors
+
+
+@contextmanager
+def _pool(workers: int):
+    """Worker processes (spawned: nothing inherited but the arguments); None for one worker."""
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield pool
+
+
+def _map(pool, fn, tasks: Iterable):
+    """fn over tasks in order: in the pool's workers, or here for one worker."""
+    return map(fn, tasks) if pool is None else pool.imap(fn, tasks)
+
+
+def _progress(results: Iterable, what: str, total: int | None = None):
+    """A progress bar on a terminal (images, img/s, ETA); a line every 30 s in a log."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        desc=f"imagefolder {what}",
+        unit="img",
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+        file=sys.stderr,
+        disable=total is None,
+    )
+    with bar:
+        for result in results:
+            bar.update(len(result[0]) if isinstance(result, tuple) else len(result))
+            yield result
