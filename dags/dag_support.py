@@ -83,6 +83,8 @@ def form_param(default, **schema) -> Param:
             schema["enum"] = [None, *schema["enum"]]
         if "type" in schema:
             schema["type"] = ["null", schema["type"]]
+        if "anyOf" in schema:
+            schema["anyOf"] = [{"type": "null"}, *schema["anyOf"]]
     return Param(default, **schema)
 
 

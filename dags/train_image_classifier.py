@@ -66,7 +66,11 @@ DEFAULTS = {name: ds.param(PARAMS, key) for name, key in PARAM_KEYS.items()}
         ),
         "model": ds.form_param(DEFAULTS["model"], enum=["mlp", "cnn", "resnet18"]),
         "optimizer": ds.form_param(DEFAULTS["optimizer"], enum=["sgd", "adam", "adamw", "rmsprop"]),
-        "lr": ds.form_param(DEFAULTS["lr"], type="number", exclusiveMinimum=0),
+        "lr": ds.form_param(
+            DEFAULTS["lr"],
+            anyOf=[{"type": "number", "exclusiveMinimum": 0}, {"const": "auto"}],
+            description="a number, or auto: the learning-rate range test picks it",
+        ),
         "schedule": ds.form_param(
             DEFAULTS["schedule"],
             enum=["constant", "exponential", "step", "multistep", "cosine", "onecycle"],

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -68,7 +75,7 @@ class ModelConfig(_Block):
 
 class OptimizerConfig(_Block):
     name: OptimizerName = "adamw"
-    lr: float = Field(0.003, gt=0)
+    lr: PositiveFloat | Literal["auto"] = 0.003  # auto: the lr range test picks it (lr-find)
     weight_decay: float = Field(0.01, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd, rmsprop
     nesterov: bool = False  # sgd

@@ -72,6 +72,13 @@ def train(args, settings: Settings) -> int:
     return _print(result) if result else 0  # {}: a torchrun worker; rank 0 reports
 
 
+def lr_find(args, settings: Settings) -> int:
+    from pipeline.stages.lr_find import lr_find_stage
+
+    validation = _read_json(settings.outputs / "validation.json", "validate")
+    return _print(lr_find_stage(_config(args, settings), settings, validation))
+
+
 def _train_argv(args: argparse.Namespace) -> list[str]:
     """The same `pipeline train` command, for each torchrun process."""
     argv = ["train"]
@@ -209,6 +216,7 @@ HANDLERS = {
     "check-data": check_data,
     "validate": validate,
     "train": train,
+    "lr-find": lr_find,
     "evaluate": evaluate,
     "register": register,
     "promote": promote,

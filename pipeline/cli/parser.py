@@ -62,6 +62,7 @@ def _stage_commands(sub) -> None:
         default=1,
         help="data-parallel processes on this machine (torchrun; one per GPU, gloo on CPU)",
     )
+    _common(sub.add_parser("lr-find", help="learning-rate range test; suggests train.optimizer.lr"))
     for name, text in (
         ("evaluate", "score the trained model on the test split"),
         ("register", "register the model; promote it if it passes the gate"),

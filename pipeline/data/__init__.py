@@ -9,7 +9,7 @@ from pipeline.data import versioning
 from pipeline.data.sources import recipe, write_source
 from pipeline.data.store import DataError, Dataset, read_dataset, read_meta
 
-__all__ = ["DataError", "Dataset", "check_data", "materialize", "read_dataset"]
+__all__ = ["DataError", "Dataset", "check_data", "check_validated", "materialize", "read_dataset"]
 
 
 def materialize(
@@ -88,3 +88,16 @@ def check_data(dataset: str, repo_root: Path, data_dir: Path) -> dict:
             f"`pipeline data pull --dataset {dataset}` or set base.dataset={meta.get('name')}"
         )
     return {"data_md5": md5, "dataset": dataset, "splits": meta.get("splits", {})}
+
+
+def check_validated(dataset: str, repo_root: Path, data_dir: Path, validation: dict) -> dict:
+    """`check_data`, and that this data version passed validation (`validation`: the validate
+    stage's result); training on anything else is refused."""
+    data = check_data(dataset, repo_root, data_dir)
+    if not validation.get("success") or validation.get("data_md5") != data["data_md5"]:
+        raise DataError(
+            f"data version {data['data_md5']} has not passed validation (last validated: "
+            f"{validation.get('data_md5')}, success={validation.get('success')}); "
+            "run `pipeline validate` first"
+        )
+    return data

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config
-from pipeline.data import DataError, check_data, read_dataset
+from pipeline.config import Config, ConfigError
+from pipeline.data import check_validated, read_dataset
 from pipeline.files import write_json
 from pipeline.settings import Settings
 
@@ -35,15 +35,13 @@ def train_stage(
     from pipeline.training import checkpoint, distributed
     from pipeline.training.engine import fit
 
-    data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
-    if not validation.get("success") or validation.get("data_md5") != data["data_md5"]:
-        raise DataError(
-            f"data version {data['data_md5']} has not passed validation (last validated: "
-            f"{validation.get('data_md5')}, success={validation.get('success')}); "
-            "run `pipeline validate` first"
-        )
+    data = check_validated(cfg.base.dataset, settings.root, settings.data_dir, validation)
     ds = read_dataset(settings.data_dir, mmap=True)
     identity = _training_identity(cfg, data["data_md5"], airflow)
+    given = cfg
+    if cfg.train.optimizer.lr == "auto":
+        cfg, lr_tags = _resolve_lr(cfg, settings, validation, airflow, identity)
+        extra_tags = {**(extra_tags or {}), **lr_tags}
     ckpt_path = settings.checkpoints / f"{identity}.pt"
     state = None
     if ckpt_path.exists():
@@ -61,7 +59,7 @@ def train_stage(
 
     import mlflow
 
-    with _tracked_run(cfg, settings, ds, validation, airflow, state, extra_tags) as run:
+    with _tracked_run(cfg, given, settings, ds, validation, airflow, state, extra_tags) as run:
         result = fit(
             cfg.train,
             ds.train,
@@ -81,6 +79,25 @@ def train_stage(
     return out
 
 
+def _resolve_lr(cfg: Config, settings: Settings, validation: dict, airflow, identity: str):
+    """`lr: auto` -> the range test's suggestion (found again for the same identity, so a
+    resumed run keeps its lr); the training run records the number as its lr param."""
+    from pipeline.stages.lr_find import lr_find_stage
+    from pipeline.training import distributed
+
+    if distributed.context().world > 1:
+        raise ConfigError(
+            "train.optimizer.lr=auto is not run under torchrun; run `pipeline lr-find` and set "
+            "train.optimizer.lr to its suggestion"
+        )
+    found = lr_find_stage(cfg, settings, validation, airflow, identity)
+    lr = found["suggested_lr"]
+    print(f"lr-find: lr {lr:.3g} ({found['method']}, run {found['run_id']})", file=sys.stderr)
+    resolved = cfg.model_copy(deep=True)
+    resolved.train.optimizer.lr = lr
+    return resolved, {"lr_find.run_id": found["run_id"], "train.optimizer.lr_given": "auto"}
+
+
 def _training_identity(cfg: Config, data_md5: str, airflow: dict | None) -> str:
     """Same params + data (+ DAG run) -> same checkpoint file; anything else never resumes it."""
     scope = f"{airflow['dag_id']}/{airflow['run_id']}" if airflow else "cli"
@@ -89,8 +106,10 @@ def _training_identity(cfg: Config, data_md5: str, airflow: dict | None) -> str:
 
 
 @contextmanager
-def _tracked_run(cfg, settings, ds, validation, airflow, state, extra_tags=None):
-    """A new MLflow run, or the checkpoint's run reopened.
+def _tracked_run(cfg, given, settings, ds, validation, airflow, state, extra_tags=None):
+    """A new MLflow run, or the checkpoint's run reopened. `cfg` is what trains (params and
+    config.json: numbers only), `given` the config as asked for (its params hash is what
+    skip-unchanged compares; it differs with `lr: auto`).
 
     Metrics go out once per epoch (`log_epoch`); the system-metrics thread samples CPU and memory
     (and GPU with nvidia-ml-py) every few seconds.
@@ -108,7 +127,7 @@ def _tracked_run(cfg, settings, ds, validation, airflow, state, extra_tags=None)
     from pipeline.data.versioning import pointer
 
     record = lineage.record(
-        settings.code, cfg, pointer(settings.root), validation, _device_name(cfg), airflow
+        settings.code, given, pointer(settings.root), validation, _device_name(cfg), airflow
     )
     tags = {
         **lineage.tags(record),

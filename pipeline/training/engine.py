@@ -75,6 +75,11 @@ def fit(
 
     Under torchrun every rank calls this; rank 0 alone reports and writes checkpoints.
     """
+    if cfg.optimizer.lr == "auto":
+        raise ConfigError(
+            "train.optimizer.lr is auto: the range test resolves it first (`pipeline train` and "
+            "the DAG do that; `pipeline lr-find` shows the curve)"
+        )
     dist = distributed.context()
     device = pick_device(cfg.device, dist.local_rank)
     distributed.init(dist, device)

@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.data.store import release
 
-BATCH_SIZE = 1024
+BATCH_SIZE = 256  # images per forward pass: 64x64 photos x 1024 held ~0.5 GB of activations
 
 
 @torch.no_grad()

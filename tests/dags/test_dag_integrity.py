@@ -126,6 +126,8 @@ def test_schedule_none_runs_on_new_data_and_triggers_only(monkeypatch):
 def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
     from typing import get_args
 
+    from airflow.sdk.exceptions import ParamValidationError
+
     from pipeline import config
 
     params = dagbag.dags[DAG_ID].params
@@ -139,6 +141,11 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
     presets = sorted(config.load_config(REPO / "params.yaml").presets)
     assert params.get_param("preset").schema["enum"] == [None, *presets]
     assert params["preset"] is None  # untouched form: plain params.yaml, like a scheduled run
+    lr = params.get_param("lr")
+    assert lr.resolve("auto") == "auto" and lr.resolve(0.01) == 0.01  # a number, or the test
+    for bad in (-1, "fast"):
+        with pytest.raises(ParamValidationError):
+            lr.resolve(bad)
 
 
 @pytest.mark.parametrize(

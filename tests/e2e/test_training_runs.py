@@ -1,5 +1,6 @@
 """Training as a user runs it: killed and resumed into the same MLflow run, and torchrun DDP."""
 
+import json
 import os
 import pickle
 import signal
@@ -131,3 +132,25 @@ def test_torchrun_two_processes_train_one_run_logged_by_rank_zero(validated):
     assert out.stderr.count("epoch   3/3") == 1  # one reporting process
     history = _client(project).get_metric_history(only.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_lr_auto_trains_with_the_range_tests_lr_and_records_the_number(validated, tmp_path):
+    auto = ["--set", "train.optimizer.lr=auto", "--set", "train.epochs=2"]
+    found = json.loads(run(["pipeline", "lr-find"], validated).stdout)
+    assert found["suggested_lr"] > 0 and not found["reused"]
+    first = json.loads(run(["pipeline", "train", *auto], validated).stdout)["run_id"]
+    second = json.loads(run(["pipeline", "train", *auto], validated).stdout)["run_id"]
+    client = _client(validated)
+    finders = [r for r in _runs(validated) if r.info.run_name.startswith("lr-find")]
+    assert len(finders) == 2  # the CLI's own, and one for these params + data: found again
+    for run_id in (first, second):
+        trained = client.get_run(run_id).data
+        finder = client.get_run(trained.tags["lr_find.run_id"])
+        lr = float(trained.params["train.optimizer.lr"])  # a number: reproducible from params
+        assert lr == pytest.approx(finder.data.metrics["suggested_lr"])
+        assert trained.tags["train.optimizer.lr_given"] == "auto"
+    assert client.get_run(first).data.tags["lr_find.run_id"] == finder.info.run_id
+    plots = {a.path for a in client.list_artifacts(finder.info.run_id, "plots")}
+    assert plots == {"plots/lr_find.png"}
+    losses = client.get_metric_history(finder.info.run_id, "smoothed_loss")
+    assert len(losses) == int(finder.data.params["steps"]) and len(losses) > 20
