@@ -1,21 +1,24 @@
-"""Hyper-parameter sweep: validate -> start_sweep -> grid_points -> trial (mapped) -> finish_sweep.
+"""Hyper-parameter sweep: validate -> start_sweep -> sweep_items -> trial (mapped) -> finish_sweep.
 
-One mapped `trial` per optimizer x schedule x lr in params.yaml `sweep:`, each an MLflow child run
-under one parent run; `finish_sweep` ranks them by the promotion metric, logs the table and an
-overlay plot on the parent, and (with `sweep.register_best`) sends the best trial through the
-normal promotion policy. Wiring only: pipeline/* is imported inside the task bodies.
+`sweep.strategy: grid`: one mapped `trial` per optimizer x schedule x lr in params.yaml `sweep:`.
+`optuna`: one mapped `trial` per worker (`sweep.optuna.workers`), each pulling trials from a
+shared study until it holds `sweep.optuna.trials`, weak ones pruned by their val_loss; the `gpu`
+pool bounds how many train at once, and re-running resumes the study (unless `new_study`). Every
+trial is an MLflow child run under one parent run; `finish_sweep` ranks them, logs the table and
+plots on the parent, and (with `sweep.register_best`) sends the best trial through the normal
+promotion policy. Wiring only: pipeline/* is imported inside the task bodies.
 """
 
 from __future__ import annotations
 
 import dag_support as ds
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 
 @dag(
     dag_id="sweep_image_classifier",
-    description="Grid sweep over optimizers x schedules x learning rates, compared in MLflow",
+    description="Grid or Optuna search over optimizers, schedules and learning rates, in MLflow",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -23,6 +26,13 @@ from airflow.sdk import dag, task
     tags=["ml", "training", "sweep", "mlflow"],
     default_args=ds.default_args(),
     doc_md=__doc__,
+    params={
+        "new_study": Param(
+            False,
+            type="boolean",
+            description="optuna: start the study over instead of resuming the one of that name",
+        )
+    },
 )
 def sweep_image_classifier():
     @task
@@ -40,19 +50,19 @@ def sweep_image_classifier():
         from pipeline.stages import sweep
 
         cfg = ds.config(checked["config"])
-        return {
-            "parent": sweep.start(cfg, ds.settings(), ds.airflow_ids()),
-            "grid": sweep.grid(cfg),
-        }
+        new = bool(get_current_context()["params"].get("new_study"))
+        with ds.permanent_errors():
+            return sweep.start(cfg, ds.settings(), ds.airflow_ids(), new)
 
     @task
-    def grid_points(started: dict) -> list[dict]:
-        return started["grid"]
+    def sweep_items(started: dict) -> list[dict]:
+        return started["items"]
 
     @task(**ds.GPU_TASK)
-    def trial(overrides: dict, checked: dict, started: dict) -> dict:
-        """One grid point: train + evaluate as a child run of the sweep's parent run. A diverged
-        trial fails at once (no retries); a killed one resumes from its checkpoint."""
+    def trial(item: dict, checked: dict, started: dict) -> dict:
+        """A grid point, or an Optuna worker pulling trials: each trial trains + evaluates as a
+        child run of the sweep's parent run. A diverged grid point fails at once (no retries);
+        a killed one resumes from its checkpoint."""
         from pipeline.stages import sweep
 
         cfg = ds.config(checked["config"])
@@ -62,7 +72,7 @@ def sweep_image_classifier():
                 ds.settings(),
                 checked["validation"],
                 started["parent"],
-                overrides,
+                item,
                 ds.airflow_ids(),
             )
 
@@ -82,7 +92,7 @@ def sweep_image_classifier():
 
     checked = validate()
     started = start_sweep(checked)
-    results = trial.partial(checked=checked, started=started).expand(overrides=grid_points(started))
+    results = trial.partial(checked=checked, started=started).expand(item=sweep_items(started))
     finish_sweep(checked, started, results)
 
 

@@ -157,16 +157,63 @@ class RegisterConfig(_Block):
     max_recall_drop: float | None = Field(None, ge=0, le=1)  # per class vs champion; null = off
 
 
+class SearchParam(_Block):
+    """One dimension of the Optuna search space: a `choice`, or a range `low`..`high` (sampled
+    log-uniformly with `log: true`; integers when both bounds are)."""
+
+    choice: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchParam:
+        if self.choice is not None:
+            if not self.choice or self.low is not None or self.high is not None:
+                raise ValueError("give a non-empty `choice`, or `low` and `high`, not both")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"needs low < high (got low {self.low}, high {self.high})")
+        elif self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        return self
+
+
+def _default_space() -> dict[str, SearchParam]:
+    return {
+        "train.optimizer.name": SearchParam(choice=["sgd", "adamw"]),
+        "train.optimizer.lr": SearchParam(low=1e-4, high=0.3, log=True),
+        "train.optimizer.weight_decay": SearchParam(low=1e-5, high=0.1, log=True),
+        "train.schedule.name": SearchParam(choice=["cosine", "onecycle"]),
+        "train.schedule.warmup_epochs": SearchParam(choice=[0, 1]),
+        "train.batch_size": SearchParam(choice=[32, 64, 128]),
+        "train.label_smoothing": SearchParam(low=0.0, high=0.2),
+    }
+
+
+class OptunaConfig(_Block):
+    """sweep.strategy: optuna: a seeded TPE study with a pruner fed each epoch's val_loss."""
+
+    trials: int = Field(12, ge=1)  # the study's size, over all workers
+    workers: int = Field(2, ge=1)  # mapped trial tasks pulling from the study
+    study: str | None = None  # null: sweep-<dataset>; re-running resumes the study of this name
+    seed: int = 0
+    pruner: Literal["hyperband", "successive_halving", "none"] = "hyperband"
+    space: dict[str, SearchParam] = Field(default_factory=_default_space, min_length=1)
+
+
 class SweepConfig(_Block):
-    """The sweep DAG's grid: every optimizer x schedule x lr combination is one trial."""
+    """The sweep DAG: `grid` trains every optimizer x schedule x lr, `optuna` searches a space."""
+
+    strategy: Literal["grid", "optuna"] = "grid"
 
     optimizers: list[OptimizerName] = Field(default_factory=lambda: ["sgd", "adamw"], min_length=1)
     schedules: list[ScheduleName] = Field(
         default_factory=lambda: ["cosine", "onecycle"], min_length=1
     )
     lrs: list[float] = Field(default_factory=lambda: [0.01, 0.003], min_length=1)
-    epochs: int = Field(6, ge=1)  # per trial
+    epochs: int = Field(6, ge=1)  # per trial (optuna: the most a trial runs before pruning)
     register_best: bool = False  # put the best trial through the normal promotion policy
+    optuna: OptunaConfig = OptunaConfig()
 
     @model_validator(mode="after")
     def _positive_lrs(self) -> SweepConfig:
@@ -190,6 +237,23 @@ class Config(_Block):
     presets: dict[str, dict[str, Any]] = {}  # name -> {dotted.key: value}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _search_space_keys_exist(self) -> Config:
+        for key in self.sweep.optuna.space:
+            model: Any = Config
+            for part in key.split("."):
+                fields = {f.alias or name: f for name, f in model.model_fields.items()}
+                annotation = getattr(fields.get(part), "annotation", None)
+                if part not in fields or (
+                    part != key.split(".")[-1] and not isinstance(annotation, type)
+                ):
+                    raise ValueError(
+                        f"sweep.optuna.space: unknown key {key!r} (no {part!r} there; keys are "
+                        "dotted like --set, e.g. train.optimizer.lr)"
+                    )
+                model = annotation
+        return self
 
     @model_validator(mode="after")
     def _preset_exists(self) -> Config:

@@ -14,6 +14,7 @@ class Settings:
     artifact_root: str  # where new MLflow experiments store artifacts
     code_root: Path | None = None  # the git checkout of the code when `root` is elsewhere
     mlflow_wait_s: float = 60.0  # how long an interactive command waits for an MLflow server
+    optuna_storage: str = ""  # Optuna studies (a relational DB); "": SQLite beside MLflow's
 
     @property
     def code(self) -> Path:
@@ -31,6 +32,12 @@ class Settings:
     @property
     def outputs(self) -> Path:
         return self.root / "outputs"
+
+    @property
+    def study_storage(self) -> str:
+        """Where sweep studies live: PIPELINE_OPTUNA_STORAGE (PostgreSQL in production), else
+        a SQLite file in the project's store folder."""
+        return self.optuna_storage or f"sqlite:///{self.root / '.mlflow' / 'optuna.db'}"
 
     @property
     def checkpoints(self) -> Path:
@@ -51,4 +58,5 @@ class Settings:
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}/mlflow.db",
             artifact_root=os.environ.get("MLFLOW_ARTIFACT_ROOT") or (store / "artifacts").as_uri(),
             mlflow_wait_s=float(os.environ.get("PIPELINE_MLFLOW_WAIT_S") or 60),
+            optuna_storage=os.environ.get("PIPELINE_OPTUNA_STORAGE", ""),
         )

@@ -1,8 +1,9 @@
-"""Hyper-parameter sweep: one MLflow parent run, one child run per grid point, the best reported.
+"""Hyper-parameter sweep: one MLflow parent run, one child run per trial, the best reported.
 
-The sweep DAG maps `trial_stage` over `grid(cfg)`; in the MLflow UI the children sit under the
-parent and compare side by side (params as columns, learning curves overlaid), and the parent
-holds the results table, an overlay plot and the best trial.
+`start` opens the parent and returns the items the sweep DAG maps `trial_stage` over: the grid's
+points (`sweep.strategy: grid`), or one item per Optuna worker (`optuna`, see `search`). In the
+MLflow UI the children sit under the parent and compare side by side (params as columns), and
+the parent holds the results table, plots and the best trial.
 """
 
 from __future__ import annotations
@@ -36,8 +37,18 @@ def trial_config(cfg: Config, overrides: dict) -> Config:
     return config_from_dict({**resolved, "base": {**resolved["base"], "preset": None}}, overrides)
 
 
-def start(cfg: Config, settings: Settings, airflow: dict | None = None) -> str:
-    """The parent run; it stays RUNNING until `finish`."""
+def start(cfg: Config, settings: Settings, airflow: dict | None = None, new: bool = False):
+    """The parent run (RUNNING until `finish`) and the items to map `trial_stage` over. `new`:
+    an Optuna study of the same name starts over instead of resuming."""
+    if cfg.sweep.strategy == "optuna":
+        from pipeline.stages import search
+
+        parent = search.start(cfg, settings, airflow, new)
+        return {"parent": parent, "items": [{"worker": i} for i in range(cfg.sweep.optuna.workers)]}
+    return {"parent": _grid_parent(cfg, settings, airflow), "items": grid(cfg)}
+
+
+def _grid_parent(cfg: Config, settings: Settings, airflow: dict | None) -> str:
     from mlflow import MlflowClient
 
     from pipeline.tracking import store
@@ -56,23 +67,38 @@ def trial_stage(
     settings: Settings,
     validation: dict,
     parent: str,
-    overrides: dict,
+    item: dict,
     airflow: dict | None = None,
 ) -> dict:
-    """Train and evaluate one grid point as a child run of `parent`."""
+    """One item of `start`: an Optuna worker, or one grid point trained and evaluated as a
+    child run of `parent`."""
+    if "worker" in item:
+        from pipeline.stages import search
+
+        return search.worker(cfg, settings, validation, parent, item["worker"], airflow)
     from pipeline.stages.evaluate import evaluate_stage
     from pipeline.stages.train import train_stage
 
-    trial = trial_config(cfg, overrides)
+    trial = trial_config(cfg, item)
     tags = {"mlflow.parentRunId": parent, SWEEP_TAG: parent}
     trained = train_stage(trial, settings, validation, airflow, resume=True, extra_tags=tags)
     scores = evaluate_stage(trial, settings, trained["run_id"])
-    return {"run_id": trained["run_id"], "overrides": overrides, **scores}
+    return {"run_id": trained["run_id"], "overrides": item, **scores}
+
+
+def plot_dir(settings: Settings):
+    folder = settings.outputs / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def finish(cfg: Config, settings: Settings, parent: str, results: list[dict]) -> dict:
-    """Rank the trials by the promotion metric; log the table, an overlay plot and the best
-    trial on the parent run, and close it."""
+    """Rank the trials; log the table, plots and the best trial on the parent run, and close
+    it. Grid: by the promotion metric, learning curves overlaid; Optuna: `search.finish`."""
+    if cfg.sweep.strategy == "optuna":
+        from pipeline.stages import search
+
+        return search.finish(cfg, settings, parent)
     import mlflow
     from mlflow import MlflowClient
 
@@ -90,9 +116,7 @@ def finish(cfg: Config, settings: Settings, parent: str, results: list[dict]) ->
         ]
         for r in ranked
     }
-    plot_dir = settings.outputs / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    plot = plots.plot_sweep(histories, plot_dir / "sweep_curves.png")
+    plot = plots.plot_sweep(histories, plot_dir(settings) / "sweep_curves.png")
     client.log_artifact(parent, str(plot), "plots")
     client.log_dict(parent, {"metric": metric, "trials": ranked}, "sweep_results.json")
     client.log_text(parent, _table(ranked, metric), "sweep_results.md")

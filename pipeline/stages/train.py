@@ -18,6 +18,14 @@ from pipeline.settings import Settings
 SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
+class Pruned(Exception):
+    """Raised by an `on_epoch` callback to stop a trial early (a search's pruner)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"pruned after epoch {epoch}")
+        self.epoch = epoch
+
+
 def train_stage(
     cfg: Config,
     settings: Settings,
@@ -25,12 +33,14 @@ def train_stage(
     airflow: dict | None = None,
     resume: bool = False,
     extra_tags: dict | None = None,
+    on_epoch=None,
 ) -> dict:
     """Train on validated, tracked data and log everything to an MLflow run.
 
     Every epoch is checkpointed. With `resume`, a checkpoint of the same params, data and (under
     Airflow) DAG run continues where it stopped, logging into the same MLflow run. Under torchrun
-    only rank 0 touches MLflow and writes files.
+    only rank 0 touches MLflow and writes files. `on_epoch(row)` sees each epoch after it is
+    logged; raising `Pruned` ends the run as KILLED, tagged with the epoch it stopped at.
     """
     from pipeline.training import checkpoint, distributed
     from pipeline.training.engine import fit
@@ -59,21 +69,34 @@ def train_stage(
 
     import mlflow
 
+    def report(row: dict) -> None:
+        log_epoch(row)
+        if on_epoch is not None:
+            on_epoch(row)
+
     with _tracked_run(cfg, given, settings, ds, validation, airflow, state, extra_tags) as run:
-        result = fit(
-            cfg.train,
-            ds.train,
-            ds.classes,
-            cfg.base.seed,
-            on_epoch=log_epoch,
-            checkpoint_path=ckpt_path,
-            resume=state,
-            checkpoint_extra={"mlflow_run_id": run.info.run_id, "identity": identity},
-        )
-        model_uri = _log_model(result, ds)
-        stopped = str(result.stopped_early).lower()
-        mlflow.set_tags({"train.stopped_early": stopped, "train.loader": result.loader})
+        try:
+            result = fit(
+                cfg.train,
+                ds.train,
+                ds.classes,
+                cfg.base.seed,
+                on_epoch=report,
+                checkpoint_path=ckpt_path,
+                resume=state,
+                checkpoint_extra={"mlflow_run_id": run.info.run_id, "identity": identity},
+            )
+        except Pruned as stop:
+            mlflow.set_tags({"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})
+            result = None
+        if result is not None:
+            model_uri = _log_model(result, ds)
+            stopped = str(result.stopped_early).lower()
+            mlflow.set_tags({"train.stopped_early": stopped, "train.loader": result.loader})
     ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
+    if result is None:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
+        return {"run_id": run.info.run_id, "pruned": True, "data_md5": data["data_md5"]}
     out = {"run_id": run.info.run_id, "model_uri": model_uri, "data_md5": data["data_md5"]}
     write_json(settings.outputs / "train.json", out)
     return out

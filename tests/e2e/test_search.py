@@ -1,0 +1,120 @@
+"""The Optuna sweep: a DAG run whose weak trials are pruned and show so in MLflow, a worker
+killed mid-trial whose retry resumes that trial, and search spaces refused by the key."""
+
+import signal
+import subprocess
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.stages.search import check_space
+from tests.conftest import project_env, run
+
+pytestmark = pytest.mark.slow
+SPACE = {
+    "train.model.name": {"choice": ["mlp"]},
+    "train.optimizer.lr": {"choice": [0.01, 0.00001]},  # the second barely learns: pruned
+    "train.optimizer.name": {"choice": ["adamw"]},
+}
+
+
+def _optuna_params(project, **optuna_cfg) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sweep"] |= {"strategy": "optuna", "epochs": 3, "register_best": False}
+    params["sweep"]["optuna"] = {"trials": 4, "workers": 2, "pruner": "successive_halving",
+                                 "space": SPACE, **optuna_cfg}  # fmt: skip
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _client(project) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+
+
+def _study(project, name="sweep-digits"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{project}/.mlflow/optuna.db")
+
+
+def test_the_optuna_sweep_dag_prunes_weak_trials_and_shows_them_pruned(from_template):
+    project = from_template("airflow")
+    _optuna_params(project)
+    run(["airflow", "dags", "test", "sweep_image_classifier"], project)
+    client = _client(project)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, "tags.`sweep.strategy` = 'optuna'")
+    children = client.search_runs(
+        experiments, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4 and parent.info.status == "FINISHED"
+    pruned = [c for c in children if c.data.tags.get("sweep.pruned") == "true"]
+    assert pruned and all(c.info.status == "KILLED" for c in pruned)
+    assert all(int(c.data.tags["sweep.pruned_at_epoch"]) < 3 for c in pruned)
+    states = {t.state.name for t in _study(project).trials}
+    assert "PRUNED" in states and "COMPLETE" in states
+    assert parent.data.metrics["trial_epochs"] < 4 * 3  # pruning saved epochs
+    best = client.get_run(parent.data.tags["sweep.best_run_id"])
+    assert best.data.params["train.optimizer.lr"] == "0.01" and best.info.status == "FINISHED"
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/search_optimization_history.png" in files
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep_results.json"}
+
+
+KILL_IN_FIRST_TRIAL = """
+import os, signal, sys
+from pipeline.stages import train
+logged = train.log_epoch
+def dying(row):
+    logged(row)
+    if row["epoch"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.log_epoch = dying if sys.argv[1] == "kill" else logged
+from pipeline.config import load_config
+from pipeline.settings import Settings
+from pipeline.stages import search, sweep
+import json
+settings = Settings.from_env()
+cfg = load_config(settings.params)
+validation = json.loads((settings.outputs / "validation.json").read_text())
+airflow = {"dag_id": "sweep_image_classifier", "run_id": "manual__1", "try_number": 1}
+parent = sweep.start(cfg, settings, airflow)["parent"]
+search.worker(cfg, settings, validation, parent, 0, airflow)
+print(json.dumps(search.finish(cfg, settings, parent)))
+"""
+
+
+def test_a_worker_killed_mid_trial_is_retried_into_the_same_trial_run(from_template):
+    project = from_template("validated")
+    _optuna_params(project, trials=2, pruner="none")
+    cmd = ["python", "-c", KILL_IN_FIRST_TRIAL]
+    killed = subprocess.run([*cmd, "kill"], cwd=project, env=project_env(project))
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = _study(project).trials
+    assert left.state.name == "RUNNING"  # nobody told the study
+    run([*cmd, "retry"], project)  # the task's retry: same DAG run, same worker
+    trials = _study(project).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    retried = trials[1]
+    assert retried.user_attrs["retry_of"] == 0 and retried.params == left.params
+    client = _client(project)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (first,) = client.search_runs(experiments, "tags.`sweep.trial` = '1'")
+    assert first.data.tags["train.resumed_from_epoch"] == "2"  # the killed trial's checkpoint
+    assert first.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("space", "named"),
+    [
+        ({"train.optimizer.name": {"choice": []}}, "train.optimizer.name"),
+        ({"train.optimizer.lr": {"low": 0.1, "high": 0.01}}, "train.optimizer.lr"),
+        ({"train.optimizer.lrr": {"low": 0.01, "high": 0.1}}, "train.optimizer.lrr"),
+        ({"train.optimizer.name": {"choice": ["sgd", "adamx"]}}, "train.optimizer.name"),
+        ({"train.batch_size": {"low": 0, "high": 64}}, "train.batch_size"),
+    ],
+)
+def test_bad_search_spaces_are_refused_with_the_key_named(space, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        cfg = config_from_dict({}, {"sweep.strategy": "optuna", "sweep.optuna.space": space})
+        check_space(cfg)
