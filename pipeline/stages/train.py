@@ -90,6 +90,7 @@ def train_stage(
             mlflow.set_tags({"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})
             result = None
         if result is not None:
+            _log_schedule(cfg, result, settings)
             model_uri = _log_model(result, ds)
             stopped = str(result.stopped_early).lower()
             mlflow.set_tags({"train.stopped_early": stopped, "train.loader": result.loader})
@@ -218,6 +219,20 @@ def _run_exists(client, run_id: str) -> bool:
         return True
     except MlflowException:
         return False
+
+
+def _log_schedule(cfg: Config, result, settings: Settings) -> None:
+    """plots/lr_schedule.png: the lr of every step, so schedules compare by eye in MLflow."""
+    import mlflow
+
+    from pipeline.training.optim import lr_factor
+    from pipeline.training.plots import plot_schedule
+
+    t, spe = cfg.train, result.steps_per_epoch
+    lrs = [t.optimizer.lr * lr_factor(s, spe, t.epochs, t.schedule) for s in range(spe * t.epochs)]
+    folder = settings.outputs / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    mlflow.log_artifact(str(plot_schedule(lrs, spe, folder / "lr_schedule.png")), "plots")
 
 
 def _log_model(result, ds) -> str:

@@ -42,6 +42,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     loader: str = "resident"  # how the training rows were fed: resident | stream
+    steps_per_epoch: int = 0  # optimizer steps per epoch (the schedule's x axis)
 
 
 def seed_everything(seed: int) -> None:
@@ -202,7 +203,14 @@ class _Loop:
                 break
         self.model.eval()
         history = self.state.history
-        return FitResult(self.model.cpu(), self.spec, history, stopped_early, self.batches.kind)
+        return FitResult(
+            self.model.cpu(),
+            self.spec,
+            history,
+            stopped_early,
+            self.batches.kind,
+            self.steps_per_epoch,
+        )
 
     def train_epoch(self, epoch: int, progress: Progress | None) -> dict:
         cfg, optimizer, base_lr = self.cfg, self.optimizer, self.cfg.optimizer.lr

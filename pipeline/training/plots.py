@@ -75,3 +75,19 @@ def plot_sweep(histories: dict[str, list[dict]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_schedule(lrs: list[float], steps_per_epoch: int, path: Path) -> Path:
+    """The learning rate at every optimizer step (warmup and schedule), epochs on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([step / max(1, steps_per_epoch) for step in range(len(lrs))], lrs)
+    ax.set(title="learning-rate schedule", xlabel="epoch", ylabel="lr")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

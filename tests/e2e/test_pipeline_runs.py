@@ -64,7 +64,9 @@ def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
     assert tags["data.md5"] == recorded_md5(project) and tags["validation.success"] == "true"
     assert params["train.optimizer.name"] == "adamw" and params["train.schedule.name"] == "cosine"
     artifacts = {a.path for a in _client(project).list_artifacts(v1["run_id"], "plots")}
-    assert {"plots/confusion_matrix.png", "plots/learning_curves.png"} <= artifacts
+    assert {"plots/confusion_matrix.png", "plots/learning_curves.png", "plots/lr_schedule.png"} <= (
+        artifacts
+    )
     history = _client(project).get_metric_history(v1["run_id"], "val_loss")
     assert len(history) == 12
 
