@@ -33,7 +33,7 @@ GIVEN_SPLITS = {"train": "train", "val": "test"}  # ImageNet layout folder -> ou
 @dataclass(frozen=True)
 class Listing:
     classes: list[str]
-    files: list[Path]
+    files: list[str]  # strings, not Paths: a few hundred bytes less per file at 100,000 files
     labels: np.ndarray
     is_test: np.ndarray | None  # the layout's own split; None: split at random
 
@@ -71,14 +71,14 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
-def _files(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+def _files(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
     files, labels = [], []
     for label, name in enumerate(classes):
         if (folder / name).is_dir():
             found = sorted(
                 f for f in (folder / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
             )
-            files += found
+            files += map(str, found)
             labels += [label] * len(found)
     return files, np.array(labels, dtype=np.int64)
 
@@ -88,13 +88,12 @@ def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[s
     listing = list_files(root)
     workers = data.workers or os.cpu_count() or 1
     with _pool(workers) as pool:
-        probed = _map(pool, _probe_batch, _batches(listing.files))
-        probes = [p for batch in _progress(probed, "probe", len(listing.files)) for p in batch]
-        skipped = _bad(root, listing.files, probes, data.on_bad_image)
+        probes = _probe_all(pool, listing.files)
+        skipped = _bad(root, listing.files, probes.errors, data.on_bad_image)
         while True:  # again only when a probed file then failed to decode (a truncated JPEG)
             keep = np.array([_name(root, f) not in skipped for f in listing.files])
             files = [f for f, k in zip(listing.files, keep, strict=True) if k]
-            good = [p for p, k in zip(probes, keep, strict=True) if k]
+            good = probes.subset(keep)
             labels = listing.labels[keep]
             if listing.is_test is not None:
                 is_test = listing.is_test[keep]
@@ -117,7 +116,7 @@ def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[s
             failed = _write(pool, files, labels, is_test, settings, shape, counts, data_dir, meta)
             if not failed:
                 return skipped
-            skipped |= _bad(root, list(failed), list(failed.values()), data.on_bad_image)
+            skipped |= _bad(root, list(failed), failed, data.on_bad_image)
 
 
 def _write(pool, files, labels, is_test, settings, shape, counts, data_dir, meta) -> dict:
@@ -138,30 +137,63 @@ def _write(pool, files, labels, is_test, settings, shape, counts, data_dir, meta
     return failed
 
 
-def _dataset_format(files: list[Path], probes: list[Probe], image_size: int | None):
+@dataclass(frozen=True)
+class Probes:
+    """What the probe pass found, as arrays (a few bytes per file, not an object each)."""
+
+    gray: np.ndarray  # bool
+    sizes: np.ndarray  # width, height
+    brightest: np.ndarray  # high-bit images' largest value, else 0
+    errors: dict[int, str]  # file index -> why it cannot be read
+
+    def subset(self, keep: np.ndarray) -> Probes:
+        return Probes(self.gray[keep], self.sizes[keep], self.brightest[keep], {})
+
+
+def _probe_all(pool, files: list[str]) -> Probes:
+    n = len(files)
+    gray, sizes = np.zeros(n, bool), np.zeros((n, 2), np.int64)
+    brightest, errors = np.zeros(n, np.int64), {}
+    start = 0
+    for batch in _progress(_map(pool, _probe_batch, _batches(files)), "probe", n):
+        for i, found in enumerate(batch, start=start):
+            if isinstance(found, str):
+                errors[i] = found
+            else:
+                gray[i], sizes[i], brightest[i] = found.gray, found.size, found.brightest
+        start += len(batch)
+    return Probes(gray, sizes, brightest, errors)
+
+
+def _dataset_format(files: list[str], probes: Probes, image_size: int | None):
     """(grayscale, (width, height), bit depth): grayscale if every image is, else RGB."""
-    gray = all(p.gray for p in probes)
-    depth = bit_depth(max((p.brightest for p in probes), default=0))
+    gray = bool(probes.gray.all())
+    depth = bit_depth(int(probes.brightest.max(initial=0)))
     if image_size:
         return gray, (image_size, image_size), depth
-    size = probes[0].size
-    for f, p in zip(files, probes, strict=True):
-        if p.size != size:
-            raise DataError(
-                f"imagefolder: {f} is {p.size[0]}x{p.size[1]}, others {size[0]}x{size[1]}; "
-                "set data.image_size to bring all images to one size (data.resize says how)"
-            )
+    size = tuple(int(v) for v in probes.sizes[0])
+    other = np.flatnonzero((probes.sizes != probes.sizes[0]).any(axis=1))
+    if len(other):
+        w, h = probes.sizes[other[0]]
+        raise DataError(
+            f"imagefolder: {files[other[0]]} is {w}x{h}, others {size[0]}x{size[1]}; "
+            "set data.image_size to bring all images to one size (data.resize says how)"
+        )
     return gray, size, depth
 
 
-def _name(root: Path, path: Path) -> str:
-    return str(path.relative_to(root))
+def _name(root: Path, path: str) -> str:
+    return str(Path(path).relative_to(root))
 
 
-def _bad(root: Path, files, results, policy: str) -> dict[str, str]:
-    """{path under root: reason} of the files whose result is an error (a reason string); with
-    the `fail` policy a DataError naming the first instead."""
-    bad = {_name(root, f): r for f, r in zip(files, results, strict=True) if isinstance(r, str)}
+def _bad(root: Path, files: list, errors: dict, policy: str) -> dict[str, str]:
+    """{path under root: reason} of the files with an error (`errors`: keyed by index, or by
+    the file itself); with the `fail` policy a DataError naming the first instead."""
+    bad = {}
+    for i, f in enumerate(files):
+        reason = errors.get(i, errors.get(f))
+        if reason is not None:
+            bad[_name(root, f)] = reason
     if bad and policy == "fail":
         first, reason = next(iter(bad.items()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -177,7 +209,7 @@ def _batches(items: list) -> Iterator[list]:
         yield items[start : start + BATCH]
 
 
-def _probe_batch(files: list[Path]) -> list[Probe | str]:
+def _probe_batch(files: list[str]) -> list[Probe | str]:
     out = []
     for f in files:
         try:

@@ -61,16 +61,14 @@ def checkout_version(repo_root: Path, workspace: Path, data: dict) -> None:
 def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     """Retrain `ref` (NAME/VERSION, NAME@ALIAS or NAME) on its recorded data and config."""
     import mlflow
-    from mlflow import MlflowClient
 
     from pipeline.registry import versions
     from pipeline.stages.evaluate import evaluate_stage
     from pipeline.stages.train import train_stage
     from pipeline.stages.validate import validate_stage
-    from pipeline.tracking import lineage
+    from pipeline.tracking import lineage, store
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    client = MlflowClient()
+    client = store.client(settings)
     version = versions.resolve(client, ref)
     name, run_id = version.name, version.run_id
     record = lineage.of_run(run_id)
