@@ -175,9 +175,9 @@ def cifar_files(root: Path, seed: int = 0) -> Path:
         labels = rng.integers(0, 10, 10_000)
         data = np.repeat((labels * 25).astype(np.uint8)[:, None], 3072, axis=1)
         data = (data + rng.integers(0, 40, data.shape)).astype(np.uint8)
-        batch = {b"batch_label": name.encode(), b"data": data, b"labels": labels.tolist()}
+        batch = {"batch_label": name, "data": data, "labels": labels.tolist()}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}
+    meta = {"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return root
 
@@ -241,6 +241,19 @@ def run_stages(name: str, pull: list[str], images: int, sets: list[str]) -> dict
     return {"images": images, "splits": meta["splits"], "stages": rows}
 
 
+def measure_baseline(results: dict, largest: int) -> dict:
+    """The plain Pillow loop, and the ingest alone, against `data pull` of the largest folder."""
+    baseline = pillow_baseline(subset(largest))
+    pull = results["datasets"][f"photos {largest:,}"]["stages"]["data pull"]["img_per_s"]
+    ingest = ingest_only(subset(largest), largest)
+    return {
+        "img_per_s": baseline,
+        "pull_ratio": pull / baseline,
+        "ingest": ingest,
+        "ingest_ratio": ingest["img_per_s"] / baseline,
+    }
+
+
 def table(results: dict) -> str:
     stages = ["data pull", "validate", "train 1 epoch", "evaluate", "register"]
     lines = [
@@ -270,26 +283,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 20_000, 100_000])
     parser.add_argument("--no-builtin", action="store_true", help="skip MNIST and CIFAR-10")
+    parser.add_argument(
+        "--no-photos", action="store_true", help="keep the photo rows of bench/out/scale.json"
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results = {"datasets": {}, "cpus": os.cpu_count()}
     photo_sets = ["--set=base.dataset=imagefolder", "--set=data.image_size=64"]
     photo_sets += ["--set=validate.drift_max_shift=null"]
-    for n in args.sizes:
+    if args.no_photos:
+        results = json.loads((OUT / "scale.json").read_text())
+    for n in [] if args.no_photos else args.sizes:
         folder = subset(n)
         pull = ["--dataset", "imagefolder", "--source-dir", str(folder)]
         results["datasets"][f"photos {n:,}"] = run_stages(f"photos-{n}", pull, n, photo_sets)
     largest = max(args.sizes)
-    baseline = pillow_baseline(subset(largest))
-    pull = results["datasets"][f"photos {largest:,}"]["stages"]["data pull"]["img_per_s"]
-    ingest = ingest_only(subset(largest), largest)
-    results["baseline"] = {
-        "img_per_s": baseline,
-        "pull_ratio": pull / baseline,
-        "ingest": ingest,
-        "ingest_ratio": ingest["img_per_s"] / baseline,
-    }
-    (OUT / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_photos:
+        results["baseline"] = measure_baseline(results, largest)
+        (OUT / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+
     if not args.no_builtin:
         with tempfile.TemporaryDirectory(prefix="scale-raw-") as raw:
             sources = {

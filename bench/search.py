@@ -38,12 +38,11 @@ search.worker(cfg, settings, validation, sys.argv[2], int(sys.argv[3]), None)
 """
 
 
-def pipeline(project: Path, *args: str) -> dict:
-    out = subprocess.run(
+def pipeline(project: Path, *args: str) -> None:
+    subprocess.run(
         [str(Path(sys.executable).parent / "pipeline"), *args],
-        cwd=project, env=_env(project), capture_output=True, text=True, check=True,
+        cwd=project, env=_env(project), capture_output=True, check=True,
     )  # fmt: skip
-    return json.loads(out.stdout)
 
 
 def in_project(project: Path):
