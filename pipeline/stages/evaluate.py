@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.data import Dataset, check_data, read_dataset
@@ -11,8 +12,12 @@ from pipeline.files import write_json
 from pipeline.settings import Settings
 
 
-def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
-    """Score the run's model on the test split; metrics + plots to MLflow and outputs/."""
+def evaluate_stage(cfg: Config, settings: Settings, run_id: str, handoff: bool = True) -> dict:
+    """Score the run's model on the test split; metrics + plots to MLflow and (`handoff`: the
+    CLI, dvc.yaml and the training DAG) to outputs/. Sweep trials, which may run at once in one
+    checkout, pass handoff=False: their plots go through a folder of their own."""
+    import tempfile
+
     import mlflow
 
     from pipeline.tracking import store, weights
@@ -24,10 +29,11 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
     model, _ = weights.load_weights(run_id)
     preds = inference.predict(model, ds.test.images)
     scores = scoring.metrics(ds.test.labels, preds, ds.classes)
-    plot_dir = settings.outputs / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
     cm = scoring.confusion(ds.test.labels, preds, len(ds.classes))
     history = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")["history"]
+    own = None if handoff else tempfile.TemporaryDirectory(prefix="plots-")
+    plot_dir = settings.outputs / "plots" if handoff else Path(own.name)
+    plot_dir.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(scores)
         mlflow.log_artifact(
@@ -41,7 +47,10 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str) -> dict:
         "test_macro_f1": scores["test_macro_f1"],
         "data_md5": data["data_md5"],
     }
-    write_json(settings.outputs / "metrics.json", {**scores, "data_md5": data["data_md5"]})
+    if own is not None:
+        own.cleanup()
+    if handoff:
+        write_json(settings.outputs / "metrics.json", {**scores, "data_md5": data["data_md5"]})
     return {"run_id": run_id, **summary}
 
 

@@ -41,7 +41,9 @@ def check_space(cfg: Config) -> None:
                 ) from None
 
 
-def open_study(cfg: Config, settings: Settings, new: bool = False):
+def open_study(cfg: Config, settings: Settings, new: bool = False, worker: int = 0):
+    """The study, created or loaded; each worker samples with its own seed (`seed + worker`):
+    the same seed in every worker draws the same first trials in each."""
     import optuna
 
     if settings.study_storage.startswith("sqlite:///"):
@@ -61,7 +63,7 @@ def open_study(cfg: Config, settings: Settings, new: bool = False):
     return optuna.create_study(
         study_name=study_name(cfg),
         storage=settings.study_storage,
-        sampler=optuna.samplers.TPESampler(seed=o.seed),
+        sampler=optuna.samplers.TPESampler(seed=o.seed + worker),
         pruner=pruners[o.pruner](),
         direction="minimize",  # the last epoch's val_loss
         load_if_exists=True,
@@ -102,7 +104,7 @@ def worker(
     """Pull trials until the study holds `sweep.optuna.trials` finished or running ones."""
     from optuna.trial import TrialState
 
-    study = open_study(cfg, settings)
+    study = open_study(cfg, settings, worker=index)
     me = f"{(airflow or {}).get('run_id', 'cli')}/{index}"
     for left in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if left.user_attrs.get("worker") == me:  # this task's killed try: do it again
@@ -160,7 +162,15 @@ def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, t
     row = {"trial": trial.number, "overrides": overrides}
     try:
         trained = train_stage(
-            trial_config(cfg, overrides), settings, validation, airflow, True, tags, on_epoch
+            trial_config(cfg, overrides),
+            settings,
+            validation,
+            airflow,
+            resume=True,
+            extra_tags=tags,
+            on_epoch=on_epoch,
+            scope=f"search/{trial.user_attrs['worker']}",  # workers may draw the same params
+            handoff=False,
         )
     except TrainingDiverged as exc:  # a bad point of the space, not a broken sweep
         trial.study.tell(trial, state=TrialState.FAIL)
@@ -169,7 +179,7 @@ def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, t
     if trained.get("pruned"):
         trial.study.tell(trial, state=TrialState.PRUNED)
         return {**row, "state": "pruned"}
-    scores = evaluate_stage(trial_config(cfg, overrides), settings, trained["run_id"])
+    scores = evaluate_stage(trial_config(cfg, overrides), settings, trained["run_id"], False)
     last = seen[-1] if seen else {}
     trial.study.tell(trial, last.get("val_loss"))
     val = {"val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy")}

@@ -81,8 +81,10 @@ def trial_stage(
 
     trial = trial_config(cfg, item)
     tags = {"mlflow.parentRunId": parent, SWEEP_TAG: parent}
-    trained = train_stage(trial, settings, validation, airflow, resume=True, extra_tags=tags)
-    scores = evaluate_stage(trial, settings, trained["run_id"])
+    trained = train_stage(
+        trial, settings, validation, airflow, resume=True, extra_tags=tags, handoff=False
+    )
+    scores = evaluate_stage(trial, settings, trained["run_id"], handoff=False)
     return {"run_id": trained["run_id"], "overrides": item, **scores}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def train_stage(
     resume: bool = False,
     extra_tags: dict | None = None,
     on_epoch=None,
+    scope: str | None = None,
+    handoff: bool = True,
 ) -> dict:
     """Train on validated, tracked data and log everything to an MLflow run.
 
@@ -41,13 +44,15 @@ def train_stage(
     Airflow) DAG run continues where it stopped, logging into the same MLflow run. Under torchrun
     only rank 0 touches MLflow and writes files. `on_epoch(row)` sees each epoch after it is
     logged; raising `Pruned` ends the run as KILLED, tagged with the epoch it stopped at.
+    `scope` keeps trials that may run at once apart (their checkpoints); `handoff` writes
+    outputs/train.json for the next CLI/dvc stage (sweep trials do not).
     """
     from pipeline.training import checkpoint, distributed
     from pipeline.training.engine import fit
 
     data = check_validated(cfg.base.dataset, settings.root, settings.data_dir, validation)
     ds = read_dataset(settings.data_dir, mmap=True)
-    identity = _training_identity(cfg, data["data_md5"], airflow)
+    identity = _training_identity(cfg, data["data_md5"], airflow, scope)
     given = cfg
     if cfg.train.optimizer.lr == "auto":
         cfg, lr_tags = _resolve_lr(cfg, settings, validation, airflow, identity)
@@ -99,7 +104,8 @@ def train_stage(
         mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
         return {"run_id": run.info.run_id, "pruned": True, "data_md5": data["data_md5"]}
     out = {"run_id": run.info.run_id, "model_uri": model_uri, "data_md5": data["data_md5"]}
-    write_json(settings.outputs / "train.json", out)
+    if handoff:
+        write_json(settings.outputs / "train.json", out)
     return out
 
 
@@ -122,10 +128,11 @@ def _resolve_lr(cfg: Config, settings: Settings, validation: dict, airflow, iden
     return resolved, {"lr_find.run_id": found["run_id"], "train.optimizer.lr_given": "auto"}
 
 
-def _training_identity(cfg: Config, data_md5: str, airflow: dict | None) -> str:
-    """Same params + data (+ DAG run) -> same checkpoint file; anything else never resumes it."""
-    scope = f"{airflow['dag_id']}/{airflow['run_id']}" if airflow else "cli"
-    key = f"{cfg.params_hash()}:{data_md5}:{scope}"
+def _training_identity(cfg: Config, data_md5: str, airflow: dict | None, scope=None) -> str:
+    """Same params + data (+ DAG run, + scope) -> same checkpoint file; anything else never
+    resumes it."""
+    where = f"{airflow['dag_id']}/{airflow['run_id']}" if airflow else "cli"
+    key = f"{cfg.params_hash()}:{data_md5}:{where}:{scope or ''}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -230,9 +237,8 @@ def _log_schedule(cfg: Config, result, settings: Settings) -> None:
 
     t, spe = cfg.train, result.steps_per_epoch
     lrs = [t.optimizer.lr * lr_factor(s, spe, t.epochs, t.schedule) for s in range(spe * t.epochs)]
-    folder = settings.outputs / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    mlflow.log_artifact(str(plot_schedule(lrs, spe, folder / "lr_schedule.png")), "plots")
+    with tempfile.TemporaryDirectory(prefix="schedule-") as folder:  # trials may run at once
+        mlflow.log_artifact(str(plot_schedule(lrs, spe, Path(folder) / "lr_schedule.png")), "plots")
 
 
 def _log_model(result, ds) -> str:
