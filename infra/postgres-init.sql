@@ -1,2 +1,4 @@
--- The MLflow backend store lives beside Airflow's metadata DB (created by POSTGRES_DB).
+-- The MLflow backend store and the sweep DAG's Optuna studies live beside Airflow's metadata DB
+-- (created by POSTGRES_DB).
 CREATE DATABASE mlflow;
+CREATE DATABASE optuna;

@@ -146,6 +146,33 @@ def from_template(templates, tmp_path):
     return copy
 
 
+@pytest.fixture
+def new_database():
+    """`new_database(role)`: the name of a fresh PostgreSQL database on 127.0.0.1:5432 (user
+    postgres), dropped with its connections when the test ends."""
+    import uuid
+
+    import psycopg2
+
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test")
+    admin.autocommit = True
+    made = []
+
+    def create(role: str) -> str:
+        made.append(f"pipeline_{role}_{uuid.uuid4().hex[:8]}")
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{made[-1]}"')
+        return made[-1]
+
+    try:
+        yield create
+    finally:
+        with admin.cursor() as cursor:
+            for name in made:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
 @pytest.fixture(scope="session")
 def digits():
     from pipeline.data.sources import digits

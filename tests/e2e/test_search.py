@@ -1,6 +1,8 @@
 """The Optuna sweep: a DAG run whose weak trials are pruned and show so in MLflow, a worker
-killed mid-trial whose retry resumes that trial, and search spaces refused by the key."""
+killed mid-trial whose retry resumes that trial, two workers sharing a study on PostgreSQL, and
+search spaces refused by the key."""
 
+import json
 import signal
 import subprocess
 
@@ -118,3 +120,53 @@ def test_bad_search_spaces_are_refused_with_the_key_named(space, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         cfg = config_from_dict({}, {"sweep.strategy": "optuna", "sweep.optuna.space": space})
         check_space(cfg)
+
+
+TWO_WORKERS = """
+import json, sys
+from pipeline.config import load_config
+from pipeline.settings import Settings
+from pipeline.stages import search
+settings = Settings.from_env()
+cfg = load_config(settings.params)
+validation = json.loads((settings.outputs / "validation.json").read_text())
+search.worker(cfg, settings, validation, sys.argv[1], int(sys.argv[2]), None)
+"""
+
+
+@pytest.mark.integration
+def test_two_workers_share_a_postgresql_study_without_colliding(from_template, new_database):
+    """The production storage (PIPELINE_OPTUNA_STORAGE on PostgreSQL) with two workers at once.
+    Regression: both workers drew the same first trial (one seed) and raced on its checkpoint
+    file; now each samples with its own seed and keeps its own checkpoints."""
+    project = from_template("validated")
+    space = {"train.model.name": {"choice": ["mlp"]},
+             "train.optimizer.lr": {"low": 0.001, "high": 0.1, "log": True}}  # fmt: skip
+    _optuna_params(project, trials=4, pruner="none", space=space)
+    storage = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{new_database('optuna')}"
+    env = project_env(project) | {"PIPELINE_OPTUNA_STORAGE": storage}
+    start = subprocess.run(["python", "-c", START], cwd=project, env=env, capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    parent = json.loads(start.stdout)["parent"]
+    procs = [
+        subprocess.Popen(["python", "-c", TWO_WORKERS, parent, str(i)], cwd=project, env=env,
+                         stderr=subprocess.PIPE, text=True)
+        for i in (0, 1)
+    ]  # fmt: skip
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    assert not (project / ".mlflow" / "optuna.db").exists()  # nothing went to the SQLite default
+    trials = optuna.load_study(study_name="sweep-digits", storage=storage).trials
+    assert len(trials) >= 4 and all(t.state.name == "COMPLETE" for t in trials)
+    firsts = {t.user_attrs["worker"]: t.params for t in reversed(trials)}
+    assert firsts["cli/0"] != firsts["cli/1"]
+
+
+START = """
+import json
+from pipeline.config import load_config
+from pipeline.settings import Settings
+from pipeline.stages import sweep
+settings = Settings.from_env()
+print(json.dumps(sweep.start(load_config(settings.params), settings)))
+"""

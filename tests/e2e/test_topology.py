@@ -2,7 +2,6 @@
 Redis with an `airflow celery worker`, the MLflow server on PostgreSQL with its own artifact store.
 The DAG is triggered through the REST API and its model is read back through the MLflow server."""
 
-import uuid
 from pathlib import Path
 
 import psycopg2
@@ -15,24 +14,6 @@ from tests.e2e.live import Airflow, http, services
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 DAG = "train_image_classifier"
 POSTGRES = "postgres@127.0.0.1:5432"
-
-
-@pytest.fixture
-def databases():
-    """Two fresh PostgreSQL databases (Airflow metadata, MLflow store), dropped afterwards."""
-    names = [f"pipeline_{role}_{uuid.uuid4().hex[:8]}" for role in ("airflow", "mlflow")]
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test")
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        for name in names:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield names
-    finally:
-        with admin.cursor() as cursor:
-            for name in names:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture
@@ -53,9 +34,9 @@ def broker():
 
 @pytest.mark.long
 def test_celery_on_redis_with_postgres_runs_the_dag_to_a_registered_model(
-    project: Path, tmp_path: Path, databases, broker
+    project: Path, tmp_path: Path, new_database, broker
 ):
-    airflow_db, mlflow_db = databases
+    airflow_db, mlflow_db = new_database("airflow"), new_database("mlflow")
     artifact_store = tmp_path / "artifact-store"
     mlflow_port = str(free_port())
     env = {
