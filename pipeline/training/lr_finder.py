@@ -2,11 +2,13 @@
 it): from the initial weights, train for up to `steps` batches while the learning rate grows
 exponentially from `start` to `end`, smooth the loss, and stop once it diverges.
 
-The suggestion is the steepest-descent point: the lr where the smoothed loss falls fastest per
-decade of lr, searched between the first tenth of the sweep (still warming up) and the loss
-minimum (past it, larger steps no longer help). Where the curve is too short for a slope, it
-falls back to a tenth of the lr at the minimum. Any optimizer and model of the config works: the
-test builds them as training would, and only the lr changes per step.
+The suggestion is a tenth of the lr at the smoothed loss minimum (fastai's `minimum` rule): the
+largest lr that still lowers the loss, backed off by a decade to leave room for a whole run. The
+smoothing is light (an EMA of about 10 steps) because over 100 steps of x1.2 each a heavier one
+lags the raw loss by a decade or more and moves every suggestion right; the steepest-descent point
+of the smoothed curve, tried first, overshot the best lr of a grid by 2.5-10x on digits for the
+same reason (BENCHMARKS.md, Search). Any optimizer and model of the config works: the test
+builds them as training would, and only the lr changes per step.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.training.engine import pick_device, seed_everything
 from pipeline.training.models import ModelSpec, rebuild
 from pipeline.training.optim import build_optimizer
 
-SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
+SMOOTHING = 0.9  # exponential moving average of the loss, bias-corrected (see above)
 DIVERGED = 4.0  # stop when the smoothed loss exceeds this many times its minimum
 
 
@@ -36,7 +38,7 @@ class RangeTest:
     losses: list[float]  # raw, per step
     smoothed: list[float]
     suggestion: float
-    method: str  # steepest | min/10
+    method: str  # the rule, recorded with the run (min/10; earlier versions: steepest)
     diverged: bool  # stopped before `end`
 
     def to_dict(self) -> dict:
@@ -94,11 +96,6 @@ def range_test(
 def _suggest(lrs: list[float], losses: list[float], smoothed: list[float], diverged: bool):
     values = np.array([s if math.isfinite(s) else np.inf for s in smoothed])
     lowest = int(np.argmin(values))
-    first = len(values) // 10
-    if lowest - first >= 3:
-        slope = np.gradient(values[: lowest + 1], np.log10(lrs[: lowest + 1]))
-        at = first + int(np.argmin(slope[first:]))
-        return RangeTest(lrs, losses, smoothed, float(lrs[at]), "steepest", diverged)
     return RangeTest(lrs, losses, smoothed, float(lrs[lowest]) / 10, "min/10", diverged)
 
 

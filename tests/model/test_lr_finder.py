@@ -19,7 +19,9 @@ def test_the_suggestion_is_a_known_good_lr_and_it_trains(digits, optimizer, low,
     cfg = _cfg(**{"train.optimizer.name": optimizer})
     test = range_test(cfg, digits.train, digits.classes, seed=0)
     assert test.diverged and len(test.lrs) < 100  # stopped once the loss blew up
-    assert test.method == "steepest" and low <= test.suggestion <= high, test.suggestion
+    assert test.method == "min/10" and low <= test.suggestion <= high, test.suggestion
+    lowest = min(range(len(test.smoothed)), key=test.smoothed.__getitem__)
+    assert test.suggestion == pytest.approx(test.lrs[lowest] / 10)
     assert test.lrs == sorted(test.lrs) and test.smoothed[-1] > min(test.smoothed)
 
     def accuracy(lr: float) -> float:
