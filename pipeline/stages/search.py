@@ -254,17 +254,22 @@ def _table(rows: list[dict]) -> str:
 
 def _plots(study, folder):
     """The optimization history and the parameter importances (when two trials completed)."""
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
     from optuna.visualization import matplotlib as views
 
     made = []
     for name, view in (("optimization_history", views.plot_optimization_history),
                        ("param_importances", views.plot_param_importances)):  # fmt: skip
         try:
-            axes = view(study)
+            with warnings.catch_warnings():  # Optuna's matplotlib views are "experimental"
+                warnings.simplefilter("ignore", ExperimentalWarning)  # since v2.2; the PNG is ours
+                axes = view(study)
         except (RuntimeError, ValueError):  # too few complete trials for importances
             continue
         path = folder / f"search_{name}.png"
