@@ -148,15 +148,18 @@ def pillow_baseline(folder: Path, n: int = 2000) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def mnist_files(root: Path, seed: int = 0) -> Path:
-    """MNIST's IDX files at full size (60,000 + 10,000), stroke-like synthetic digits."""
+def mnist_files(root: Path, seed: int = 0, sizes=(60_000, 10_000), jitter: int = 0) -> Path:
+    """MNIST's IDX files (full size by default), stroke-like synthetic digits: a bar whose
+    height is the label, moved up or down by up to `jitter` rows (> 0 makes neighbours overlap,
+    so that accuracy depends on the training recipe)."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    for prefix, n in (("train", 60_000), ("t10k", 10_000)):
+    for prefix, n in zip(("train", "t10k"), sizes, strict=True):
         labels = rng.integers(0, 10, n).astype(np.uint8)
         images = np.zeros((n, 28, 28), np.uint8)
-        rows = (labels[:, None] * 2 + 4 + np.arange(4)).clip(0, 27)
+        shift = rng.integers(-jitter, jitter + 1, n)[:, None]
+        rows = (labels[:, None] * 2 + 4 + shift + np.arange(4)).clip(0, 27)
         images[np.arange(n)[:, None], rows, 6:22] = 255  # a bar whose height is the label
         images += rng.integers(0, 60, images.shape, dtype=np.uint8) * (images == 0)  # unique
         for name, array, magic in (("images-idx3", images, 0x803), ("labels-idx1", labels, 0x801)):

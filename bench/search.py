@@ -1,18 +1,26 @@
 """Search: the Optuna strategy against the grid, `lr: auto` against an lr grid, and one worker
-against two, on digits in a scratch project (the same stage functions the sweep DAG maps).
+against two, in a scratch project (the same stage functions the sweep DAG maps).
 
-1. Grid (`sweep:` of params.yaml, 8 trials x 6 epochs) vs Optuna (12 trials, Hyperband, at most
-   6 epochs each): the best validation accuracy each reaches, the trial-epochs spent, wall time.
+1. Grid vs Optuna: the best validation accuracy each reaches, the trial-epochs spent, wall time.
+   Two grids: the `sweep:` block of params.yaml (2 optimizers x 2 schedules x 2 hand-picked lrs,
+   8 trials x 6 epochs), and the same over the lr range the search covers, {1e-4 ... 1e-1}
+   (28 trials x 6 epochs). Optuna: the default space, 12 trials of at most 6 epochs, pruned by
+   Hyperband (the default) and by successive halving, and 24 trials with successive halving (as
+   many as fit in a third of the lr-range grid's trial-epochs). On digits, then MNIST-format (the
+   scale benchmark's synthetic digits, 10,000 + 2,000 rows, each bar moved by up to a row so that
+   neighbouring classes overlap and the recipe matters; a small CNN, `train.model.hidden=32`).
 2. `train.optimizer.lr: auto` with the default recipe vs the best test accuracy over the lrs
-   {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1}, for sgd and adamw.
+   {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1}, for sgd and adamw (digits).
 3. A fixed study (6 trials, 4 epochs, no pruning) by one worker process vs two at once.
 
-`python bench/search.py` (about 10 minutes on 2 cores): writes bench/out/search.json and the
-table between the search markers in BENCHMARKS.md.
+`python bench/search.py` (about 55 minutes on 2 cores; `--only digits` or `--only mnist` re-runs
+one, `--strategy NAME` with it only that row): writes bench/out/search.json and the table between
+the search markers in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -22,10 +30,30 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import ROOT, _env, scratch_project  # noqa: E402
+from scale import ROOT, _env, mnist_files, scratch_project  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
+# The scratch project's params.yaml for the MNIST-format run: the generated files, and the
+# checks that flag them as unlike photos (a constant background, no champion to drift from) off.
+MNIST = {
+    "base": {"dataset": "mnist"},
+    "data": {"download": False},
+    "validate": {"drift_max_shift": None, "max_share_at_0": None, "max_share_at_255": None},
+    "train": {"model": {"hidden": 32}},
+}
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+OPTUNA = {"sweep.strategy": "optuna"}
+STRATEGIES = {  # name in the table: overrides of params.yaml
+    "grid": {},
+    "grid, lr range": {"sweep.lrs": LRS},
+    "optuna, hyperband": OPTUNA | {"sweep.optuna.study": "hyperband"},
+    "optuna, successive halving": OPTUNA | {"sweep.optuna.pruner": "successive_halving",
+                                            "sweep.optuna.study": "halving"},
+    # as many trials as fit in a third of the lr-range grid's 168 trial-epochs
+    "optuna, successive halving, 24 trials": OPTUNA | {"sweep.optuna.pruner": "successive_halving",
+                                                       "sweep.optuna.trials": 24,
+                                                       "sweep.optuna.study": "halving-24"},
+}  # fmt: skip
 WORKER = """
 import json, sys
 from pipeline.config import load_config
@@ -102,69 +130,137 @@ def lr_grid(settings, validation, config) -> dict:
 
 
 def workers(project: Path, settings, config) -> dict:
-    """Wall seconds of a fixed 6-trial study by 1 worker process and by 2 at once."""
+    """Wall seconds of a fixed 6-trial study by 1 worker process and by 2 at once, and the CPU
+    seconds the workers used (more than the wall time: torch, MLflow and SQLite use threads)."""
+    import resource
+
     from pipeline.stages import search
 
     fixed = {"sweep.strategy": "optuna", "sweep.epochs": 4, "sweep.optuna.trials": 6,
              "sweep.optuna.pruner": "none"}  # fmt: skip
-    seconds = {}
+    out = {}
     for n in (1, 2):
         overrides = {**fixed, "sweep.optuna.study": f"workers-{n}"}
         parent = search.start(config(overrides), settings, None, new=True)
         env = {**_env(project), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(overrides), parent,
                                    str(i)], cwd=project, env=env) for i in range(n)]  # fmt: skip
         assert all(p.wait() == 0 for p in procs)
-        seconds[n] = round(time.perf_counter() - start, 1)
-    return {"one_worker_s": seconds[1], "two_workers_s": seconds[2],
-            "ratio": round(seconds[2] / seconds[1], 2)}  # fmt: skip
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        out[n] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+    return {"one_worker": out[1], "two_workers": out[2],
+            "ratio": round(out[2]["wall_s"] / out[1]["wall_s"], 2)}  # fmt: skip
 
 
-def table(r: dict) -> str:
-    g, o = r["grid"], r["optuna"]
+def table(results: dict) -> str:
     lines = [
-        "| strategy | trials | trial-epochs | best val accuracy | wall |",
-        "|---|---|---|---|---|",
-        f"| grid | {g['trials']} | {g['trial_epochs']} | {g['best_val_accuracy']:.4f} | "
-        f"{g['seconds']} s |",
-        f"| optuna (Hyperband) | {o['trials']} ({o['pruned']} pruned) | {o['trial_epochs']} | "
-        f"{o['best_val_accuracy']:.4f} | {o['seconds']} s |",
+        "| data | strategy | trials | trial-epochs | best val accuracy | wall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for data, r in sorted(results.items()):  # digits, mnist
+        full = r["grid, lr range"]
+        for name, x in r.items():
+            if name not in STRATEGIES:
+                continue
+            trials, epochs = f"{x['trials']}", f"{x['trial_epochs']}"
+            accuracy = f"{x['best_val_accuracy']:.4f}"
+            if name.startswith("optuna"):  # against the grid over the same lr range
+                gap = 100 * (x["best_val_accuracy"] - full["best_val_accuracy"])
+                trials += f" ({x['pruned']} pruned)"
+                epochs += f" ({x['trial_epochs'] / full['trial_epochs']:.2f}x)"
+                accuracy += f" ({gap:+.2f} points)"
+            lines.append(f"| {data} | {name} | {trials} | {epochs} | {accuracy} | "
+                         f"{x['seconds']} s |")  # fmt: skip
+    digits = results.get("digits")
+    if digits:
+        lines += [
+            "",
+            "| optimizer (digits) | best test accuracy, lr grid | `lr: auto` | difference |",
+            "|---|---|---|---|",
+        ]
+        for name, x in digits["lr_auto"].items():
+            lines.append(f"| {name} | {x['best_of_grid']:.4f} | {x['test_accuracy']['auto']:.4f} | "
+                         f"{x['auto_minus_best_points']:+.2f} points |")  # fmt: skip
+    lines += [
         "",
-        "| optimizer | best test accuracy over the lr grid | `lr: auto` | difference |",
+        "| data | a 6-trial study (4 epochs each, no pruning) | wall | CPU |",
         "|---|---|---|---|",
     ]
-    for name, x in r["lr_auto"].items():
-        lines.append(f"| {name} | {x['best_of_grid']:.4f} | {x['test_accuracy']['auto']:.4f} | "
-                     f"{x['auto_minus_best_points']:+.2f} points |")  # fmt: skip
-    w = r["workers"]
-    lines += ["", f"A 6-trial study: one worker {w['one_worker_s']} s, two workers at once "
-              f"{w['two_workers_s']} s ({w['ratio']}x)."]  # fmt: skip
+    for data, r in sorted(results.items()):
+        w = r["workers"]
+        for label, x in (
+            ("one worker (2 threads)", w["one_worker"]),
+            (f"two workers at once (1 thread each): {w['ratio']}x", w["two_workers"]),
+        ):
+            lines.append(f"| {data} | {label} | {x['wall_s']} s | {x['cpu_s']} s |")  # fmt: skip
     return "\n".join(lines)
 
 
+def set_params(project: Path, values: dict) -> None:
+    import yaml
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict):
+                merge(into.setdefault(key, {}), value)
+            else:
+                into[key] = value
+
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    merge(params, values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def bench(data: str, tmp: Path, strategies: list[str]) -> dict:
+    project = scratch_project(tmp)
+    if data == "mnist":
+        source = mnist_files(tmp / "raw", sizes=(10_000, 2_000), jitter=1)
+        set_params(project, MNIST | {"data": {"download": False, "source_dir": str(source)}})
+    pipeline(project, "data", "pull")
+    pipeline(project, "validate")
+    settings, validation, config = in_project(project)
+    results = {}
+    for name in strategies or STRATEGIES:
+        results[name] = sweep(settings, validation, config(STRATEGIES[name]))
+    if strategies:  # re-running some rows only
+        return results
+    if data == "digits":
+        results["lr_auto"] = lr_grid(settings, validation, config)
+    results["workers"] = workers(project, settings, config)
+    return results
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["digits", "mnist"], help="keep the other's figures")
+    parser.add_argument("--strategy", action="append", choices=list(STRATEGIES),
+                        help="with --only: re-run these rows alone, keep the rest")  # fmt: skip
+    args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="search-") as tmp:
-        project = scratch_project(Path(tmp))
-        pipeline(project, "data", "pull")
-        pipeline(project, "validate")
-        settings, validation, config = in_project(project)
-        results = {
-            "grid": sweep(settings, validation, config({})),
-            "optuna": sweep(settings, validation, config({"sweep.strategy": "optuna"})),
-            "lr_auto": lr_grid(settings, validation, config),
-            "workers": workers(project, settings, config),
-        }
-    (OUT / "search.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved = OUT / "search.json"
+    if not args.only:  # each dataset in a process of its own: MLflow and env point at its project
+        saved.unlink(missing_ok=True)
+        for data in ("digits", "mnist"):
+            subprocess.run([sys.executable, __file__, "--only", data], check=True)
+        return
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    with tempfile.TemporaryDirectory(prefix=f"search-{args.only}-") as tmp:
+        fresh = bench(args.only, Path(tmp), args.strategy or [])
+    results[args.only] = results.get(args.only, {}) | fresh if args.strategy else fresh
+    saved.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     print(text)
-    bench = ROOT / "BENCHMARKS.md"
+    doc_path = ROOT / "BENCHMARKS.md"
     start, end = "<!-- search:start -->", "<!-- search:end -->"
-    doc = bench.read_text()
+    doc = doc_path.read_text()
     if start in doc:
         head, rest = doc.split(start, 1)
-        bench.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+        doc_path.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
