@@ -5,8 +5,8 @@ against two, in a scratch project (the same stage functions the sweep DAG maps).
    Two grids: the `sweep:` block of params.yaml (2 optimizers x 2 schedules x 2 hand-picked lrs,
    8 trials x 6 epochs), and the same over the lr range the search covers, {1e-4 ... 1e-1}
    (28 trials x 6 epochs). Optuna: the default space, 12 trials of at most 6 epochs, pruned by
-   Hyperband (the default) and by successive halving, and 24 trials with successive halving (as
-   many as fit in a third of the lr-range grid's trial-epochs). On digits, then MNIST-format (the
+   Hyperband (the default) and by successive halving, and 24 trials with successive halving (aimed
+   at a third of the lr-range grid's trial-epochs). On digits, then on MNIST-format files (the
    scale benchmark's synthetic digits, 10,000 + 2,000 rows, each bar moved by up to a row so that
    neighbouring classes overlap and the recipe matters; a small CNN, `train.model.hidden=32`).
 2. `train.optimizer.lr: auto` with the default recipe vs the best test accuracy over the lrs
@@ -49,7 +49,7 @@ STRATEGIES = {  # name in the table: overrides of params.yaml
     "optuna, hyperband": OPTUNA | {"sweep.optuna.study": "hyperband"},
     "optuna, successive halving": OPTUNA | {"sweep.optuna.pruner": "successive_halving",
                                             "sweep.optuna.study": "halving"},
-    # as many trials as fit in a third of the lr-range grid's 168 trial-epochs
+    # twice the trials, aimed at a third of the lr-range grid's 168 trial-epochs
     "optuna, successive halving, 24 trials": OPTUNA | {"sweep.optuna.pruner": "successive_halving",
                                                        "sweep.optuna.trials": 24,
                                                        "sweep.optuna.study": "halving-24"},
