@@ -6,8 +6,8 @@ The suggestion is a tenth of the lr at the smoothed loss minimum (fastai's `mini
 largest lr that still lowers the loss, backed off by a decade to leave room for a whole run. The
 smoothing is light (an EMA of about 10 steps) because over 100 steps of x1.2 each a heavier one
 lags the raw loss by a decade or more and moves every suggestion right; the steepest-descent point
-of the smoothed curve, tried first, overshot the best lr of a grid by 2.5-10x on digits for the
-same reason (BENCHMARKS.md, Search). Any optimizer and model of the config works: the test
+of the smoothed curve, tried first, overshot the best lr of a grid on digits for the same
+reason (BENCHMARKS.md, Search). Any optimizer and model of the config works: the test
 builds them as training would, and only the lr changes per step.
 """
 
