@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,19 @@ def pytest_collection_modifyitems(config, items):
         key=lambda item: (not item.get_closest_marker("long"), not item.get_closest_marker("slow")),
     )
     items[:] = [item for k in range(workers) for item in order[k::workers]]
+
+
+def stop_group(proc: subprocess.Popen, grace: int = 60) -> None:
+    """SIGTERM a server started with start_new_session, SIGKILL it if it outlives `grace` s.
+
+    A loaded CI machine has taken over 30 s to let an MLflow server drain; the tests need it
+    down, not drained."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def free_port() -> int:

@@ -2,8 +2,6 @@
 going down mid-register, and predictions from the CLI, `mlflow models serve` and the batch DAG."""
 
 import json
-import os
-import signal
 import subprocess
 import time
 import urllib.request
@@ -14,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.conftest import BIN, free_port, project_env, run
+from tests.conftest import BIN, free_port, project_env, run, stop_group
 from tests.templates import add_airflow_db, trained_run
 
 pytestmark = pytest.mark.slow
@@ -181,6 +179,7 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner to drain on each stop
     }
 
     def start():
@@ -193,10 +192,6 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
         )
         _wait_http(f"http://127.0.0.1:{port}/health", proc)
         return proc
-
-    def stop(proc):
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
     def pipeline(*args, check=True):
         result = subprocess.run(
@@ -215,7 +210,7 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
         run_id = json.loads(pipeline("train", *QUICK).stdout)["run_id"]
         pipeline("evaluate")
     finally:
-        stop(server)
+        stop_group(server)
     env["PIPELINE_MLFLOW_WAIT_S"] = "3"
     down = pipeline("register", check=False)  # the CLI waits a bounded time, then says so
     assert down.returncode == 1 and "Traceback" not in down.stderr
@@ -257,7 +252,7 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
         (only,) = client.search_model_versions(f"name='{NAME}'")
         assert only.tags["registration.status"] == "complete"
     finally:
-        stop(server)
+        stop_group(server)
 
 
 @pytest.mark.long
@@ -324,8 +319,7 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
         served = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
         assert np.argmax(np.array(served), 1).tolist() == predicted[:12].tolist()
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(timeout=30)
+        stop_group(serve)
 
     add_airflow_db(templates, project)
     batch_out = tmp_path / "batch.csv"
