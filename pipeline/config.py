@@ -197,6 +197,9 @@ class OptunaConfig(_Block):
     workers: int = Field(2, ge=1)  # mapped trial tasks pulling from the study
     study: str | None = None  # null: sweep-<dataset>; re-running resumes the study of this name
     seed: int = 0
+    # random trials (finished or pruned) before TPE models the results; Optuna's default of 10
+    # would leave a 12-trial study mostly random
+    startup_trials: int = Field(4, ge=0)
     pruner: Literal["hyperband", "successive_halving", "none"] = "hyperband"
     space: dict[str, SearchParam] = Field(default_factory=_default_space, min_length=1)
 

@@ -63,7 +63,7 @@ def open_study(cfg: Config, settings: Settings, new: bool = False, worker: int =
     return optuna.create_study(
         study_name=study_name(cfg),
         storage=settings.study_storage,
-        sampler=optuna.samplers.TPESampler(seed=o.seed + worker),
+        sampler=optuna.samplers.TPESampler(seed=o.seed + worker, n_startup_trials=o.startup_trials),
         pruner=pruners[o.pruner](),
         direction="minimize",  # the last epoch's val_loss
         load_if_exists=True,
