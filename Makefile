@@ -26,12 +26,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/pip install -q -c requirements.lock -e ".[dev]"
 	@touch $@
 
-$(AIRFLOW_HOME)/airflow.db: $(STAMP)
+$(AIRFLOW_HOME)/airflow.db: $(STAMP) scripts/airflow-init.sh
 	@mkdir -p $(AIRFLOW_HOME)
-	airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1
-	airflow pools set promotion 1 "one model promotion at a time" >> $(AIRFLOW_HOME)/db-migrate.log
-	airflow pools set gpu $$(( $$(nvidia-smi -L 2>/dev/null | wc -l) > 0 ? $$(nvidia-smi -L | wc -l) : 1 )) \
-	  "one training per GPU (1 on CPU)" >> $(AIRFLOW_HOME)/db-migrate.log
+	scripts/airflow-init.sh > $(AIRFLOW_HOME)/db-migrate.log 2>&1
 
 run: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	pipeline data pull

@@ -15,7 +15,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from tests.conftest import fresh_clone, run
+from tests.conftest import REPO, fresh_clone, run
 
 # name: (template it starts from or None for a fresh clone, commands run in it)
 RECIPES: dict[str, tuple[str | None, list[list[str]]]] = {
@@ -29,14 +29,7 @@ RECIPES: dict[str, tuple[str | None, list[list[str]]]] = {
     # That run registered as champion v1 (no accuracy floor: the policy is not under test).
     "registered": ("trained", [["pipeline", "register", "--set", "register.floor=0"]]),
     # The metadata DB as `make run` leaves it: migrated, with the DAGs' pools.
-    "airflow": (
-        "pulled",
-        [
-            ["airflow", "db", "migrate"],
-            ["airflow", "pools", "set", "promotion", "1", "one model promotion at a time"],
-            ["airflow", "pools", "set", "gpu", "1", "one training per GPU (1 on CPU)"],
-        ],
-    ),
+    "airflow": ("pulled", [[str(REPO / "scripts" / "airflow-init.sh")]]),
 }
 # Folders of binary data and git objects: no absolute path to rewrite there.
 SKIP_DIRS = {".git", "cache", "dvc-storage", "data"}

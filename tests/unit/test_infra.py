@@ -93,7 +93,9 @@ def test_image_dag_folder_and_pools_agree_with_the_dags():
     assert env["PIPELINE_ROOT"] == folder.removesuffix("/dags")
     wiring = (REPO / "dags" / "dag_support.py").read_text()
     pools = set(re.findall(r'^(?:PROMOTION|GPU)_POOL = "(\w+)"', wiring, re.M))
-    init = _compose()["services"]["airflow-init"]["command"]
+    assert _compose()["services"]["airflow-init"]["command"] == "scripts/airflow-init.sh"
+    assert "COPY scripts/airflow-init.sh ./scripts/" in dockerfile
+    init = (REPO / "scripts" / "airflow-init.sh").read_text()
     assert pools == {"promotion", "gpu"}
     assert all(f"airflow pools set {p} " in init for p in pools)
 
