@@ -121,6 +121,16 @@ def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 600, env=
     return result
 
 
+def add_make_files(project: Path) -> None:
+    """What `make` needs in a project copy, committed, with the already-installed .venv."""
+    for name in ("Makefile", "pyproject.toml", "requirements.lock", "scripts"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / name)
+    (project / ".venv").symlink_to(BIN.parent)
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "make files")
+
+
 def fresh_clone(root: Path) -> Path:
     """A fresh clone of the project's tracked files (no data/, no stores) in its own git repo."""
     root.mkdir()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import BIN, REPO, free_port, git, run
+from tests.conftest import add_make_files, free_port, run
 
 MAKE = ["make", "-o", ".venv/.installed"]  # the test's interpreter is the installed .venv
 
@@ -36,12 +35,7 @@ def alive(pid: int) -> bool:
 @contextmanager
 def services(project: Path, env: dict[str, str] | None = None):
     """`make up` in a project copy on free ports; yields (env, its stdout); then `make down`."""
-    for name in ("Makefile", "pyproject.toml", "requirements.lock", "scripts"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / name)
-    (project / ".venv").symlink_to(BIN.parent)
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "services")
+    add_make_files(project)
     env = {"AIRFLOW_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()), **(env or {})}
     try:
         yield env, run([*MAKE, "up"], project, env=env, timeout=300).stdout

@@ -1,7 +1,6 @@
 """End to end on a fresh copy of the project: the Airflow DAG, `dvc repro` and the CLI."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.data.versioning import recorded_md5
-from tests.conftest import BIN, REPO, git, run
+from tests.conftest import add_make_files, git, run
 
 pytestmark = pytest.mark.slow
 DAG = "train_image_classifier"
@@ -36,11 +35,7 @@ def airflow_project(from_template):
 
 def _make_run(project) -> str:
     """`make run` in the project copy, sharing the already-installed virtual environment."""
-    for name in ("Makefile", "pyproject.toml", "requirements.lock"):
-        shutil.copy2(REPO / name, project / name)
-    (project / ".venv").symlink_to(BIN.parent)
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "Makefile")
+    add_make_files(project)
     return run(["make", "-o", ".venv/.installed", "run"], project).stdout  # never reinstall
 
 
