@@ -14,9 +14,9 @@ against two, in a scratch project (the same stage functions the sweep DAG maps).
    {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1}, for sgd and adamw (digits), with the lr each chose.
 3. A fixed study (6 trials, 4 epochs, no pruning) by one worker process vs two at once.
 
-`python bench/search.py` (about 55 minutes on 2 cores; `--only digits` or `--only mnist` re-runs
-one, `--strategy NAME` with it only that row): writes bench/out/search.json and the table between
-the search markers in BENCHMARKS.md.
+`python bench/search.py` (about 21 minutes on 2 cores, 55 on a slow day of this machine;
+`--only digits` or `--only mnist` re-runs one, `--strategy NAME` with it only that row): writes
+bench/out/search.json and the table between the search markers in BENCHMARKS.md.
 """
 
 from __future__ import annotations
