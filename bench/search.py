@@ -122,12 +122,13 @@ def lr_grid(settings, validation, config) -> dict:
 
     out = {}
     for optimizer in ("sgd", "adamw"):
-        scores = {}
+        scores, runs = {}, {}
         for lr in [*LRS, "auto"]:
             cfg = config({"train.optimizer.name": optimizer, "train.optimizer.lr": lr})
-            run_id = train_stage(cfg, settings, validation)["run_id"]
+            runs[str(lr)] = run_id = train_stage(cfg, settings, validation)["run_id"]
             scores[str(lr)] = evaluate_stage(cfg, settings, run_id)["test_accuracy"]
-        auto_lr = float(MlflowClient().get_run(run_id).data.params["train.optimizer.lr"])
+        auto_run = MlflowClient().get_run(runs["auto"])
+        auto_lr = float(auto_run.data.params["train.optimizer.lr"])
         best_lr = max((k for k in scores if k != "auto"), key=scores.__getitem__)
         out[optimizer] = {
             "test_accuracy": scores,
@@ -236,7 +237,7 @@ def bench(data: str, tmp: Path, strategies: list[str]) -> dict:
     project = scratch_project(tmp)
     if data == "mnist":
         source = mnist_files(tmp / "raw", sizes=(10_000, 2_000), jitter=1)
-        set_params(project, MNIST | {"data": {"download": False, "source_dir": str(source)}})
+        set_params(project, MNIST | {"data": {**MNIST["data"], "source_dir": str(source)}})
     pipeline(project, "data", "pull")
     pipeline(project, "validate")
     settings, validation, config = in_project(project)
