@@ -60,9 +60,8 @@ def publish_dataset():
                 "data.test_fraction": params["test_fraction"],
             }
             cfg = load_config(settings.params, overrides)
-            md5 = materialize(
-                cfg.base.dataset, settings.root, settings.data_dir, cfg.data, rewrite=True
-            )
+            # The version follows the source's content: unchanged files and settings are a no-op.
+            md5 = materialize(cfg.base.dataset, settings.root, settings.data_dir, cfg.data)
         if md5 == before:
             raise AirflowSkipException(f"data unchanged ({md5}): no new version, no Asset event")
         ctx["outlet_events"][ds.DATA].extra = {"data_md5": md5, "dataset": cfg.base.dataset}

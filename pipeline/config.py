@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -49,6 +50,20 @@ class DataConfig(_Block):
     resize: Literal["crop", "squash", "pad"] = "crop"  # how image_size is reached (imagefolder)
     on_bad_image: Literal["fail", "skip"] = "fail"  # skip: left out, listed in data/meta.json
     workers: int | None = Field(None, ge=1)  # imagefolder decoding processes; null: one per core
+    background: str = "white"  # transparency is composited onto it (a color name or #rrggbb)
+    # Larger images are bad images (decompression bombs); Pillow refuses twice its own default.
+    max_image_pixels: int = Field(89_478_485, ge=1, le=178_956_970)
+
+    @field_validator("background")
+    @classmethod
+    def _a_color(cls, value: str) -> str:
+        from PIL import ImageColor  # here: the DAG files import this module, keep it light
+
+        try:
+            ImageColor.getrgb(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a color: use a name or #rrggbb") from None
+        return value
 
 
 class ValidateConfig(_Block):
@@ -306,14 +321,39 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     """Load params.yaml, apply dotted-key overrides and validate the result."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path} not found; run from the project root or pass --params") from None
+    except DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of blocks (base, data, train, ...)")
     return config_from_dict(raw, overrides)
+
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one block is an error (YAML keeps the last one
+    silently; DVC refuses the file): the user meant one of the two."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # YAML's own checks word the odd keys
+            if key in seen:
+                raise DuplicateKey(
+                    f"key {key!r} is written twice in one block (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}); keep one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:

@@ -42,7 +42,9 @@ def data(args, settings: Settings) -> int:
     from pipeline.data import materialize
 
     cfg = _config(args, settings)
-    md5 = materialize(cfg.base.dataset, settings.root, settings.data_dir, cfg.data)
+    md5 = materialize(
+        cfg.base.dataset, settings.root, settings.data_dir, cfg.data, rewrite=args.rewrite
+    )
     print(json.dumps({"dataset": cfg.base.dataset, "data_md5": md5}))
     return 0
 

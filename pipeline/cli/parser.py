@@ -43,6 +43,12 @@ def _stage_commands(sub) -> None:
     _common(pull)
     pull.add_argument("--dataset", help="digits | mnist | fashion_mnist | cifar10 | imagefolder")
     pull.add_argument("--source-dir", type=Path, help="raw files / class folders (data.source_dir)")
+    pull.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="write data/ from the source even when the tracked version was made from the same "
+        "content and settings",
+    )
 
     for name, text in (
         ("check-data", "check data/ is present and matches data.dvc"),

@@ -23,10 +23,10 @@ def materialize(
     """Make data/ hold `dataset` made with these settings, tracked by data.dvc and pushed to
     the DVC remote. Returns the data md5.
 
-    Reuses the tracked version when it was made with the same settings (its meta.json `recipe`),
-    pulling it if needed, unless `rewrite`; otherwise writes the dataset from its source and
-    records it (a new version when the bytes differ). A pull killed between writing data/ and
-    recording it is finished by the next one.
+    Reuses the tracked version when it was made with the same settings from the same source
+    content (its meta.json `recipe`), pulling it if needed, unless `rewrite`; otherwise writes
+    the dataset from its source and records it (a new version when the bytes differ). A pull
+    killed between writing data/ and recording it is finished by the next one.
     """
     data = data or DataConfig()
     wanted = recipe(dataset, data)
@@ -46,11 +46,14 @@ def materialize(
                 md5 = versioning.verify(repo_root, data_dir)
                 log(f"data: {dataset} already at the tracked version {md5}")
                 return md5
-            log(f"data: settings differ from the tracked version ({changed}); rewriting")
+            log(
+                f"data: the source or settings differ from the tracked version ({changed}); "
+                "rewriting"
+            )
         previous = versioning.recorded_md5(repo_root) if has_pointer else None
         log(f"data: writing {dataset} to {data_dir}")
         versioning.mark_pending(repo_root, wanted)
-        write_source(dataset, data, data_dir)
+        write_source(dataset, data, data_dir, wanted)
         md5 = versioning.add_and_push(repo_root, data_dir)
         versioning.clear_pending(repo_root)
     if md5 != previous:
@@ -61,19 +64,26 @@ def materialize(
 
 
 def _changed_settings(data_dir: Path, wanted: dict) -> str:
-    """'' when data/ was made with `wanted`, else which settings differ ('test_fraction 0.2 ->
-    0.5'); data written before recipes were recorded counts as different."""
+    """'' when data/ was made with `wanted`, else what differs ('test_fraction 0.2 -> 0.5',
+    'source: +40 files, new folder 'c' (20 files)'); data written before recipes were recorded
+    counts as different."""
+    from pipeline.data.fingerprint import describe_change
+
     try:
         made = read_meta(data_dir).get("recipe")
     except DataError:
         return "data/meta.json unreadable"
     if not made:
         return "data/ records no settings"
-    return ", ".join(
-        f"{key} {made.get(key)} -> {wanted.get(key)}"
-        for key in sorted(set(made) | set(wanted))
-        if made.get(key) != wanted.get(key)
-    )
+    changed = []
+    for key in sorted(set(made) | set(wanted)):
+        if made.get(key) == wanted.get(key):
+            continue
+        if key == "source_files":
+            changed.append(f"source: {describe_change(made.get(key), wanted.get(key))}")
+        else:
+            changed.append(f"{key} {made.get(key)} -> {wanted.get(key)}")
+    return ", ".join(changed)
 
 
 def check_data(dataset: str, repo_root: Path, data_dir: Path) -> dict:

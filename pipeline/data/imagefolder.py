@@ -4,8 +4,10 @@ Layouts: `root/<class>/*` (split at random, stratified by class, `data.test_frac
 ImageNet layout `root/train/<class>/*` + `root/val/<class>/*` (the given split). Files are probed
 (mode, size, high-bit range), then decoded in worker processes a batch at a time and appended to
 data/ in file order, so memory holds a few batches and any worker count writes the same bytes.
-A file that cannot be read fails the pull naming it, or with `data.on_bad_image: skip` is left
-out and listed in meta.json (`skipped`).
+Every file Pillow reads is an image, whatever its suffix. A file that is no image (a README,
+Thumbs.db) is left out and listed in meta.json (`skipped`); an image that cannot be decoded fails
+the pull naming it, or with `data.on_bad_image: skip` is left out and listed too. Hidden files and
+folders (`.DS_Store`, `.ipynb_checkpoints/`, `__MACOSX/`) are ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data.images import IMAGE_SUFFIXES, BadImage, Probe, bit_depth, decode, probe
+from pipeline.data.contract import InputContract, for_dataset
+from pipeline.data.images import BadImage, NotAnImage, Probe, bit_depth, hidden, probe
 from pipeline.data.sources import stratified_split
 from pipeline.data.store import DatasetWriter
 from pipeline.errors import DataError
@@ -39,9 +42,11 @@ class Listing:
 
 
 def list_files(root: Path) -> Listing:
+    """Every visible file of the class folders, labelled; files beside the class folders too,
+    labelled -1 (they belong to no class: listed as skipped)."""
     if not root.is_dir():
         raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    folders = _class_folders(root)
     if set(folders) == set(GIVEN_SPLITS):
         classes = _class_folders(root / "train")
         unknown = sorted(set(_class_folders(root / "val")) - set(classes))
@@ -50,35 +55,39 @@ def list_files(root: Path) -> Listing:
                 f"imagefolder: {root}/val has classes {unknown} that {root}/train does not; "
                 "every validation class needs training images"
             )
+        stray = _visible_files(root)
         parts = [_files(root / folder, classes) for folder in GIVEN_SPLITS]
-        files = parts[0][0] + parts[1][0]
-        labels = np.concatenate([parts[0][1], parts[1][1]])
-        is_test = np.repeat([False, True], [len(parts[0][0]), len(parts[1][0])])
+        files = stray + parts[0][0] + parts[1][0]
+        labels = np.concatenate([np.full(len(stray), -1), parts[0][1], parts[1][1]])
+        is_test = np.repeat([False, False, True], [len(stray), len(parts[0][0]), len(parts[1][0])])
         listing = Listing(classes, files, labels, is_test)
     else:
         classes = folders
         files, labels = _files(root, classes)
         listing = Listing(classes, files, labels, None)
-    if not listing.files:
+    if not (listing.labels >= 0).any():
         raise DataError(
-            f"imagefolder: no images under {root}/<class>/ or {root}/train/<class>/ "
-            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"imagefolder: no files under {root}/<class>/ or {root}/train/<class>/ "
+            "(hidden files and folders are ignored)"
         )
     return listing
 
 
 def _class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(p.name))
+
+
+def _visible_files(folder: Path) -> list[str]:
+    return sorted(str(f) for f in folder.iterdir() if f.is_file() and not hidden(f.name))
 
 
 def _files(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
-    files, labels = [], []
+    files = _visible_files(folder)  # beside the class folders: no class, skipped on record
+    labels = [-1] * len(files)
     for label, name in enumerate(classes):
         if (folder / name).is_dir():
-            found = sorted(
-                f for f in (folder / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
-            )
-            files += map(str, found)
+            found = _visible_files(folder / name)
+            files += found
             labels += [label] * len(found)
     return files, np.array(labels, dtype=np.int64)
 
@@ -88,43 +97,52 @@ def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[s
     listing = list_files(root)
     workers = data.workers or os.cpu_count() or 1
     with _pool(workers) as pool:
-        probes = _probe_all(pool, listing.files)
-        skipped = _bad(root, listing.files, probes.errors, data.on_bad_image)
+        probes = _probe_all(pool, listing.files, data.max_image_pixels)
+        stray = {int(i): "not inside a class folder" for i in np.flatnonzero(listing.labels < 0)}
+        errors = {i: r for i, r in probes.errors.items() if i not in stray}
+        skipped = _bad(root, listing.files, probes.not_images | stray, "skip")
+        skipped |= _bad(root, listing.files, errors, data.on_bad_image)
         while True:  # again only when a probed file then failed to decode (a truncated JPEG)
             keep = np.array([_name(root, f) not in skipped for f in listing.files])
             files = [f for f, k in zip(listing.files, keep, strict=True) if k]
+            if not files:
+                raise DataError(f"imagefolder: no readable images under {root} ({_some(skipped)})")
             good = probes.subset(keep)
             labels = listing.labels[keep]
             if listing.is_test is not None:
                 is_test = listing.is_test[keep]
             else:
                 is_test = stratified_split(labels, data.test_fraction)
-            gray, size, depth = _dataset_format(files, good, data.image_size)
-            shape = (1 if gray else 3, size[1], size[0])
+            contract = _contract(files, good, listing.classes, data)
             counts = {"train": int((~is_test).sum()), "test": int(is_test.sum())}
-            settings = (gray, size if data.image_size else None, data.resize, depth)
             meta = {
                 "name": "imagefolder",
                 "classes": listing.classes,
-                "shape": list(shape),
+                "shape": list(contract.shape),
                 "dtype": "uint8",
                 "source": str(root),
                 "recipe": recipe,
+                "contract": contract.to_dict(),
                 "splits": counts,
                 "skipped": [{"path": p, "reason": r} for p, r in sorted(skipped.items())],
             }
-            failed = _write(pool, files, labels, is_test, settings, shape, counts, data_dir, meta)
+            failed = _write(pool, files, labels, is_test, contract, counts, data_dir, meta)
             if not failed:
                 return skipped
             skipped |= _bad(root, list(failed), failed, data.on_bad_image)
 
 
-def _write(pool, files, labels, is_test, settings, shape, counts, data_dir, meta) -> dict:
+def _some(skipped: dict[str, str]) -> str:
+    shown = "; ".join(f"{p}: {r}" for p, r in list(skipped.items())[:3])
+    return shown + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+
+
+def _write(pool, files, labels, is_test, contract, counts, data_dir, meta) -> dict:
     """Decode `files` into a new data/; {path: BadImage} instead when some fail to decode."""
     failed = {}
-    with DatasetWriter(data_dir, shape, counts) as writer:
+    with DatasetWriter(data_dir, contract.shape, counts) as writer:
         start = 0
-        decoded = _map(pool, _decode_batch, ((batch, *settings) for batch in _batches(files)))
+        decoded = _map(pool, _decode_batch, ((batch, contract) for batch in _batches(files)))
         for pixels, errors in _progress(decoded, "decode", len(files)):
             end = start + len(pixels)
             for offset, reason in errors.items():
@@ -142,44 +160,50 @@ class Probes:
     """What the probe pass found, as arrays (a few bytes per file, not an object each)."""
 
     gray: np.ndarray  # bool
-    sizes: np.ndarray  # width, height
+    sizes: np.ndarray  # width, height as shown (EXIF orientation applied)
     brightest: np.ndarray  # high-bit images' largest value, else 0
-    errors: dict[int, str]  # file index -> why it cannot be read
+    errors: dict[int, str]  # file index -> why this image cannot be read
+    not_images: dict[int, str]  # file index -> why it is no image at all
 
     def subset(self, keep: np.ndarray) -> Probes:
-        return Probes(self.gray[keep], self.sizes[keep], self.brightest[keep], {})
+        return Probes(self.gray[keep], self.sizes[keep], self.brightest[keep], {}, {})
 
 
-def _probe_all(pool, files: list[str]) -> Probes:
+def _probe_all(pool, files: list[str], max_pixels: int) -> Probes:
     n = len(files)
     gray, sizes = np.zeros(n, bool), np.zeros((n, 2), np.int64)
-    brightest, errors = np.zeros(n, np.int64), {}
+    brightest, errors, not_images = np.zeros(n, np.int64), {}, {}
     start = 0
-    for batch in _progress(_map(pool, _probe_batch, _batches(files)), "probe", n):
+    tasks = ((batch, max_pixels) for batch in _batches(files))
+    for batch in _progress(_map(pool, _probe_batch, tasks), "probe", n):
         for i, found in enumerate(batch, start=start):
-            if isinstance(found, str):
-                errors[i] = found
+            if isinstance(found, NotAnImage):
+                not_images[i] = str(found)
+            elif isinstance(found, BadImage):
+                errors[i] = str(found)
             else:
                 gray[i], sizes[i], brightest[i] = found.gray, found.size, found.brightest
         start += len(batch)
-    return Probes(gray, sizes, brightest, errors)
+    return Probes(gray, sizes, brightest, errors, not_images)
 
 
-def _dataset_format(files: list[str], probes: Probes, image_size: int | None):
-    """(grayscale, (width, height), bit depth): grayscale if every image is, else RGB."""
-    gray = bool(probes.gray.all())
+def _contract(files: list[str], probes: Probes, classes, data: DataConfig) -> InputContract:
+    """Grayscale if every image is, else RGB; one bit depth and one size for the dataset."""
+    channels = 1 if probes.gray.all() else 3
     depth = bit_depth(int(probes.brightest.max(initial=0)))
-    if image_size:
-        return gray, (image_size, image_size), depth
-    size = tuple(int(v) for v in probes.sizes[0])
+    if data.image_size:
+        shape = (channels, data.image_size, data.image_size)
+        return for_dataset(shape, classes, data, data.resize, depth)
+    w, h = (int(v) for v in probes.sizes[0])
     other = np.flatnonzero((probes.sizes != probes.sizes[0]).any(axis=1))
     if len(other):
-        w, h = probes.sizes[other[0]]
+        ow, oh = probes.sizes[other[0]]
         raise DataError(
-            f"imagefolder: {files[other[0]]} is {w}x{h}, others {size[0]}x{size[1]}; "
-            "set data.image_size to bring all images to one size (data.resize says how)"
+            f"imagefolder: {files[other[0]]} is {ow}x{oh}, others {w}x{h} (as shown: EXIF "
+            "orientation applied); set data.image_size to bring all images to one size "
+            "(data.resize says how)"
         )
-    return gray, size, depth
+    return for_dataset((channels, h, w), classes, data, None, depth)
 
 
 def _name(root: Path, path: str) -> str:
@@ -209,28 +233,27 @@ def _batches(items: list) -> Iterator[list]:
         yield items[start : start + BATCH]
 
 
-def _probe_batch(files: list[str]) -> list[Probe | str]:
+def _probe_batch(args) -> list[Probe | BadImage]:
+    files, max_pixels = args
     out = []
     for f in files:
         try:
-            out.append(probe(f))
+            out.append(probe(f, max_pixels))
         except BadImage as exc:
-            out.append(str(exc))
+            out.append(exc)
     return out
 
 
 def _decode_batch(args) -> tuple[np.ndarray, dict[int, str]]:
     """A batch of files as one uint8 array; a file that fails is zeros, its reason by offset."""
-    files, gray, size, policy, depth = args
-    arrays, errors = [], {}
+    files, contract = args
+    pixels = np.zeros((len(files), *contract.shape), np.uint8)
+    errors = {}
     for i, f in enumerate(files):
         try:
-            arrays.append(decode(f, gray, size, policy, depth))
+            pixels[i] = contract.decode(f)
         except BadImage as exc:
             errors[i] = str(exc)
-            arrays.append(None)
-    shape = next((a.shape for a in arrays if a is not None), (1 if gray else 3, 1, 1))
-    pixels = np.stack([np.zeros(shape, np.uint8) if a is None else a for a in arrays])
     return pixels, errors
 
 

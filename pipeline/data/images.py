@@ -1,30 +1,54 @@
-"""One image file to the dataset's pixels: probed for its mode and size, decoded (downscaled
-while decoding where the format allows, Pillow's draft mode), converted to the dataset's mode
-and brought to its size by the resize policy.
+"""Pillow primitives for one image file, as a viewer shows it: EXIF orientation applied, a pixel
+limit checked before anything is decoded, high-bit grayscale scaled into 0..255, transparency
+composited onto a background, and the resize policies. `contract.InputContract.decode` puts them
+together; nothing else decodes images.
 
 Pure functions of the file's bytes and the settings, so any number of worker processes write the
-same bytes. High-bit grayscale (16-bit PNG/TIFF, 32-bit integer TIFF) is scaled, not clipped,
-into 0..255 by the dataset's bit depth; float images are refused: they have no fixed range.
+same bytes. Float images are refused: they have no fixed range.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Pillow's modes for one channel of more than 8 bits; `convert("L")` would clip them at 255.
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-GRAY_MODES = ("L", "1", "LA", *HIGH_BIT_MODES)
+GRAY_MODES = ("L", "1", "LA", "La", *HIGH_BIT_MODES)
 BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 RESIZE_POLICIES = ("crop", "squash", "pad")
+ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# Pillow refuses images over twice its own limit before we could look at them.
+PILLOW_HARD_LIMIT = 2 * 89_478_485
 
 
 class BadImage(Exception):
-    """A file that cannot be an image of this dataset; the message says why."""
+    """An image file that cannot be decoded (corrupt, truncated, too large, float); the message
+    says why. `data.on_bad_image` decides whether it fails a pull or is skipped."""
+
+
+class NotAnImage(BadImage):
+    """A file Pillow does not recognize, with no image suffix (a README, Thumbs.db): always
+    left out and listed, never a failure."""
+
+
+def hidden(name: str) -> bool:
+    """Dot-files and folders (.DS_Store, .ipynb_checkpoints) and macOS archive debris."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+@cache
+def image_suffixes() -> frozenset[str]:
+    """Every file suffix Pillow reads (.png, .jpg, .webp, .tif, .ppm, ...)."""
+    from PIL import Image
+
+    return frozenset(Image.registered_extensions())
 
 
 @dataclass(frozen=True)
@@ -32,28 +56,26 @@ class Probe:
     """What the header (and, for high-bit images, the pixel range) says about a file."""
 
     gray: bool
-    size: tuple[int, int]  # width, height
+    size: tuple[int, int]  # width, height as shown: after the EXIF orientation
     brightest: int = 0  # high-bit images only: their largest value
 
 
-def probe(path: Path) -> Probe:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if im.mode == "F":
-                raise BadImage(
-                    "a floating-point image has no fixed range to scale into 0..255; save it as "
-                    "an 8- or 16-bit integer image"
-                )
-            brightest = 0
-            if im.mode in HIGH_BIT_MODES:
-                low, brightest = im.getextrema()
-                if low < 0:
-                    raise BadImage(f"negative pixel values ({low})")
-            return Probe(im.mode in GRAY_MODES, im.size, int(brightest))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(str(exc) or type(exc).__name__) from None
+def probe(path: Path | str, max_pixels: int) -> Probe:
+    """Raises NotAnImage for a file that is no image, BadImage for one that cannot be used."""
+    with _opened(path, max_pixels) as im:
+        if im.mode == "F":
+            raise BadImage(
+                "a floating-point image has no fixed range to scale into 0..255; save it as "
+                "an 8- or 16-bit integer image"
+            )
+        brightest = 0
+        if im.mode in HIGH_BIT_MODES:
+            low, brightest = im.getextrema()
+            if low < 0:
+                raise BadImage(f"negative pixel values ({low})")
+        w, h = im.size
+        size = (h, w) if _orientation(im) in ROTATED else (w, h)
+        return Probe(im.mode in GRAY_MODES, size, int(brightest))
 
 
 def bit_depth(brightest: int) -> int:
@@ -63,29 +85,69 @@ def bit_depth(brightest: int) -> int:
     return next(d for d in BIT_DEPTHS if brightest < 2**d)
 
 
-def decode(
-    path: Path, gray: bool, size: tuple[int, int] | None, policy: str, depth: int
-) -> np.ndarray:
-    """The file as uint8 C x H x W in the dataset's mode; `size` (width, height) None keeps
-    the file's own size. Raises BadImage for a file that does not decode."""
-    from PIL import Image
+def load(source, max_pixels: int, exif: bool, target=None):
+    """The decoded image (a Pillow image), EXIF orientation applied when `exif`. `target`
+    (mode, (width, height) as shown, resize policy) lets a JPEG decode at 1/2, 1/4 or 1/8 scale
+    when the policy does not need more. `source`: a path or the file's bytes.
+    Raises BadImage / NotAnImage."""
+    from PIL import ImageOps
 
-    mode = "L" if gray else "RGB"
-    try:
-        with Image.open(path) as im:
-            if size is not None and im.format == "JPEG":
-                im.draft(mode, _needed(im.size, size, policy))  # decode at 1/2, 1/4, 1/8 scale
+    with _opened(source, max_pixels) as im:
+        if target is not None and im.format == "JPEG":
+            mode, want, policy = target
+            turned = exif and _orientation(im) in ROTATED
+            w, h = needed(im.size[::-1] if turned else im.size, want, policy)
+            im.draft(mode, (h, w) if turned else (w, h))
+        try:
             im.load()
-            pic = _to_mode(im, mode, depth)
-            if size is not None and pic.size != size:
-                pic = _resize(pic, size, policy)
-            pixels = np.asarray(pic, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(str(exc) or type(exc).__name__) from None
-    return pixels[None] if gray else pixels.transpose(2, 0, 1)
+            return ImageOps.exif_transpose(im) if exif else im.copy()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BadImage(str(exc) or type(exc).__name__) from None
 
 
-def _needed(have: tuple[int, int], want: tuple[int, int], policy: str) -> tuple[int, int]:
+class _opened:
+    """`Image.open` with the pixel limit checked from the header, before anything is decoded,
+    and Pillow's errors turned into BadImage / NotAnImage."""
+
+    def __init__(self, source, max_pixels: int):
+        self.source, self.max_pixels = source, max_pixels
+
+    def __enter__(self):
+        from PIL import Image, UnidentifiedImageError
+
+        source = io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit rules
+                self.image = Image.open(source)
+        except Image.DecompressionBombError as exc:
+            raise BadImage(f"too many pixels: {exc}") from None
+        except UnidentifiedImageError:
+            suffix = Path(self.source).suffix.lower() if isinstance(self.source, str | Path) else ""
+            if suffix and suffix not in image_suffixes():
+                raise NotAnImage("not an image file (Pillow does not read it)") from None
+            raise BadImage("not a readable image (Pillow cannot identify its format)") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BadImage(str(exc) or type(exc).__name__) from None
+        w, h = self.image.size
+        if w * h > self.max_pixels:
+            self.image.close()
+            raise BadImage(
+                f"{w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
+                f"{self.max_pixels / 1e6:.1f} (data.max_image_pixels): a decompression bomb, or "
+                "raise the limit if the image is genuine"
+            )
+        return self.image
+
+    def __exit__(self, *exc) -> None:
+        self.image.close()
+
+
+def _orientation(im) -> int:
+    return int(im.getexif().get(0x0112, 1))  # the EXIF Orientation tag
+
+
+def needed(have: tuple[int, int], want: tuple[int, int], policy: str) -> tuple[int, int]:
     """The smallest decoded size the policy can still resize down from without upscaling."""
     (w, h), (tw, th) = have, want
     if policy == "squash":
@@ -94,18 +156,31 @@ def _needed(have: tuple[int, int], want: tuple[int, int], policy: str) -> tuple[
     return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
 
 
-def _to_mode(im, mode: str, depth: int):
+def to_mode(im, mode: str, depth: int | None, background: tuple[int, int, int] | None):
+    """`im` in `mode` ("L" or "RGB"). High-bit values shift down by `depth` (None: the image's
+    own depth, the behaviour of models saved before the input contract); a value beyond it is
+    a BadImage. Transparency is composited onto `background` (None: Pillow's plain convert)."""
     from PIL import Image
 
     if im.mode in HIGH_BIT_MODES:
-        values = np.asarray(im, dtype=np.int64) >> (depth - 8)
-        im = Image.fromarray(values.astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
+        values = np.asarray(im, dtype=np.int64)
+        brightest = int(values.max(initial=0))
+        depth = depth or bit_depth(brightest)
+        if values.min(initial=0) < 0 or brightest >= 2**depth:
+            raise BadImage(
+                f"pixel values {values.min()}..{brightest} do not fit the {depth}-bit depth the "
+                "model was trained on"
+            )
+        im = Image.fromarray((values >> (depth - 8)).astype(np.uint8), "L")
+    if background is not None and ("A" in im.mode or "transparency" in im.info):
+        layer = Image.new("RGBA", im.size, (*background, 255))
+        im = Image.alpha_composite(layer, im.convert("RGBA"))
+    elif im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # palette transparency: through RGBA, as Pillow advises
     return im if im.mode == mode else im.convert(mode)
 
 
-def _resize(pic, size: tuple[int, int], policy: str):
+def resize(pic, size: tuple[int, int], policy: str):
     """crop: shorter side to size, center crop (the ImageNet convention); squash: straight to
     size, aspect ratio lost; pad: longer side to size, centered on black."""
     from PIL import Image, ImageOps

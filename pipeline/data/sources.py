@@ -14,27 +14,46 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
+from pipeline.data.contract import for_dataset
+from pipeline.data.fingerprint import fingerprint
+from pipeline.data.images import hidden
 from pipeline.data.store import DataError, Dataset, Split, write_dataset
 
 CIFAR10_DIR = "cifar-10-batches-py"
+MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's class names
 
 
 def recipe(name: str, data: DataConfig) -> dict:
-    """The settings that determine a dataset's bytes, for the sources they apply to.
+    """The settings and the source content that determine a dataset's bytes, for the sources
+    they apply to.
 
-    Stored in meta.json, so a pull with other settings knows data/ is not what it asks for."""
+    Stored in meta.json, so a pull with other settings, or from a source whose files changed,
+    knows data/ is not what it asks for."""
     if name == "digits":
         return {"dataset": name, "test_fraction": data.test_fraction}
     if name in ("mnist", "fashion_mnist", "cifar10"):
-        return {"dataset": name, "source_dir": _resolved(data.source_dir)}
-    if name == "imagefolder":
+        root = need_dir(name, data.source_dir)
+        raw = root / (CIFAR10_DIR if name == "cifar10" else f"{MNIST_FOLDERS[name]}/raw")
+        files = [str(f) for f in sorted(raw.glob("*")) if f.is_file() and not hidden(f.name)]
         return {
             "dataset": name,
             "source_dir": _resolved(data.source_dir),
+            "source_files": fingerprint(root, files),
+        }
+    if name == "imagefolder":
+        from pipeline.data.imagefolder import list_files
+
+        root = need_dir(name, data.source_dir).resolve()
+        return {
+            "dataset": name,
+            "source_dir": str(root),
+            "source_files": fingerprint(root, list_files(root).files),
             "test_fraction": data.test_fraction,
             "image_size": data.image_size,
             "resize": data.resize,
             "on_bad_image": data.on_bad_image,
+            "background": data.background,
+            "max_image_pixels": data.max_image_pixels,
         }
     raise DataError(f"unknown dataset {name!r}")
 
@@ -43,15 +62,19 @@ def _resolved(source_dir: Path | str | None) -> str | None:
     return str(Path(source_dir).resolve()) if source_dir else None
 
 
-def write_source(name: str, data: DataConfig, data_dir: Path) -> None:
-    """Write dataset `name` from its source to `data_dir` (replacing what is there)."""
-    made_by = recipe(name, data)
+def write_source(name: str, data: DataConfig, data_dir: Path, made_by: dict | None = None):
+    """Write dataset `name` from its source to `data_dir` (replacing what is there); `made_by`:
+    its `recipe`, when the caller has it already (a photo folder's is one read of the folder)."""
     if name == "imagefolder":
         from pipeline.data.imagefolder import ingest
 
+        made_by = made_by or recipe(name, data)
         ingest(need_dir(name, data.source_dir).resolve(), data, data_dir, made_by)
-    else:
-        write_dataset(replace(load_source(name, data), recipe=made_by), data_dir)
+        return
+    ds = load_source(name, data)
+    contract = for_dataset(ds.shape, ds.classes, data, None, 8)  # arrays: fixed size, 8-bit
+    made_by = recipe(name, data)  # after loading: a download has brought the files
+    write_dataset(replace(ds, recipe=made_by, contract=contract.to_dict()), data_dir)
 
 
 def load_source(name: str, data: DataConfig) -> Dataset:

@@ -36,6 +36,7 @@ class Dataset:
     test: Split
     source: str = ""
     recipe: dict = field(default_factory=dict)  # the settings that made it (sources.recipe)
+    contract: dict = field(default_factory=dict)  # how files become its pixels (contract.py)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -49,6 +50,7 @@ class Dataset:
             "dtype": str(self.train.images.dtype),
             "source": self.source,
             "recipe": self.recipe,
+            **({"contract": self.contract} if self.contract else {}),
             "splits": {s: int(len(getattr(self, s).labels)) for s in SPLITS},
         }
 
@@ -169,6 +171,7 @@ def read_dataset(root: Path, mmap: bool = False) -> Dataset:
         splits["test"],
         meta.get("source", ""),
         meta.get("recipe", {}),
+        meta.get("contract", {}),
     )
 
 

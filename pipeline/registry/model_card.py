@@ -20,6 +20,7 @@ def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, 
         f"- architecture: `{train['model']['name']}` ({_describe_model(train['model'])}), "
         f"input {c} x {h} x {w} raw pixels 0-255 (normalization is inside the model)",
         f"- output: logits over {len(classes)} classes: {', '.join(classes)}",
+        f"- inputs: {spec.input_contract().describe()} (`contract.json` beside the weights)",
         f"- training: {train['optimizer']['name']} lr {train['optimizer']['lr']}, "
         f"{train['schedule']['name']} schedule, {train['epochs']} epochs, batch "
         f"{train['batch_size']}, seed {config['base']['seed']}, params hash "

@@ -12,7 +12,7 @@ from pipeline.tracking.server import connection_failure
 from pipeline.tracking.store import run_or_none
 
 if TYPE_CHECKING:
-    pass
+    from pipeline.data.contract import InputContract
 
 STATUS_TAG = "registration.status"  # pending until register finished; only complete ones promote
 
@@ -38,6 +38,16 @@ def create_version(client, name: str, run, tags: dict):
     return mlflow.register_model(
         run.data.tags["model_uri"], name, tags={**tags, STATUS_TAG: "pending"}
     )
+
+
+def describe_inputs(client, name: str, version: int, contract: InputContract) -> None:
+    """What the version takes, where the MLflow UI shows it: the description in words, the
+    contract and the class names as tags (`input.contract`, `classes`)."""
+    client.update_model_version(name, str(version), description=contract.describe())
+    client.set_model_version_tag(
+        name, str(version), "input.contract", json.dumps(contract.to_dict())
+    )
+    client.set_model_version_tag(name, str(version), "classes", json.dumps(list(contract.classes)))
 
 
 def complete(client, name: str, version: int) -> None:

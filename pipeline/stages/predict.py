@@ -47,8 +47,9 @@ def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], m
 
 
 def predict_stage(client, ref: str, inputs: Path, output: Path) -> dict:
-    """Resolve `ref` once (pinning the version), score `inputs` a batch at a time, write
-    `output`."""
+    """Resolve `ref` once (pinning the version), score `inputs` a batch at a time through the
+    model's input contract, write `output`. Files in a folder that are no images are listed
+    under `skipped` in the result."""
     from pipeline.registry import versions
     from pipeline.tracking import weights
     from pipeline.training.inference import probabilities
@@ -57,8 +58,9 @@ def predict_stage(client, ref: str, inputs: Path, output: Path) -> dict:
         raise DataError(f"{output}: the output must end in .csv or .json")
     version = versions.resolve(client, ref)
     model, spec = weights.load_weights(version.run_id)
-    found = open_inputs(inputs, spec.shape)
+    found = open_inputs(inputs, spec.input_contract())  # the model's own preprocessing
     probs = np.concatenate([probabilities(model, batch) for batch in found.batches()])
     pinned = {"name": version.name, "version": int(version.version), "run_id": version.run_id}
     write(output, found.names, probs, list(spec.classes), pinned)
-    return {"model": pinned, "inputs": len(found.names), "output": str(output)}
+    out = {"model": pinned, "inputs": len(found.names), "output": str(output)}
+    return {**out, "skipped": found.skipped} if found.skipped else out

@@ -69,7 +69,7 @@ def train_stage(
                 file=sys.stderr,
             )
     if not distributed.context().main:
-        fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state)
+        fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state, contract=ds.contract)
         return {}
 
     import mlflow
@@ -90,6 +90,7 @@ def train_stage(
                 checkpoint_path=ckpt_path,
                 resume=state,
                 checkpoint_extra={"mlflow_run_id": run.info.run_id, "identity": identity},
+                contract=ds.contract,
             )
         except Pruned as stop:
             mlflow.set_tags({"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})
@@ -242,30 +243,14 @@ def _log_schedule(cfg: Config, result, settings: Settings) -> None:
 
 
 def _log_model(result, ds) -> str:
-    """History, weights (state dict, loads with weights_only) and the pt2 MLflow model."""
+    """History, weights (state dict + spec with the input contract, loads with weights_only)
+    and the MLflow model that serves them."""
     import mlflow
-    import torch
-    from mlflow.models import infer_signature
 
     from pipeline.tracking import weights
 
     mlflow.log_dict({"history": result.history}, "history.json")
-    weights.log_weights(result.model, result.spec)
-    example = np.asarray(ds.test.images[:4], dtype=np.float32)
-    with torch.no_grad():
-        signature = infer_signature(example, result.model(torch.from_numpy(example)).numpy())
-    info = mlflow.pytorch.log_model(
-        result.model,
-        name="model",
-        input_example=example,
-        signature=signature,
-        serialization_format="pt2",
-        # Stated, not inferred: inference imports the whole environment in a subprocess (20 s of
-        # a 45 s `pipeline train` on digits) and lists packages the model never loads.
-        pip_requirements=[
-            *mlflow.pytorch.get_default_pip_requirements(),
-            f"numpy=={np.__version__}",
-        ],
-    )
-    mlflow.set_tag("model_uri", info.model_uri)
-    return info.model_uri
+    example = np.asarray(ds.test.images[:2])
+    model_uri = weights.log_model(result.model, result.spec, example)
+    mlflow.set_tag("model_uri", model_uri)
+    return model_uri

@@ -11,8 +11,12 @@ from pipeline.tracking.server import connection_failure
 
 
 def configure(settings: Settings, experiment: str) -> str:
-    """Point MLflow at the store and return the experiment id (created with our artifact root)."""
+    """Point MLflow at the store and return the experiment id (created with our artifact root).
+
+    Raises PermanentError when the experiment was deleted (MLflow keeps its name taken)."""
     import mlflow
+
+    from pipeline.errors import PermanentError
 
     if settings.tracking_uri.startswith("sqlite:///"):
         Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
@@ -20,6 +24,13 @@ def configure(settings: Settings, experiment: str) -> str:
         )
     mlflow.set_tracking_uri(settings.tracking_uri)
     found = mlflow.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise PermanentError(
+            f"the MLflow experiment {experiment!r} was deleted (id {found.experiment_id}, in "
+            f"MLflow's trash): restore it with `mlflow experiments restore --experiment-id "
+            f"{found.experiment_id}` or from the MLflow UI, or choose another name "
+            "(--set tracking.experiment=NAME)"
+        )
     if found is not None:
         exp_id = found.experiment_id
     else:

@@ -71,8 +71,10 @@ def fit(
     checkpoint_path: Path | None = None,
     resume: dict | None = None,
     checkpoint_extra: dict | None = None,
+    contract: dict | None = None,
 ) -> FitResult:
     """Train a fresh model, or continue `resume` (a loaded checkpoint) to `cfg.epochs`.
+    `contract`: the dataset's input contract (data/meta.json), kept in the model's spec.
 
     Under torchrun every rank calls this; rank 0 alone reports and writes checkpoints.
     """
@@ -92,7 +94,12 @@ def fit(
         train_part, val_part = split_validation(train_split, cfg.val_fraction, seed)
         mean, std = pixel_stats(train_part)
         spec = ModelSpec(
-            cfg.model.model_dump(), tuple(train_split.images.shape[1:]), tuple(classes), mean, std
+            cfg.model.model_dump(),
+            tuple(train_split.images.shape[1:]),
+            tuple(classes),
+            mean,
+            std,
+            contract or None,
         )
         model = rebuild(spec).to(device)
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())

@@ -95,6 +95,7 @@ class ModelSpec:
     classes: tuple[str, ...]
     mean: float  # pixel normalization of the training split, built into the network
     std: float
+    contract: dict | None = None  # the input contract (data/contract.py); None: saved before it
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelSpec:
@@ -104,7 +105,17 @@ class ModelSpec:
             tuple(raw["classes"]),
             float(raw["mean"]),
             float(raw["std"]),
+            raw.get("contract"),
         )
+
+    def input_contract(self):
+        """How inputs become this model's pixels (data.contract.InputContract); a model saved
+        before contracts gets the behaviour it had then."""
+        from pipeline.data.contract import InputContract
+
+        if self.contract is None:
+            return InputContract.legacy_for(self.shape, self.classes)
+        return InputContract.from_dict(self.contract)
 
     def to_dict(self) -> dict:
         """Plain lists, strings and numbers: loads with `weights_only=True`."""

@@ -154,3 +154,43 @@ def test_a_pull_killed_before_dvc_add_is_finished_by_the_next_pull(project):
     assert check_data("digits", project, project / "data")["data_md5"] == md5
     assert read_meta(project / "data")["recipe"]["test_fraction"] == 0.5
     assert not list(project.glob(".data-*")) and not (project / PENDING).exists()
+
+
+def _photos(root, classes, n, start=0):
+    from PIL import Image
+
+    for cls in classes:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + n):
+            pixels = np.random.default_rng([ord(cls[0]), i]).integers(0, 256, (12, 12), np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_a_changed_source_folder_is_a_new_version_that_says_what_changed(project, tmp_path):
+    source = _photos(tmp_path / "photos", ["a", "b"], 10)
+    said = []
+
+    def pull(**settings):
+        data = DataConfig(source_dir=str(source), image_size=8, **settings)
+        return materialize("imagefolder", project, project / "data", data, log=said.append)
+
+    first = pull()
+    assert pull() == first and "already at the tracked version" in said[-1]
+    _photos(source, ["a", "b"], 10, start=10)
+    _photos(source, ["c"], 10)
+    second = pull()
+    assert second != first and read_meta(project / "data")["classes"] == ["a", "b", "c"]
+    assert (
+        "source: +30 files, 'a': 10 -> 20 files, 'b': 10 -> 20 files, "
+        "new folder 'c' (10 files)" in "\n".join(said)
+    )
+    (source / "b" / "3.png").write_bytes((source / "a" / "3.png").read_bytes())  # replaced
+    (source / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: no part of the content
+    assert pull() != second and "(source: 'b': files replaced or changed); rewriting" in said[-3]
+    rewritten = run(
+        ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(source)]
+        + ["--set", "data.image_size=8", "--rewrite"],
+        project,
+    ).stdout
+    assert "writing imagefolder" in rewritten and "identical to the tracked version" in rewritten

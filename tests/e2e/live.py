@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import add_make_files, free_port, run
+from tests.conftest import BIN, add_make_files, free_port, project_env, run, stop_group
 
 MAKE = ["make", "-o", ".venv/.installed"]  # the test's interpreter is the installed .venv
 
@@ -76,3 +78,56 @@ class Airflow:
             if done(runs) or time.monotonic() > deadline:
                 return runs
             time.sleep(5)
+
+
+class ServedModel:
+    """`mlflow models serve` of `uri` in the project's environment, on a free port."""
+
+    def __init__(self, project: Path, uri: str):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        command = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
+        host, port = self.url.removeprefix("http://").split(":")
+        self.proc = subprocess.Popen(
+            [str(BIN / command[0]), *command[1:], "-h", host, "-p", port],
+            cwd=project,
+            env=project_env(project),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def __enter__(self) -> ServedModel:
+        try:
+            wait_http(f"{self.url}/ping", self.proc)
+        except BaseException:
+            stop_group(self.proc)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_group(self.proc)
+
+    def invocations(self, inputs) -> tuple[int, dict]:
+        """(HTTP status, JSON answer) for `{"inputs": inputs}`."""
+        request = urllib.request.Request(
+            f"{self.url}/invocations",
+            json.dumps({"inputs": inputs}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: int = 90) -> None:
+    for _ in range(seconds * 4):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"{url} did not answer")

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.data.versioning import pointer
@@ -146,3 +147,24 @@ def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(from_template, 
     assert (
         "cannot be read (file is not a database)" in stderr and "restore it from a backup" in stderr
     )
+
+
+def test_a_deleted_experiment_and_a_duplicated_param_are_one_line_each(from_template):
+    project = from_template("registered")  # its own: this test deletes its experiment
+    tracking = f"sqlite:///{project}/.mlflow/mlflow.db"
+    (experiment,) = MlflowClient(tracking).search_experiments(filter_string=f"name = '{NAME}'")
+    run(["mlflow", "experiments", "delete", "--experiment-id", experiment.experiment_id], project)
+    for stage in (["validate"], ["train", "--set", "train.epochs=1"]):
+        stderr = _fails(["pipeline", *stage], project)
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert f"the MLflow experiment '{NAME}' was deleted" in stderr
+    restore = f"mlflow experiments restore --experiment-id {experiment.experiment_id}"
+    assert restore in stderr and "--set tracking.experiment=NAME" in stderr
+    run(restore.split(), project)  # the fix, as printed
+    assert "validation passed" in run(["pipeline", "validate"], project).stdout
+
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("  epochs: 12\n", "  epochs: 12\n  epochs: 3\n"))
+    stderr = _fails(["pipeline", "validate"], project, rc=2)
+    assert stderr.startswith("config error: ") and "key 'epochs' is written twice" in stderr
+    assert len(stderr.strip().splitlines()) == 1

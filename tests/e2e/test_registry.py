@@ -3,8 +3,6 @@ going down mid-register, and predictions from the CLI, `mlflow models serve` and
 
 import json
 import subprocess
-import time
-import urllib.request
 
 import mlflow
 import numpy as np
@@ -13,24 +11,13 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from tests.conftest import BIN, free_port, project_env, run, stop_group
+from tests.e2e.live import ServedModel, wait_http
 from tests.templates import add_airflow_db, trained_run
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
 QUICK = ["--set", "train.epochs=2"]
 LOW_FLOOR = ["--set", "register.floor=0.5"]  # 2 epochs: the policy, not the floor, decides
-
-
-def _wait_http(url: str, proc: subprocess.Popen, seconds: int = 90) -> None:
-    for _ in range(seconds * 4):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.25)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def _train(project, seed: int) -> str:
@@ -190,7 +177,7 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        _wait_http(f"http://127.0.0.1:{port}/health", proc)
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
         return proc
 
     def pipeline(*args, check=True):
@@ -289,37 +276,11 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
     assert [int(line.split(",")[1]) for line in lines[1:]] == predicted[:12].tolist()
     assert all(line.endswith(f",{NAME}/1") for line in lines[1:])
 
-    port = free_port()
-    serve = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            f"models:/{NAME}@champion",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-            "--env-manager",
-            "local",
-        ],
-        cwd=project,
-        env=project_env(project),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/ping", serve)
-        body = json.dumps({"inputs": images[:12].astype(np.float32).tolist()}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
-        )
-        served = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-        assert np.argmax(np.array(served), 1).tolist() == predicted[:12].tolist()
-    finally:
-        stop_group(serve)
+    with ServedModel(project, f"models:/{NAME}@champion") as served:
+        status, answer = served.invocations(images[:12].tolist())  # uint8 as JSON numbers
+    assert status == 200
+    served_classes = [int(row["prediction"]) for row in answer["predictions"]]
+    assert served_classes == predicted[:12].tolist()
 
     add_airflow_db(templates, project)
     batch_out = tmp_path / "batch.csv"

@@ -98,3 +98,17 @@ def test_typed_defaults_are_the_values_in_params_yaml():
     defaults = config_from_dict({}).to_dict()
     committed.pop("presets"), defaults.pop("presets")
     assert defaults == committed
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 3\n  batch_size: 32\n  epochs: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"key 'epochs' is written twice in one block \(lines 2 and 4\)"
+    ):
+        load_config(params)
+    params.write_text(
+        "train:\n  epochs: 3\nvalidate:\n  min_rows_per_split: 5\ntrain:\n  batch_size: 8\n"
+    )
+    with pytest.raises(ConfigError, match=r"key 'train' is written twice .*lines 1 and 5"):
+        load_config(params)

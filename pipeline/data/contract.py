@@ -1,0 +1,184 @@
+"""The input contract: what a model takes and how a file or an array becomes its input.
+
+Written once, at ingest, into data/meta.json; carried by the model (its spec in the checkpoint and
+the weights artifact, `contract.json`, the registered version's tags). Ingest, evaluate (which
+reads what ingest wrote), `pipeline predict`, the batch DAG and the MLflow model all turn inputs
+into pixels through `InputContract.decode` (files) and `InputContract.check` (arrays), so a model
+is served exactly as it was trained, and refuses what it was not trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline.data import images
+from pipeline.data.images import BadImage
+
+VERSION = 1
+CHUNK = 1024  # images per chunk when checking an array: bounded memory for any N
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """Pixels in: uint8 (or numbers on the 0..255 scale) N x C x H x W, or image files.
+
+    Files are decoded as a viewer shows them: EXIF orientation applied (`exif`), transparency
+    composited onto `background` (RGB), high-bit grayscale shifted down by the dataset's
+    `bit_depth`, converted to C channels and brought to H x W by `resize` (crop | squash | pad;
+    None: the model was trained on images of exactly H x W, others are refused). `legacy` marks
+    a model saved before contracts: squashed, per-file bit depth, no EXIF, Pillow's conversion.
+    """
+
+    shape: tuple[int, int, int]  # C x H x W
+    classes: tuple[str, ...]
+    resize: str | None
+    bit_depth: int | None  # None: each file's own (legacy)
+    background: tuple[int, int, int] | None  # None: Pillow's plain conversion (legacy)
+    exif: bool
+    max_pixels: int
+    dtype: str = "uint8"
+    value_range: tuple[int, int] = (0, 255)
+    legacy: bool = False
+
+    @classmethod
+    def legacy_for(cls, shape, classes) -> InputContract:
+        """What `pipeline predict` did for a model saved before contracts existed."""
+        return cls(tuple(shape), tuple(classes), "squash", None, None, False, 178_956_970)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> InputContract:
+        background = raw.get("background")
+        return cls(
+            tuple(raw["shape"]),
+            tuple(raw["classes"]),
+            raw.get("resize"),
+            raw.get("bit_depth"),
+            tuple(background) if background is not None else None,
+            bool(raw["exif"]),
+            int(raw["max_pixels"]),
+            raw.get("dtype", "uint8"),
+            tuple(raw.get("value_range", (0, 255))),
+            bool(raw.get("legacy", False)),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain lists, strings and numbers: JSON, MLflow tags, and `torch.load(weights_only)`."""
+        raw = asdict(self)
+        for key in ("shape", "classes", "background", "value_range"):
+            raw[key] = list(raw[key]) if raw[key] is not None else None
+        return {"version": VERSION, **raw}
+
+    def describe(self) -> str:
+        """One paragraph for the registered version's description and the model card."""
+        c, h, w = self.shape
+        if self.legacy:
+            return (
+                f"Takes {c}x{h}x{w} pixels (0..255); saved before input contracts: files are "
+                "squashed to size, with no EXIF or transparency handling."
+            )
+        how = f"resized by `{self.resize}`" if self.resize else f"refused unless {w}x{h}"
+        return (
+            f"Takes {c}x{h}x{w} uint8 pixels (or numbers on the 0..255 scale; 0..1 and NaN "
+            f"are refused), or image files: EXIF orientation applied, transparency on "
+            f"RGB{tuple(self.background or ())}, {self.bit_depth}-bit grayscale scaled to 8 "
+            f"bits, {how}, at most {self.max_pixels / 1e6:.1f} megapixels. "
+            f"Classes: {', '.join(self.classes)}."
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), Pillow's order."""
+        return self.shape[2], self.shape[1]
+
+    def decode(self, source) -> np.ndarray:
+        """One image file (a path or its bytes) as uint8 C x H x W. Raises images.BadImage (or
+        NotAnImage) saying why it cannot be."""
+        mode = "L" if self.shape[0] == 1 else "RGB"
+        target = (mode, self.size, self.resize) if self.resize else None
+        im = images.load(source, self.max_pixels, self.exif, target)
+        pic = images.to_mode(im, mode, self.bit_depth, self.background)
+        if pic.size != self.size:
+            if self.resize is None:
+                raise BadImage(
+                    f"is {pic.size[0]}x{pic.size[1]}; the model takes {self.size[0]}x"
+                    f"{self.size[1]} images and was trained without resizing"
+                )
+            pic = images.resize(pic, self.size, self.resize)
+        pixels = np.asarray(pic, dtype=np.uint8)
+        return pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
+
+    def check(self, pixels: np.ndarray, what: str) -> np.ndarray:
+        """`pixels` as N x C x H x W, once every value is known to be what the model was
+        trained on; read a chunk at a time, so a memory-mapped array stays on disk. `what`
+        names it in the messages ("x.npy", "the input"). Raises ValueError with the problem
+        and the fix."""
+        c, h, w = self.shape
+        if pixels.ndim == 3 and c == 1:
+            pixels = pixels[:, None]
+        if pixels.ndim != 4 or list(pixels.shape[1:]) != [c, h, w]:
+            raise ValueError(
+                f"{what} holds images of shape {list(pixels.shape[1:])}; the model takes "
+                f"{[c, h, w]} (N x C x H x W, or N x H x W for one channel)"
+            )
+        _check_values(pixels, what)
+        return pixels
+
+
+def float_batches(pixels: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
+    """A checked array as float32 batches of `size` images (the network's input dtype)."""
+    for start in range(0, len(pixels), size):
+        yield np.asarray(pixels[start : start + size], dtype=np.float32)
+
+
+def _check_values(pixels: np.ndarray, what: str) -> None:
+    if len(pixels) == 0:
+        raise ValueError(f"{what} holds no images (shape {list(pixels.shape)})")
+    if pixels.dtype == np.uint8:
+        return
+    is_float = np.issubdtype(pixels.dtype, np.floating)
+    if not (is_float or np.issubdtype(pixels.dtype, np.integer)):
+        raise ValueError(f"{what} holds {pixels.dtype} values; give uint8 pixels (0..255)")
+    low, high, bad, first, fractional = np.inf, -np.inf, 0, None, False
+    for start in range(0, len(pixels), CHUNK):
+        chunk = np.asarray(pixels[start : start + CHUNK])
+        if is_float:
+            nonfinite = ~np.isfinite(chunk)
+            if nonfinite.any() and first is None:
+                first = start + int(np.argmax(nonfinite.reshape(len(chunk), -1).any(axis=1)))
+            bad += int(nonfinite.sum())
+            chunk = chunk[~nonfinite]
+            fractional = fractional or bool((chunk != np.round(chunk)).any())
+        if chunk.size:
+            low, high = min(low, chunk.min()), max(high, chunk.max())
+    if bad:
+        raise ValueError(
+            f"{what} has {bad} NaN/Inf values (first in image {first}); the model cannot score them"
+        )
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"{what} has values {low:g}..{high:g}; the model takes pixels in 0..255 "
+            "(uint8, or numbers on that scale)"
+        )
+    if is_float and high <= 1 and fractional:
+        raise ValueError(
+            f"{what} looks scaled to 0..1 (values {low:g}..{high:g}); the model takes pixels in "
+            "0..255: multiply by 255 or save the array as uint8"
+        )
+
+
+def for_dataset(shape, classes, data, resize: str | None, depth: int) -> InputContract:
+    """The contract of a dataset written with these `data` settings (config.DataConfig)."""
+    from PIL import ImageColor
+
+    return InputContract(
+        tuple(int(v) for v in shape),
+        tuple(classes),
+        resize,
+        depth,
+        ImageColor.getrgb(data.background)[:3],
+        True,
+        data.max_image_pixels,
+    )

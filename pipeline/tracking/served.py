@@ -1,0 +1,107 @@
+"""The MLflow model: a pyfunc that `mlflow models serve`, `mlflow models predict` and
+`mlflow.pyfunc.load_model` run with the same input contract as `pipeline predict`.
+
+Logged from a code file (`mlflow_model.py`) with this package bundled (`code_paths`), never a
+pickled instance. Its artifacts are the weights-only `model.pt` (state dict + spec, the contract
+inside) and `contract.json`.
+
+Inputs (MLflow's `{"inputs": ...}` JSON, or Python objects):
+- image files, base64 strings (JSON) or bytes: decoded as at ingest (EXIF, transparency, bit
+  depth, resize policy);
+- arrays, N x C x H x W (N x H x W for one channel): uint8, or numbers on the 0..255 scale.
+0..1-scaled arrays, NaN/Inf and wrong shapes are refused with `pipeline predict`'s messages (HTTP
+400 when served). Output: one row per input, `prediction` (the class name), `probability`, and
+`p_<class>` for every class.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+
+import mlflow
+import numpy as np
+
+from pipeline.data.contract import float_batches
+
+SUBJECT = "the input"  # how messages name what was sent (pipeline predict names the file)
+BATCH = 256
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        import torch
+
+        from pipeline.training.models import ModelSpec, rebuild
+
+        saved = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        spec = ModelSpec.from_dict(saved["spec"])
+        self.model = rebuild(spec)
+        self.model.load_state_dict(saved["state_dict"])
+        self.model.eval()
+        self.contract = spec.input_contract()
+
+    def predict(self, context, model_input: np.ndarray, params=None):
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from pipeline.training.inference import probabilities
+
+        try:
+            probs = [probabilities(self.model, b) for b in pixels(model_input, self.contract)]
+        except ValueError as exc:  # the contract's refusals: HTTP 400, the message as it is
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        return pd.DataFrame(rows(np.concatenate(probs), self.contract.classes))
+
+
+def rows(probs: np.ndarray, classes) -> dict[str, list]:
+    """Columns of the output: prediction, probability, p_<class>... (N rows)."""
+    top = probs.argmax(1)
+    return {
+        "prediction": [classes[k] for k in top],
+        "probability": probs[np.arange(len(probs)), top].astype(float).tolist(),
+        **{f"p_{c}": probs[:, k].astype(float).tolist() for k, c in enumerate(classes)},
+    }
+
+
+def pixels(model_input, contract) -> Iterator[np.ndarray]:
+    """float32 N x C x H x W batches of what was sent: encoded files or an array of pixels.
+    Raises ValueError (or images.BadImage, one) naming the problem."""
+    values = model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input
+    if isinstance(values, bytes | str):
+        values = [values]
+    if isinstance(values, list) and values and all(isinstance(v, bytes | str) for v in values):
+        values = np.array(values, dtype=object)  # not "S": numpy would strip trailing NULs
+    values = np.asarray(values)
+    flat = values.reshape(-1) if values.dtype == object or values.dtype.kind in "SU" else None
+    if flat is not None and len(flat) and all(isinstance(v, bytes | str) for v in flat):
+        yield from _files(flat, contract)
+        return
+    if values.dtype == object or values.dtype.kind in "SU":
+        try:
+            values = values.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{SUBJECT} holds values that are neither numbers nor encoded image files "
+                "(give N x C x H x W pixels, or base64 strings of image files)"
+            ) from None
+    yield from float_batches(contract.check(values, SUBJECT), BATCH)
+
+
+def _files(encoded: np.ndarray, contract) -> Iterator[np.ndarray]:
+    from pipeline.data.images import BadImage
+
+    for start in range(0, len(encoded), BATCH):
+        batch = []
+        for i, item in enumerate(encoded[start : start + BATCH], start=start):
+            try:
+                raw = base64.b64decode(item, validate=True) if isinstance(item, str) else item
+                batch.append(contract.decode(raw))
+            except (binascii.Error, ValueError) as exc:
+                reason = "not base64" if isinstance(exc, binascii.Error) else str(exc)
+                raise ValueError(f"{SUBJECT}'s image {i}: {reason}") from None
+            except BadImage as exc:
+                raise ValueError(f"{SUBJECT}'s image {i}: {exc}") from None
+        yield np.stack(batch).astype(np.float32)
