@@ -58,6 +58,7 @@ repro: $(STAMP)
 # CPU set, a few minutes: writes bench/results.json and the engine table in BENCHMARKS.md.
 bench: $(STAMP)
 	python bench/overhead.py
+	python bench/serving.py > /dev/null
 	python bench/engine.py > /dev/null
 
 # Data at size (about 40 minutes on 2 cores; 3 GB of generated photos in bench/out): photo folders

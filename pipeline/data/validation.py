@@ -30,7 +30,7 @@ class ValidationReport:
     docs: str = ""
     stats: dict = field(default_factory=dict)  # split -> rows, class_ratio, pixel_mean, contrast
     notes: list[str] = field(default_factory=list)  # checks that could not run, and why
-    skipped: int = 0  # unreadable files left out when data/ was written (data.on_bad_image)
+    skipped: int = 0  # files left out when data/ was written (no images; data.on_bad_image)
 
     def describe(self) -> str:
         head = f"validation {'passed' if self.success else 'FAILED'}: "
@@ -278,8 +278,9 @@ def validate_dataset(
     notes, skipped = list(notes or []), len(declared.get("skipped", []))
     if skipped:
         notes.append(
-            f"{skipped} unreadable image files were left out when data/ was written "
-            "(data.on_bad_image=skip); data/meta.json `skipped` lists them with the reasons"
+            f"{skipped} files were left out when data/ was written (no images, or images that "
+            "cannot be read with data.on_bad_image=skip); data/meta.json `skipped` lists them "
+            "with the reasons"
         )
     return ValidationReport(not failed, evaluated, failed, str(docs), stats, notes, skipped)
 
