@@ -53,7 +53,12 @@ def materialize(
         previous = versioning.recorded_md5(repo_root) if has_pointer else None
         log(f"data: writing {dataset} to {data_dir}")
         versioning.mark_pending(repo_root, wanted)
-        write_source(dataset, data, data_dir, wanted)
+        try:
+            write_source(dataset, data, data_dir, wanted)
+        except DataError:  # refused before data/ was touched: nothing is left to finish
+            if not interrupted:
+                versioning.clear_pending(repo_root)
+            raise
         md5 = versioning.add_and_push(repo_root, data_dir)
         versioning.clear_pending(repo_root)
     if md5 != previous:

@@ -46,7 +46,8 @@ class InputContract:
     @classmethod
     def legacy_for(cls, shape, classes) -> InputContract:
         """What `pipeline predict` did for a model saved before contracts existed."""
-        return cls(tuple(shape), tuple(classes), "squash", None, None, False, 178_956_970)
+        shape, classes = tuple(shape), tuple(classes)
+        return cls(shape, classes, "squash", None, None, False, 178_956_970, legacy=True)
 
     @classmethod
     def from_dict(cls, raw: dict) -> InputContract:
@@ -119,9 +120,11 @@ class InputContract:
         if pixels.ndim == 3 and c == 1:
             pixels = pixels[:, None]
         if pixels.ndim != 4 or list(pixels.shape[1:]) != [c, h, w]:
+            one = list(pixels.shape) in ([c, h, w], [h, w])
             raise ValueError(
                 f"{what} holds images of shape {list(pixels.shape[1:])}; the model takes "
                 f"{[c, h, w]} (N x C x H x W, or N x H x W for one channel)"
+                + ("; this looks like one image: add the first axis (1 x ...)" if one else "")
             )
         _check_values(pixels, what)
         return pixels
@@ -130,7 +133,7 @@ class InputContract:
 def float_batches(pixels: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
     """A checked array as float32 batches of `size` images (the network's input dtype)."""
     for start in range(0, len(pixels), size):
-        yield np.asarray(pixels[start : start + size], dtype=np.float32)
+        yield np.array(pixels[start : start + size], dtype=np.float32)  # a copy torch may write
 
 
 def _check_values(pixels: np.ndarray, what: str) -> None:
@@ -141,7 +144,7 @@ def _check_values(pixels: np.ndarray, what: str) -> None:
     is_float = np.issubdtype(pixels.dtype, np.floating)
     if not (is_float or np.issubdtype(pixels.dtype, np.integer)):
         raise ValueError(f"{what} holds {pixels.dtype} values; give uint8 pixels (0..255)")
-    low, high, bad, first, fractional = np.inf, -np.inf, 0, None, False
+    low, high, bad, first, scaled = np.inf, -np.inf, 0, None, None
     for start in range(0, len(pixels), CHUNK):
         chunk = np.asarray(pixels[start : start + CHUNK])
         if is_float:
@@ -149,8 +152,9 @@ def _check_values(pixels: np.ndarray, what: str) -> None:
             if nonfinite.any() and first is None:
                 first = start + int(np.argmax(nonfinite.reshape(len(chunk), -1).any(axis=1)))
             bad += int(nonfinite.sum())
+            if scaled is None:
+                scaled = _first_scaled(np.where(nonfinite, 0, chunk), start)
             chunk = chunk[~nonfinite]
-            fractional = fractional or bool((chunk != np.round(chunk)).any())
         if chunk.size:
             low, high = min(low, chunk.min()), max(high, chunk.max())
     if bad:
@@ -162,11 +166,23 @@ def _check_values(pixels: np.ndarray, what: str) -> None:
             f"{what} has values {low:g}..{high:g}; the model takes pixels in 0..255 "
             "(uint8, or numbers on that scale)"
         )
-    if is_float and high <= 1 and fractional:
+    if scaled is not None:
+        i, lo, hi = scaled
         raise ValueError(
-            f"{what} looks scaled to 0..1 (values {low:g}..{high:g}); the model takes pixels in "
-            "0..255: multiply by 255 or save the array as uint8"
+            f"{what} looks scaled to 0..1 (image {i}: values {lo:g}..{hi:g}); the model takes "
+            "pixels in 0..255: multiply by 255 or save the array as uint8"
         )
+
+
+def _first_scaled(chunk: np.ndarray, start: int):
+    """(index, min, max) of the first image whose values are fractions within 0..1 (scaled by
+    1/255: one such image in a batch is refused too), or None."""
+    flat = chunk.reshape(len(chunk), -1)
+    scaled = (flat.max(axis=1) <= 1) & (flat != np.round(flat)).any(axis=1)
+    if not scaled.any():
+        return None
+    k = int(np.argmax(scaled))
+    return start + k, float(flat[k].min()), float(flat[k].max())
 
 
 def for_dataset(shape, classes, data, resize: str | None, depth: int) -> InputContract:

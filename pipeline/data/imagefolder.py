@@ -1,7 +1,8 @@
 """ImageFolder ingest: a folder of photos to data/ in bounded memory.
 
-Layouts: `root/<class>/*` (split at random, stratified by class, `data.test_fraction`), or the
-ImageNet layout `root/train/<class>/*` + `root/val/<class>/*` (the given split). Files are probed
+Layouts: `root/<class>/**` (split at random, stratified by class, `data.test_fraction`), or the
+ImageNet layout `root/train/<class>/**` + `root/val/<class>/**` (the given split); sub-folders of
+a class folder belong to the class. Files are probed
 (mode, size, high-bit range), then decoded in worker processes a batch at a time and appended to
 data/ in file order, so memory holds a few batches and any worker count writes the same bytes.
 Every file Pillow reads is an image, whatever its suffix. A file that is no image (a README,
@@ -47,6 +48,13 @@ def list_files(root: Path) -> Listing:
     if not root.is_dir():
         raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
     folders = _class_folders(root)
+    splits = set(folders) & {"train", "val", "valid", "validation", "test"}
+    if "train" in splits and splits != set(GIVEN_SPLITS):
+        raise DataError(
+            f"imagefolder: {root} holds {', '.join(f'{s}/' for s in sorted(splits))}; the given-"
+            "split layout is train/<class>/ + val/<class>/ (val/ becomes the test split): "
+            "rename or merge the others, or remove them from the folder"
+        )
     if set(folders) == set(GIVEN_SPLITS):
         classes = _class_folders(root / "train")
         unknown = sorted(set(_class_folders(root / "val")) - set(classes))
@@ -77,8 +85,16 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(p.name))
 
 
-def _visible_files(folder: Path) -> list[str]:
-    return sorted(str(f) for f in folder.iterdir() if f.is_file() and not hidden(f.name))
+def _visible_files(folder: Path, recursive: bool = False) -> list[str]:
+    """Files under `folder` (and its sub-folders, as torchvision's ImageFolder takes them),
+    hidden ones and hidden folders left out; sorted, so the order is the same everywhere."""
+    if not recursive:
+        return sorted(str(f) for f in folder.iterdir() if f.is_file() and not hidden(f.name))
+    found = []
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        found += [os.path.join(parent, n) for n in names if not hidden(n)]
+    return sorted(f for f in found if os.path.isfile(f))
 
 
 def _files(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
@@ -86,7 +102,7 @@ def _files(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
     labels = [-1] * len(files)
     for label, name in enumerate(classes):
         if (folder / name).is_dir():
-            found = _visible_files(folder / name)
+            found = _visible_files(folder / name, recursive=True)
             files += found
             labels += [label] * len(found)
     return files, np.array(labels, dtype=np.int64)

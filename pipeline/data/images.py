@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -34,8 +35,8 @@ class BadImage(Exception):
 
 
 class NotAnImage(BadImage):
-    """A file Pillow does not recognize, with no image suffix (a README, Thumbs.db): always
-    left out and listed, never a failure."""
+    """A file Pillow does not recognize whose suffix is not an image format's (README,
+    LICENSE, notes.pdf, Thumbs.db): always left out and listed, never a failure."""
 
 
 def hidden(name: str) -> bool:
@@ -45,10 +46,11 @@ def hidden(name: str) -> bool:
 
 @cache
 def image_suffixes() -> frozenset[str]:
-    """Every file suffix Pillow reads (.png, .jpg, .webp, .tif, .ppm, ...)."""
+    """Every file suffix of a format Pillow reads (.png, .jpg, .webp, .tif, .ppm, ...; not
+    .pdf, which it only writes)."""
     from PIL import Image
 
-    return frozenset(Image.registered_extensions())
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 @dataclass(frozen=True)
@@ -98,49 +100,43 @@ def load(source, max_pixels: int, exif: bool, target=None):
             turned = exif and _orientation(im) in ROTATED
             w, h = needed(im.size[::-1] if turned else im.size, want, policy)
             im.draft(mode, (h, w) if turned else (w, h))
-        try:
-            im.load()
-            return ImageOps.exif_transpose(im) if exif else im.copy()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadImage(str(exc) or type(exc).__name__) from None
+        im.load()
+        return ImageOps.exif_transpose(im) if exif else im.copy()
 
 
-class _opened:
+@contextmanager
+def _opened(source, max_pixels: int):
     """`Image.open` with the pixel limit checked from the header, before anything is decoded,
-    and Pillow's errors turned into BadImage / NotAnImage."""
+    and Pillow's errors (at open or while reading: a truncated file) turned into BadImage, or
+    NotAnImage for a file Pillow does not recognize whose suffix is no image format's."""
+    from PIL import Image, UnidentifiedImageError
 
-    def __init__(self, source, max_pixels: int):
-        self.source, self.max_pixels = source, max_pixels
-
-    def __enter__(self):
-        from PIL import Image, UnidentifiedImageError
-
-        source = io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit rules
-                self.image = Image.open(source)
-        except Image.DecompressionBombError as exc:
-            raise BadImage(f"too many pixels: {exc}") from None
-        except UnidentifiedImageError:
-            suffix = Path(self.source).suffix.lower() if isinstance(self.source, str | Path) else ""
-            if suffix and suffix not in image_suffixes():
-                raise NotAnImage("not an image file (Pillow does not read it)") from None
+    data = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit rules
+            image = Image.open(data)
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        suffix = "" if isinstance(source, bytes) else Path(source).suffix.lower()
+        if isinstance(source, bytes) or suffix in image_suffixes():
             raise BadImage("not a readable image (Pillow cannot identify its format)") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadImage(str(exc) or type(exc).__name__) from None
-        w, h = self.image.size
-        if w * h > self.max_pixels:
-            self.image.close()
+        raise NotAnImage("not an image file (Pillow does not read it)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(str(exc) or type(exc).__name__) from None
+    with image:
+        w, h = image.size
+        if w * h > max_pixels:
             raise BadImage(
-                f"{w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
-                f"{self.max_pixels / 1e6:.1f} (data.max_image_pixels): a decompression bomb, or "
-                "raise the limit if the image is genuine"
+                f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
+                "(data.max_image_pixels): a decompression bomb, or raise the limit if the image "
+                "is genuine"
             )
-        return self.image
-
-    def __exit__(self, *exc) -> None:
-        self.image.close()
+        try:
+            yield image
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt pixel data
+            raise BadImage(str(exc) or type(exc).__name__) from None
 
 
 def _orientation(im) -> int:

@@ -26,6 +26,7 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str, handoff: bool =
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
     ds = read_dataset(settings.data_dir, mmap=True)
     store.configure(settings, cfg.tracking.experiment)
+    store.active_run(mlflow.MlflowClient(), run_id)  # a run deleted in the UI: say so, once
     model, _ = weights.load_weights(run_id)
     preds = inference.predict(model, ds.test.images)
     scores = scoring.metrics(ds.test.labels, preds, ds.classes)

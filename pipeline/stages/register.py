@@ -76,7 +76,7 @@ def register_stage(
     with server.reachable(settings), versions.promotion_lock(settings, name):
         store.configure(settings, cfg.tracking.experiment)
         client = MlflowClient()
-        run = client.get_run(run_id)
+        run = store.active_run(client, run_id)
         metric = cfg.register_.metric
         if metric not in run.data.metrics:
             raise RuntimeError(f"run {run_id} has no {metric}; run `pipeline evaluate` first")

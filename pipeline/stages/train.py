@@ -1,5 +1,5 @@
 """train: fit on validated, tracked data inside an MLflow run (new, or reopened on resume); log
-the epochs, the weights and the pt2 model."""
+the epochs, the weights and the MLflow model that serves them."""
 
 from __future__ import annotations
 
@@ -220,11 +220,11 @@ def log_epoch(row: dict) -> None:
 
 
 def _run_exists(client, run_id: str) -> bool:
+    """False also for a run deleted in the UI: MLflow cannot reopen it; a new run continues."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_run(run_id)
-        return True
+        return client.get_run(run_id).info.lifecycle_stage != "deleted"
     except MlflowException:
         return False
 

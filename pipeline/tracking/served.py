@@ -68,25 +68,31 @@ def rows(probs: np.ndarray, classes) -> dict[str, list]:
 
 def pixels(model_input, contract) -> Iterator[np.ndarray]:
     """float32 N x C x H x W batches of what was sent: encoded files or an array of pixels.
-    Raises ValueError (or images.BadImage, one) naming the problem."""
+    Raises ValueError naming the problem."""
     values = model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input
     if isinstance(values, bytes | str):
         values = [values]
     if isinstance(values, list) and values and all(isinstance(v, bytes | str) for v in values):
         values = np.array(values, dtype=object)  # not "S": numpy would strip trailing NULs
     values = np.asarray(values)
+    if values.size == 0:
+        raise ValueError(f"{SUBJECT} holds no images (shape {list(values.shape)})")
     flat = values.reshape(-1) if values.dtype == object or values.dtype.kind in "SU" else None
-    if flat is not None and len(flat) and all(isinstance(v, bytes | str) for v in flat):
+    if flat is not None and all(isinstance(v, bytes | str) for v in flat):
         yield from _files(flat, contract)
         return
-    if values.dtype == object or values.dtype.kind in "SU":
+    if values.dtype == object:  # JSON numbers: numpy infers their type (bools stay bools)
         try:
-            values = values.astype(np.float64)
-        except (TypeError, ValueError):
+            values = np.array(values.tolist())
+        except ValueError:
             raise ValueError(
-                f"{SUBJECT} holds values that are neither numbers nor encoded image files "
-                "(give N x C x H x W pixels, or base64 strings of image files)"
+                f"{SUBJECT} is ragged: its images are not all of one shape N x C x H x W"
             ) from None
+    if values.dtype == object or values.dtype.kind in "SU":
+        raise ValueError(
+            f"{SUBJECT} holds values that are neither numbers nor encoded image files "
+            "(give N x C x H x W pixels, or base64 strings of image files)"
+        )
     yield from float_batches(contract.check(values, SUBJECT), BATCH)
 
 

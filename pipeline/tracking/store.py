@@ -60,6 +60,25 @@ def run_artifacts(run_id: str, what: str):
         ) from None
 
 
+def active_run(client, run_id: str):
+    """The run; LookupError saying how to restore it when it was deleted (MLflow's trash), or
+    when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if connection_failure(exc):
+            raise
+        raise LookupError(f"MLflow has no run {run_id}; train one with `pipeline train`") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise LookupError(
+            f"run {run_id} was deleted in MLflow (it is in the trash): restore it with "
+            f"`mlflow runs restore --run-id {run_id}`, or train a new one"
+        )
+    return run
+
+
 def run_or_none(client, run_id: str | None):
     """The run, or None when it was deleted from the store (`mlflow gc`)."""
     from mlflow.exceptions import MlflowException

@@ -39,3 +39,14 @@ def test_a_folder_is_read_a_batch_at_a_time(tmp_path, monkeypatch):
     assert [b.shape for b in batches] == [(4, 1, 8, 8), (4, 1, 8, 8), (2, 1, 8, 8)]
     assert found.names[:2] == ["00.png", "01.png"]
     assert [int(b[k].mean()) for b in batches for k in range(len(b))] == [i * 20 for i in range(10)]
+
+
+def test_one_image_scaled_to_0_1_in_a_batch_is_refused_by_its_index(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 1, 8, 8)).astype(np.float32)
+    pixels[17] /= 255  # one image normalized by mistake, the others on the 0..255 scale
+    np.save(tmp_path / "x.npy", pixels)
+    with pytest.raises(DataError, match=r"x\.npy looks scaled to 0\.\.1 \(image 17: values 0\.."):
+        open_inputs(tmp_path / "x.npy", _contract((1, 8, 8)))
+    np.save(tmp_path / "one.npy", pixels[0, 0])  # one H x W image without the batch axis
+    with pytest.raises(DataError, match="looks like one image: add the first axis"):
+        open_inputs(tmp_path / "one.npy", _contract((1, 8, 8)))

@@ -115,7 +115,7 @@ def test_a_decompression_bomb_is_a_bad_image_named_with_its_size_and_skippable(t
     assert [s["path"] for s in skipped] == ["b/bomb.png"]
     # Under Pillow's own limit, ours (data.max_image_pixels) names the size in pixels.
     _png_header_only(root / "b" / "bomb.png", 4000, 3000)
-    with pytest.raises(DataError, match=r"4000x3000 is 12\.0 megapixels, over the limit of 10\.0"):
+    with pytest.raises(DataError, match=r"4000x3000 is 12,000,000 pixels, over the limit of 10,0"):
         _ingest(root, tmp_path / "data", image_size=16, max_image_pixels=10_000_000)
 
 
@@ -140,23 +140,52 @@ def test_every_file_pillow_reads_is_ingested_and_other_files_are_listed(tmp_path
         Image.new("RGB", (24, 48), (10, 200, 30)).save(root / "a" / "photo.jfif", "JPEG")
         Image.new("RGB", (24, 48), (10, 200, 30)).save(root / "b" / "frame.ppm")
         (root / "a" / "README.md").write_text("# my photos\n")
+        (root / "a" / "LICENSE").write_text("MIT\n")  # no suffix, no image
         (root / "b" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + b"\0" * 60)
+        (root / "b" / "notes.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")  # Pillow writes PDF only
         (root / "notes.txt").write_text("beside the class folders\n")
 
     ds = _ingest(_folder(tmp_path / "imgs", extra=odd), tmp_path / "data")  # on_bad_image: fail
     assert len(_images(ds)) == 9
     skipped = {s["path"]: s["reason"] for s in read_meta(tmp_path / "data")["skipped"]}
+    no_image = "not an image file (Pillow does not read it)"
     assert skipped == {
-        "a/README.md": "not an image file (Pillow does not read it)",
-        "b/Thumbs.db": "not an image file (Pillow does not read it)",
+        "a/LICENSE": no_image,
+        "a/README.md": no_image,
+        "b/Thumbs.db": no_image,
+        "b/notes.pdf": no_image,
         "notes.txt": "not inside a class folder",
     }
 
 
-def test_a_corrupt_file_with_an_image_suffix_is_still_a_bad_image(tmp_path):
-    root = _folder(tmp_path / "imgs", extra=lambda r: (r / "a" / "x.png").write_bytes(b"junk"))
-    with pytest.raises(DataError, match=r"x\.png: not a readable image"):
+def test_corrupt_and_truncated_images_are_bad_images_named_and_skippable(tmp_path):
+    def broken(root):
+        (root / "a" / "x.png").write_bytes(b"junk")
+        whole = (root / "b" / "0.png").read_bytes()
+        (root / "b" / "cut.png").write_bytes(whole[: len(whole) // 2])  # truncated pixel data
+
+    root = _folder(tmp_path / "imgs", extra=broken)
+    with pytest.raises(DataError, match=r"x\.png: not a readable image.*\(and 1 more\)"):
         _ingest(root, tmp_path / "data")
+    _ingest(root, tmp_path / "data", on_bad_image="skip")
+    skipped = {s["path"]: s["reason"] for s in read_meta(tmp_path / "data")["skipped"]}
+    assert set(skipped) == {"a/x.png", "b/cut.png"} and "truncated" in skipped["b/cut.png"]
+    contract = InputContract.from_dict(read_meta(tmp_path / "data")["contract"])
+    with pytest.raises(DataError, match=r"cannot read image .*cut\.png: .*truncated"):
+        open_inputs(root / "b", contract)
+
+
+def test_sub_folders_of_a_class_belong_to_it_and_odd_split_folders_are_named(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    for year in ("2019", "2020"):
+        (root / "b" / year).mkdir()
+        Image.new("RGB", (24, 48), (1, 2, 3)).save(root / "b" / year / "old.png")
+    ds = _ingest(root, tmp_path / "data")
+    assert np.bincount(np.concatenate([ds.train.labels, ds.test.labels])).tolist() == [3, 5]
+    for split in ("train", "val", "test"):
+        _folder(tmp_path / "splits" / split)
+    with pytest.raises(DataError, match=r"holds test/, train/, val/; the given-split layout is"):
+        _ingest(tmp_path / "splits", tmp_path / "data2")
 
 
 def test_predict_reads_a_folder_the_way_ingest_does(tmp_path):

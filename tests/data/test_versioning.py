@@ -187,7 +187,23 @@ def test_a_changed_source_folder_is_a_new_version_that_says_what_changed(project
     )
     (source / "b" / "3.png").write_bytes((source / "a" / "3.png").read_bytes())  # replaced
     (source / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: no part of the content
-    assert pull() != second and "(source: 'b': files replaced or changed); rewriting" in said[-3]
+    third = pull()
+    assert third != second and "(source: 'b': files replaced or changed); rewriting" in said[-3]
+    _photos(source / "a", ["2021"], 2)  # a sub-folder of a class belongs to it
+    (source / "README.md").write_text("where these came from\n")  # beside the class folders
+    assert pull() != third
+    assert "(source: +3 files, top level: 0 -> 1 files, new folder 'a/2021' (2 files))" in said[-3]
+    assert read_meta(project / "data")["skipped"] == [
+        {"path": "README.md", "reason": "not inside a class folder"}
+    ]
+
+    (source / "a" / "0.png").write_bytes(b"")  # a pull refused on a bad image writes nothing
+    with pytest.raises(DataError, match="cannot read image"):
+        pull()
+    (source / "a" / "0.png").unlink()
+    said.clear()
+    pull()
+    assert not any("interrupted" in line for line in said)
     rewritten = run(
         ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(source)]
         + ["--set", "data.image_size=8", "--rewrite"],

@@ -149,7 +149,7 @@ def test_deleted_runs_and_a_corrupt_store_are_named_with_the_fix(from_template, 
     )
 
 
-def test_a_deleted_experiment_and_a_duplicated_param_are_one_line_each(from_template):
+def test_a_deleted_experiment_or_run_and_a_duplicated_param_are_one_line_each(from_template):
     project = from_template("registered")  # its own: this test deletes its experiment
     tracking = f"sqlite:///{project}/.mlflow/mlflow.db"
     (experiment,) = MlflowClient(tracking).search_experiments(filter_string=f"name = '{NAME}'")
@@ -162,6 +162,12 @@ def test_a_deleted_experiment_and_a_duplicated_param_are_one_line_each(from_temp
     assert restore in stderr and "--set tracking.experiment=NAME" in stderr
     run(restore.split(), project)  # the fix, as printed
     assert "validation passed" in run(["pipeline", "validate"], project).stdout
+    run_id = trained_run(project)  # a run deleted in the UI: evaluating it says so, once
+    run(["mlflow", "runs", "delete", "--run-id", run_id], project)
+    stderr = _fails(["pipeline", "evaluate", "--run-id", run_id], project)
+    assert f"run {run_id} was deleted in MLflow" in stderr and len(stderr.splitlines()) == 1
+    run(["mlflow", "runs", "restore", "--run-id", run_id], project)
+    run(["pipeline", "evaluate", "--run-id", run_id], project)
 
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("  epochs: 12\n", "  epochs: 12\n  epochs: 3\n"))
