@@ -244,8 +244,36 @@ def run_stages(name: str, pull: list[str], images: int, sets: list[str]) -> dict
     return {"images": images, "splits": meta["splits"], "stages": rows}
 
 
+def fingerprint_cost(folder: Path, n: int) -> dict:
+    """The source fingerprint (list + md5 of every file, what decides whether a pull is a new
+    version) against the ingest alone, in one run; the page cache dropped by neither (both read
+    the same files, so the second reads from memory: the fingerprint goes first)."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from pipeline.data.fingerprint import fingerprint\n"
+        "from pipeline.data.imagefolder import list_files\n"
+        "start = time.perf_counter()\n"
+        "root = Path(sys.argv[1]).resolve()\n"
+        "fingerprint(root, list_files(root).files)\n"
+        "print(time.perf_counter() - start)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    seconds = float(out.stdout.split()[-1])
+    ingest = ingest_only(folder, n)
+    return {
+        "images": n,
+        "fingerprint_s": round(seconds, 2),
+        "fingerprint_img_per_s": round(n / seconds),
+        "ingest_img_per_s": ingest["img_per_s"],
+        "fingerprint_over_ingest_time": round(ingest["img_per_s"] / (n / seconds), 3),
+    }
+
+
 def measure_baseline(results: dict, largest: int) -> dict:
-    """The plain Pillow loop, and the ingest alone, against `data pull` of the largest folder."""
+    """The plain Pillow loop, and the ingest alone, against `data pull` of the largest folder;
+    and what the source fingerprint costs there."""
     baseline = pillow_baseline(subset(largest))
     pull = results["datasets"][f"photos {largest:,}"]["stages"]["data pull"]["img_per_s"]
     ingest = ingest_only(subset(largest), largest)
@@ -254,6 +282,7 @@ def measure_baseline(results: dict, largest: int) -> dict:
         "pull_ratio": pull / baseline,
         "ingest": ingest,
         "ingest_ratio": ingest["img_per_s"] / baseline,
+        "fingerprint": fingerprint_cost(subset(largest), largest),
     }
 
 
@@ -289,7 +318,16 @@ def main() -> None:
     parser.add_argument(
         "--no-photos", action="store_true", help="keep the photo rows of bench/out/scale.json"
     )
+    parser.add_argument(
+        "--fingerprint",
+        type=int,
+        metavar="N",
+        help="only the source fingerprint's cost at N photos",
+    )
     args = parser.parse_args()
+    if args.fingerprint:
+        print(json.dumps(fingerprint_cost(subset(args.fingerprint), args.fingerprint), indent=2))
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     results = {"datasets": {}, "cpus": os.cpu_count()}
     photo_sets = ["--set=base.dataset=imagefolder", "--set=data.image_size=64"]
