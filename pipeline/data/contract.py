@@ -47,7 +47,8 @@ class InputContract:
     def legacy_for(cls, shape, classes) -> InputContract:
         """What `pipeline predict` did for a model saved before contracts existed."""
         shape, classes = tuple(shape), tuple(classes)
-        return cls(shape, classes, "squash", None, None, False, 178_956_970, legacy=True)
+        limit = images.PILLOW_HARD_LIMIT  # Pillow's own: all there was then
+        return cls(shape, classes, "squash", None, None, False, limit, legacy=True)
 
     @classmethod
     def from_dict(cls, raw: dict) -> InputContract:

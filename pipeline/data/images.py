@@ -23,7 +23,6 @@ import numpy as np
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 GRAY_MODES = ("L", "1", "LA", "La", *HIGH_BIT_MODES)
 BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
-RESIZE_POLICIES = ("crop", "squash", "pad")
 ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # Pillow refuses images over twice its own limit before we could look at them.
 PILLOW_HARD_LIMIT = 2 * 89_478_485

@@ -2,8 +2,8 @@
 `mlflow.pyfunc.load_model` run with the same input contract as `pipeline predict`.
 
 Logged from a code file (`mlflow_model.py`) with this package bundled (`code_paths`), never a
-pickled instance. Its artifacts are the weights-only `model.pt` (state dict + spec, the contract
-inside) and `contract.json`.
+pickled instance. Its artifacts: the weights-only `model.pt` (state dict + spec, the contract
+inside), which it loads, and `contract.json`, the same contract for people and tools.
 
 Inputs (MLflow's `{"inputs": ...}` JSON, or Python objects):
 - image files, base64 strings (JSON) or bytes: decoded as at ingest (EXIF, transparency, bit

@@ -4,6 +4,7 @@ serves them (`served.py`)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,9 +33,9 @@ def _save(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
 
 def log_model(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> str:
     """To the active run: the weights, `contract.json`, and the MLflow model (a pyfunc from
-    `mlflow_model.py`, this package bundled, the weights as its artifact). `example`: a few
-    images of the test split, uint8 N x C x H x W, sent as image files in the input example.
-    Returns the model's URI."""
+    `mlflow_model.py`, this package bundled, the weights and the contract as its artifacts).
+    `example`: a few test images, uint8 N x C x H x W, sent as image files in the input
+    example. Returns the model's URI."""
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -56,8 +57,10 @@ def log_model(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> s
             ]
         ),
     )
-    mlflow.log_dict(contract.to_dict(), CONTRACT)
     with tempfile.TemporaryDirectory() as tmp:
+        described = Path(tmp) / CONTRACT
+        described.write_text(json.dumps(contract.to_dict(), indent=2) + "\n")
+        mlflow.log_artifact(str(described))
         weights = _save(model, spec, Path(tmp) / Path(WEIGHTS).name)
         mlflow.log_artifact(str(weights), artifact_path=str(Path(WEIGHTS).parent))
         code = Path(tmp) / "pipeline"
@@ -67,7 +70,7 @@ def log_model(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> s
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(CODE_FILE),
-            artifacts={"weights": str(weights)},
+            artifacts={"weights": str(weights), "contract": str(described)},
             code_paths=[str(code)],
             signature=signature,
             input_example=np.array([_png_base64(image) for image in example], dtype=object),
