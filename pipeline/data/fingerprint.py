@@ -31,18 +31,22 @@ def describe_change(old: dict | None, new: dict | None) -> str:
     """'+40 files, new folder c (20 files), b: 10 -> 8 files, a: files replaced'."""
     old, new = old or {}, new or {}
     added = sum(v["files"] for v in new.values()) - sum(v["files"] for v in old.values())
-    parts = [f"{added:+d} files"] if added else []
+    parts = [f"{added:+d} {_files(added)}"] if added else []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key), new.get(key)
         if key == ".":  # files beside the folders: counted, never "a new folder"
             before, after = before or {"files": 0, "md5": ""}, after or {"files": 0, "md5": ""}
         folder = "top level" if key == "." else repr(key)
         if before is None:
-            parts.append(f"new folder {folder} ({after['files']} files)")
+            parts.append(f"new folder {folder} ({after['files']} {_files(after['files'])})")
         elif after is None:
-            parts.append(f"folder {folder} gone ({before['files']} files)")
+            parts.append(f"folder {folder} gone ({before['files']} {_files(before['files'])})")
         elif before["files"] != after["files"]:
             parts.append(f"{folder}: {before['files']} -> {after['files']} files")
         elif before["md5"] != after["md5"]:
             parts.append(f"{folder}: files replaced or changed")
     return ", ".join(parts) or "source content changed"
+
+
+def _files(n: int) -> str:
+    return "file" if abs(n) == 1 else "files"

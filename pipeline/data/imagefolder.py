@@ -32,6 +32,7 @@ from pipeline.errors import DataError
 
 BATCH = 64  # files per worker task: large enough to amortize the hand-off, small in memory
 GIVEN_SPLITS = {"train": "train", "val": "test"}  # ImageNet layout folder -> our split
+SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "testing"}  # in any case
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,11 @@ def list_files(root: Path) -> Listing:
     if not root.is_dir():
         raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
     folders = _class_folders(root)
-    splits = set(folders) & {"train", "val", "valid", "validation", "test"}
-    if "train" in splits and splits != set(GIVEN_SPLITS):
+    if folders != list(GIVEN_SPLITS) and any(f.lower() in SPLIT_NAMES for f in folders):
         raise DataError(
-            f"imagefolder: {root} holds {', '.join(f'{s}/' for s in sorted(splits))}; the given-"
-            "split layout is train/<class>/ + val/<class>/ (val/ becomes the test split): "
-            "rename or merge the others, or remove them from the folder"
+            f"imagefolder: {root} holds {', '.join(f'{f}/' for f in folders)}; with split "
+            "folders it must hold exactly train/<class>/ and val/<class>/ (val/ becomes the test "
+            "split): rename, merge or move the others"
         )
     if set(folders) == set(GIVEN_SPLITS):
         classes = _class_folders(root / "train")
@@ -125,6 +125,7 @@ def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[s
                 raise DataError(f"imagefolder: no readable images under {root} ({_some(skipped)})")
             good = probes.subset(keep)
             labels = listing.labels[keep]
+            _every_class_has_images(root, listing.classes, labels)
             if listing.is_test is not None:
                 is_test = listing.is_test[keep]
             else:
@@ -146,6 +147,15 @@ def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[s
             if not failed:
                 return skipped
             skipped |= _bad(root, list(failed), failed, data.on_bad_image)
+
+
+def _every_class_has_images(root: Path, classes: list[str], labels: np.ndarray) -> None:
+    empty = [c for k, c in enumerate(classes) if not (labels == k).any()]
+    if empty:
+        raise DataError(
+            f"imagefolder: class folder(s) {empty} under {root} hold no readable images (what "
+            "they hold is not an image, or was skipped); add images or remove the folder"
+        )
 
 
 def _some(skipped: dict[str, str]) -> str:

@@ -27,9 +27,9 @@ def configure(settings: Settings, experiment: str) -> str:
     if found is not None and found.lifecycle_stage == "deleted":
         raise PermanentError(
             f"the MLflow experiment {experiment!r} was deleted (id {found.experiment_id}, in "
-            f"MLflow's trash): restore it with `mlflow experiments restore --experiment-id "
-            f"{found.experiment_id}` or from the MLflow UI, or choose another name "
-            "(--set tracking.experiment=NAME)"
+            f"MLflow's trash): restore it with `MLFLOW_TRACKING_URI={settings.tracking_uri} "
+            f"mlflow experiments restore --experiment-id {found.experiment_id}` or from the "
+            "MLflow UI, or choose another name (--set tracking.experiment=NAME)"
         )
     if found is not None:
         exp_id = found.experiment_id
@@ -72,9 +72,12 @@ def active_run(client, run_id: str):
             raise
         raise LookupError(f"MLflow has no run {run_id}; train one with `pipeline train`") from None
     if run.info.lifecycle_stage == "deleted":
+        import mlflow
+
         raise LookupError(
             f"run {run_id} was deleted in MLflow (it is in the trash): restore it with "
-            f"`mlflow runs restore --run-id {run_id}`, or train a new one"
+            f"`MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()} mlflow runs restore --run-id "
+            f"{run_id}`, or train a new one"
         )
     return run
 

@@ -182,10 +182,21 @@ def test_sub_folders_of_a_class_belong_to_it_and_odd_split_folders_are_named(tmp
         Image.new("RGB", (24, 48), (1, 2, 3)).save(root / "b" / year / "old.png")
     ds = _ingest(root, tmp_path / "data")
     assert np.bincount(np.concatenate([ds.train.labels, ds.test.labels])).tolist() == [3, 5]
-    for split in ("train", "val", "test"):
-        _folder(tmp_path / "splits" / split)
-    with pytest.raises(DataError, match=r"holds test/, train/, val/; the given-split layout is"):
-        _ingest(tmp_path / "splits", tmp_path / "data2")
+    for layout in (("train", "val", "test"), ("train", "val", "misc"), ("Train", "Test")):
+        for folder in layout:
+            _folder(tmp_path / "-".join(layout) / folder)
+        listed = ", ".join(f"{f}/" for f in sorted(layout))
+        with pytest.raises(DataError, match=f"holds {listed}; with split folders it must hold"):
+            _ingest(tmp_path / "-".join(layout), tmp_path / "data2")
+
+
+def test_a_class_folder_without_images_is_refused_at_the_pull(tmp_path):
+    def documents(root):
+        (root / "c").mkdir()
+        (root / "c" / "notes.txt").write_text("no photos here\n")
+
+    with pytest.raises(DataError, match=r"class folder\(s\) \['c'\] .* hold no readable images"):
+        _ingest(_folder(tmp_path / "imgs", extra=documents), tmp_path / "data")
 
 
 def test_predict_reads_a_folder_the_way_ingest_does(tmp_path):

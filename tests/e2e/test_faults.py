@@ -2,6 +2,7 @@
 the fix, never a traceback or a wrong answer, and leave nothing half-written behind."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -158,15 +159,16 @@ def test_a_deleted_experiment_or_run_and_a_duplicated_param_are_one_line_each(fr
         stderr = _fails(["pipeline", *stage], project)
         assert len(stderr.strip().splitlines()) == 1, stderr
         assert f"the MLflow experiment '{NAME}' was deleted" in stderr
-    restore = f"mlflow experiments restore --experiment-id {experiment.experiment_id}"
-    assert restore in stderr and "--set tracking.experiment=NAME" in stderr
-    run(restore.split(), project)  # the fix, as printed
+    assert "--set tracking.experiment=NAME" in stderr
+    _printed_fix(
+        stderr, project, f"mlflow experiments restore --experiment-id {experiment.experiment_id}"
+    )
     assert "validation passed" in run(["pipeline", "validate"], project).stdout
     run_id = trained_run(project)  # a run deleted in the UI: evaluating it says so, once
     run(["mlflow", "runs", "delete", "--run-id", run_id], project)
     stderr = _fails(["pipeline", "evaluate", "--run-id", run_id], project)
     assert f"run {run_id} was deleted in MLflow" in stderr and len(stderr.splitlines()) == 1
-    run(["mlflow", "runs", "restore", "--run-id", run_id], project)
+    _printed_fix(stderr, project, f"mlflow runs restore --run-id {run_id}")
     run(["pipeline", "evaluate", "--run-id", run_id], project)
 
     params = project / "params.yaml"
@@ -174,3 +176,10 @@ def test_a_deleted_experiment_or_run_and_a_duplicated_param_are_one_line_each(fr
     stderr = _fails(["pipeline", "validate"], project, rc=2)
     assert stderr.startswith("config error: ") and "key 'epochs' is written twice" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def _printed_fix(stderr: str, project, command: str) -> None:
+    """Run the command the error printed, in a shell whose MLflow points elsewhere: it must
+    name the pipeline's store itself."""
+    (printed,) = re.findall(r"`(MLFLOW_TRACKING_URI=\S+ " + re.escape(command) + ")`", stderr)
+    run(["bash", "-c", printed], project, env={"MLFLOW_TRACKING_URI": "file:///nonexistent"})
