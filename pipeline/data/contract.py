@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.data import images
 from pipeline.data.images import BadImage
+from pipeline.data.store import chunks
 
 VERSION = 1
 CHUNK = 1024  # images per chunk when checking an array: bounded memory for any N
@@ -133,8 +134,8 @@ class InputContract:
 
 def float_batches(pixels: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
     """A checked array as float32 batches of `size` images (the network's input dtype)."""
-    for start in range(0, len(pixels), size):
-        yield np.array(pixels[start : start + size], dtype=np.float32)  # a copy torch may write
+    for _, chunk in chunks(pixels, size):  # a memory map stays on disk: one chunk resident
+        yield chunk.astype(np.float32)
 
 
 def _check_values(pixels: np.ndarray, what: str) -> None:
@@ -146,8 +147,7 @@ def _check_values(pixels: np.ndarray, what: str) -> None:
     if not (is_float or np.issubdtype(pixels.dtype, np.integer)):
         raise ValueError(f"{what} holds {pixels.dtype} values; give uint8 pixels (0..255)")
     low, high, bad, first, scaled = np.inf, -np.inf, 0, None, None
-    for start in range(0, len(pixels), CHUNK):
-        chunk = np.asarray(pixels[start : start + CHUNK])
+    for start, chunk in chunks(pixels, CHUNK):
         if is_float:
             nonfinite = ~np.isfinite(chunk)
             if nonfinite.any() and first is None:
