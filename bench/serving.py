@@ -12,8 +12,6 @@ the pyfunc also on the same images as base64 PNG files, at batch 1 and batch 256
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 import statistics
@@ -37,21 +35,12 @@ def _per_image_us(fn, batches: list, repeats: int) -> float:
     return statistics.median(times) / sum(len(b) for b in batches) * 1e6
 
 
-def _png(image: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    pic = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-    pic.save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def main(repeats: int, images: int) -> dict:
     import mlflow
     import torch
     from mlflow import MlflowClient
 
-    from pipeline.tracking.weights import load_weights
+    from pipeline.tracking.weights import load_weights, png_base64
 
     mlflow.set_tracking_uri(
         os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT}/.mlflow/mlflow.db")
@@ -60,7 +49,7 @@ def main(repeats: int, images: int) -> dict:
     net, spec = load_weights(version.run_id)
     served = mlflow.pyfunc.load_model(f"models:/image-classifier/{version.version}")
     pixels = np.load(ROOT / "data" / "test_images.npy")[:images]
-    files = np.array([_png(image) for image in pixels], dtype=object)
+    files = np.array([png_base64(image) for image in pixels], dtype=object)
 
     @torch.no_grad()
     def bare(batch: np.ndarray):

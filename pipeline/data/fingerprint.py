@@ -2,8 +2,8 @@
 
 Content hashes, not sizes and modification times: a copy, a `git clone` or an rsync changes every
 mtime without changing a pixel, and a new data version for the same photos would be a lie. The
-cost is one read of the source (md5 at disk speed, measured in BENCHMARKS.md) per pull, small
-beside decoding it. Kept per folder (a class), so a change can be said in a user's terms.
+cost is one read of the source per pull, a fraction of decoding it (BENCHMARKS.md, "Data at
+size"). Kept per folder (a class), so a change can be said in a user's terms.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def load(source, max_pixels: int, exif: bool, target=None):
         if target is not None and im.format == "JPEG":
             mode, want, policy = target
             turned = exif and _orientation(im) in ROTATED
-            w, h = needed(im.size[::-1] if turned else im.size, want, policy)
+            w, h = _needed(im.size[::-1] if turned else im.size, want, policy)
             im.draft(mode, (h, w) if turned else (w, h))
         im.load()
         return ImageOps.exif_transpose(im) if exif else im.copy()
@@ -142,7 +142,7 @@ def _orientation(im) -> int:
     return int(im.getexif().get(0x0112, 1))  # the EXIF Orientation tag
 
 
-def needed(have: tuple[int, int], want: tuple[int, int], policy: str) -> tuple[int, int]:
+def _needed(have: tuple[int, int], want: tuple[int, int], policy: str) -> tuple[int, int]:
     """The smallest decoded size the policy can still resize down from without upscaling."""
     (w, h), (tw, th) = have, want
     if policy == "squash":

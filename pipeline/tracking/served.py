@@ -31,15 +31,9 @@ BATCH = 256
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import torch
+        from pipeline.tracking.weights import read_weights
 
-        from pipeline.training.models import ModelSpec, rebuild
-
-        saved = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        spec = ModelSpec.from_dict(saved["spec"])
-        self.model = rebuild(spec)
-        self.model.load_state_dict(saved["state_dict"])
-        self.model.eval()
+        self.model, spec = read_weights(context.artifacts["weights"])
         self.contract = spec.input_contract()
 
     def predict(self, context, model_input: np.ndarray, params=None):

@@ -73,13 +73,13 @@ def log_model(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> s
             artifacts={"weights": str(weights), "contract": str(described)},
             code_paths=[str(code)],
             signature=signature,
-            input_example=np.array([_png_base64(image) for image in example], dtype=object),
+            input_example=np.array([png_base64(image) for image in example], dtype=object),
             pip_requirements=_requirements(),
         )
     return info.model_uri
 
 
-def _png_base64(image: np.ndarray) -> str:
+def png_base64(image: np.ndarray) -> str:
     """uint8 C x H x W as a base64 PNG file, what a client sends."""
     import base64
     import io
@@ -105,15 +105,22 @@ def load_weights(run_id: str) -> tuple[torch.nn.Module, ModelSpec]:
     """The run's network (eval mode) and its spec. Raises LookupError when the run or its
     artifacts were deleted."""
     import mlflow
-    import torch
-
-    from pipeline.training.models import ModelSpec, rebuild
 
     with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
         path = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp
         )
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return read_weights(path)
+
+
+def read_weights(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
+    """A weights file (state dict + spec) as the network in eval mode and its spec; loaded with
+    `weights_only=True`, so a crafted file cannot run code."""
+    import torch
+
+    from pipeline.training.models import ModelSpec, rebuild
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     spec = ModelSpec.from_dict(saved["spec"])
     model = rebuild(spec)
     model.load_state_dict(saved["state_dict"])

@@ -27,12 +27,12 @@ def _images(ds) -> np.ndarray:
     return np.concatenate([ds.train.images, ds.test.images])
 
 
-def _halves(size=(48, 24), dark_left=True) -> np.ndarray:
-    """w x h RGB: the left half dark (30), the right half bright (220), or the other way."""
+def _halves(size=(48, 24)) -> np.ndarray:
+    """w x h RGB: the left half dark (30), the right half bright (220)."""
     w, h = size
     pixels = np.full((h, w, 3), 220, np.uint8)
     pixels[:, : w // 2] = 30
-    return pixels if dark_left else pixels[:, ::-1].copy()
+    return pixels
 
 
 def _folder(root, n=3, size=(24, 48), extra=None):
