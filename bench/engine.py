@@ -38,7 +38,8 @@ from pipeline.data.store import Split  # noqa: E402
 from pipeline.training.batches import Rows, pixel_stats  # noqa: E402
 from pipeline.training.engine import fit, pick_device  # noqa: E402
 from pipeline.training.models import ModelSpec, rebuild  # noqa: E402
-from pipeline.training.optim import build_optimizer, lr_factor  # noqa: E402
+from pipeline.training.optim import build_optimizer  # noqa: E402
+from pipeline.training.schedules import lr_factor  # noqa: E402
 
 
 def mnist_shaped(n: int = 60_000, shape=(1, 28, 28), seed: int = 0) -> Split:
@@ -205,11 +206,12 @@ def tracking_overhead(cfg, split: Split, rounds: int) -> dict:
 
 
 def time_to_accuracy_digits(seeds: range) -> dict:
-    from pipeline.data.sources import digits
+    from pipeline.config import DataConfig
+    from pipeline.data.sources import load_source
     from pipeline.training.inference import predict
     from pipeline.training.scoring import metrics
 
-    ds = digits()
+    ds = load_source("digits", DataConfig())
     rows = []
     for seed in seeds:
         cfg = config("fast-cnn-digits", **{"base.seed": seed})
@@ -323,7 +325,8 @@ def accuracy_targets(smoke: bool) -> dict:
     """MNIST to 99 % (cnn-mnist) and CIFAR-10 to 94 % (resnet18-cifar10) on real files, if any."""
     import os
 
-    from pipeline.data.sources import cifar10, mnist_like
+    from pipeline.data.sources.cifar10 import cifar10
+    from pipeline.data.sources.idx import mnist_like
     from pipeline.training.inference import predict
     from pipeline.training.scoring import metrics
 

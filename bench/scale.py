@@ -252,7 +252,7 @@ def fingerprint_cost(folder: Path, n: int) -> dict:
         "import sys, time\n"
         "from pathlib import Path\n"
         "from pipeline.data.fingerprint import fingerprint\n"
-        "from pipeline.data.imagefolder import list_files\n"
+        "from pipeline.data.sources.imagefolder import list_files\n"
         "start = time.perf_counter()\n"
         "root = Path(sys.argv[1]).resolve()\n"
         "fingerprint(root, list_files(root).files)\n"

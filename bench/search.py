@@ -59,11 +59,12 @@ WORKER = """
 import json, sys
 from pipeline.config import load_config
 from pipeline.settings import Settings
-from pipeline.stages import search
+from pipeline.context import RunContext
+from pipeline.stages.sweep import search
 settings = Settings.from_env()
 cfg = load_config(settings.params, json.loads(sys.argv[1]))
 validation = json.loads((settings.outputs / "validation.json").read_text())
-search.worker(cfg, settings, validation, sys.argv[2], int(sys.argv[3]), None)
+search.worker(cfg, settings, validation, sys.argv[2], int(sys.argv[3]), RunContext())
 """
 
 
@@ -145,14 +146,15 @@ def workers(project: Path, settings, config) -> dict:
     seconds the workers used (more than the wall time: torch, MLflow and SQLite use threads)."""
     import resource
 
-    from pipeline.stages import search
+    from pipeline.context import RunContext
+    from pipeline.stages.sweep import search
 
     fixed = {"sweep.strategy": "optuna", "sweep.epochs": 4, "sweep.optuna.trials": 6,
              "sweep.optuna.pruner": "none"}  # fmt: skip
     out = {}
     for n in (1, 2):
         overrides = {**fixed, "sweep.optuna.study": f"workers-{n}"}
-        parent = search.start(config(overrides), settings, None, new=True)
+        parent = search.start(config(overrides), settings, RunContext(), new=True)["parent"]
         env = {**_env(project), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()

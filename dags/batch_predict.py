@@ -15,12 +15,6 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 
-def _client():
-    from pipeline.tracking import store
-
-    return store.client(ds.settings())
-
-
 @dag(
     dag_id="batch_predict",
     description="Score a folder of images with the champion (or a chosen version)",
@@ -52,11 +46,10 @@ def batch_predict():
     @task
     def resolve_model() -> dict:
         """The exact version to use for the whole run."""
-        from pipeline.registry import versions
+        from pipeline.stages.predict import pin_stage
 
         with ds.permanent_errors():
-            version = versions.resolve(_client(), get_current_context()["params"]["model"])
-        return {"name": version.name, "version": int(version.version), "run_id": version.run_id}
+            return pin_stage(ds.settings(), get_current_context()["params"]["model"])
 
     @task
     def score(pinned: dict) -> dict:
@@ -67,7 +60,10 @@ def batch_predict():
         output = Path(params["output"].replace("{run_id}", ctx["run_id"].replace(":", "_")))
         with ds.permanent_errors():  # unreadable input will not fix itself
             return predict_stage(
-                _client(), f"{pinned['name']}/{pinned['version']}", Path(params["input"]), output
+                ds.settings(),
+                f"{pinned['name']}/{pinned['version']}",
+                Path(params["input"]),
+                output,
             )
 
     score(resolve_model())

@@ -1,21 +1,26 @@
 """What the four DAGs share: where the project is, the data Asset, pools, default_args with the
-failure alert, the params.yaml values the trigger forms start from, and the task helpers.
+failure alert, the params.yaml values the trigger forms start from, and the task decorator.
 
 Airflow puts the DAG folder on sys.path, so the DAG files `import dag_support`; .airflowignore
-keeps it from being parsed as a DAG. Like the DAG files it imports no pipeline code at the top:
-parsing stays fast and free of torch, MLflow and GX.
+keeps it from being parsed as a DAG. Like the DAG files it imports at the top only
+`pipeline.choices` (names, no dependencies): parsing stays fast and free of torch, MLflow and GX.
+The DAGs call only `pipeline.stages` and the base modules (config, settings, errors, alerts).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import yaml
-from airflow.sdk import Asset, Param, get_current_context
+from airflow.sdk import Asset, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
+
+from pipeline import choices
 
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 # Updated by publish_dataset when it records a new data version; the training DAG runs on it.
@@ -100,14 +105,39 @@ def permanent_errors():
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
-def airflow_ids() -> dict:
-    """Where a run came from, for lineage: which DAG, which run, which try."""
+def choice(table: dict, default, **schema) -> Param:
+    """A form field choosing one entry of a `pipeline.choices` table."""
+    return form_param(default, enum=list(choices.names(table)), **schema)
+
+
+def context(**changes):
+    """The stages' RunContext of this task: which DAG, which run, which try."""
+    from pipeline.context import RunContext
+
     ctx = get_current_context()
-    return {
-        "dag_id": ctx["dag"].dag_id,
-        "run_id": ctx["run_id"],
-        "try_number": ctx["ti"].try_number,
-    }
+    ids = {"dag_id": ctx["dag"].dag_id, "run_id": ctx["run_id"], "try_number": ctx["ti"].try_number}
+    return RunContext(origin="airflow", ids=ids, **changes)
+
+
+def stage_task(**task_kwargs):
+    """@task for a task that runs pipeline code. The body is `body(cfg, settings, ctx, ...)`: it
+    gets the config resolved by the run's first task (from the first argument's "config"), the
+    settings and the RunContext; the task's own arguments are `checked` and the body's others.
+    PermanentError and LookupError fail it without retries (`permanent_errors`)."""
+
+    def decorate(body):
+        @functools.wraps(body)
+        def run(checked: dict, *args, **kwargs):
+            with permanent_errors():
+                return body(config(checked["config"]), settings(), context(), *args, **kwargs)
+
+        # Airflow reads the task's arguments from the signature: `checked`, then the body's own.
+        own = list(inspect.signature(body).parameters.values())[3:]
+        first = inspect.Parameter("checked", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        run.__signature__ = inspect.Signature([first, *own])
+        return task(**task_kwargs)(run)
+
+    return decorate
 
 
 def settings():

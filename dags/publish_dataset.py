@@ -13,6 +13,8 @@ import dag_support as ds
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
+from pipeline import choices
+
 PARAMS = ds.params_yaml()
 
 
@@ -27,10 +29,7 @@ PARAMS = ds.params_yaml()
     default_args=ds.default_args(retries=1, execution_timeout=timedelta(hours=2)),
     doc_md=__doc__,
     params={
-        "dataset": ds.form_param(
-            ds.param(PARAMS, "base.dataset"),
-            enum=["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"],
-        ),
+        "dataset": ds.choice(choices.DATASETS, ds.param(PARAMS, "base.dataset")),
         "source_dir": ds.form_param(
             ds.param(PARAMS, "data.source_dir"),
             type="string",
@@ -47,12 +46,10 @@ def publish_dataset():
         from airflow.sdk.exceptions import AirflowSkipException
 
         from pipeline.config import load_config
-        from pipeline.data import materialize
-        from pipeline.data.versioning import POINTER, recorded_md5
+        from pipeline.stages.publish import publish_stage
 
         ctx = get_current_context()
         params, settings = ctx["params"], ds.settings()
-        before = recorded_md5(settings.root) if (settings.root / POINTER).exists() else None
         with ds.permanent_errors():
             overrides = {
                 "base.dataset": params["dataset"],
@@ -61,11 +58,12 @@ def publish_dataset():
             }
             cfg = load_config(settings.params, overrides)
             # The version follows the source's content: unchanged files and settings are a no-op.
-            md5 = materialize(cfg.base.dataset, settings.root, settings.data_dir, cfg.data)
-        if md5 == before:
+            published = publish_stage(cfg, settings)
+        md5 = published["data_md5"]
+        if md5 == published["previous"]:
             raise AirflowSkipException(f"data unchanged ({md5}): no new version, no Asset event")
         ctx["outlet_events"][ds.DATA].extra = {"data_md5": md5, "dataset": cfg.base.dataset}
-        return {"data_md5": md5, "previous": before, "dataset": cfg.base.dataset}
+        return published
 
     publish()
 

@@ -35,64 +35,53 @@ from airflow.sdk import Param, dag, get_current_context, task
     },
 )
 def sweep_image_classifier():
-    @task
+    @task(multiple_outputs=True)  # the trials take its "validation" alone
     def validate() -> dict:
         """Check data/ against data.dvc and run the validation gate once for all trials."""
         from pipeline.stages.validate import validate_stage
 
         cfg = ds.config()
         with ds.permanent_errors():
-            validation = validate_stage(cfg, ds.settings(), ds.airflow_ids())
+            validation = validate_stage(cfg, ds.settings(), ds.context())
         return {"config": cfg.to_dict(), "validation": validation}
 
-    @task
-    def start_sweep(checked: dict) -> dict:
+    @ds.stage_task()
+    def start_sweep(cfg, settings, ctx) -> dict:
         from pipeline.stages import sweep
 
-        cfg = ds.config(checked["config"])
-        new = bool(get_current_context()["params"].get("new_study"))
-        with ds.permanent_errors():
-            return sweep.start(cfg, ds.settings(), ds.airflow_ids(), new)
+        return sweep.start(cfg, settings, ctx, bool(get_current_context()["params"]["new_study"]))
 
     @task
     def sweep_items(started: dict) -> list[dict]:
         return started["items"]
 
-    @task(**ds.GPU_TASK)
-    def trial(item: dict, checked: dict, started: dict) -> dict:
+    @ds.stage_task(**ds.GPU_TASK)
+    def trial(cfg, settings, ctx, item: dict, started: dict, validation: dict) -> dict:
         """A grid point, or an Optuna worker pulling trials: each trial trains + evaluates as a
         child run of the sweep's parent run. A diverged grid point fails at once (no retries);
         a killed one resumes from its checkpoint."""
         from pipeline.stages import sweep
 
-        cfg = ds.config(checked["config"])
-        with ds.permanent_errors():
-            return sweep.trial_stage(
-                cfg,
-                ds.settings(),
-                checked["validation"],
-                started["parent"],
-                item,
-                ds.airflow_ids(),
-            )
+        return sweep.trial_stage(cfg, settings, validation, started["parent"], item, ctx)
 
-    @task(pool=ds.PROMOTION_POOL)
-    def finish_sweep(checked: dict, started: dict, results: list[dict]) -> dict:
-        """Rank the trials, report on the parent run, optionally register the best."""
+    @ds.stage_task(pool=ds.PROMOTION_POOL)
+    def finish_sweep(cfg, settings, ctx, started: dict, results: list[dict]) -> dict:
+        """Rank the trials on validation, report on the parent run, optionally register the
+        best."""
         from pipeline.stages import sweep
         from pipeline.stages.register import register_stage
 
-        cfg = ds.config(checked["config"])
-        with ds.permanent_errors():
-            summary = sweep.finish(cfg, ds.settings(), started["parent"], list(results))
-            if cfg.sweep.register_best:
-                best = summary["best"]["run_id"]
-                summary["registered"] = register_stage(cfg, ds.settings(), best, ds.airflow_ids())
+        summary = sweep.finish(cfg, settings, started["parent"], list(results))
+        if cfg.sweep.register_best:
+            best = summary["best"]["run_id"]
+            summary["registered"] = register_stage(cfg, settings, best, ctx)
         return summary
 
     checked = validate()
     started = start_sweep(checked)
-    results = trial.partial(checked=checked, started=started).expand(item=sweep_items(started))
+    results = trial.partial(
+        checked=checked, started=started, validation=checked["validation"]
+    ).expand(item=sweep_items(started))
     finish_sweep(checked, started, results)
 
 

@@ -1,7 +1,7 @@
 """Train an image classifier: check_data -> validate -> skip_if_unchanged -> train -> evaluate
 -> register.
 
-Wiring only: the stage functions live in `pipeline.stages` and are imported inside the task bodies,
+Wiring only: the stages are declared in `pipeline.stages.graph` and imported inside the task bodies,
 so parsing this file never imports torch, MLflow or Great Expectations. Tasks hand each other
 small JSON (resolved config, data md5, MLflow run id), so each may run on a different worker.
 """
@@ -20,6 +20,8 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
+
+from pipeline import choices
 
 SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")  # "none": new data and triggers only
 
@@ -59,22 +61,19 @@ DEFAULTS = {name: ds.param(PARAMS, key) for name, key in PARAM_KEYS.items()}
             enum=[None, *sorted(PARAMS.get("presets") or {})],
             description="a recipe from params.yaml `presets:`; fields you change below win",
         ),
-        "dataset": ds.form_param(
+        "dataset": ds.choice(
+            choices.DATASETS,
             DEFAULTS["dataset"],
-            enum=["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"],
             description="must match the data version in data.dvc",
         ),
-        "model": ds.form_param(DEFAULTS["model"], enum=["mlp", "cnn", "resnet18"]),
-        "optimizer": ds.form_param(DEFAULTS["optimizer"], enum=["sgd", "adam", "adamw", "rmsprop"]),
+        "model": ds.choice(choices.MODELS, DEFAULTS["model"]),
+        "optimizer": ds.choice(choices.OPTIMIZERS, DEFAULTS["optimizer"]),
         "lr": ds.form_param(
             DEFAULTS["lr"],
             anyOf=[{"type": "number", "exclusiveMinimum": 0}, {"const": "auto"}],
             description="a number, or auto: the learning-rate range test picks it",
         ),
-        "schedule": ds.form_param(
-            DEFAULTS["schedule"],
-            enum=["constant", "exponential", "step", "multistep", "cosine", "onecycle"],
-        ),
+        "schedule": ds.choice(choices.SCHEDULES, DEFAULTS["schedule"]),
         "epochs": ds.form_param(DEFAULTS["epochs"], type="integer", minimum=1),
         "batch_size": ds.form_param(DEFAULTS["batch_size"], type="integer", minimum=1),
         "force_retrain": Param(
@@ -105,72 +104,59 @@ def train_image_classifier():
             data = check_data_stage(cfg, settings)
         return {"config": cfg.to_dict(), **data}
 
-    @task
-    def validate(checked: dict) -> dict:
+    @ds.stage_task()
+    def validate(cfg, settings, ctx) -> dict:
         """Great Expectations suite per split; a failure stops the run before training."""
-        from pipeline.stages.validate import validate_stage
+        from pipeline.stages import graph
 
-        with ds.permanent_errors():
-            return validate_stage(ds.config(checked["config"]), ds.settings(), ds.airflow_ids())
+        return graph.run("validate", cfg, settings, {}, ctx)
 
-    @task
-    def skip_if_unchanged(checked: dict, validation: dict) -> dict:
+    @ds.stage_task()
+    def skip_if_unchanged(cfg, settings, ctx, validation: dict) -> dict:
         """Same data, params and code as the champion: record a skipped run, train nothing."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from pipeline.stages.skip import record_skip, unchanged_stage
 
-        cfg, settings = ds.config(checked["config"]), ds.settings()
-        with ds.permanent_errors():
-            decision = unchanged_stage(cfg, settings, validation["data_md5"])
+        decision = unchanged_stage(cfg, settings, validation["data_md5"])
         if decision["unchanged"] and not get_current_context()["params"].get("force_retrain"):
-            record_skip(cfg, settings, decision, ds.airflow_ids())
+            record_skip(cfg, settings, decision, ctx)
             raise AirflowSkipException(
                 f"skipped: {decision['reason']}; trigger with force_retrain=true to retrain"
             )
         return decision
 
-    @task(**ds.GPU_TASK)
-    def train(checked: dict, validation: dict, _decision: dict) -> dict:
+    @ds.stage_task(**ds.GPU_TASK)
+    def train(cfg, settings, ctx, validation: dict, _decision: dict) -> dict:
         """Train on the validated data version, logging to MLflow with lineage tags.
 
         A retry resumes from this DAG run's last epoch checkpoint, into the same MLflow run."""
-        from pipeline.stages.train import train_stage
+        from pipeline.stages import graph
 
-        with ds.permanent_errors():
-            return train_stage(
-                ds.config(checked["config"]),
-                ds.settings(),
-                validation,
-                ds.airflow_ids(),
-                resume=True,
-            )
+        return graph.run("train", cfg, settings, {"validate": validation}, ctx.with_(resume=True))
 
-    @task
-    def evaluate(checked: dict, trained: dict) -> dict:
+    @ds.stage_task()
+    def evaluate(cfg, settings, ctx, trained: dict) -> dict:
         """Test-split metrics, confusion matrix and learning curves into the same MLflow run."""
-        from pipeline.stages.evaluate import evaluate_stage
+        from pipeline.stages import graph
 
-        with ds.permanent_errors():
-            return evaluate_stage(ds.config(checked["config"]), ds.settings(), trained["run_id"])
+        return graph.run("evaluate", cfg, settings, {"train": trained}, ctx)
 
-    @task(pool=ds.PROMOTION_POOL)
-    def register(checked: dict, evaluated: dict) -> dict:
+    @ds.stage_task(pool=ds.PROMOTION_POOL)
+    def register(cfg, settings, ctx, trained: dict, evaluated: dict) -> dict:
         """Register a version (idempotent), alias challenger, let the policy decide on champion.
 
         The one-slot pool serializes promotions across DAG runs and workers; MLflow being
         unreachable is retried (it fails the task only after the retries)."""
-        from pipeline.stages.register import register_stage
+        from pipeline.stages import graph
 
-        with ds.permanent_errors():
-            return register_stage(
-                ds.config(checked["config"]), ds.settings(), evaluated["run_id"], ds.airflow_ids()
-            )
+        inputs = {"train": trained, "evaluate": evaluated}
+        return graph.run("register", cfg, settings, inputs, ctx)
 
     checked = check_data()
     validation = validate(checked)
     trained = train(checked, validation, skip_if_unchanged(checked, validation))
-    register(checked, evaluate(checked, trained))
+    register(checked, trained, evaluate(checked, trained))
 
 
 train_image_classifier()

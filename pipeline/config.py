@@ -24,12 +24,15 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline import choices
 from pipeline.errors import ConfigError
 
-DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
-ModelName = Literal["mlp", "cnn", "resnet18"]
-OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
-ScheduleName = Literal["constant", "exponential", "step", "multistep", "cosine", "onecycle"]
+# The allowed names come from the one table of each kind (pipeline/choices.py).
+DatasetName = Literal[choices.names(choices.DATASETS)]
+ModelName = Literal[choices.names(choices.MODELS)]
+OptimizerName = Literal[choices.names(choices.OPTIMIZERS)]
+ScheduleName = Literal[choices.names(choices.SCHEDULES)]
+StrategyName = Literal[choices.names(choices.SWEEP_STRATEGIES)]
 
 
 class _Block(BaseModel):
@@ -222,7 +225,7 @@ class OptunaConfig(_Block):
 class SweepConfig(_Block):
     """The sweep DAG: `grid` trains every optimizer x schedule x lr, `optuna` searches a space."""
 
-    strategy: Literal["grid", "optuna"] = "grid"
+    strategy: StrategyName = "grid"
 
     optimizers: list[OptimizerName] = Field(default_factory=lambda: ["sgd", "adamw"], min_length=1)
     schedules: list[ScheduleName] = Field(

@@ -199,9 +199,10 @@ def new_database():
 
 @pytest.fixture(scope="session")
 def digits():
-    from pipeline.data.sources import digits
+    from pipeline.config import DataConfig
+    from pipeline.data.sources import load_source
 
-    return digits()
+    return load_source("digits", DataConfig())
 
 
 @pytest.fixture

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from pipeline.cli import display
 from pipeline.config import Config, load_config, parse_overrides
+from pipeline.context import RunContext
 from pipeline.errors import DataError
 from pipeline.settings import Settings
+from pipeline.stages import graph
 
 LOCAL_COMMANDS = {"data", "check-data"}  # everything else talks to MLflow
 
@@ -27,9 +28,11 @@ def _config(args: argparse.Namespace, settings: Settings) -> Config:
     return load_config(args.params or settings.params, overrides)
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _handoff(settings: Settings, stage: str) -> dict:
+    """What stage `stage` handed on (its file in outputs/); DataError when it has not run."""
+    path = settings.outputs / graph.BY_NAME[stage].hands_on
     if not path.exists():
-        raise DataError(f"{path} not found; run `pipeline {what}` first")
+        raise DataError(f"{path} not found; run `pipeline {stage}` first")
     return json.loads(path.read_text())
 
 
@@ -39,13 +42,10 @@ def _print(result: dict) -> int:
 
 
 def data(args, settings: Settings) -> int:
-    from pipeline.data import materialize
+    from pipeline.stages.publish import publish_stage
 
-    cfg = _config(args, settings)
-    md5 = materialize(
-        cfg.base.dataset, settings.root, settings.data_dir, cfg.data, rewrite=args.rewrite
-    )
-    print(json.dumps({"dataset": cfg.base.dataset, "data_md5": md5}))
+    result = publish_stage(_config(args, settings), settings, rewrite=args.rewrite)
+    print(json.dumps({k: result[k] for k in ("dataset", "data_md5")}))
     return 0
 
 
@@ -55,29 +55,28 @@ def check_data(args, settings: Settings) -> int:
     return _print(check_data_stage(_config(args, settings), settings))
 
 
-def validate(args, settings: Settings) -> int:
-    from pipeline.stages.validate import validate_stage
-
-    return _print(validate_stage(_config(args, settings), settings))
-
-
-def train(args, settings: Settings) -> int:
-    from pipeline.stages.train import train_stage
-
+def stage(args, settings: Settings) -> int:
+    """A stage of the graph (validate, train, evaluate, register): its inputs are the hand-offs
+    in outputs/ (or the run of --run-id), its result is printed and handed on."""
     cfg = _config(args, settings)
-    if args.nproc > 1:
+    if getattr(args, "nproc", 1) > 1:
         from pipeline.training.distributed import launch
 
         return launch(args.nproc, _train_argv(args))
-    validation = _read_json(settings.outputs / "validation.json", "validate")
-    result = train_stage(cfg, settings, validation, resume=args.resume)
+    needs = graph.BY_NAME[args.command].needs
+    if getattr(args, "run_id", None):
+        inputs = {need: {"run_id": args.run_id} for need in needs}
+    else:
+        inputs = {need: _handoff(settings, need) for need in needs}
+    ctx = RunContext(resume=getattr(args, "resume", False))
+    result = graph.run(args.command, cfg, settings, inputs, ctx)
     return _print(result) if result else 0  # {}: a torchrun worker; rank 0 reports
 
 
 def lr_find(args, settings: Settings) -> int:
     from pipeline.stages.lr_find import lr_find_stage
 
-    validation = _read_json(settings.outputs / "validation.json", "validate")
+    validation = _handoff(settings, "validate")
     return _print(lr_find_stage(_config(args, settings), settings, validation))
 
 
@@ -91,24 +90,6 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     for pair in args.overrides:
         argv += ["--set", pair]
     return argv + (["--resume"] if args.resume else [])
-
-
-def _run_id(args, settings: Settings) -> str:
-    return args.run_id or _read_json(settings.outputs / "train.json", "train")["run_id"]
-
-
-def evaluate(args, settings: Settings) -> int:
-    from pipeline.stages.evaluate import evaluate_stage
-
-    cfg = _config(args, settings)
-    return _print(evaluate_stage(cfg, settings, _run_id(args, settings)))
-
-
-def register(args, settings: Settings) -> int:
-    from pipeline.stages.register import register_stage
-
-    cfg = _config(args, settings)
-    return _print(register_stage(cfg, settings, _run_id(args, settings)))
 
 
 def promote(args, settings: Settings) -> int:
@@ -126,11 +107,8 @@ def rollback(args, settings: Settings) -> int:
 
 def predict(args, settings: Settings) -> int:
     from pipeline.stages.predict import predict_stage
-    from pipeline.tracking import server, store
 
-    with server.reachable(settings):
-        client = store.client(settings)
-        return _print(predict_stage(client, args.model, args.input, args.output))
+    return _print(predict_stage(settings, args.model, args.input, args.output))
 
 
 def reproduce(args, settings: Settings) -> int:
@@ -216,11 +194,8 @@ def summary(args, settings: Settings) -> int:
 HANDLERS = {
     "data": data,
     "check-data": check_data,
-    "validate": validate,
-    "train": train,
+    **{s.name: stage for s in graph.STAGES},
     "lr-find": lr_find,
-    "evaluate": evaluate,
-    "register": register,
     "promote": promote,
     "rollback": rollback,
     "predict": predict,

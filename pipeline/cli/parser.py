@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline import choices
+from pipeline.stages import graph
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -41,7 +44,7 @@ def _stage_commands(sub) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     pull = data_sub.add_parser("pull", help="write the dataset to data/, dvc add + push it")
     _common(pull)
-    pull.add_argument("--dataset", help="digits | mnist | fashion_mnist | cifar10 | imagefolder")
+    pull.add_argument("--dataset", choices=choices.names(choices.DATASETS), help="base.dataset")
     pull.add_argument("--source-dir", type=Path, help="raw files / class folders (data.source_dir)")
     pull.add_argument(
         "--rewrite",
@@ -50,13 +53,15 @@ def _stage_commands(sub) -> None:
         "content and settings",
     )
 
-    for name, text in (
-        ("check-data", "check data/ is present and matches data.dvc"),
-        ("validate", "run the Great Expectations suite; write Data Docs"),
-    ):
-        _common(sub.add_parser(name, help=text))
-    train = sub.add_parser("train", help="train on validated data; log to MLflow")
-    _common(train)
+    _common(sub.add_parser("check-data", help="check data/ is present and matches data.dvc"))
+    for stage in graph.STAGES:
+        parser = sub.add_parser(stage.name, help=stage.help)
+        _common(parser)
+        STAGE_OPTIONS.get(stage.name, lambda _: None)(parser)
+    _common(sub.add_parser("lr-find", help="learning-rate range test; suggests train.optimizer.lr"))
+
+
+def _train_options(train: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--resume",
         action="store_true",
@@ -68,14 +73,14 @@ def _stage_commands(sub) -> None:
         default=1,
         help="data-parallel processes on this machine (torchrun; one per GPU, gloo on CPU)",
     )
-    _common(sub.add_parser("lr-find", help="learning-rate range test; suggests train.optimizer.lr"))
-    for name, text in (
-        ("evaluate", "score the trained model on the test split"),
-        ("register", "register the model; promote it if it passes the gate"),
-    ):
-        p = sub.add_parser(name, help=text)
-        _common(p)
-        p.add_argument("--run-id", help="MLflow run (default: the one in outputs/train.json)")
+
+
+def _run_id_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", help="MLflow run (default: the one in outputs/train.json)")
+
+
+# The options a stage takes beyond --params / --set / --preset.
+STAGE_OPTIONS = {"train": _train_options, "evaluate": _run_id_option, "register": _run_id_option}
 
 
 def _model_commands(sub) -> None:

@@ -110,8 +110,15 @@ def clear_pending(repo_root: Path) -> None:
     (Path(repo_root) / PENDING).unlink(missing_ok=True)
 
 
-def pull(repo_root: Path) -> None:
-    """Fetch data/ from the DVC remote; a clear error when no remote has this version."""
+REGENERATE = (
+    "regenerate it with `pipeline data pull --dataset NAME`, or `dvc push` it from a machine "
+    "that has it"
+)
+
+
+def pull(repo_root: Path, fix: str = REGENERATE) -> None:
+    """Fetch the data/ of `repo_root`'s data.dvc from its cache or DVC remote; DataError naming
+    the version and `fix` when neither has it."""
     from dvc.exceptions import DvcException
 
     with _repo(repo_root) as repo:
@@ -120,8 +127,7 @@ def pull(repo_root: Path) -> None:
         except DvcException as exc:
             raise DataError(
                 f"data version {recorded_md5(repo_root)} is not in the local cache or the DVC "
-                f"remote ({exc}); regenerate it with `pipeline data pull --dataset NAME`, or "
-                "`dvc push` it from a machine that has it"
+                f"remote ({exc}); {fix}"
             ) from None
 
 

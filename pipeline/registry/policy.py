@@ -22,65 +22,91 @@ class Decision:
 def decide(
     policy: RegisterConfig, challenger: dict, champion: dict | None, incompatible: str = ""
 ) -> Decision:
-    """Challenger and champion metrics (`scoring.metrics`) on the same test data; champion None
-    when there is none. `incompatible` says how the champion's classes or input shape differ
-    from the challenger's: such a model serves other callers, so it never replaces the champion
-    by policy (only `pipeline promote --force --reason`)."""
+    """Challenger and champion metrics (`scoring.metrics`, fractions 0..1) on the same test
+    data; champion None when there is none. `incompatible` says how the champion's classes or
+    input shape differ from the challenger's. The first rule of `RULES` that gives a verdict
+    decides; a challenger no rule stops is promoted for its improvement."""
     metric = policy.metric
-    score = challenger[metric]
-    scores = {"challenger": score, "champion": champion.get(metric) if champion else None}
-    if score < policy.floor:
-        return Decision(
-            False, "floor", f"{metric} {score:.4f} is below the floor {policy.floor:.4f}", scores
-        )
-    if incompatible:
-        return Decision(
-            False,
-            "incompatible_champion",
-            f"the champion takes other inputs or classes ({incompatible}); callers of the "
-            "champion would break, so it stays. Register this model under its own name "
-            "(register.model_name), or replace the champion on purpose with `pipeline promote "
-            "NAME/VERSION --force --reason ...`",
-            scores,
-        )
-    if champion is None:
-        return Decision(
-            True,
-            "first_model",
-            f"first model meeting the floor ({metric} {score:.4f} >= {policy.floor:.4f})",
-            scores,
-        )
-    gain = score - champion[metric]
-    if gain < policy.min_improvement:
-        return Decision(
-            False,
-            "improvement",
-            f"{metric} {score:.4f} vs champion's {champion[metric]:.4f} on this data: "
-            f"{gain:+.4f} < the required {policy.min_improvement:+.4f}",
-            scores,
-        )
-    if policy.max_recall_drop is not None:
-        drops = {
-            key.removeprefix("test_recall."): champion[key] - challenger.get(key, 0.0)
-            for key in champion
-            if key.startswith("test_recall.")
-        }
-        worst = {c: d for c, d in drops.items() if d > policy.max_recall_drop}
-        if worst:
-            listed = ", ".join(f"class {c} -{d:.4f}" for c, d in sorted(worst.items()))
-            return Decision(
-                False,
-                "recall_guard",
-                f"recall dropped more than {policy.max_recall_drop:.4f} vs the champion: {listed}",
-                scores,
-            )
+    scores = {
+        "challenger": challenger[metric],
+        "champion": champion.get(metric) if champion else None,
+    }
+    for rule in RULES:
+        verdict = rule(policy, challenger, champion, incompatible)
+        if verdict is not None:
+            return Decision(verdict[0], rule.__name__, verdict[1], scores)
+    gain = challenger[metric] - champion[metric]
     return Decision(
         True,
         "improvement",
-        f"{metric} {score:.4f} vs champion's {champion[metric]:.4f} on this data: "
+        f"{metric} {challenger[metric]:.4f} vs champion's {champion[metric]:.4f} on this data: "
         f"{gain:+.4f} >= the required {policy.min_improvement:+.4f}",
         scores,
     )
+
+
+# Each rule: (policy, challenger, champion, incompatible) -> (promote, reason), or None to leave
+# the decision to the next rule. Its name is the rule the decision report names.
+def floor(policy, challenger, champion, incompatible):
+    """A model below the floor is never champion."""
+    score = challenger[policy.metric]
+    if score < policy.floor:
+        return False, f"{policy.metric} {score:.4f} is below the floor {policy.floor:.4f}"
+    return None
+
+
+def incompatible_champion(policy, challenger, champion, incompatible):
+    """A champion with other classes or inputs serves other callers: never replaced by policy
+    (only `pipeline promote --force --reason`)."""
+    if not incompatible:
+        return None
+    return False, (
+        f"the champion takes other inputs or classes ({incompatible}); callers of the "
+        "champion would break, so it stays. Register this model under its own name "
+        "(register.model_name), or replace the champion on purpose with `pipeline promote "
+        "NAME/VERSION --force --reason ...`"
+    )
+
+
+def first_model(policy, challenger, champion, incompatible):
+    if champion is not None:
+        return None
+    score = challenger[policy.metric]
+    return (
+        True,
+        f"first model meeting the floor ({policy.metric} {score:.4f} >= {policy.floor:.4f})",
+    )
+
+
+def improvement(policy, challenger, champion, incompatible):
+    """Refused when it does not beat the champion by `min_improvement` (0: ties promote)."""
+    metric = policy.metric
+    gain = challenger[metric] - champion[metric]
+    if gain >= policy.min_improvement:
+        return None
+    return False, (
+        f"{metric} {challenger[metric]:.4f} vs champion's {champion[metric]:.4f} on this data: "
+        f"{gain:+.4f} < the required {policy.min_improvement:+.4f}"
+    )
+
+
+def recall_guard(policy, challenger, champion, incompatible):
+    """Refused when any class's recall drops more than `max_recall_drop` (null: off)."""
+    if policy.max_recall_drop is None:
+        return None
+    drops = {
+        key.removeprefix("test_recall."): champion[key] - challenger.get(key, 0.0)
+        for key in champion
+        if key.startswith("test_recall.")
+    }
+    worst = {c: d for c, d in drops.items() if d > policy.max_recall_drop}
+    if not worst:
+        return None
+    listed = ", ".join(f"class {c} -{d:.4f}" for c, d in sorted(worst.items()))
+    return False, f"recall dropped more than {policy.max_recall_drop:.4f} vs the champion: {listed}"
+
+
+RULES = (floor, incompatible_champion, first_model, improvement, recall_guard)
 
 
 def report_markdown(report: dict) -> str:

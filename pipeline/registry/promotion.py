@@ -7,9 +7,7 @@ tag `alias_history.<ns>` holding {at, alias, version, previous, reason, by}.
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 import time
 from datetime import UTC, datetime
 
@@ -19,20 +17,28 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 HISTORY_TAG = "alias_history."
 
 
-def actor(airflow: dict | None = None) -> str:
-    """Who or what moved an alias: the Airflow run, or the user at the host."""
-    if airflow:
-        return f"airflow:{airflow['dag_id']}/{airflow['run_id']} try {airflow['try_number']}"
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
-
-
 def alias_version(client, name: str, alias: str):
+    """The version `alias` points at, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def champion_run(client, name: str):
+    """(champion version, its run, "") or (version or None, None, why there is none): "no
+    champion yet", or its run was deleted from the store."""
+    from pipeline.tracking import store
+
+    champion = alias_version(client, name, CHAMPION)
+    if champion is None:
+        return None, None, "no champion yet"
+    run = store.run_or_none(client, champion.run_id)
+    if run is None:
+        return champion, None, f"the run of champion v{champion.version} was deleted"
+    return champion, run, ""
 
 
 def move_alias(client, name: str, alias: str, version: int, reason: str, by: str) -> None:

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.context import RunContext
 from pipeline.data import Dataset, check_data, read_dataset
-from pipeline.files import write_json
 from pipeline.settings import Settings
 
 
-def evaluate_stage(cfg: Config, settings: Settings, run_id: str, handoff: bool = True) -> dict:
-    """Score the run's model on the test split; metrics + plots to MLflow and (`handoff`: the
-    CLI, dvc.yaml and the training DAG) to outputs/. Sweep trials, which may run at once in one
-    checkout, pass handoff=False: their plots go through a folder of their own."""
-    import tempfile
+def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
+    """The graph's evaluate stage: the train stage's run, its plots to outputs/plots/."""
+    return evaluate_stage(cfg, settings, inputs["train"]["run_id"], settings.outputs / "plots")
 
+
+def evaluate_stage(
+    cfg: Config, settings: Settings, run_id: str, plot_dir: Path | None = None
+) -> dict:
+    """Score the run's model on the test split: {"run_id", "test_accuracy", "test_macro_f1",
+    "test_precision.<class>", "test_recall.<class>", "data_md5"} (fractions 0..1), also logged
+    to the run with the confusion matrix and learning curves. The plots are written to
+    `plot_dir`, or a folder of their own (sweep trials may run at once in one checkout).
+    Raises DataError when data/ differs from data.dvc, LookupError for a deleted run."""
     import mlflow
 
     from pipeline.tracking import store, weights
-    from pipeline.training import inference, plots, scoring
+    from pipeline.training import inference, scoring
 
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
     ds = read_dataset(settings.data_dir, mmap=True)
@@ -32,27 +41,33 @@ def evaluate_stage(cfg: Config, settings: Settings, run_id: str, handoff: bool =
     scores = scoring.metrics(ds.test.labels, preds, ds.classes)
     cm = scoring.confusion(ds.test.labels, preds, len(ds.classes))
     history = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")["history"]
-    own = None if handoff else tempfile.TemporaryDirectory(prefix="plots-")
-    plot_dir = settings.outputs / "plots" if handoff else Path(own.name)
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    with mlflow.start_run(run_id=run_id):
+    with _folder(plot_dir) as folder, mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(scores)
-        mlflow.log_artifact(
-            str(plots.plot_confusion(cm, ds.classes, plot_dir / "confusion_matrix.png")), "plots"
-        )
-        mlflow.log_artifact(
-            str(plots.plot_learning_curves(history, plot_dir / "learning_curves.png")), "plots"
-        )
-    summary = {
-        "test_accuracy": scores["test_accuracy"],
-        "test_macro_f1": scores["test_macro_f1"],
-        "data_md5": data["data_md5"],
-    }
-    if own is not None:
-        own.cleanup()
-    if handoff:
-        write_json(settings.outputs / "metrics.json", {**scores, "data_md5": data["data_md5"]})
-    return {"run_id": run_id, **summary}
+        _log_plots(cm, ds.classes, history, folder)
+    return {"run_id": run_id, **scores, "data_md5": data["data_md5"]}
+
+
+@contextmanager
+def _folder(path: Path | None):
+    """`path` (created), or a temporary folder removed afterwards, also on an error."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="plots-") as own:
+        yield Path(own)
+
+
+def _log_plots(cm, classes: list[str], history: list[dict], folder: Path) -> None:
+    import mlflow
+
+    from pipeline.training import plots
+
+    for path in (
+        plots.plot_confusion(cm, classes, folder / "confusion_matrix.png"),
+        plots.plot_learning_curves(history, folder / "learning_curves.png"),
+    ):
+        mlflow.log_artifact(str(path), "plots")
 
 
 def current_data(cfg: Config, settings: Settings) -> Callable[[], tuple[str, Dataset]]:

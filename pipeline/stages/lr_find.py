@@ -5,6 +5,7 @@ trains with the suggestion, which the training run then records as its lr param.
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.context import RunContext
 from pipeline.data import check_validated, read_dataset
 from pipeline.settings import Settings
 
@@ -15,11 +16,12 @@ def lr_find_stage(
     cfg: Config,
     settings: Settings,
     validation: dict,
-    airflow: dict | None = None,
+    ctx: RunContext | None = None,
     identity: str | None = None,
 ) -> dict:
     """Run the range test, or return the finished one of the same `identity` (a retried task
-    or a resumed training finds the lr it used before)."""
+    or a resumed training finds the lr it used before). Returns {"run_id", "suggested_lr",
+    "method", "reused", ...}; raises DataError for untracked or unvalidated data."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -51,10 +53,10 @@ def lr_find_stage(
         "data.dataset": ds.name,
         "params.hash": cfg.params_hash(),
         **({IDENTITY_TAG: identity} if identity else {}),
-        **{f"airflow.{k}": str(v) for k, v in (airflow or {}).items()},
     }
     name = f"lr-find-{ds.name}-{t.model.name}-{t.optimizer.name}"
-    with mlflow.start_run(run_name=name, tags=tags) as run:
+    new = store.new_run(settings, cfg.tracking.experiment, ctx or RunContext(), name, tags)
+    with mlflow.start_run(run_id=new) as run:
         mlflow.log_params(
             {
                 "train.model.name": t.model.name,

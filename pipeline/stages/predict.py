@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.data import DataError
 from pipeline.data.inputs import open_inputs
 from pipeline.files import write_atomic
+from pipeline.settings import Settings
 
 
 def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], model: dict):
@@ -46,21 +47,32 @@ def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], m
     return write_atomic(path, write_rows)  # a reader never sees half a file
 
 
-def predict_stage(client, ref: str, inputs: Path, output: Path) -> dict:
-    """Resolve `ref` once (pinning the version), score `inputs` a batch at a time through the
-    model's input contract, write `output`. Files in a folder that are no images are listed
-    under `skipped` in the result."""
+def pin_stage(settings: Settings, ref: str) -> dict:
+    """The exact version `ref` (NAME/VERSION, NAME@ALIAS or NAME) is now: {"name", "version",
+    "run_id"}; LookupError when it does not resolve."""
     from pipeline.registry import versions
-    from pipeline.tracking import weights
+    from pipeline.tracking import server, store
+
+    with server.reachable(settings):
+        version = versions.resolve(store.client(settings), ref)
+    return {"name": version.name, "version": int(version.version), "run_id": version.run_id}
+
+
+def predict_stage(settings: Settings, ref: str, inputs: Path, output: Path) -> dict:
+    """Resolve `ref` once (pinning the version), score `inputs` (a folder of images or an .npy
+    of N x C x H x W) a batch at a time through the model's input contract, write `output`
+    (.csv or .json). Files in a folder that are no images are listed under `skipped` in the
+    result. Raises DataError for unreadable inputs or another output suffix."""
+    from pipeline.tracking import server, weights
     from pipeline.training.inference import probabilities
 
     if Path(output).suffix not in (".csv", ".json"):
         raise DataError(f"{output}: the output must end in .csv or .json")
-    version = versions.resolve(client, ref)
-    model, spec = weights.load_weights(version.run_id)
+    pinned = pin_stage(settings, ref)
+    with server.reachable(settings):
+        model, spec = weights.load_weights(pinned["run_id"])
     found = open_inputs(inputs, spec.input_contract())  # the model's own preprocessing
     probs = np.concatenate([probabilities(model, batch) for batch in found.batches()])
-    pinned = {"name": version.name, "version": int(version.version), "run_id": version.run_id}
     write(output, found.names, probs, list(spec.classes), pinned)
     out = {"model": pinned, "inputs": len(found.names), "output": str(output)}
     return {**out, "skipped": found.skipped} if found.skipped else out

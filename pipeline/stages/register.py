@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
-from pipeline.files import write_json
+from pipeline.context import RunContext
 from pipeline.settings import Settings
 from pipeline.stages.evaluate import current_data, rescore
 
@@ -61,18 +61,25 @@ def _decided(client, name: str, version: int, run_id: str, decision, champion, c
     }
 
 
+def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
+    """The graph's register stage: the evaluated run of the train stage's hand-off."""
+    return register_stage(cfg, settings, inputs["train"]["run_id"], ctx)
+
+
 def register_stage(
-    cfg: Config, settings: Settings, run_id: str, airflow: dict | None = None
+    cfg: Config, settings: Settings, run_id: str, ctx: RunContext | None = None
 ) -> dict:
     """Register the run's model (idempotent: a retry finds its version), alias it challenger,
     write its model card, and let the policy decide on champion. One promotion per model at a
-    time; a version stays `pending` until all of this has happened."""
+    time; a version stays `pending` until all of this has happened. Returns {"model_name",
+    "version", "aliases", "promoted", "rule", "reason", "challenger", "champion"}. Raises
+    RegistryUnavailable when MLflow stays unreachable, LookupError for a deleted run."""
     from mlflow import MlflowClient
 
     from pipeline.registry import model_card, promotion, versions
     from pipeline.tracking import lineage, server, store, weights
 
-    name, by = cfg.register_.model_name, promotion.actor(airflow)
+    name, by = cfg.register_.model_name, (ctx or RunContext()).actor()
     with server.reachable(settings), versions.promotion_lock(settings, name):
         store.configure(settings, cfg.tracking.experiment)
         client = MlflowClient()
@@ -101,7 +108,6 @@ def register_stage(
         md5 = run.data.tags.get("data.md5")
         out = _decided(client, name, v, run_id, decision, champion, cfg, by, md5)
         versions.complete(client, name, v)
-    write_json(settings.outputs / "registered.json", out)
     return out
 
 
@@ -111,7 +117,7 @@ def promote_stage(
     ref: str,
     reason: str | None = None,
     force: bool = False,
-    airflow: dict | None = None,
+    ctx: RunContext | None = None,
 ) -> dict:
     """Make a registered version champion by hand: the same policy, both models scored on the
     current data version, unless `force` (which needs a reason, kept in the history)."""
@@ -122,7 +128,7 @@ def promote_stage(
 
     if force and not reason:
         raise ConfigError("--force needs --reason: it is recorded in the alias history")
-    by = promotion.actor(airflow)
+    by = (ctx or RunContext()).actor()
     with server.reachable(settings):
         store.configure(settings, cfg.tracking.experiment)
         client = MlflowClient()
@@ -159,5 +165,5 @@ def rollback_stage(settings: Settings, name: str, reason: str) -> dict:
     with server.reachable(settings), versions.promotion_lock(settings, name):
         client = store.client(settings)
         versions.registered_model(client, name)
-        old, new = promotion.rollback(client, name, reason, promotion.actor())
+        old, new = promotion.rollback(client, name, reason, RunContext().actor())
     return {"model_name": name, "champion": new, "previous-champion": old, "reason": reason}

@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import resolved_config
-from pipeline.data import DataError
+from pipeline.context import RunContext
+from pipeline.data import versioning
 from pipeline.data.versioning import POINTER
 from pipeline.settings import Settings
 
@@ -25,7 +26,6 @@ COMPARED = ("test_accuracy", "test_macro_f1", "train_loss")
 def checkout_version(repo_root: Path, workspace: Path, data: dict) -> None:
     """Make `workspace` a DVC repo whose data/ is the version `data["md5"]`, from the project's
     cache or, failing that, its default remote."""
-    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     shutil.rmtree(workspace, ignore_errors=True)
@@ -44,18 +44,12 @@ def checkout_version(repo_root: Path, workspace: Path, data: dict) -> None:
                 if default:
                     conf["core"]["remote"] = default
                 conf["cache"]["dir"] = cache_dir
-            out = {"md5": data["md5"], "hash": "md5", "path": "data"}
-            out |= {k: data[v] for k, v in (("size", "bytes"), ("nfiles", "files")) if data.get(v)}
-            (workspace / POINTER).write_text(yaml.safe_dump({"outs": [out]}, sort_keys=False))
-            try:
-                repo.pull(targets=[POINTER])
-            except DvcException as exc:
-                raise DataError(
-                    f"data version {data['md5']} is neither in the DVC cache nor in the remote "
-                    f"({exc}); it cannot be reproduced from here"
-                ) from None
         finally:
             repo.close()
+    out = {"md5": data["md5"], "hash": "md5", "path": "data"}
+    out |= {k: data[v] for k, v in (("size", "bytes"), ("nfiles", "files")) if data.get(v)}
+    (workspace / POINTER).write_text(yaml.safe_dump({"outs": [out]}, sort_keys=False))
+    versioning.pull(workspace, "it cannot be reproduced from here")
 
 
 def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
@@ -63,9 +57,7 @@ def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     import mlflow
 
     from pipeline.registry import versions
-    from pipeline.stages.evaluate import evaluate_stage
-    from pipeline.stages.train import train_stage
-    from pipeline.stages.validate import validate_stage
+    from pipeline.stages import graph
     from pipeline.tracking import lineage, store
 
     client = store.client(settings)
@@ -81,11 +73,12 @@ def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     print(f"reproduce: {name} v{version.version} (run {run_id}) in {workspace}")
     checkout_version(settings.root, workspace, record["data"])
     here = replace(settings, root=workspace, code_root=settings.code)
-    validation = validate_stage(cfg, here)
-    of = {"reproduce.of": f"{name}/{version.version}", "reproduce.of_run": run_id}
-    trained = train_stage(cfg, here, validation, extra_tags=of)
-    evaluate_stage(cfg, here, trained["run_id"])
-    return compare(client, run_id, trained["run_id"], record, tolerance)
+    ctx = RunContext(tags={"reproduce.of": f"{name}/{version.version}", "reproduce.of_run": run_id})
+    handed: dict = {}
+    for stage in graph.STAGES:  # the stages that make a model, in the graph's order
+        if stage.makes_model:
+            handed[stage.name] = graph.run(stage.name, cfg, here, handed, ctx)
+    return compare(client, run_id, handed["train"]["run_id"], record, tolerance)
 
 
 def compare(client, recorded_id: str, new_id: str, record: dict, tolerance: float) -> dict:

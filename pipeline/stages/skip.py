@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.context import RunContext
 from pipeline.settings import Settings
 
 
@@ -15,14 +16,10 @@ def unchanged_stage(cfg: Config, settings: Settings, data_md5: str) -> dict:
     from pipeline.tracking import lineage, store
 
     store.configure(settings, cfg.tracking.experiment)
-    client = MlflowClient()
-    champion = promotion.alias_version(client, cfg.register_.model_name, promotion.CHAMPION)
-    if champion is None:
-        return {"unchanged": False, "reason": "no champion yet"}
-    run, where = store.run_or_none(client, champion.run_id), f"champion v{champion.version}"
+    champion, run, why_not = promotion.champion_run(MlflowClient(), cfg.register_.model_name)
     if run is None:
-        return {"unchanged": False, "reason": f"the run of {where} was deleted"}
-    tags = run.data.tags
+        return {"unchanged": False, "reason": why_not}
+    where, tags = f"champion v{champion.version}", run.data.tags
     commit, dirty = lineage.git_state(settings.code)
     if dirty or tags.get("git.dirty") != "false":
         return {"unchanged": False, "reason": "uncommitted code changes (here or in " + where + ")"}
@@ -46,13 +43,12 @@ def unchanged_stage(cfg: Config, settings: Settings, data_md5: str) -> dict:
     }
 
 
-def record_skip(cfg: Config, settings: Settings, decision: dict, airflow: dict | None) -> str:
+def record_skip(cfg: Config, settings: Settings, decision: dict, ctx: RunContext) -> str:
     """A run that did not train, on record with its reason, so the schedule's history has no gap."""
-    import mlflow
+    from mlflow import MlflowClient
 
     from pipeline.tracking import store
 
-    store.configure(settings, cfg.tracking.experiment)
     tags = {
         "pipeline.skipped": "true",
         "skip.reason": decision["reason"],
@@ -60,7 +56,7 @@ def record_skip(cfg: Config, settings: Settings, decision: dict, airflow: dict |
         "data.md5": decision["data_md5"],
         "git.commit": decision["git_commit"],
         "params.hash": cfg.params_hash(),
-        **{f"airflow.{k}": str(v) for k, v in (airflow or {}).items()},
     }
-    with mlflow.start_run(run_name="skipped-unchanged", tags=tags) as run:
-        return run.info.run_id
+    run_id = store.new_run(settings, cfg.tracking.experiment, ctx, "skipped-unchanged", tags)
+    MlflowClient().set_terminated(run_id)
+    return run_id

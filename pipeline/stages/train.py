@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, ConfigError
+from pipeline.context import RunContext
 from pipeline.data import check_validated, read_dataset
-from pipeline.files import write_json
 from pipeline.settings import Settings
 
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -27,40 +27,43 @@ class Pruned(Exception):
         self.epoch = epoch
 
 
+def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
+    """The graph's train stage: train on the validate stage's hand-off."""
+    return train_stage(cfg, settings, inputs["validate"], ctx)
+
+
 def train_stage(
     cfg: Config,
     settings: Settings,
     validation: dict,
-    airflow: dict | None = None,
-    resume: bool = False,
-    extra_tags: dict | None = None,
+    ctx: RunContext | None = None,
     on_epoch=None,
-    scope: str | None = None,
-    handoff: bool = True,
 ) -> dict:
     """Train on validated, tracked data and log everything to an MLflow run.
 
-    Every epoch is checkpointed. With `resume`, a checkpoint of the same params, data and (under
-    Airflow) DAG run continues where it stopped, logging into the same MLflow run. Under torchrun
-    only rank 0 touches MLflow and writes files. `on_epoch(row)` sees each epoch after it is
-    logged; raising `Pruned` ends the run as KILLED, tagged with the epoch it stopped at.
-    `scope` keeps trials that may run at once apart (their checkpoints); `handoff` writes
-    outputs/train.json for the next CLI/dvc stage (sweep trials do not).
+    Returns {"run_id", "model_uri", "data_md5"} ({"run_id", "pruned": True, "data_md5"} when
+    `on_epoch` stopped it; {} in a torchrun worker: only rank 0 touches MLflow and files).
+    Every epoch is checkpointed. With `ctx.resume`, a checkpoint of the same params, data,
+    orchestrator run and `ctx.scope` continues where it stopped, logging into the same MLflow
+    run. `on_epoch(row)` sees each epoch after it is logged; raising `Pruned` ends the run as
+    KILLED, tagged with the epoch it stopped at. Raises DataError for untracked or unvalidated
+    data, TrainingDiverged when the loss stays NaN/Inf.
     """
     from pipeline.training import checkpoint, distributed
     from pipeline.training.engine import fit
 
+    ctx = ctx or RunContext()
     data = check_validated(cfg.base.dataset, settings.root, settings.data_dir, validation)
     ds = read_dataset(settings.data_dir, mmap=True)
-    identity = _training_identity(cfg, data["data_md5"], airflow, scope)
+    identity = _training_identity(cfg, data["data_md5"], ctx)
     given = cfg
     if cfg.train.optimizer.lr == "auto":
-        cfg, lr_tags = _resolve_lr(cfg, settings, validation, airflow, identity)
-        extra_tags = {**(extra_tags or {}), **lr_tags}
+        cfg, lr_tags = _resolve_lr(cfg, settings, validation, ctx, identity)
+        ctx = ctx.with_(tags=lr_tags)
     ckpt_path = settings.checkpoints / f"{identity}.pt"
     state = None
     if ckpt_path.exists():
-        if resume:
+        if ctx.resume:
             state = checkpoint.load(ckpt_path)
         elif distributed.context().main:
             print(
@@ -79,7 +82,7 @@ def train_stage(
         if on_epoch is not None:
             on_epoch(row)
 
-    with _tracked_run(cfg, given, settings, ds, validation, airflow, state, extra_tags) as run:
+    with _tracked_run(cfg, given, settings, ds, validation, ctx, state) as run:
         try:
             result = fit(
                 cfg.train,
@@ -104,13 +107,10 @@ def train_stage(
     if result is None:
         mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
         return {"run_id": run.info.run_id, "pruned": True, "data_md5": data["data_md5"]}
-    out = {"run_id": run.info.run_id, "model_uri": model_uri, "data_md5": data["data_md5"]}
-    if handoff:
-        write_json(settings.outputs / "train.json", out)
-    return out
+    return {"run_id": run.info.run_id, "model_uri": model_uri, "data_md5": data["data_md5"]}
 
 
-def _resolve_lr(cfg: Config, settings: Settings, validation: dict, airflow, identity: str):
+def _resolve_lr(cfg: Config, settings: Settings, validation: dict, ctx: RunContext, identity):
     """`lr: auto` -> the range test's suggestion (found again for the same identity, so a
     resumed run keeps its lr); the training run records the number as its lr param."""
     from pipeline.stages.lr_find import lr_find_stage
@@ -121,7 +121,7 @@ def _resolve_lr(cfg: Config, settings: Settings, validation: dict, airflow, iden
             "train.optimizer.lr=auto is not run under torchrun; run `pipeline lr-find` and set "
             "train.optimizer.lr to its suggestion"
         )
-    found = lr_find_stage(cfg, settings, validation, airflow, identity)
+    found = lr_find_stage(cfg, settings, validation, ctx, identity)
     lr = found["suggested_lr"]
     print(f"lr-find: lr {lr:.3g} ({found['method']}, run {found['run_id']})", file=sys.stderr)
     resolved = cfg.model_copy(deep=True)
@@ -129,16 +129,15 @@ def _resolve_lr(cfg: Config, settings: Settings, validation: dict, airflow, iden
     return resolved, {"lr_find.run_id": found["run_id"], "train.optimizer.lr_given": "auto"}
 
 
-def _training_identity(cfg: Config, data_md5: str, airflow: dict | None, scope=None) -> str:
-    """Same params + data (+ DAG run, + scope) -> same checkpoint file; anything else never
-    resumes it."""
-    where = f"{airflow['dag_id']}/{airflow['run_id']}" if airflow else "cli"
-    key = f"{cfg.params_hash()}:{data_md5}:{where}:{scope or ''}"
+def _training_identity(cfg: Config, data_md5: str, ctx: RunContext) -> str:
+    """Same params + data (+ orchestrator run, + scope) -> same checkpoint file; anything else
+    never resumes it."""
+    key = f"{cfg.params_hash()}:{data_md5}:{ctx.attempt()}:{ctx.scope}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @contextmanager
-def _tracked_run(cfg, given, settings, ds, validation, airflow, state, extra_tags=None):
+def _tracked_run(cfg, given, settings, ds, validation, ctx: RunContext, state):
     """A new MLflow run, or the checkpoint's run reopened. `cfg` is what trains (params and
     config.json: numbers only), `given` the config as asked for (its params hash is what
     skip-unchanged compares; it differs with `lr: auto`).
@@ -149,34 +148,32 @@ def _tracked_run(cfg, given, settings, ds, validation, airflow, state, extra_tag
     import mlflow
     from mlflow import MlflowClient
 
+    from pipeline.data.validation import summary
+    from pipeline.data.versioning import pointer
     from pipeline.tracking import lineage, store
     from pipeline.training import distributed
 
     store.configure(settings, cfg.tracking.experiment)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     mlflow.set_system_metrics_samples_before_logging(1)
-    from pipeline.data.validation import summary
-    from pipeline.data.versioning import pointer
-
     record = lineage.record(
-        settings.code, given, pointer(settings.root), validation, _device_name(cfg), airflow
+        settings.code, given, pointer(settings.root), validation, _device_name(cfg), ctx
     )
     tags = {
         **lineage.tags(record),
         "train.processes": str(distributed.context().world),
-        **(extra_tags or {}),  # e.g. mlflow.parentRunId for a sweep trial, reproduce.of
+        **ctx.tags,  # e.g. mlflow.parentRunId for a sweep trial, reproduce.of
     }
     client = MlflowClient()
     run_id = state["mlflow_run_id"] if state else None
     resuming = run_id is not None and _run_exists(client, run_id)
-    if resuming:
-        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-    else:
+    if not resuming:
         t = cfg.train
         run_name = (
             f"{ds.name}-{t.model.name}-{t.optimizer.name}-{t.schedule.name}-lr{t.optimizer.lr:g}"
         )
-        run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
+        run_id = store.new_run(settings, cfg.tracking.experiment, ctx, run_name, tags)
+    run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
 
     with run:
         mlflow.log_dict(record, lineage.ARTIFACT)  # again on resume: the try number moved on
@@ -233,8 +230,8 @@ def _log_schedule(cfg: Config, result, settings: Settings) -> None:
     """plots/lr_schedule.png: the lr of every step, so schedules compare by eye in MLflow."""
     import mlflow
 
-    from pipeline.training.optim import lr_factor
     from pipeline.training.plots import plot_schedule
+    from pipeline.training.schedules import lr_factor
 
     t, spe = cfg.train, result.steps_per_epoch
     lrs = [t.optimizer.lr * lr_factor(s, spe, t.epochs, t.schedule) for s in range(spe * t.epochs)]

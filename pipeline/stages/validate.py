@@ -5,21 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.context import RunContext
 from pipeline.data import check_data, read_dataset
 from pipeline.data.store import read_meta
-from pipeline.files import write_json
 from pipeline.settings import Settings
 
 
 def check_data_stage(cfg: Config, settings: Settings) -> dict:
+    """{"data_md5", ...} of data/; DataError when it is missing or differs from data.dvc."""
     return check_data(cfg.base.dataset, settings.root, settings.data_dir)
 
 
-def validate_stage(cfg: Config, settings: Settings, airflow: dict | None = None) -> dict:
-    """Validate data/ (which must match data.dvc); raise `ValidationFailed` on any failure.
+def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
+    """The graph's validate stage (it needs no earlier hand-off)."""
+    return validate_stage(cfg, settings, ctx)
 
-    A failure is also put on record in MLflow: a FAILED run with the summary and the Data Docs.
-    """
+
+def validate_stage(cfg: Config, settings: Settings, ctx: RunContext | None = None) -> dict:
+    """Validate data/ (which must match data.dvc); the report as a dict with "success",
+    "failed", "stats", "docs", "data_md5" and "dataset". Raises `ValidationFailed` on any
+    failure, which is also put on record in MLflow: a FAILED run with the summary and the Data
+    Docs. Raises DataError when data/ is missing or untracked."""
     from pipeline.data.validation import validate_dataset
     from pipeline.errors import ValidationFailed
 
@@ -30,10 +36,9 @@ def validate_stage(cfg: Config, settings: Settings, airflow: dict | None = None)
         ds, read_meta(settings.data_dir), cfg.validate_, settings.outputs / "gx", reference, notes
     )
     result = {**report.to_dict(), "data_md5": data["data_md5"], "dataset": ds.name}
-    write_json(settings.outputs / "validation.json", result)
     print(report.describe())
     if not report.success:
-        _record_failed_validation(cfg, settings, result, airflow)
+        _record_failed_validation(cfg, settings, result, ctx or RunContext())
         raise ValidationFailed(report)
     return result
 
@@ -48,14 +53,10 @@ def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dic
     from pipeline.tracking import store
 
     store.configure(settings, cfg.tracking.experiment)
-    client = MlflowClient()
-    champion = promotion.alias_version(client, cfg.register_.model_name, promotion.CHAMPION)
-    if champion is None:
-        return None, ["drift not checked: no champion yet"]
-    run, where = store.run_or_none(client, champion.run_id), f"champion v{champion.version}"
+    champion, run, why_not = promotion.champion_run(MlflowClient(), cfg.register_.model_name)
     if run is None:
-        return None, [f"drift not checked: the run of {where} was deleted"]
-    tags = run.data.tags
+        return None, [f"drift not checked: {why_not}"]
+    where, tags = f"champion v{champion.version}", run.data.tags
     if tags.get("data.dataset") != dataset:
         return None, [f"drift not checked: {where} was trained on {tags.get('data.dataset')}"]
     try:
@@ -65,22 +66,21 @@ def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dic
     return reference, [f"drift checked against {where}'s training data"]
 
 
-def _record_failed_validation(cfg: Config, settings: Settings, result: dict, airflow) -> None:
+def _record_failed_validation(cfg: Config, settings: Settings, result: dict, ctx) -> None:
     import mlflow
 
     from pipeline.data.validation import summary
     from pipeline.tracking import lineage, store
 
-    store.configure(settings, cfg.tracking.experiment)
     metrics, tags = summary(result)
     tags |= {
         "data.md5": result["data_md5"],
         "data.dataset": result["dataset"],
         "git.commit": lineage.git_state(settings.code)[0],
         "params.hash": cfg.params_hash(),
-        **{f"airflow.{k}": str(v) for k, v in (airflow or {}).items()},
     }
-    mlflow.start_run(run_name=f"validation-failed-{result['dataset']}", tags=tags)
+    name = f"validation-failed-{result['dataset']}"
+    mlflow.start_run(run_id=store.new_run(settings, cfg.tracking.experiment, ctx, name, tags))
     try:
         mlflow.log_metrics(metrics)
         mlflow.log_dict(result, "validation.json")

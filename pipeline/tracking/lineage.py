@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.context import RunContext
 
 ARTIFACT = "lineage.json"
 PACKAGES = {
@@ -52,9 +53,10 @@ def record(
     pointer: dict,
     validation: dict,
     device: str,
-    airflow: dict | None = None,
+    ctx: RunContext | None = None,
 ) -> dict:
-    """The lineage of a run about to train on the data version `pointer` (data.dvc's outs[0])."""
+    """The lineage of a run about to train on the data version `pointer` (data.dvc's outs[0]),
+    started from `ctx` (its origin and the orchestrator's ids)."""
     from pipeline.data.validation import summary
 
     commit, dirty = git_state(code_root)
@@ -76,7 +78,8 @@ def record(
             **{k.removeprefix("validation."): int(v) for k, v in metrics.items()},
             "failed_expectations": [f"{f['split']}.{f['name']}" for f in validation["failed"]],
         },
-        "airflow": airflow,
+        "origin": (ctx or RunContext()).origin,
+        **(ctx or RunContext()).lineage(),
         "versions": package_versions(),
         "device": device,
     }

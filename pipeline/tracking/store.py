@@ -6,6 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.context import RunContext
 from pipeline.settings import Settings
 from pipeline.tracking.server import connection_failure
 
@@ -39,6 +40,20 @@ def configure(settings: Settings, experiment: str) -> str:
         )
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def new_run(
+    settings: Settings, experiment: str, ctx: RunContext, name: str, tags: dict | None = None
+) -> str:
+    """Open a run in `experiment` (RUNNING until ended) tagged with where it came from
+    (`ctx.run_tags()`), `tags` and MLflow's own source tags; return its id. It is not made
+    active: `mlflow.start_run(run_id=...)` logs into it, `MlflowClient().set_terminated` ends it."""
+    from mlflow import MlflowClient
+    from mlflow.tracking.context.registry import resolve_tags
+
+    experiment_id = configure(settings, experiment)
+    resolved = resolve_tags({**ctx.run_tags(), **(tags or {}), "mlflow.runName": name})
+    return MlflowClient().create_run(experiment_id, tags=resolved, run_name=name).info.run_id
 
 
 @contextmanager

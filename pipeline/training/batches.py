@@ -169,8 +169,12 @@ def _shard(order: torch.Tensor, batches) -> torch.Tensor:
 
 
 def make_batches(rows: Rows, cfg: TrainConfig, device, dist, memory_format, batch_size: int):
-    """Resident when `train.loader` says so, or (auto) when the float32 rows fit: half the free
-    device memory on CUDA, `train.resident_max_mb` of host memory on the CPU."""
+    """An iterable of (images float32 (B, C, H, W) 0..255 on `device`, labels int64 (B,))
+    batches of `batch_size` rows (each rank's share under torchrun), reshuffled each epoch.
+
+    Resident (the rows copied to the device once) when `train.loader` says so, or (auto) when
+    the float32 rows fit: half the free device memory on CUDA, `train.resident_max_mb` of host
+    memory on the CPU; otherwise streamed from `rows` (a memory map) a chunk at a time."""
     loader = cfg.loader
     if loader == "auto":
         need = len(rows) * int(np.prod(rows.shape)) * 4

@@ -1,7 +1,7 @@
 """The training engine: `fit` builds the network from its spec and runs the epoch loop.
 
 The loop is a hand-written PyTorch loop over `batches` (resident on the device, or streamed). The
-learning rate is a pure function of the step (`optim.lr_factor`), so `LoopState` (step, history,
+learning rate is a pure function of the step (`schedules.lr_factor`), so `LoopState` (step, history,
 early-stopping counters) plus the model, optimizer and RNG states is the whole resumable state.
 `fit` knows nothing about MLflow or Airflow: it reports each epoch through `on_epoch` and
 checkpoints to a path it is given.
@@ -31,8 +31,9 @@ from pipeline.training import checkpoint, distributed
 from pipeline.training.augment import crop_flip
 from pipeline.training.batches import make_batches, pixel_stats, split_validation
 from pipeline.training.models import ModelSpec, rebuild
-from pipeline.training.optim import build_optimizer, lr_factor
+from pipeline.training.optim import build_optimizer
 from pipeline.training.progress import Progress
+from pipeline.training.schedules import lr_factor
 
 
 @dataclass
@@ -74,9 +75,19 @@ def fit(
     contract: dict | None = None,
 ) -> FitResult:
     """Train a fresh model, or continue `resume` (a loaded checkpoint) to `cfg.epochs`.
-    `contract`: the dataset's input contract (data/meta.json), kept in the model's spec.
 
-    Under torchrun every rank calls this; rank 0 alone reports and writes checkpoints.
+    train_split: uint8 images (N, C, H, W) 0..255 (a memory map is streamed when it does not
+        fit, see `make_batches`) and int64 labels (N,) indexing `classes`; the last
+        `cfg.val_fraction` of a seeded shuffle is held out for val_loss / val_accuracy.
+    on_epoch(row): called after each epoch with {"epoch" (1-based), "train_loss",
+        "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", ...}.
+    checkpoint_path: written atomically after every epoch (with `checkpoint_extra`).
+    contract: the dataset's input contract (data/meta.json), kept in the model's spec.
+    Returns a FitResult: the model (normalization in front, eval mode), its spec and the
+    epoch history. Raises ConfigError for `lr: auto` (resolve it first) and TrainingDiverged
+    after `cfg.max_bad_steps` NaN/Inf losses. Under torchrun every rank calls this; rank 0
+    alone reports and writes checkpoints. The loop is the plain PyTorch one (bench/engine.py
+    measures it against a hand-written loop).
     """
     if cfg.optimizer.lr == "auto":
         raise ConfigError(

@@ -59,6 +59,11 @@ def range_test(
     end: float = 10.0,
     steps: int = 100,
 ) -> RangeTest:
+    """Run the range test (see the module docstring) on the training share of `split` (uint8
+    images (N, C, H, W) 0..255, int64 labels (N,)): up to `steps` optimizer steps with the lr
+    growing geometrically from `start` to `end` (lrs in the optimizer's units), stopping once
+    the smoothed loss diverges (`DIVERGED` x its minimum, or NaN/Inf). Returns the lrs, the
+    raw and smoothed losses per step and the suggestion (min/10)."""
     device = pick_device(cfg.device)
     seed_everything(seed)
     train_part, _ = split_validation(split, cfg.val_fraction, seed)

@@ -1,5 +1,9 @@
 """Model zoo: the classic tutorial MLP, a small CNN and ResNet-18, built from config and shape;
-`rebuild` makes the saved network (normalization in front) from its spec."""
+`rebuild` makes the saved network (normalization in front) from its spec.
+
+Each model is a function `(shape, num_classes, cfg: ModelConfig) -> nn.Module` taking raw-scale
+standardized pixels (N, C, H, W) float32 and returning logits (N, num_classes); `choices.MODELS`
+names them."""
 
 from __future__ import annotations
 
@@ -8,35 +12,32 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from pipeline import choices
 from pipeline.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    if cfg.name == "mlp":
-        return mlp(shape, num_classes, cfg.hidden, cfg.dropout)
-    if cfg.name == "cnn":
-        return small_cnn(shape, num_classes, cfg.hidden, cfg.dropout)
-    if cfg.name == "resnet18":
-        return resnet18(shape, num_classes, cfg.dropout)
-    raise ValueError(f"unknown model {cfg.name!r}")
+    """The network `cfg.name` (see `choices.MODELS`) for images of `shape` (C, H, W)."""
+    return choices.load(choices.MODELS, cfg.name)(shape, num_classes, cfg)
 
 
-def mlp(shape, num_classes: int, hidden: int = 128, dropout: float = 0.0) -> nn.Module:
-    """input -> hidden -> classes, as in the well-known PyTorch MNIST tutorial."""
+def mlp(shape, num_classes: int, cfg: ModelConfig) -> nn.Module:
+    """input -> `hidden` -> classes, as in the well-known PyTorch MNIST tutorial."""
     c, h, w = shape
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(c * h * w, hidden),
+        nn.Linear(c * h * w, cfg.hidden),
         nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, num_classes),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(cfg.hidden, num_classes),
     )
 
 
-def small_cnn(shape, num_classes: int, hidden: int = 128, dropout: float = 0.0) -> nn.Module:
-    """Two conv blocks (BN + ReLU, the second pooled) and a linear head; `hidden`/4 base width."""
-    c = shape[0]
-    width = max(8, hidden // 4)
+def small_cnn(shape, num_classes: int, cfg: ModelConfig) -> nn.Module:
+    """Three conv blocks (BN + ReLU, the second pooled) and a linear head; `hidden`/4 base
+    width."""
+    c, dropout = shape[0], cfg.dropout
+    width = max(8, cfg.hidden // 4)
 
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
@@ -53,7 +54,7 @@ def small_cnn(shape, num_classes: int, hidden: int = 128, dropout: float = 0.0) 
     )
 
 
-def resnet18(shape, num_classes: int, dropout: float = 0.0) -> nn.Module:
+def resnet18(shape, num_classes: int, cfg: ModelConfig) -> nn.Module:
     """torchvision's ResNet-18, randomly initialized (nothing downloaded).
 
     Small images (<= 64 px, e.g. CIFAR's 32x32) get the usual CIFAR stem: a 3x3 stride-1 first
@@ -62,6 +63,7 @@ def resnet18(shape, num_classes: int, dropout: float = 0.0) -> nn.Module:
     from torchvision.models import resnet18 as tv_resnet18
 
     c, h, w = shape
+    dropout = cfg.dropout  # `hidden` does not apply: ResNet-18's widths are fixed
     net = tv_resnet18(weights=None, num_classes=num_classes)
     if max(h, w) <= 64:
         net.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)

@@ -1,17 +1,13 @@
-"""Optimizer factory and the learning-rate schedule as a pure function of the step.
-
-The engine sets each group's lr from `lr_factor` before every step (as nanoGPT does), so the
-schedule needs no scheduler object and its whole state is the step count.
-"""
+"""Optimizers: the parameter groups and one small function per optimizer (`choices.OPTIMIZERS`
+names them), each `(groups, cfg, fused) -> torch.optim.Optimizer`."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-from pipeline.config import OptimizerConfig, ScheduleConfig
+from pipeline import choices
+from pipeline.config import OptimizerConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,59 +27,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, fused: bool = False
 ) -> torch.optim.Optimizer:
-    """`fused` (CUDA): one kernel per step for SGD/Adam/AdamW; RMSprop has no fused version."""
-    groups = param_groups(model, cfg.weight_decay)
+    """The optimizer `cfg.name` over `model`'s trainable parameters at lr `cfg.lr`. `fused`
+    (CUDA): one kernel per step where the optimizer has one."""
+    make = choices.load(choices.OPTIMIZERS, cfg.name)
+    return make(param_groups(model, cfg.weight_decay), cfg, fused)
+
+
+def sgd(groups: list[dict], cfg: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
     fast = {"fused": True} if fused else {}
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast
-        )
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **fast)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
-    if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast)
 
 
-def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig) -> float:
-    """Multiplier on the base lr at optimizer step `step` (0-based)."""
-    total = steps_per_epoch * epochs
-    epoch = step / steps_per_epoch  # fractional, so per-epoch decays stay smooth within an epoch
-    # Phase 1: optional linear warmup, multiplied onto whatever the schedule says.
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    # Phase 2: the schedule itself.
-    if cfg.name == "constant":
-        factor = 1.0
-    elif cfg.name == "exponential":
-        factor = cfg.gamma ** math.floor(epoch)
-    elif cfg.name == "step":
-        factor = cfg.gamma ** (math.floor(epoch) // cfg.step_size)
-    elif cfg.name == "multistep":
-        factor = cfg.gamma ** sum(math.floor(epoch) >= m for m in cfg.milestones)
-    elif cfg.name == "cosine":
-        progress = min(1.0, step / max(1, total - 1))
-        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (
-            1 + math.cos(math.pi * progress)
-        )
-    elif cfg.name == "onecycle":
-        factor = _one_cycle(step, total, cfg)
-    else:
-        raise ValueError(f"unknown schedule {cfg.name!r}")
-    return warm * factor
+def adam(groups: list[dict], cfg: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    fast = {"fused": True} if fused else {}
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **fast)
 
 
-def _one_cycle(step: int, total: int, cfg: ScheduleConfig) -> float:
-    """Cosine rise from lr/div_factor to lr over pct_start, then cosine fall to the final lr."""
-    start = 1 / cfg.div_factor
-    end = start / cfg.final_div_factor
-    peak_step = max(1, round(cfg.pct_start * total) - 1)
+def adamw(groups: list[dict], cfg: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    fast = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
 
-    def cos_interp(a: float, b: float, t: float) -> float:
-        return b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    if step <= peak_step:
-        return cos_interp(start, 1.0, step / peak_step)
-    return cos_interp(1.0, end, (step - peak_step) / max(1, total - 1 - peak_step))
+def rmsprop(groups: list[dict], cfg: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    """RMSprop has no fused version: `fused` is ignored."""
+    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum)

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data.sources import load_source, stratified_split, write_source
+from pipeline.data.sources import load_source, write_source
+from pipeline.data.sources.common import stratified_split
 from pipeline.data.store import DataError, read_dataset, write_dataset
 
 

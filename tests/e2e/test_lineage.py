@@ -84,7 +84,7 @@ def test_a_data_version_gone_from_cache_and_remote_cannot_be_reproduced(register
     shutil.rmtree(project / "dvc-storage")  # the default remote (.dvc/config: ../dvc-storage)
     lost = run(["pipeline", "reproduce", "image-classifier"], project, check=False)
     assert lost.returncode == 1
-    assert "neither in the DVC cache nor in the remote" in lost.stderr
+    assert "not in the local cache or the DVC remote" in lost.stderr
 
 
 def test_skip_only_when_data_params_and_code_equal_the_champions(registered, monkeypatch):

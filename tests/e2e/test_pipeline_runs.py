@@ -198,8 +198,10 @@ def test_sweep_dag_logs_child_runs_under_one_parent_and_reports_the_best(airflow
     )
     assert len(children) == 2 and parent.info.status == "FINISHED"
     assert {c.data.params["train.optimizer.name"] for c in children} == {"sgd", "adamw"}
-    best = max(children, key=lambda c: c.data.metrics["test_accuracy"])
+    # The best is chosen on validation (the lowest last-epoch val_loss), never on test.
+    best = min(children, key=lambda c: c.data.metrics["val_loss"])
     assert parent.data.tags["sweep.best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_val_loss"] == best.data.metrics["val_loss"]
     assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     files |= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}

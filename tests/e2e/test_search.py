@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.stages.search import check_space
+from pipeline.stages.sweep.search import check_space
 from tests.conftest import project_env, run
 
 pytestmark = pytest.mark.slow
@@ -74,14 +74,17 @@ def dying(row):
 train.log_epoch = dying if sys.argv[1] == "kill" else logged
 from pipeline.config import load_config
 from pipeline.settings import Settings
-from pipeline.stages import search, sweep
+from pipeline.context import RunContext
+from pipeline.stages import sweep
+from pipeline.stages.sweep import search
 import json
 settings = Settings.from_env()
 cfg = load_config(settings.params)
 validation = json.loads((settings.outputs / "validation.json").read_text())
-airflow = {"dag_id": "sweep_image_classifier", "run_id": "manual__1", "try_number": 1}
-parent = sweep.start(cfg, settings, airflow)["parent"]
-search.worker(cfg, settings, validation, parent, 0, airflow)
+ids = {"dag_id": "sweep_image_classifier", "run_id": "manual__1", "try_number": 1}
+ctx = RunContext("airflow", ids)
+parent = sweep.start(cfg, settings, ctx)["parent"]
+search.worker(cfg, settings, validation, parent, 0, ctx)
 print(json.dumps(search.finish(cfg, settings, parent)))
 """
 
@@ -126,11 +129,12 @@ TWO_WORKERS = """
 import json, sys
 from pipeline.config import load_config
 from pipeline.settings import Settings
-from pipeline.stages import search
+from pipeline.context import RunContext
+from pipeline.stages.sweep import search
 settings = Settings.from_env()
 cfg = load_config(settings.params)
 validation = json.loads((settings.outputs / "validation.json").read_text())
-search.worker(cfg, settings, validation, sys.argv[1], int(sys.argv[2]), None)
+search.worker(cfg, settings, validation, sys.argv[1], int(sys.argv[2]), RunContext())
 """
 
 

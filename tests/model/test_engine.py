@@ -13,7 +13,7 @@ from pipeline.training import checkpoint
 from pipeline.training.augment import crop_flip
 from pipeline.training.engine import fit
 from pipeline.training.models import rebuild
-from pipeline.training.optim import lr_factor
+from pipeline.training.schedules import lr_factor
 from tests.conftest import REPO
 
 TIMING = {"epoch_seconds", "samples_per_second"}

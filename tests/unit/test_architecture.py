@@ -13,15 +13,20 @@ import yaml
 from tests.conftest import REPO
 
 PACKAGE = REPO / "pipeline"
-# Lower layers never import higher ones: cli -> stages -> data/training/tracking/registry -> base.
+# Lower layers never import higher ones: base (config, settings, errors, choices, context, ...)
+# < data < training < tracking < registry < stages < cli and the DAGs.
 LAYERS = {
-    "pipeline.cli": 3,
-    "pipeline.stages": 2,
+    "pipeline.cli": 6,
+    "pipeline.stages": 5,
+    "pipeline.registry": 4,
+    "pipeline.tracking": 3,
+    "pipeline.training": 2,
     "pipeline.data": 1,
-    "pipeline.training": 1,
-    "pipeline.tracking": 1,
-    "pipeline.registry": 1,
 }
+BASE = {
+    f"pipeline.{name}"
+    for name in ("config", "settings", "errors", "alerts", "choices", "context", "files")
+} | {"pipeline"}
 CODE = ("pipeline/", "params.yaml")  # deps whose change means code or config changed
 
 
@@ -85,6 +90,52 @@ def test_imports_only_go_down_the_layers():
             if _layer(imported) > _layer(module):
                 wrong.append(f"{module} imports {imported}")
     assert wrong == []
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` (module -> modules it imports), or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node, [node])):
+            return found
+    return []
+
+
+def test_no_import_cycles_inside_a_package():
+    """Imports inside functions count too: a circle hidden that way is still a circle."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module(path)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        graph[module] = {
+            m for m in _imports(path) if m.rpartition(".")[0] == package and m != module
+        }
+    assert _cycle(graph) == []
+
+
+def test_the_dags_call_only_stages_and_the_base_modules():
+    wrong = []
+    for path in sorted((REPO / "dags").glob("*.py")):
+        for imported in _imports(path):
+            if not (imported.startswith("pipeline.stages") or imported in BASE):
+                wrong.append(f"{path.name} imports {imported}")
+    assert wrong == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
 
 
 @pytest.mark.parametrize("stage", ["validate", "train", "evaluate", "register"])

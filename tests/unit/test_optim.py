@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from pipeline.config import OptimizerConfig, ScheduleConfig
+from pipeline.config import ModelConfig, OptimizerConfig, ScheduleConfig
 from pipeline.training.models import small_cnn
-from pipeline.training.optim import build_optimizer, lr_factor, param_groups
+from pipeline.training.optim import build_optimizer, param_groups
+from pipeline.training.schedules import lr_factor
 
 SPE, EPOCHS = 10, 10  # steps per epoch, epochs
 
@@ -62,7 +63,7 @@ def test_warmup_is_linear_then_hands_over_to_the_schedule():
 
 
 def test_weight_decay_only_on_weights_not_biases_or_norms():
-    model = small_cnn((1, 8, 8), 10)
+    model = small_cnn((1, 8, 8), 10, ModelConfig())
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"])
@@ -74,7 +75,7 @@ def test_weight_decay_only_on_weights_not_biases_or_norms():
 
 
 def test_without_weight_decay_all_parameters_share_one_group():
-    model = small_cnn((1, 8, 8), 10)
+    model = small_cnn((1, 8, 8), 10, ModelConfig())
     (group,) = param_groups(model, 0.0)
     assert group["weight_decay"] == 0.0
     assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
@@ -82,7 +83,7 @@ def test_without_weight_decay_all_parameters_share_one_group():
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
 def test_every_optimizer_builds_with_the_configured_settings(name):
-    model = small_cnn((1, 8, 8), 10)
+    model = small_cnn((1, 8, 8), 10, ModelConfig())
     opt = build_optimizer(model, OptimizerConfig(name=name, lr=0.02, weight_decay=0.1))
     assert opt.param_groups[0]["lr"] == 0.02
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.settings import Settings
-from pipeline.stages.search import _sample, open_study
+from pipeline.stages.sweep.search import _sample, open_study
 
 SPACE = {"train.optimizer.lr": {"low": 1e-4, "high": 0.3, "log": True}}
 

@@ -3,7 +3,8 @@
 import pytest
 
 from pipeline.config import ConfigError, config_from_dict, load_config
-from pipeline.stages.sweep import grid, trial_config
+from pipeline.stages.sweep.common import trial_config
+from pipeline.stages.sweep.grid import grid
 from tests.conftest import REPO
 
 
@@ -43,3 +44,28 @@ def test_bad_sweep_grids_are_config_errors():
         config_from_dict({}, {"sweep.lrs": [0.1, -1]})
     with pytest.raises(ConfigError, match="sweep.optimizers"):
         config_from_dict({}, {"sweep.optimizers": ["adamx"]})
+
+
+@pytest.mark.parametrize("strategy", ["grid", "optuna"])
+@pytest.mark.parametrize("preset", ["seed-mlp-mnist", "fast-cnn-digits"])
+def test_a_sweep_without_a_validation_split_is_refused_with_the_fix(strategy, preset, tmp_path):
+    """Both strategies rank on validation; the two presets without one are named."""
+    from pipeline.settings import Settings
+    from pipeline.stages import sweep
+
+    cfg = load_config(REPO / "params.yaml", {"base.preset": preset, "sweep.strategy": strategy})
+    settings = Settings(root=tmp_path, tracking_uri="sqlite://", artifact_root="")
+    with pytest.raises(ConfigError, match=f"preset {preset} sets it to 0.*train.val_fraction=0.1"):
+        sweep.start(cfg, settings)
+    assert list(tmp_path.iterdir()) == []  # refused before any run or study was made
+
+
+def test_trials_are_ranked_on_validation_never_on_test():
+    from pipeline.stages.sweep.common import rank
+
+    rows = [
+        {"run_id": "a", "val_loss": 0.30, "val_accuracy": 0.90, "test_accuracy": 0.99},
+        {"run_id": "b", "val_loss": 0.20, "val_accuracy": 0.93, "test_accuracy": 0.91},
+        {"run_id": "c", "val_loss": 0.20, "val_accuracy": 0.95, "test_accuracy": 0.90},
+    ]
+    assert [r["run_id"] for r in rank(rows)] == ["c", "b", "a"]

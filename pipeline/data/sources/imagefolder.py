@@ -25,8 +25,9 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.data.contract import InputContract, for_dataset
+from pipeline.data.fingerprint import fingerprint
 from pipeline.data.images import BadImage, NotAnImage, Probe, bit_depth, hidden, probe
-from pipeline.data.sources import stratified_split
+from pipeline.data.sources.common import Source, need_dir, stratified_split
 from pipeline.data.store import DatasetWriter
 from pipeline.errors import DataError
 
@@ -106,6 +107,26 @@ def _files(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
             files += found
             labels += [label] * len(found)
     return files, np.array(labels, dtype=np.int64)
+
+
+def recipe(data: DataConfig) -> dict:
+    """What a folder's data version is made of: the files' content and the decoding settings."""
+    root = need_dir("imagefolder", data.source_dir).resolve()
+    return {
+        "dataset": "imagefolder",
+        "source_dir": str(root),
+        "source_files": fingerprint(root, list_files(root).files),
+        "test_fraction": data.test_fraction,
+        "image_size": data.image_size,
+        "resize": data.resize,
+        "on_bad_image": data.on_bad_image,
+        "background": data.background,
+        "max_image_pixels": data.max_image_pixels,
+    }
+
+
+def write(data: DataConfig, data_dir: Path, made_by: dict) -> None:
+    ingest(need_dir("imagefolder", data.source_dir).resolve(), data, data_dir, made_by)
 
 
 def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[str, str]:
@@ -314,3 +335,6 @@ def _progress(results: Iterable, what: str, total: int | None = None):
         for result in results:
             bar.update(len(result[0]) if isinstance(result, tuple) else len(result))
             yield result
+
+
+SOURCE = Source(recipe=recipe, write=write)

@@ -13,7 +13,16 @@ from __future__ import annotations
 import json
 
 from pipeline.config import Config, ConfigError
+from pipeline.context import RunContext
 from pipeline.settings import Settings
+from pipeline.stages.sweep.common import (
+    SWEEP_TAG,
+    child,
+    parent_run,
+    plot_dir,
+    rank,
+    trial_config,
+)
 
 PARENT_ATTR = "mlflow_parent"  # the study's user attribute naming the sweep's parent run
 
@@ -24,12 +33,6 @@ def study_name(cfg: Config) -> str:
 
 def check_space(cfg: Config) -> None:
     """Every choice and bound of the space must be a valid value of its key, before any work."""
-    from pipeline.stages.sweep import trial_config
-
-    if cfg.train.val_fraction == 0:
-        raise ConfigError(
-            "sweep.strategy optuna needs train.val_fraction > 0: the pruner reads val_loss"
-        )
     for key, dim in cfg.sweep.optuna.space.items():
         for value in dim.choice if dim.choice is not None else (dim.low, dim.high):
             try:
@@ -70,42 +73,48 @@ def open_study(cfg: Config, settings: Settings, new: bool = False, worker: int =
     )
 
 
-def start(cfg: Config, settings: Settings, airflow: dict | None, new: bool = False) -> str:
-    """The study (created, or resumed) and its parent run, RUNNING until `finish`."""
+def start(cfg: Config, settings: Settings, ctx: RunContext, new: bool = False) -> dict:
+    """The study (created, or resumed) and its parent run, RUNNING until `finish`; one item per
+    worker (`sweep.optuna.workers`)."""
     from mlflow import MlflowClient
 
-    from pipeline.stages.sweep import SWEEP_TAG
     from pipeline.tracking import store
 
     check_space(cfg)
     study = open_study(cfg, settings, new)
-    experiment = store.configure(settings, cfg.tracking.experiment)
+    store.configure(settings, cfg.tracking.experiment)
     client = MlflowClient()
+    items = [{"worker": i} for i in range(cfg.sweep.optuna.workers)]
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent and store.run_or_none(client, parent) is not None:
         client.update_run(parent, "RUNNING")
-        return parent
+        return {"parent": parent, "items": items}
     tags = {
-        "mlflow.runName": f"search-{study_name(cfg)}",
         "sweep.strategy": "optuna",
         "sweep.study": study_name(cfg),
         "sweep.grid": cfg.sweep.optuna.model_dump_json(),
         SWEEP_TAG: "parent",
-        **{f"airflow.{k}": str(v) for k, v in (airflow or {}).items()},
     }
-    parent = client.create_run(experiment, tags=tags).info.run_id
+    parent = parent_run(cfg, settings, ctx, f"search-{study_name(cfg)}", tags)
     study.set_user_attr(PARENT_ATTR, parent)
-    return parent
+    return {"parent": parent, "items": items}
+
+
+def trial(
+    cfg: Config, settings: Settings, validation: dict, parent: str, item: dict, ctx: RunContext
+) -> dict:
+    """One worker (`item["worker"]`): see `worker`."""
+    return worker(cfg, settings, validation, parent, item["worker"], ctx)
 
 
 def worker(
-    cfg: Config, settings: Settings, validation: dict, parent: str, index: int, airflow
+    cfg: Config, settings: Settings, validation: dict, parent: str, index: int, ctx: RunContext
 ) -> dict:
     """Pull trials until the study holds `sweep.optuna.trials` finished or running ones."""
     from optuna.trial import TrialState
 
     study = open_study(cfg, settings, worker=index)
-    me = f"{(airflow or {}).get('run_id', 'cli')}/{index}"
+    me = f"{ctx.ids.get('run_id', 'cli')}/{index}"
     for left in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if left.user_attrs.get("worker") == me:  # this task's killed try: do it again
             study.tell(left.number, state=TrialState.FAIL)
@@ -114,7 +123,7 @@ def worker(
     while _slots(study, cfg.sweep.optuna.trials):
         trial = study.ask()
         trial.set_user_attr("worker", me)
-        done.append(_run_trial(cfg, settings, validation, parent, trial, airflow))
+        done.append(_run_trial(cfg, settings, validation, parent, trial, ctx))
     return {"worker": index, "trials": done}
 
 
@@ -140,13 +149,12 @@ def _sample(trial, space: dict) -> dict:
     return values
 
 
-def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, trial, airflow):
+def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, trial, ctx):
     """Train (and evaluate) one trial as a child run; report each epoch to the pruner."""
     from optuna.trial import TrialState
 
     from pipeline.errors import TrainingDiverged
     from pipeline.stages.evaluate import evaluate_stage
-    from pipeline.stages.sweep import SWEEP_TAG, trial_config
     from pipeline.stages.train import Pruned, train_stage
 
     overrides = {**_sample(trial, cfg.sweep.optuna.space), "train.epochs": cfg.sweep.epochs}
@@ -158,20 +166,11 @@ def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, t
         if trial.should_prune():
             raise Pruned(row["epoch"])
 
-    tags = {"mlflow.parentRunId": parent, SWEEP_TAG: parent, "sweep.trial": str(trial.number)}
+    scope = f"search/{trial.user_attrs['worker']}"  # workers may draw the same params
+    context = child(ctx, parent, scope, **{"sweep.trial": str(trial.number)})
     row = {"trial": trial.number, "overrides": overrides}
     try:
-        trained = train_stage(
-            trial_config(cfg, overrides),
-            settings,
-            validation,
-            airflow,
-            resume=True,
-            extra_tags=tags,
-            on_epoch=on_epoch,
-            scope=f"search/{trial.user_attrs['worker']}",  # workers may draw the same params
-            handoff=False,
-        )
+        trained = train_stage(trial_config(cfg, overrides), settings, validation, context, on_epoch)
     except TrainingDiverged as exc:  # a bad point of the space, not a broken sweep
         trial.study.tell(trial, state=TrialState.FAIL)
         return {**row, "state": "failed", "reason": str(exc), "epochs": len(seen)}
@@ -179,20 +178,20 @@ def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, t
     if trained.get("pruned"):
         trial.study.tell(trial, state=TrialState.PRUNED)
         return {**row, "state": "pruned"}
-    scores = evaluate_stage(trial_config(cfg, overrides), settings, trained["run_id"], False)
+    scores = evaluate_stage(trial_config(cfg, overrides), settings, trained["run_id"])
     last = seen[-1] if seen else {}
     trial.study.tell(trial, last.get("val_loss"))
     val = {"val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy")}
     return {**row, "state": "complete", **val, **scores}
 
 
-def finish(cfg: Config, settings: Settings, parent: str) -> dict:
-    """Rank the study's trials by val_loss; put the results table, the optimization history and
-    the parameter importances on the parent run, and close it."""
+def finish(cfg: Config, settings: Settings, parent: str, results: list | None = None) -> dict:
+    """Rank the study's trials by val_loss (all of them, also those of earlier runs of the
+    study: `results` is not needed); put the results table, the optimization history and the
+    parameter importances on the parent run, and close it."""
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.stages.sweep import plot_dir
     from pipeline.tracking import store
 
     study = open_study(cfg, settings)
@@ -201,7 +200,7 @@ def finish(cfg: Config, settings: Settings, parent: str) -> dict:
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
     run_of = {int(r.data.tags["sweep.trial"]): r for r in reversed(children)}  # newest wins
     rows = [_row(t, run_of.get(t.number)) for t in study.get_trials(deepcopy=False)]
-    complete = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: r["val_loss"])
+    complete = rank([r for r in rows if r["state"] == "complete"])
     if not complete:
         raise RuntimeError(f"study {study.study_name}: no trial completed; see the child runs")
     best = complete[0]

@@ -1,0 +1,94 @@
+"""The stage graph, declared once: each stage's function, the params it reads, the stages whose
+hand-offs it takes and the file it hands on.
+
+The CLI makes one command per stage from it and `run` is how every caller runs a stage (the CLI,
+the training DAG's tasks, `pipeline reproduce`). tests/unit/test_stage_graph.py holds dvc.yaml
+and the training DAG to exactly this graph. Importing this module is cheap: a stage's code is
+imported when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from pipeline.config import Config
+from pipeline.context import RunContext
+from pipeline.files import write_json
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True)
+class Stage:
+    """name: the CLI command, the dvc.yaml stage and the training DAG's task.
+    function: "module:function", called `(cfg, settings, inputs, ctx) -> dict` where `inputs`
+        maps each stage of `needs` to its hand-off.
+    params: the params.yaml keys it reads (dvc.yaml `params:`).
+    needs: the stages whose hand-offs it reads, in order.
+    hands_on: its hand-off, a small JSON file in outputs/ (dvc.yaml `outs:` or `metrics:`).
+    makes_model: `pipeline reproduce` re-runs it to retrain a registered model.
+    """
+
+    name: str
+    function: str
+    help: str
+    params: tuple[str, ...]
+    needs: tuple[str, ...]
+    hands_on: str
+    makes_model: bool = True
+
+
+STAGES = (
+    Stage(
+        "validate",
+        "pipeline.stages.validate:run",
+        "check data/ against data.dvc, run the Great Expectations suite, write Data Docs",
+        ("base.dataset", "base.preset", "presets", "validate"),
+        (),
+        "validation.json",
+    ),
+    Stage(
+        "train",
+        "pipeline.stages.train:run",
+        "train on validated data; log to MLflow",
+        ("base", "train", "tracking", "presets"),
+        ("validate",),
+        "train.json",
+    ),
+    Stage(
+        "evaluate",
+        "pipeline.stages.evaluate:run",
+        "score the trained model on the test split",
+        (),
+        ("train",),
+        "metrics.json",
+    ),
+    Stage(
+        "register",
+        "pipeline.stages.register:run",
+        "register the model; promote it if it passes the gate",
+        ("register",),
+        ("train", "evaluate"),
+        "registered.json",
+        makes_model=False,
+    ),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def run(
+    name: str, cfg: Config, settings: Settings, inputs: dict, ctx: RunContext | None = None
+) -> dict:
+    """Run stage `name` with the hand-offs of its `needs` in `inputs`; write its own hand-off
+    to outputs/ and return it. KeyError when a needed hand-off is missing."""
+    stage = BY_NAME[name]
+    missing = [need for need in stage.needs if need not in inputs]
+    if missing:
+        raise KeyError(f"stage {name} needs the hand-off of {', '.join(missing)}")
+    module, _, function = stage.function.partition(":")
+    result = getattr(importlib.import_module(module), function)(
+        cfg, settings, {need: inputs[need] for need in stage.needs}, ctx or RunContext()
+    )
+    if result:  # {}: a torchrun worker; rank 0 hands on
+        write_json(settings.outputs / stage.hands_on, result)
+    return result
