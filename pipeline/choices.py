@@ -27,7 +27,7 @@ def _table(*entries: Choice) -> dict[str, Choice]:
 DATASETS = _table(
     Choice("digits", "pipeline.data.sources.digits:SOURCE", "scikit-learn's 8x8 digits, offline"),
     Choice("mnist", "pipeline.data.sources.idx:MNIST", "MNIST from its IDX files"),
-    Choice("fashion_mnist", "pipeline.data.sources.idx:FASHION_MNIST", "Fashion-MNIST, IDX"),
+    Choice("fashion_mnist", "pipeline.data.sources.idx:FASHION_MNIST", "Fashion-MNIST from its IDX files"),
     Choice("cifar10", "pipeline.data.sources.cifar10:SOURCE", "CIFAR-10 python batches"),
     Choice("imagefolder", "pipeline.data.sources.imagefolder:SOURCE", "a folder per class"),
 )
@@ -54,6 +54,16 @@ SWEEP_STRATEGIES = _table(
     Choice("grid", "pipeline.stages.sweep.grid", "every optimizer x schedule x lr"),
     Choice("optuna", "pipeline.stages.sweep.search", "a seeded TPE study with pruning"),
 )
+
+
+# The params.yaml key each table's names are the values of.
+KEYS = {
+    "base.dataset": DATASETS,
+    "train.model.name": MODELS,
+    "train.optimizer.name": OPTIMIZERS,
+    "train.schedule.name": SCHEDULES,
+    "sweep.strategy": SWEEP_STRATEGIES,
+}
 
 
 def names(table: dict[str, Choice]) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from pipeline.errors import DataError
 from pipeline.settings import Settings
 from pipeline.stages import graph
 
-LOCAL_COMMANDS = {"data", "check-data"}  # everything else talks to MLflow
+LOCAL_COMMANDS = {"data", "check-data", "choices"}  # everything else talks to MLflow
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> Config:
@@ -191,6 +191,16 @@ def summary(args, settings: Settings) -> int:
     return 0
 
 
+def list_choices(args, settings: Settings) -> int:
+    """Every pluggable choice by params.yaml key, with its one-line help (pipeline/choices.py)."""
+    from pipeline import choices
+
+    for key, table in choices.KEYS.items():
+        print(f"{key}:")
+        print("\n".join(f"  {c.name:<15}{c.help}" for c in table.values()))
+    return 0
+
+
 HANDLERS = {
     "data": data,
     "check-data": check_data,
@@ -204,4 +214,5 @@ HANDLERS = {
     "history": history,
     "status": status,
     "summary": summary,
+    "choices": list_choices,
 }

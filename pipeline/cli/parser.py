@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
+    sub.add_parser("choices", help="the datasets, models, optimizers, schedules, sweep strategies")
     return parser
 
 
