@@ -27,7 +27,7 @@ def _table(*entries: Choice) -> dict[str, Choice]:
 DATASETS = _table(
     Choice("digits", "pipeline.data.sources.digits:SOURCE", "scikit-learn's 8x8 digits, offline"),
     Choice("mnist", "pipeline.data.sources.idx:MNIST", "MNIST from its IDX files"),
-    Choice("fashion_mnist", "pipeline.data.sources.idx:FASHION_MNIST", "Fashion-MNIST from its IDX files"),
+    Choice("fashion_mnist", "pipeline.data.sources.idx:FASHION_MNIST", "Fashion-MNIST, IDX files"),
     Choice("cifar10", "pipeline.data.sources.cifar10:SOURCE", "CIFAR-10 python batches"),
     Choice("imagefolder", "pipeline.data.sources.imagefolder:SOURCE", "a folder per class"),
 )
