@@ -34,7 +34,7 @@ def test_committed_params_load_and_flatten_to_one_column_per_hyperparameter():
             {"train.optimizer.name": "adamx"},
             ["train.optimizer.name", "'sgd'", "'adamw'", "adamx"],
         ),
-        ({}, {"train.schedule.name": "linear"}, ["train.schedule.name", "'cosine'", "'onecycle'"]),
+        ({}, {"train.schedule.name": "cosinus"}, ["train.schedule.name", "'cosine'", "'onecycle'"]),
         ({}, {"train.optimizer.lr": 0}, ["train.optimizer.lr", "greater than 0"]),
         ({}, {"train.optimizer.lr": -0.1}, ["train.optimizer.lr"]),
         ({}, {"train.epochs": 0}, ["train.epochs", "greater than or equal to 1"]),
