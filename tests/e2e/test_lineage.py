@@ -40,7 +40,8 @@ def test_lineage_names_data_code_params_and_run(registered):
     assert shown["params"]["hash"] == cfg.params_hash()
     assert shown["validation"]["success"] and shown["validation"]["failed"] == 0
     assert set(shown["versions"]) == {"torch", "mlflow", "airflow", "dvc", "great_expectations"}
-    assert shown["device"].startswith("cpu") and shown["airflow"] is None
+    assert shown["device"].startswith("cpu")
+    assert shown["origin"] == "cli" and "airflow" not in shown  # a DAG run: {"airflow": ids}
     assert json.loads(run(["pipeline", "lineage", "image-classifier/1"], project).stdout) == shown
 
     # The same record is on the model version's tags, searchable without downloading anything.
