@@ -80,11 +80,15 @@ def run(
     name: str, cfg: Config, settings: Settings, inputs: dict, ctx: RunContext | None = None
 ) -> dict:
     """Run stage `name` with the hand-offs of its `needs` in `inputs`; write its own hand-off
-    to outputs/ and return it. KeyError when a needed hand-off is missing."""
+    to outputs/ and return it. KeyError when a needed hand-off is missing.
+
+    The previous hand-off is removed first (as DVC removes a stage's outs), so a stage that
+    fails leaves none: a failed validation must not leave an older success for train to read."""
     stage = BY_NAME[name]
     missing = [need for need in stage.needs if need not in inputs]
     if missing:
         raise KeyError(f"stage {name} needs the hand-off of {', '.join(missing)}")
+    (settings.outputs / stage.hands_on).unlink(missing_ok=True)
     module, _, function = stage.function.partition(":")
     result = getattr(importlib.import_module(module), function)(
         cfg, settings, {need: inputs[need] for need in stage.needs}, ctx or RunContext()

@@ -259,3 +259,22 @@ def test_early_stopping_without_a_validation_split_is_a_config_error():
 
     with pytest.raises(ConfigError, match="early_stopping.patience > 0 needs train.val_fraction"):
         config_from_dict({}, {"train.early_stopping.patience": 2, "train.val_fraction": 0})
+
+
+def test_val_loss_is_the_plain_cross_entropy_whatever_the_label_smoothing(digits):
+    """Smoothing raises the loss floor: a smoothed val_loss would rank trials that differ only
+    in label_smoothing by their smoothing, not by how well they predict."""
+    import torch.nn.functional as F
+
+    from pipeline.training.batches import split_validation
+
+    cfg = _cfg(**{"train.epochs": 1, "train.model.name": "mlp", "train.label_smoothing": 0.2})
+    result = fit(cfg, digits.train, digits.classes, seed=0)
+    _, val = split_validation(digits.train, cfg.val_fraction, 0)
+    images, labels = next(val.chunks(len(val)))
+    with torch.no_grad():
+        logits = result.model(torch.from_numpy(images.astype(np.float32)))
+    plain = float(F.cross_entropy(logits, torch.from_numpy(labels)))
+    smoothed = float(F.cross_entropy(logits, torch.from_numpy(labels), label_smoothing=0.2))
+    assert result.history[-1]["val_loss"] == pytest.approx(plain, rel=1e-5)
+    assert abs(plain - smoothed) > 1e-3  # the two differ, so the check above can fail

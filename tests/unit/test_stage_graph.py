@@ -47,3 +47,20 @@ def test_a_stage_without_its_hand_offs_is_refused(tmp_path):
     settings = Settings(root=tmp_path, tracking_uri="sqlite://", artifact_root="")
     with pytest.raises(KeyError, match="needs the hand-off of validate"):
         graph.run("train", Config(), settings, {})
+
+
+def test_a_failed_stage_leaves_no_hand_off(tmp_path):
+    """An older validation.json saying success must not outlive a failed validation."""
+    from dvc.repo import Repo
+
+    from pipeline.config import Config
+    from pipeline.errors import PermanentError
+    from pipeline.settings import Settings
+
+    Repo.init(str(tmp_path), no_scm=True).close()
+    settings = Settings(root=tmp_path, tracking_uri="sqlite://", artifact_root="")
+    settings.outputs.mkdir()
+    (settings.outputs / "validation.json").write_text('{"success": true}')
+    with pytest.raises(PermanentError, match="data"):  # a DVC project without data/
+        graph.run("validate", Config(), settings, {})
+    assert not (settings.outputs / "validation.json").exists()
