@@ -1,10 +1,10 @@
 """What the four DAGs share: where the project is, the data Asset, pools, default_args with the
-failure alert, the params.yaml values the trigger forms start from, and the task decorator.
+failure alert, the params.yaml values and choices the trigger forms offer, and the task decorator.
 
 Airflow puts the DAG folder on sys.path, so the DAG files `import dag_support`; .airflowignore
-keeps it from being parsed as a DAG. Like the DAG files it imports at the top only
-`pipeline.choices` (names, no dependencies): parsing stays fast and free of torch, MLflow and GX.
-The DAGs call only `pipeline.stages` and the base modules (config, settings, errors, alerts).
+keeps it from being parsed as a DAG. Like the DAG files it imports no pipeline code at the top;
+at parse time only `pipeline.choices` (names, no dependencies) is read, so parsing stays fast and
+free of torch, MLflow and GX. The tasks call only `pipeline.stages` and the base modules.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from pathlib import Path
 import yaml
 from airflow.sdk import Asset, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
-
-from pipeline import choices
 
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 # Updated by publish_dataset when it records a new data version; the training DAG runs on it.
@@ -105,9 +103,12 @@ def permanent_errors():
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
-def choice(table: dict, default, **schema) -> Param:
-    """A form field choosing one entry of a `pipeline.choices` table."""
-    return form_param(default, enum=list(choices.names(table)), **schema)
+def choice(key: str, default, **schema) -> Param:
+    """A form field choosing a value of the params.yaml `key` from its `pipeline.choices` table
+    (the one list of names the config and the CLI accept too)."""
+    from pipeline import choices  # names only: no dependencies
+
+    return form_param(default, enum=list(choices.KEYS[key]), **schema)
 
 
 def context(**changes):

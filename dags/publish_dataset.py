@@ -13,8 +13,6 @@ import dag_support as ds
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from pipeline import choices
-
 PARAMS = ds.params_yaml()
 
 
@@ -29,7 +27,7 @@ PARAMS = ds.params_yaml()
     default_args=ds.default_args(retries=1, execution_timeout=timedelta(hours=2)),
     doc_md=__doc__,
     params={
-        "dataset": ds.choice(choices.DATASETS, ds.param(PARAMS, "base.dataset")),
+        "dataset": ds.choice("base.dataset", ds.param(PARAMS, "base.dataset")),
         "source_dir": ds.form_param(
             ds.param(PARAMS, "data.source_dir"),
             type="string",

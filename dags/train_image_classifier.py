@@ -21,8 +21,6 @@ from airflow.sdk import (
     task,
 )
 
-from pipeline import choices
-
 SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")  # "none": new data and triggers only
 
 # Form field -> params.yaml key; fields changed in the trigger form override params.yaml.
@@ -62,18 +60,18 @@ DEFAULTS = {name: ds.param(PARAMS, key) for name, key in PARAM_KEYS.items()}
             description="a recipe from params.yaml `presets:`; fields you change below win",
         ),
         "dataset": ds.choice(
-            choices.DATASETS,
+            "base.dataset",
             DEFAULTS["dataset"],
             description="must match the data version in data.dvc",
         ),
-        "model": ds.choice(choices.MODELS, DEFAULTS["model"]),
-        "optimizer": ds.choice(choices.OPTIMIZERS, DEFAULTS["optimizer"]),
+        "model": ds.choice("train.model.name", DEFAULTS["model"]),
+        "optimizer": ds.choice("train.optimizer.name", DEFAULTS["optimizer"]),
         "lr": ds.form_param(
             DEFAULTS["lr"],
             anyOf=[{"type": "number", "exclusiveMinimum": 0}, {"const": "auto"}],
             description="a number, or auto: the learning-rate range test picks it",
         ),
-        "schedule": ds.choice(choices.SCHEDULES, DEFAULTS["schedule"]),
+        "schedule": ds.choice("train.schedule.name", DEFAULTS["schedule"]),
         "epochs": ds.form_param(DEFAULTS["epochs"], type="integer", minimum=1),
         "batch_size": ds.form_param(DEFAULTS["batch_size"], type="integer", minimum=1),
         "force_retrain": Param(
