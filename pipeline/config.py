@@ -406,6 +406,8 @@ def _explain(exc: ValidationError) -> str:
             lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
         elif not key:  # a cross-field check on the whole config: its message names the keys
             lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+        elif isinstance(err.get("input"), dict):  # a check across a block: its message names keys
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -137,9 +137,11 @@ def report_markdown(report: dict) -> str:
 
 def _policy(p: dict) -> str:
     guard = "off" if p["max_recall_drop"] is None else f"{p['max_recall_drop']:g}"
+    shown = {"model_name", "metric", "floor", "min_improvement", "max_recall_drop"}
+    more = "".join(f", {key} {value}" for key, value in p.items() if key not in shown)
     return (
         f"{p['metric']} >= floor {p['floor']:g}, >= champion {p['min_improvement']:+g}, "
-        f"per-class recall drop <= {guard}"
+        f"per-class recall drop <= {guard}{more}"  # settings of rules added later
     )
 
 

@@ -201,3 +201,11 @@ def test_the_training_dag_wires_exactly_the_stage_graph(dagbag):
 
     for stage in graph.STAGES:
         assert _ancestors(dag, stage.name) & names == needs(stage.name), stage.name
+        task = dag.get_task(stage.name)
+        given = {
+            op.task_id
+            for arg in [*task.op_args, *task.op_kwargs.values()]
+            for op, _ in arg.iter_references()
+        }
+        missing = set(stage.needs) - given
+        assert missing == set(), f"pass the output of {missing} to the {stage.name} task"

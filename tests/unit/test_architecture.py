@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import choices as choice_tables
 from pipeline.stages import graph
 from tests.conftest import REPO
 
@@ -45,12 +46,30 @@ def _layer(module: str) -> int:
     return next((n for prefix, n in LAYERS.items() if module.startswith(prefix)), 0)
 
 
+def _chosen(node: ast.AST) -> set[str]:
+    """The modules a `choices.load(choices.TABLE, ...)` call may import: every entry's."""
+    if not (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "load"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "choices"
+        and node.args
+        and isinstance(node.args[0], ast.Attribute)
+    ):
+        return set()
+    table = getattr(choice_tables, node.args[0].attr)
+    return {entry.code.partition(":")[0] for entry in table.values()}
+
+
 def _imports(path: Path, top_level_only: bool = False) -> set[str]:
-    """The pipeline modules `path` imports (inside functions too, unless `top_level_only`)."""
+    """The pipeline modules `path` imports (inside functions too, unless `top_level_only`),
+    the code a `choices.load` call there may import included."""
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else ast.walk(tree)
     found = set()
     for node in nodes:
+        found |= _chosen(node)
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
             for alias in node.names:  # `from pipeline.x import y`: y may be a module
                 sub = f"{node.module}.{alias.name}"
@@ -185,3 +204,9 @@ def _flat(changes: dict):
             yield from ((f"{path}:{key}", status) for key, status in how.items())
         else:
             yield path, how
+
+
+def test_code_behind_a_choice_counts_as_imported_by_its_loader():
+    """A model in a new folder is run by train: its dvc.yaml deps must cover that folder."""
+    found = _imports(REPO / "pipeline" / "training" / "models.py")
+    assert {e.code.partition(":")[0] for e in choice_tables.MODELS.values()} <= found

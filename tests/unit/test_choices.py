@@ -65,21 +65,33 @@ def test_an_unknown_name_is_refused_by_load_too():
     assert str(refused.value) == f"unknown choice 'vgg'; allowed: {', '.join(choices.MODELS)}"
 
 
-# Where the docs describe each kind: a new entry without its paragraph fails here.
+# Where the docs list each kind (the start of the line that lists it): a new entry without its
+# description fails here.
 DOCS = {
-    "base.dataset": "docs/data.md",
-    "train.model.name": "docs/training.md",
-    "train.optimizer.name": "docs/training.md",
-    "train.schedule.name": "docs/training.md",
-    "sweep.strategy": "docs/running.md",
+    "base.dataset": ("docs/data.md", "| `"),  # a row of the datasets table
+    "train.model.name": ("docs/training.md", "- Models:"),
+    "train.optimizer.name": ("docs/training.md", "- Optimizers:"),
+    "train.schedule.name": ("docs/training.md", "- Schedules:"),
+    "sweep.strategy": ("docs/running.md", ""),  # "(`sweep.strategy`: `NAME`" in its paragraph
 }
 
 
 @pytest.mark.parametrize(("key", "name"), ENTRIES)
-def test_each_entry_is_documented(key, name):
+def test_each_entry_is_documented_where_its_kind_is_listed(key, name):
     from tests.conftest import REPO
 
-    assert f"`{name}`" in (REPO / DOCS[key]).read_text(), f"describe {name!r} in {DOCS[key]}"
+    doc, start = DOCS[key]
+    listing: list[str] = []  # each listing line with its indented continuation lines
+    for line in (REPO / doc).read_text().splitlines():
+        if line.startswith(start):
+            listing.append(line)
+        elif listing and line.startswith("  "):
+            listing[-1] += " " + line.strip()
+    if key == "sweep.strategy":
+        wanted = f"(`sweep.strategy`: `{name}`"
+    else:
+        wanted = f"`{name}`"
+    assert any(wanted in line for line in listing), f"list {name!r} in {doc} ({start!r})"
 
 
 def test_pipeline_choices_lists_every_entry(capsys):
@@ -88,3 +100,41 @@ def test_pipeline_choices_lists_every_entry(capsys):
     assert main(["choices"]) == 0
     listed = capsys.readouterr().out
     assert all(f"  {name} " in listed for _, name in ENTRIES)
+
+
+@pytest.mark.parametrize("name", choices.MODELS)
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
+def test_every_model_maps_images_to_one_logit_per_class(name, shape):
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.training.models import build_model
+
+    net = build_model(ModelConfig(name=name), shape, 7)
+    assert net(torch.zeros(2, *shape)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", choices.OPTIMIZERS)
+def test_every_optimizer_builds_at_the_configured_lr_and_steps(name):
+    import torch
+
+    from pipeline.config import OptimizerConfig
+    from pipeline.training.optim import build_optimizer
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = build_optimizer(model, OptimizerConfig(name=name, lr=0.0123))
+    assert {group["lr"] for group in optimizer.param_groups} == {0.0123}
+    before = model.weight.detach().clone()
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+
+
+@pytest.mark.parametrize("name", choices.SCHEDULES)
+def test_every_schedule_is_a_finite_multiplier_of_at_most_one(name):
+    from pipeline.config import ScheduleConfig
+    from pipeline.training.schedules import lr_factor
+
+    cfg = ScheduleConfig(name=name, warmup_epochs=0)
+    factors = [lr_factor(step, 10, 5, cfg) for step in range(50)]
+    assert all(0 <= f <= 1 for f in factors) and max(factors) > 0

@@ -100,6 +100,23 @@ def test_typed_defaults_are_the_values_in_params_yaml():
     assert defaults == committed
 
 
+def test_params_yaml_writes_every_key_of_the_config():
+    """A setting the config has but params.yaml does not show is a setting nobody finds."""
+    import yaml
+
+    from pipeline.config import _flatten
+
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    written.pop("presets")
+    defaults = config_from_dict({}).to_dict()
+    defaults.pop("presets")
+    space = "sweep.optuna.space."  # the dimensions are the user's, each with its own keys
+    missing = {
+        k for k in set(_flatten(defaults)) - set(_flatten(written)) if not k.startswith(space)
+    }
+    assert missing == set(), "add these keys to params.yaml with their default values"
+
+
 def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  epochs: 3\n  batch_size: 32\n  epochs: 4\n")

@@ -52,3 +52,21 @@ def test_a_champion_for_other_classes_or_inputs_is_never_replaced_by_policy():
     assert mismatch in decision.reason and "--force --reason" in decision.reason
     assert "register.model_name" in decision.reason
     assert decide(POLICY, scores(0.5), {}, mismatch).rule == "floor"  # below the floor first
+
+
+def test_every_rule_is_described_in_the_operations_doc():
+    from pipeline.registry.policy import RULES
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "operations.md").read_text()
+    assert [r.__name__ for r in RULES if f"`{r.__name__}`" not in doc] == []
+
+
+def test_the_report_shows_every_policy_setting_including_new_ones():
+    from pipeline.registry.policy import _policy
+
+    policy = RegisterConfig().model_dump()
+    assert _policy(policy) == (
+        "test_accuracy >= floor 0.9, >= champion +0, per-class recall drop <= off"
+    )
+    assert _policy({**policy, "min_class_recall": 0.8}).endswith(", min_class_recall 0.8")

@@ -20,10 +20,15 @@ def check(cfg: Config) -> None:
     """Trials are ranked on the validation split (choosing on test would overfit the test
     split): a recipe without one is refused, with the fix."""
     if cfg.train.val_fraction == 0:
-        preset = f" (preset {cfg.base.preset} sets it to 0)" if cfg.base.preset else ""
+        preset = cfg.base.preset
+        fix = (
+            f"preset {preset} sets it to 0: set train.val_fraction: 0.1 under presets.{preset} "
+            "in params.yaml, or sweep another preset"
+            if preset
+            else "set train.val_fraction: 0.1 in params.yaml"
+        )
         raise ConfigError(
-            f"a sweep ranks its trials on the validation split, and train.val_fraction is 0"
-            f"{preset}; sweep with a validation share, e.g. --set train.val_fraction=0.1"
+            f"a sweep ranks its trials on the validation split, and train.val_fraction is 0; {fix}"
         )
 
 

@@ -121,9 +121,9 @@ def worker(
             study.enqueue_trial(left.params, user_attrs={"retry_of": left.number})
     done = []
     while _slots(study, cfg.sweep.optuna.trials):
-        trial = study.ask()
-        trial.set_user_attr("worker", me)
-        done.append(_run_trial(cfg, settings, validation, parent, trial, ctx))
+        asked = study.ask()
+        asked.set_user_attr("worker", me)
+        done.append(_run_trial(cfg, settings, validation, parent, asked, ctx))
     return {"worker": index, "trials": done}
 
 
