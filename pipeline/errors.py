@@ -20,10 +20,12 @@ class DataError(PermanentError):
 
 
 class ValidationFailed(PermanentError):
-    """The data failed its expectations; `report` (a `ValidationReport`) says which."""
+    """The data failed its expectations; `report` (a `ValidationReport`) says which, `handoff`
+    is the validate stage's result saying so (success false), recorded like a success would be."""
 
-    def __init__(self, report):
+    def __init__(self, report, handoff: dict | None = None):
         self.report = report
+        self.handoff = handoff
         super().__init__(report.describe())
 
 

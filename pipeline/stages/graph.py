@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config
 from pipeline.context import RunContext
+from pipeline.errors import PermanentError
 from pipeline.files import write_json
 from pipeline.settings import Settings
 
@@ -82,17 +83,23 @@ def run(
     """Run stage `name` with the hand-offs of its `needs` in `inputs`; write its own hand-off
     to outputs/ and return it. KeyError when a needed hand-off is missing.
 
-    The previous hand-off is removed first (as DVC removes a stage's outs), so a stage that
-    fails leaves none: a failed validation must not leave an older success for train to read."""
+    A verdict against the inputs is a hand-off too: a `PermanentError` carrying one (a failed
+    validation, success false) is written before it is raised, so the next stage never reads an
+    older success. Other failures (a full disk, MLflow down) leave the previous hand-off as it
+    was."""
     stage = BY_NAME[name]
     missing = [need for need in stage.needs if need not in inputs]
     if missing:
         raise KeyError(f"stage {name} needs the hand-off of {', '.join(missing)}")
-    (settings.outputs / stage.hands_on).unlink(missing_ok=True)
     module, _, function = stage.function.partition(":")
-    result = getattr(importlib.import_module(module), function)(
-        cfg, settings, {need: inputs[need] for need in stage.needs}, ctx or RunContext()
-    )
+    try:
+        result = getattr(importlib.import_module(module), function)(
+            cfg, settings, {need: inputs[need] for need in stage.needs}, ctx or RunContext()
+        )
+    except PermanentError as failed:
+        if getattr(failed, "handoff", None) is not None:
+            write_json(settings.outputs / stage.hands_on, failed.handoff)
+        raise
     if result:  # {}: a torchrun worker; rank 0 hands on
         write_json(settings.outputs / stage.hands_on, result)
     return result

@@ -39,7 +39,7 @@ def validate_stage(cfg: Config, settings: Settings, ctx: RunContext | None = Non
     print(report.describe())
     if not report.success:
         _record_failed_validation(cfg, settings, result, ctx or RunContext())
-        raise ValidationFailed(report)
+        raise ValidationFailed(report, handoff=result)
     return result
 
 

@@ -49,18 +49,43 @@ def test_a_stage_without_its_hand_offs_is_refused(tmp_path):
         graph.run("train", Config(), settings, {})
 
 
-def test_a_failed_stage_leaves_no_hand_off(tmp_path):
-    """An older validation.json saying success must not outlive a failed validation."""
-    from dvc.repo import Repo
+def _fails_validation(cfg, settings, inputs, ctx):
+    from types import SimpleNamespace
+
+    from pipeline.errors import ValidationFailed
+
+    report = SimpleNamespace(describe=lambda: "validation FAILED: 2 expectations")
+    raise ValidationFailed(report, handoff={"success": False, "data_md5": "abc"})
+
+
+def _disk_full(cfg, settings, inputs, ctx):
+    from pipeline.errors import PermanentError
+
+    raise PermanentError("no space left")
+
+
+@pytest.mark.parametrize(
+    ("function", "left"),
+    [
+        ("_fails_validation", {"success": False, "data_md5": "abc"}),  # the verdict replaces it
+        ("_disk_full", {"success": True}),  # not a verdict: the last hand-off stays as it was
+    ],
+)
+def test_a_failed_validation_is_handed_on_so_no_older_success_is(
+    tmp_path, monkeypatch, function, left
+):
+    import json
+    from dataclasses import replace
 
     from pipeline.config import Config
     from pipeline.errors import PermanentError
     from pipeline.settings import Settings
 
-    Repo.init(str(tmp_path), no_scm=True).close()
+    stage = replace(graph.BY_NAME["validate"], function=f"tests.unit.test_stage_graph:{function}")
+    monkeypatch.setitem(graph.BY_NAME, "validate", stage)
     settings = Settings(root=tmp_path, tracking_uri="sqlite://", artifact_root="")
     settings.outputs.mkdir()
     (settings.outputs / "validation.json").write_text('{"success": true}')
-    with pytest.raises(PermanentError, match="data"):  # a DVC project without data/
+    with pytest.raises(PermanentError):
         graph.run("validate", Config(), settings, {})
-    assert not (settings.outputs / "validation.json").exists()
+    assert json.loads((settings.outputs / "validation.json").read_text()) == left
