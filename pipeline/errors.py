@@ -10,6 +10,8 @@ from __future__ import annotations
 class PermanentError(RuntimeError):
     """Bad config, bad or untracked data, a diverged run, an untrusted checkpoint."""
 
+    handoff: dict | None = None  # a verdict the failed stage hands on (see ValidationFailed)
+
 
 class ConfigError(PermanentError, ValueError):
     """params.yaml or an override names an unknown key or an impossible value."""

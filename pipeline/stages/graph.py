@@ -97,7 +97,7 @@ def run(
             cfg, settings, {need: inputs[need] for need in stage.needs}, ctx or RunContext()
         )
     except PermanentError as failed:
-        if getattr(failed, "handoff", None) is not None:
+        if failed.handoff is not None:
             write_json(settings.outputs / stage.hands_on, failed.handoff)
         raise
     if result:  # {}: a torchrun worker; rank 0 hands on

@@ -34,8 +34,7 @@ def recipe(name: str, data: DataConfig) -> dict:
 def write_source(name: str, data: DataConfig, data_dir: Path, made_by: dict | None = None):
     """Write dataset `name` from its source to `data_dir` (replacing what is there); `made_by`:
     its `recipe`, when the caller has it already (a photo folder's is one read of the folder)."""
-    found = source(name)
-    found.write(data, data_dir, made_by or found.recipe(data))
+    source(name).write(data, data_dir, made_by)
 
 
 def load_source(name: str, data: DataConfig) -> Dataset:

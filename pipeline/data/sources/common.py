@@ -22,13 +22,13 @@ class Source:
     recipe(data) -> dict: the settings and source content that determine the dataset's bytes
         (stored in meta.json; a pull with another recipe writes a new version).
     write(data, data_dir, made_by): write the dataset to `data_dir` (replacing what is there);
-        `made_by` is its recipe.
+        `made_by` is its recipe when the caller has it (None: the source works it out).
     load(data) -> Dataset: the whole dataset in memory, for the built-in sets that fit (None for
         a source that only streams to disk).
     """
 
     recipe: Callable[[DataConfig], dict]
-    write: Callable[[DataConfig, Path, dict], None]
+    write: Callable[[DataConfig, Path, dict | None], None]
     load: Callable[[DataConfig], Dataset] | None = None
 
 
@@ -37,10 +37,10 @@ def in_memory(load: Callable[[DataConfig], Dataset], recipe: Callable[[DataConfi
     largest built-in, is 180 MB): loaded whole, then written with its contract."""
     from pipeline.data.contract import for_dataset
 
-    def write(data: DataConfig, data_dir: Path, made_by: dict) -> None:
+    def write(data: DataConfig, data_dir: Path, made_by: dict | None) -> None:
         ds = load(data)
         contract = for_dataset(ds.shape, ds.classes, data, None, 8)  # arrays: fixed size, 8-bit
-        made_by = recipe(data)  # after loading: a download has brought the files
+        made_by = recipe(data)  # always after loading: a download may have brought the files
         write_dataset(replace(ds, recipe=made_by, contract=contract.to_dict()), data_dir)
 
     return Source(recipe=recipe, write=write, load=load)

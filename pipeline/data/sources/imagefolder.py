@@ -125,8 +125,9 @@ def recipe(data: DataConfig) -> dict:
     }
 
 
-def write(data: DataConfig, data_dir: Path, made_by: dict) -> None:
-    ingest(need_dir("imagefolder", data.source_dir).resolve(), data, data_dir, made_by)
+def write(data: DataConfig, data_dir: Path, made_by: dict | None) -> None:
+    root = need_dir("imagefolder", data.source_dir).resolve()
+    ingest(root, data, data_dir, made_by or recipe(data))
 
 
 def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[str, str]:
