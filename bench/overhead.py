@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DAG_FILE = ROOT / "dags" / "train_image_classifier.py"
 DVC = str(Path(sys.executable).parent / "dvc")
 PROBE = """
-import json, runpy, sys, time
+import json, os, runpy, sys, time
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # as Airflow puts the DAG folder on sys.path
 t0 = time.perf_counter()
 import airflow.sdk  # noqa: F401
 t1 = time.perf_counter()

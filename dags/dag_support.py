@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 from airflow.sdk import Asset, Param, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTerminated
 
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
 # Updated by publish_dataset when it records a new data version; the training DAG runs on it.
@@ -93,14 +93,47 @@ def form_param(default, **schema) -> Param:
 
 @contextmanager
 def permanent_errors():
-    """Bad config, bad or untracked data, failed validation, divergence, an untrusted checkpoint
-    or a model reference that does not resolve will not fix themselves: fail, no retry."""
+    """Around a task body. Bad config, bad or untracked data, failed validation, divergence, an
+    untrusted checkpoint or a model reference that does not resolve will not fix themselves:
+    fail, no retry. SIGTERM or SIGINT stops the body (Airflow's runner alone would let it run
+    on), its MLflow run ends KILLED, and the task fails as terminated, without retry."""
+    from pipeline import interrupts
     from pipeline.errors import PermanentError
 
     try:
-        yield
+        with interrupts.raising_on_signals():
+            yield
     except (PermanentError, LookupError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    except interrupts.Interrupted as exc:
+        raise AirflowTaskTerminated(str(exc)) from exc
+
+
+def preset_param(params: dict, default) -> Param:
+    """The form's preset field: a recipe from params.yaml `presets:`, or none."""
+    return Param(
+        default,
+        type=["null", "string"],
+        enum=[None, *sorted(params.get("presets") or {})],
+        description="a recipe from params.yaml `presets:`; fields you set below win",
+    )
+
+
+def form_config(keys: dict[str, str], defaults: dict | None = None):
+    """params.yaml with this run's form applied: each field (`keys`: field -> dotted key) that is
+    set, and differs from its default when `defaults` are given, overrides the key; untouched
+    fields leave a chosen preset's values alone."""
+    from pipeline.config import load_config
+
+    given = get_current_context()["params"]
+    defaults = defaults or {}
+    overrides = {
+        key: given[name]
+        for name, key in keys.items()
+        if given.get(name) is not None and given[name] != defaults.get(name)
+    }
+    with permanent_errors():
+        return load_config(settings().params, overrides)
 
 
 def choice(key: str, default, **schema) -> Param:

@@ -15,6 +15,18 @@ import dag_support as ds
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+# Form field -> params.yaml key. Empty fields keep params.yaml's value (after the preset's), so
+# a preset's own val_fraction or dataset stays unless a value is typed in.
+PARAM_KEYS = {
+    "preset": "base.preset",
+    "dataset": "base.dataset",
+    "strategy": "sweep.strategy",
+    "trials": "sweep.optuna.trials",
+    "epochs": "sweep.epochs",
+    "val_fraction": "train.val_fraction",
+}
+PARAMS = ds.params_yaml()
+
 
 @dag(
     dag_id="sweep_image_classifier",
@@ -27,21 +39,50 @@ from airflow.sdk import Param, dag, get_current_context, task
     default_args=ds.default_args(),
     doc_md=__doc__,
     params={
+        "preset": ds.preset_param(PARAMS, None),
+        "dataset": ds.choice(
+            "base.dataset", None, description="empty: params.yaml's; must be what data.dvc holds"
+        ),
+        "strategy": ds.choice(
+            "sweep.strategy", None, description=f"empty: {ds.param(PARAMS, 'sweep.strategy')}"
+        ),
+        "trials": ds.form_param(
+            None,
+            type="integer",
+            minimum=1,
+            description=f"optuna: trials; empty: {ds.param(PARAMS, 'sweep.optuna.trials')}",
+        ),
+        "epochs": ds.form_param(
+            None,
+            type="integer",
+            minimum=1,
+            description=f"per trial; empty: {ds.param(PARAMS, 'sweep.epochs')}",
+        ),
+        "val_fraction": ds.form_param(
+            None,
+            type="number",
+            exclusiveMinimum=0,
+            exclusiveMaximum=1,
+            description="held out of training to rank the trials; empty: the preset's or "
+            f"params.yaml's ({ds.param(PARAMS, 'train.val_fraction')})",
+        ),
         "new_study": Param(
             False,
             type="boolean",
             description="optuna: start the study over instead of resuming the one of that name",
-        )
+        ),
     },
 )
 def sweep_image_classifier():
     @task(multiple_outputs=True)  # the trials take its "validation" alone
     def validate() -> dict:
-        """Check data/ against data.dvc and run the validation gate once for all trials."""
-        from pipeline.stages.validate import validate_stage
+        """Apply the form to params.yaml, check data/ holds that dataset as data.dvc records it,
+        and run the validation gate once for all trials."""
+        from pipeline.stages.validate import check_data_stage, validate_stage
 
-        cfg = ds.config()
+        cfg = ds.form_config(PARAM_KEYS)
         with ds.permanent_errors():
+            check_data_stage(cfg, ds.settings())
             validation = validate_stage(cfg, ds.settings(), ds.context())
         return {"config": cfg.to_dict(), "validation": validation}
 

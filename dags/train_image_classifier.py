@@ -53,12 +53,7 @@ DEFAULTS = {name: ds.param(PARAMS, key) for name, key in PARAM_KEYS.items()}
     default_args=ds.default_args(),
     doc_md=__doc__,
     params={
-        "preset": Param(
-            DEFAULTS["preset"],
-            type=["null", "string"],
-            enum=[None, *sorted(PARAMS.get("presets") or {})],
-            description="a recipe from params.yaml `presets:`; fields you change below win",
-        ),
+        "preset": ds.preset_param(PARAMS, DEFAULTS["preset"]),
         "dataset": ds.choice(
             "base.dataset",
             DEFAULTS["dataset"],
@@ -85,21 +80,12 @@ def train_image_classifier():
     @task
     def check_data() -> dict:
         """Resolve params.yaml + run params; check data/ is present and matches data.dvc."""
-        from pipeline.config import load_config
         from pipeline.stages.validate import check_data_stage
 
-        settings = ds.settings()
-        run_params = get_current_context()["params"]
-        # Only fields changed from the form's defaults override, so a chosen preset is not
-        # undone by the untouched fields (which show params.yaml's values).
-        overrides = {
-            key: run_params[name]
-            for name, key in PARAM_KEYS.items()
-            if name in run_params and run_params[name] != DEFAULTS[name]
-        }
+        # Only fields changed from the form's defaults (params.yaml's values) override.
+        cfg = ds.form_config(PARAM_KEYS, DEFAULTS)
         with ds.permanent_errors():
-            cfg = load_config(settings.params, overrides)
-            data = check_data_stage(cfg, settings)
+            data = check_data_stage(cfg, ds.settings())
         return {"config": cfg.to_dict(), **data}
 
     @ds.stage_task()

@@ -34,6 +34,11 @@ DATASETS = _table(
 MODELS = _table(
     Choice("mlp", "pipeline.training.models:mlp", "the classic tutorial's one hidden layer"),
     Choice("cnn", "pipeline.training.models:small_cnn", "three conv blocks with batch norm"),
+    Choice(
+        "lenet",
+        "pipeline.training.models:lenet",
+        "LeNet-5: two 5x5 conv + pool blocks; fast on CPU",
+    ),
     Choice("resnet18", "pipeline.training.models:resnet18", "torchvision's ResNet-18"),
 )
 OPTIMIZERS = _table(

@@ -48,7 +48,8 @@ class BaseConfig(_Block):
 class DataConfig(_Block):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     source_dir: str | None = None  # raw files (mnist/cifar) or class folders (imagefolder)
-    download: bool = True
+    download: bool = True  # without source_dir: fetch the raw files into download_dir
+    download_dir: str | None = None  # null: .cache/datasets in the project
     image_size: int | None = Field(None, ge=4)  # imagefolder only: bring every image to a square
     resize: Literal["crop", "squash", "pad"] = "crop"  # how image_size is reached (imagefolder)
     on_bad_image: Literal["fail", "skip"] = "fail"  # skip: left out, listed in data/meta.json

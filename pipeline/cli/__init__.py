@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 
+from pipeline import interrupts
 from pipeline.cli.commands import HANDLERS, LOCAL_COMMANDS
 from pipeline.cli.parser import build_parser
 from pipeline.errors import ConfigError, DataError, PermanentError, ValidationFailed
@@ -22,11 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = Settings.from_env()
     try:
-        if args.command not in LOCAL_COMMANDS:
-            from pipeline.tracking.server import wait_for_server
+        with interrupts.raising_on_signals():
+            if args.command not in LOCAL_COMMANDS:
+                from pipeline.tracking.server import wait_for_server
 
-            wait_for_server(settings)
-        return HANDLERS[args.command](args, settings)
+                wait_for_server(settings)
+            return HANDLERS[args.command](args, settings)
+    except interrupts.Interrupted as exc:  # the stage ended its MLflow run KILLED
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + getattr(signal, exc.signal)
     except (PermanentError, LookupError) as exc:  # LookupError: a model that does not resolve
         print(_permanent(exc), file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

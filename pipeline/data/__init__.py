@@ -29,6 +29,8 @@ def materialize(
     killed between writing data/ and recording it is finished by the next one.
     """
     data = data or DataConfig()
+    if data.download_dir is None:  # this project's cache, wherever the command runs
+        data = data.model_copy(update={"download_dir": str(repo_root / ".cache" / "datasets")})
     wanted = recipe(dataset, data)
     with versioning.data_lock(repo_root):
         interrupted = versioning.pending_write(repo_root)
@@ -36,8 +38,11 @@ def materialize(
         if has_pointer and not data_dir.exists() and not interrupted:
             try:
                 versioning.pull(repo_root)
-            except DataError as exc:
-                log(f"data: not in the DVC remote ({str(exc).splitlines()[0]}); regenerating")
+            except DataError:
+                log(
+                    f"data: the tracked version {versioning.recorded_md5(repo_root)} is not in "
+                    f"the local cache or the DVC remote; writing {dataset} from its source"
+                )
         if interrupted:
             log("data: finishing a `pipeline data pull` that was interrupted; writing it again")
         elif not rewrite and has_pointer and data_dir.exists():
@@ -52,11 +57,14 @@ def materialize(
             )
         previous = versioning.recorded_md5(repo_root) if has_pointer else None
         log(f"data: writing {dataset} to {data_dir}")
+        before = _meta_bytes(data_dir)
         versioning.mark_pending(repo_root, wanted)
         try:
             write_source(dataset, data, data_dir, wanted)
-        except DataError:  # refused before data/ was touched: nothing is left to finish
-            if not interrupted:
+        except BaseException:
+            # data/ is swapped in whole (DatasetWriter): the same meta.json means it was not
+            # touched, so a refused or failed read leaves nothing to finish.
+            if not interrupted and _meta_bytes(data_dir) == before:
                 versioning.clear_pending(repo_root)
             raise
         md5 = versioning.add_and_push(repo_root, data_dir)
@@ -66,6 +74,11 @@ def materialize(
     else:
         log(f"data: regenerated {dataset}; identical to the tracked version {md5}")
     return md5
+
+
+def _meta_bytes(data_dir: Path) -> bytes | None:
+    path = data_dir / "meta.json"
+    return path.read_bytes() if path.exists() else None
 
 
 def _changed_settings(data_dir: Path, wanted: dict) -> str:

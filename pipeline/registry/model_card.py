@@ -30,7 +30,7 @@ def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, 
         "",
         "## Data",
         f"- dataset `{data['dataset']}`, DVC version `{data['md5']}`: "
-        f"{data.get('train_rows')} training images (a validation share carved from them), "
+        f"{data.get('train_rows')} training images ({_held_out(train, data.get('train_rows'))}), "
         f"{data.get('test_rows')} test images",
         f"- validation: {lineage['validation']['passed']}/{lineage['validation']['evaluated']} "
         "expectations met (Great Expectations; Data Docs in the run's `data_docs/`)",
@@ -57,6 +57,15 @@ def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, 
         f"- Reproduce it with `pipeline reproduce {name}/{version}`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _held_out(train: dict, rows) -> str:
+    """What the run did with the training split, from its config (`split_validation`)."""
+    share = train.get("val_fraction", 0)
+    if not share:
+        return "all trained on; no validation split (train.val_fraction 0)"
+    held = f"{max(1, int(rows * share))} images" if isinstance(rows, int) else "a share"
+    return f"{held} ({share:.0%}) held out for validation, not trained on"
 
 
 def _describe_model(model: dict) -> str:

@@ -43,11 +43,13 @@ def train_stage(
 
     Returns {"run_id", "model_uri", "data_md5"} ({"run_id", "pruned": True, "data_md5"} when
     `on_epoch` stopped it; {} in a torchrun worker: only rank 0 touches MLflow and files).
-    Every epoch is checkpointed. With `ctx.resume`, a checkpoint of the same params, data,
-    orchestrator run and `ctx.scope` continues where it stopped, logging into the same MLflow
-    run. `on_epoch(row)` sees each epoch after it is logged; raising `Pruned` ends the run as
-    KILLED, tagged with the epoch it stopped at. Raises DataError for untracked or unvalidated
-    data, TrainingDiverged when the loss stays NaN/Inf.
+    SIGTERM or SIGINT (`interrupts.Interrupted`, any KeyboardInterrupt) ends the run KILLED and
+    re-raises; a run of the same identity that a killed process left RUNNING is ended KILLED
+    when the next one starts. Every epoch is checkpointed. With `ctx.resume`, a checkpoint of
+    the same params, data, orchestrator run and `ctx.scope` continues where it stopped, logging
+    into the same MLflow run. `on_epoch(row)` sees each epoch after it is logged; raising
+    `Pruned` ends the run as KILLED, tagged with the epoch it stopped at. Raises DataError for
+    untracked or unvalidated data, TrainingDiverged when the loss stays NaN/Inf.
     """
     from pipeline.training import checkpoint, distributed
     from pipeline.training.engine import fit
@@ -82,7 +84,7 @@ def train_stage(
         if on_epoch is not None:
             on_epoch(row)
 
-    with _tracked_run(cfg, given, settings, ds, validation, ctx, state) as run:
+    with _tracked_run(cfg, given, settings, ds, validation, ctx, state, identity) as run:
         try:
             result = fit(
                 cfg.train,
@@ -98,6 +100,10 @@ def train_stage(
         except Pruned as stop:
             mlflow.set_tags({"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})
             result = None
+        except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM as `interrupts.Interrupted`
+            mlflow.set_tag("train.interrupted", str(stop) or "interrupted by SIGINT")
+            mlflow.end_run("KILLED")  # the checkpoint stays: `--resume` continues it
+            raise
         if result is not None:
             _log_schedule(cfg, result, settings)
             model_uri = _log_model(result, ds)
@@ -136,8 +142,25 @@ def _training_identity(cfg: Config, data_md5: str, ctx: RunContext) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _end_abandoned(client, experiment: str, identity: str, keep: str | None) -> None:
+    """Runs of this identity left RUNNING by a process that no longer exists (SIGKILL, OOM):
+    ended KILLED, saying so; `keep` is the run a resume reopens."""
+    from pipeline import interrupts
+
+    query = f"tags.`train.identity` = '{identity}' and attributes.status = 'RUNNING'"
+    for left in client.search_runs([experiment], query):
+        tags = left.data.tags
+        if left.info.run_id != keep and interrupts.gone(
+            tags.get("train.host"), tags.get("train.pid")
+        ):
+            why = f"process {tags['train.pid']} on {tags['train.host']} ended without closing it"
+            client.set_tag(left.info.run_id, "train.interrupted", why)
+            client.set_terminated(left.info.run_id, "KILLED")
+            print(f"note: MLflow run {left.info.run_id} ended KILLED: {why}", file=sys.stderr)
+
+
 @contextmanager
-def _tracked_run(cfg, given, settings, ds, validation, ctx: RunContext, state):
+def _tracked_run(cfg, given, settings, ds, validation, ctx: RunContext, state, identity: str):
     """A new MLflow run, or the checkpoint's run reopened. `cfg` is what trains (params and
     config.json: numbers only), `given` the config as asked for (its params hash is what
     skip-unchanged compares; it differs with `lr: auto`).
@@ -148,12 +171,13 @@ def _tracked_run(cfg, given, settings, ds, validation, ctx: RunContext, state):
     import mlflow
     from mlflow import MlflowClient
 
+    from pipeline import interrupts
     from pipeline.data.validation import summary
     from pipeline.data.versioning import pointer
     from pipeline.tracking import lineage, store
     from pipeline.training import distributed
 
-    store.configure(settings, cfg.tracking.experiment)
+    experiment = store.configure(settings, cfg.tracking.experiment)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     mlflow.set_system_metrics_samples_before_logging(1)
     record = lineage.record(
@@ -162,10 +186,13 @@ def _tracked_run(cfg, given, settings, ds, validation, ctx: RunContext, state):
     tags = {
         **lineage.tags(record),
         "train.processes": str(distributed.context().world),
+        "train.identity": identity,
+        **{f"train.{key}": value for key, value in interrupts.owner().items()},
         **ctx.tags,  # e.g. mlflow.parentRunId for a sweep trial, reproduce.of
     }
     client = MlflowClient()
     run_id = state["mlflow_run_id"] if state else None
+    _end_abandoned(client, experiment, identity, keep=run_id)
     resuming = run_id is not None and _run_exists(client, run_id)
     if not resuming:
         t = cfg.train

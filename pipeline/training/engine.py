@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import interrupts
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.store import Split
 from pipeline.errors import CheckpointError, TrainingDiverged
@@ -121,9 +122,10 @@ def fit(
         val = None
         if val_part is not None:
             val = make_batches(val_part, cfg, device, distributed.Dist(), fmt, cfg.batch_size * 4)
-        return _Loop(cfg, model, spec, batches, val, device, dist, seed).run(
-            on_epoch, checkpoint_path, resume, checkpoint_extra or {}
-        )
+        with interrupts.deferred():  # SIGTERM / SIGINT stop it between steps
+            return _Loop(cfg, model, spec, batches, val, device, dist, seed).run(
+                on_epoch, checkpoint_path, resume, checkpoint_extra or {}
+            )
     finally:
         _set_deterministic(was_deterministic)
         torch.set_flush_denormal(False)
@@ -206,7 +208,7 @@ class _Loop:
         stopped_early = False
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
             progress.start_epoch(epoch, self.batches.samples)
-            row = self.train_epoch(epoch, progress if progress.live else None)
+            row = self.train_epoch(epoch, progress if progress.enabled else None)
             if self.val is not None:
                 row.update(self.evaluate())
                 stopped_early = self._no_longer_improving(row["val_loss"])
@@ -237,7 +239,10 @@ class _Loop:
         started, lr_at_start = time.perf_counter(), base_lr * self._lr_factor(state.step)
         self.net.train()
         loss_sum = torch.zeros((), device=self.device)
+        stop = interrupts.pending
         for i, (xb, yb) in enumerate(self.batches.epoch(self.generator), start=1):
+            if stop:
+                interrupts.check()
             if self.augment:
                 xb = crop_flip(
                     xb,

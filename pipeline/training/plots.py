@@ -38,15 +38,18 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    has_val = "val_accuracy" in history[0]  # no panel for what the run did not measure
+    fig, axes = plt.subplots(1, 3 if has_val else 2, figsize=(13 if has_val else 9, 3.6))
+    loss_ax, lr_ax = axes[0], axes[-1]
     for split in ("train", "val"):
         if f"{split}_loss" in history[0]:
             loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
-    if "val_accuracy" in history[0]:  # train accuracy is not tracked: it would slow every step
-        acc_ax.plot(epochs, [h["val_accuracy"] for h in history], label="val")
+    if has_val:  # train accuracy is not tracked: it would slow every step
+        axes[1].plot(epochs, [h["val_accuracy"] for h in history], label="val")
+        axes[1].set(title="val accuracy", xlabel="epoch")
     lr_ax.plot(epochs, [h["lr"] for h in history])
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "val accuracy"), (lr_ax, "learning rate")):
-        ax.set(title=title, xlabel="epoch")
+    loss_ax.set(title="loss" if has_val else "training loss (no validation split)", xlabel="epoch")
+    lr_ax.set(title="learning rate", xlabel="epoch")
     loss_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -61,15 +64,19 @@ def plot_sweep(histories: dict[str, list[dict]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    has_val = all("val_accuracy" in h[0] for h in histories.values())
+    fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(11 if has_val else 6, 4))
+    loss_ax = axes[0] if has_val else axes
     for label, history in histories.items():
         epochs = [h["epoch"] for h in history]
-        key = "val_loss" if "val_loss" in history[0] else "train_loss"
+        key = "val_loss" if has_val else "train_loss"
         loss_ax.plot(epochs, [h[key] for h in history], label=label)
-        if "val_accuracy" in history[0]:
-            acc_ax.plot(epochs, [h["val_accuracy"] for h in history], label=label)
-    loss_ax.set(title="validation loss", xlabel="epoch", yscale="log")
-    acc_ax.set(title="validation accuracy", xlabel="epoch")
+        if has_val:
+            axes[1].plot(epochs, [h["val_accuracy"] for h in history], label=label)
+    title = "validation loss" if has_val else "training loss (no validation split)"
+    loss_ax.set(title=title, xlabel="epoch", yscale="log")
+    if has_val:
+        axes[1].set(title="validation accuracy", xlabel="epoch")
     loss_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

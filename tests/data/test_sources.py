@@ -1,8 +1,10 @@
 """Dataset sources read each dataset's real on-disk format, and digits is byte-for-byte stable."""
 
+import gzip
 import hashlib
 import pickle
 import struct
+import tarfile
 
 import numpy as np
 import pytest
@@ -47,35 +49,102 @@ def test_stratified_split_keeps_class_proportions():
 
 
 def _idx(path, array, magic):
+    """An IDX file as the database ships it (gzip-compressed when the name ends in .gz)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
+    body = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(body) if path.name.endswith(".gz") else body)
+
+
+def _mnist_files(folder, sep="-", gz="", n=(30, 12)):
+    rng = np.random.default_rng(0)
+    for prefix, count in zip(("train", "t10k"), n, strict=True):
+        images = rng.integers(0, 256, (count, 28, 28))
+        _idx(folder / f"{prefix}-images{sep}idx3-ubyte{gz}", images, 0x803)
+        _idx(folder / f"{prefix}-labels{sep}idx1-ubyte{gz}", np.arange(count) % 10, 0x801)
+    return folder
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("sep", ["-", "."])
+@pytest.mark.parametrize("gz", ["", ".gz"])
+@pytest.mark.parametrize("raw", ["", "MNIST/raw"])
+def test_mnist_files_are_read_as_distributed_and_nothing_is_written_beside_them(
+    tmp_path, sep, gz, raw
+):
+    source = tmp_path / "src"
+    _mnist_files(source / raw, sep, gz)
+    before = _tree(source)
+    ds = _source("mnist", source, download_dir=str(tmp_path / "cache"))
+    assert ds.train.images.shape == (30, 1, 28, 28) and ds.test.images.shape == (12, 1, 28, 28)
+    assert ds.test.labels.tolist() == (np.arange(12) % 10).tolist()
+    assert ds.classes[0] == "0 - zero" and len(ds.classes) == 10
+    assert _tree(source) == before and not (tmp_path / "cache").exists()
+
+
+def test_the_same_files_compressed_or_not_make_the_same_dataset(tmp_path):
+    plain = _source("mnist", _mnist_files(tmp_path / "a"), download=False)
+    packed = _source("mnist", _mnist_files(tmp_path / "b", ".", ".gz"), download=False)
+    assert np.array_equal(plain.train.images, packed.train.images)
+    assert np.array_equal(plain.test.labels, packed.test.labels)
+
+
+def test_fashion_mnist_reads_its_own_folder_and_class_names(tmp_path):
+    _mnist_files(tmp_path / "FashionMNIST" / "raw")
+    ds = _source("fashion_mnist", tmp_path, download=False)
+    assert ds.name == "fashion_mnist" and ds.classes[-1] == "Ankle boot"
+
+
+def test_missing_mnist_files_are_listed_with_what_was_found(tmp_path):
+    _mnist_files(tmp_path / "src")
+    (tmp_path / "src" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError) as err:
+        _source("mnist", tmp_path / "src")  # download on: still never into source_dir
+    said = str(err.value)
+    assert "found train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte" in said
+    assert "missing t10k-labels-idx1-ubyte" in said and "data.source_dir" in said
+    assert _tree(tmp_path / "src") == [
+        "t10k-images-idx3-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
+
+
+def test_mnist_without_source_dir_or_download_names_both_fixes(tmp_path):
+    with pytest.raises(DataError, match=r"set data.source_dir \(or allow data.download\)"):
+        _source("mnist", None, download=False, download_dir=str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize(
-    ("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")]
+    ("damage", "said"),
+    [
+        (lambda b: b[:-100], "cut short"),
+        (lambda b: b"\0\0\x0d\x03" + b[4:], "not an IDX file of unsigned bytes"),
+        (lambda b: b"", "not an IDX file"),
+    ],
 )
-def test_mnist_like_reads_idx_files(tmp_path, name, folder):
-    rng = np.random.default_rng(0)
-    raw = tmp_path / folder / "raw"
-    for prefix, n in (("train", 30), ("t10k", 12)):
-        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 0x803)
-        _idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 0x801)
-    ds = _source(name, tmp_path, download=False)
-    assert ds.train.images.shape == (30, 1, 28, 28) and ds.test.images.shape == (12, 1, 28, 28)
-    assert ds.test.labels.tolist() == (np.arange(12) % 10).tolist()
-    assert len(ds.classes) == 10 and ds.name == name
+def test_a_damaged_idx_file_is_named(tmp_path, damage, said):
+    path = _mnist_files(tmp_path) / "train-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=said) as err:
+        _source("mnist", tmp_path, download=False)
+    assert "train-images-idx3-ubyte" in str(err.value)
 
 
-def test_mnist_without_files_or_download_says_where_to_put_them(tmp_path):
-    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+def test_a_truncated_gzip_is_named(tmp_path):
+    path = _mnist_files(tmp_path, gz=".gz") / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: cannot be read"):
         _source("mnist", tmp_path, download=False)
 
 
 def _cifar10(root, protocol):
     """Batches as the official files hold them: dicts of bytes keys, a uint8 array, lists."""
     folder = root / "cifar-10-batches-py"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for i, name in enumerate(names):
@@ -97,6 +166,27 @@ def test_cifar10_reads_python_batches(tmp_path, protocol):
     ds = _source("cifar10", tmp_path, download=False)
     assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
     assert ds.test.labels.tolist() == [5] * 4 and ds.classes[0] == "c0"
+
+
+def test_cifar10_is_read_from_its_folder_itself_or_its_archive_unextracted(tmp_path):
+    folder = _cifar10(tmp_path / "a", 2)
+    expected = _source("cifar10", tmp_path / "a", download=False)
+    assert np.array_equal(_source("cifar10", folder).train.images, expected.train.images)
+    (tmp_path / "b").mkdir()
+    with tarfile.open(tmp_path / "b" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    from_archive = _source("cifar10", tmp_path / "b")
+    assert np.array_equal(from_archive.train.images, expected.train.images)
+    assert from_archive.classes == expected.classes
+    assert _tree(tmp_path / "b") == ["cifar-10-python.tar.gz"]  # nothing extracted beside it
+
+
+def test_missing_cifar10_batches_are_listed(tmp_path):
+    folder = _cifar10(tmp_path, 2)
+    (folder / "test_batch").unlink()
+    with pytest.raises(DataError, match="found batches.meta, data_batch_1") as err:
+        _source("cifar10", tmp_path)
+    assert "Needed:" in str(err.value) and "test_batch" in str(err.value)
 
 
 class _Exploit:
@@ -143,9 +233,9 @@ def test_imagefolder_names_a_corrupted_file(tmp_path):
         _imagefolder_ds(tmp_path / "imgs")
 
 
-def test_datasets_that_need_files_say_so():
+def test_datasets_that_need_files_say_so(tmp_path):
     with pytest.raises(DataError, match="data.source_dir"):
-        _source("cifar10", None)
+        _source("cifar10", None, download=False, download_dir=str(tmp_path))
 
 
 def test_16_bit_images_are_scaled_by_the_datasets_bit_depth_not_clipped(tmp_path):

@@ -210,3 +210,29 @@ def test_a_changed_source_folder_is_a_new_version_that_says_what_changed(project
         project,
     ).stdout
     assert "writing imagefolder" in rewritten and "identical to the tracked version" in rewritten
+
+
+def test_mnist_as_distributed_is_pulled_and_a_failed_pull_is_not_called_interrupted(
+    project, tmp_path
+):
+    from tests.data.test_sources import _mnist_files, _tree
+
+    source = _mnist_files(tmp_path / "mnist", sep=".", n=(60, 20))  # the dotted names, flat
+    (source / "t10k-labels.idx1-ubyte").rename(tmp_path / "aside")
+    before = _tree(source)
+    said = []
+
+    def pull():
+        data = DataConfig(source_dir=str(source), download_dir=str(tmp_path / "cache"))
+        return materialize("mnist", project, project / "data", data, log=said.append)
+
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte"):
+        pull()
+    assert _tree(source) == before and not (project / PENDING).exists()
+    (tmp_path / "aside").rename(source / "t10k-labels.idx1-ubyte")
+    md5 = pull()
+    assert not any("interrupted" in line for line in said)
+    assert any(line == f"data: writing mnist to {project / 'data'}" for line in said)
+    assert check_data("mnist", project, project / "data")["splits"] == {"train": 60, "test": 20}
+    assert md5 == recorded_md5(project) and not (tmp_path / "cache").exists()
+    assert read_meta(project / "data")["recipe"]["source_dir"] == str(source.resolve())

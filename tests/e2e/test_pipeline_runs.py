@@ -1,6 +1,8 @@
 """End to end on a fresh copy of the project: the Airflow DAG, `dvc repro` and the CLI."""
 
 import json
+import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.data.versioning import recorded_md5
-from tests.conftest import add_make_files, git, run
+from tests.conftest import add_make_files, git, project_env, run
 
 pytestmark = pytest.mark.slow
 DAG = "train_image_classifier"
@@ -222,3 +224,29 @@ def test_the_dag_streams_a_dataset_over_the_resident_budget_from_disk(airflow_pr
     run = _client(project).get_run(version["run_id"])
     assert run.data.tags["train.loader"] == "stream"
     assert {"val_loss", "test_accuracy"} <= set(run.data.metrics)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_airflow_dags_test_interrupted_in_training_ends_the_run_killed(airflow_project, sig):
+    project = airflow_project
+    conf = {"model": "cnn", "epochs": 30}
+    proc = subprocess.Popen(
+        ["airflow", "dags", "test", DAG, "-c", json.dumps(conf)],
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "epoch   2/30" in line:
+            proc.send_signal(sig)
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=120)  # bounded: the signal is not ignored
+    client = _client(project)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (trained,) = client.search_runs(experiments, "tags.`train.identity` != ''")
+    assert trained.info.status == "KILLED", rest[-3000:]
+    assert trained.data.tags["train.interrupted"] == f"interrupted by {signal.Signals(sig).name}"
+    assert "epoch  30/30" not in rest

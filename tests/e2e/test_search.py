@@ -65,13 +65,14 @@ def test_the_optuna_sweep_dag_prunes_weak_trials_and_shows_them_pruned(from_temp
 
 KILL_IN_FIRST_TRIAL = """
 import os, signal, sys
+from pipeline import interrupts
 from pipeline.stages import train
 logged = train.log_epoch
 def dying(row):
     logged(row)
     if row["epoch"] == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-train.log_epoch = dying if sys.argv[1] == "kill" else logged
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+train.log_epoch = dying if sys.argv[1].startswith("SIG") else logged
 from pipeline.config import load_config
 from pipeline.settings import Settings
 from pipeline.context import RunContext
@@ -81,10 +82,11 @@ import json
 settings = Settings.from_env()
 cfg = load_config(settings.params)
 validation = json.loads((settings.outputs / "validation.json").read_text())
-ids = {"dag_id": "sweep_image_classifier", "run_id": "manual__1", "try_number": 1}
+ids = {"dag_id": "sweep_image_classifier", "run_id": sys.argv[2], "try_number": 1}
 ctx = RunContext("airflow", ids)
 parent = sweep.start(cfg, settings, ctx)["parent"]
-search.worker(cfg, settings, validation, parent, 0, ctx)
+with interrupts.raising_on_signals():  # as the CLI and the DAG tasks do
+    sweep.trial_stage(cfg, settings, validation, parent, {"worker": 0}, ctx)
 print(json.dumps(search.finish(cfg, settings, parent)))
 """
 
@@ -93,11 +95,11 @@ def test_a_worker_killed_mid_trial_is_retried_into_the_same_trial_run(from_templ
     project = from_template("validated")
     _optuna_params(project, trials=2, pruner="none")
     cmd = ["python", "-c", KILL_IN_FIRST_TRIAL]
-    killed = subprocess.run([*cmd, "kill"], cwd=project, env=project_env(project))
+    killed = subprocess.run([*cmd, "SIGKILL", "manual__1"], cwd=project, env=project_env(project))
     assert killed.returncode == -signal.SIGKILL
     (left,) = _study(project).trials
     assert left.state.name == "RUNNING"  # nobody told the study
-    run([*cmd, "retry"], project)  # the task's retry: same DAG run, same worker
+    run([*cmd, "retry", "manual__1"], project)  # the task's retry: same DAG run, same worker
     trials = _study(project).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     retried = trials[1]
@@ -107,6 +109,32 @@ def test_a_worker_killed_mid_trial_is_retried_into_the_same_trial_run(from_templ
     (first,) = client.search_runs(experiments, "tags.`sweep.trial` = '1'")
     assert first.data.tags["train.resumed_from_epoch"] == "2"  # the killed trial's checkpoint
     assert first.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_worker_fails_its_trial_and_ends_its_runs_killed(from_template, sig):
+    project = from_template("validated")
+    _optuna_params(project, trials=2, pruner="none")
+    stopped = run(["python", "-c", KILL_IN_FIRST_TRIAL, sig, "manual__1"], project, check=False)
+    assert stopped.returncode != 0 and f"Interrupted: interrupted by {sig}" in stopped.stderr
+    (trial,) = _study(project).trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["ended"] == f"interrupted by {sig}"
+    client = _client(project)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}  # trial and parent
+
+
+def test_a_trial_left_running_by_a_dead_process_fails_when_the_study_next_starts(
+    from_template,
+):
+    project = from_template("validated")
+    _optuna_params(project, trials=2, pruner="none")
+    cmd = ["python", "-c", KILL_IN_FIRST_TRIAL]
+    subprocess.run([*cmd, "SIGKILL", "manual__1"], cwd=project, env=project_env(project))
+    again = run([*cmd, "go", "manual__2"], project)  # another DAG run: no retry of that trial
+    assert "note: trial 0 failed: its process" in again.stdout
+    assert [t.state.name for t in _study(project).trials] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 @pytest.mark.parametrize(

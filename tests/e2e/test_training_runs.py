@@ -42,8 +42,9 @@ def _weights(client, run_id, tmp) -> dict:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def _kill_after_epoch(project, epoch: int) -> None:
-    """SIGKILL `pipeline train` as soon as it reports `epoch` (its checkpoint is on disk)."""
+def _kill_after_epoch(project, epoch: int, sig=signal.SIGKILL) -> str:
+    """Send `sig` to `pipeline train` as soon as it reports `epoch` (its checkpoint is on disk);
+    returns what it said after that."""
     proc = subprocess.Popen(
         ["pipeline", "train", *SMALL],
         cwd=project,
@@ -54,10 +55,34 @@ def _kill_after_epoch(project, epoch: int) -> None:
     )
     for line in proc.stderr:
         if line.startswith(f"epoch {epoch:>3}/"):
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
+    rest = proc.stderr.read()
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    expected = -sig if sig == signal.SIGKILL else 128 + sig
+    assert proc.returncode == expected, f"training ended {proc.returncode}: {rest[-2000:]}"
+    return rest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_training_ends_its_run_killed_and_keeps_its_checkpoint(validated, sig):
+    said = _kill_after_epoch(validated, 2, sig)
+    (stopped,) = _runs(validated)
+    name = signal.Signals(sig).name
+    assert stopped.info.status == "KILLED" and stopped.info.end_time is not None
+    assert stopped.data.tags["train.interrupted"] == f"interrupted by {name}"
+    assert f"stopped: interrupted by {name}" in said and "Traceback" not in said
+    assert len(list((validated / "outputs" / "checkpoints").glob("*.pt"))) == 1
+
+
+def test_a_run_left_running_by_sigkill_is_ended_killed_when_the_next_one_starts(validated):
+    _kill_after_epoch(validated, 2)
+    (left,) = _runs(validated)
+    assert left.info.status == "RUNNING"
+    again = run(["pipeline", "train", *SMALL], validated)  # the same identity, no --resume
+    ended = _client(validated).get_run(left.info.run_id)
+    assert ended.info.status == "KILLED" and "ended without closing it" in again.stderr
+    assert ended.data.tags["train.interrupted"].startswith("process ")
 
 
 def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_one(

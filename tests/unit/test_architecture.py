@@ -27,7 +27,7 @@ LAYERS = {
 }
 BASE = {
     f"pipeline.{name}"
-    for name in ("config", "settings", "errors", "alerts", "choices", "context", "files")
+    for name in ("config", "settings", "errors", "alerts", "choices", "context", "files", "interrupts")
 } | {"pipeline"}
 CODE = ("pipeline/", "params.yaml")  # deps whose change means code or config changed
 

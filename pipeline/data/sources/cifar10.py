@@ -1,28 +1,89 @@
-"""cifar10: the python batches in `source_dir/cifar-10-batches-py/`, downloaded with
-torchvision first when allowed and missing. The batches are pickles: a restricted unpickler loads
-them without executing anything else."""
+"""cifar10: the python batches, taken as distributed: the extracted `cifar-10-batches-py/` (in
+`source_dir`, or `source_dir` itself) or the `cifar-10-python.tar.gz` archive, read without
+extracting it. Without `source_dir`, torchvision downloads them into the project's download
+folder when `data.download` allows. The batches are pickles: a restricted unpickler loads them
+without executing anything else. Format: https://www.cs.toronto.edu/~kriz/cifar.html"""
 
 from __future__ import annotations
 
+import io
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data.sources.common import in_memory, need_dir, raw_files
+from pipeline.data.fingerprint import fingerprint
+from pipeline.data.sources.common import download_dir, in_memory, need_dir
 from pipeline.data.store import DataError, Dataset, Split
 
 FOLDER = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"
+BATCHES = ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+
+
+def find(data: DataConfig) -> Path:
+    """The folder holding every batch, or the archive: in `data.source_dir` when set (never
+    downloaded: it is the user's), else in the download folder, fetched first when missing and
+    allowed. DataError listing what was found and what is missing otherwise."""
+    if data.source_dir:
+        root, fix = need_dir("cifar10", data.source_dir), "data.source_dir"
+    else:
+        root, fix = download_dir(data), "data.source_dir (or allow data.download)"
+        if _located(root) is None and data.download:
+            _download(root)
+    found = _located(root)
+    if found is not None:
+        return found
+    seen = [
+        f"  {folder}: found {', '.join(b for b in BATCHES if (folder / b).is_file()) or 'none'}"
+        for folder in (root / FOLDER, root)
+        if folder.is_dir()
+    ]
+    raise DataError(
+        "cifar10: the python batches were not found:\n"
+        + ("\n".join(seen) or f"  {root}: no such folder")
+        + f"\nNeeded: {', '.join(BATCHES)} in {root / FOLDER} (or {root} itself), or {ARCHIVE} "
+        f"in {root}; set {fix}"
+    )
+
+
+def _located(root: Path) -> Path | None:
+    for folder in (root / FOLDER, root):
+        if all((folder / b).is_file() for b in BATCHES):
+            return folder
+    return root / ARCHIVE if (root / ARCHIVE).is_file() else None
+
+
+def _download(root: Path) -> None:
+    import sys
+
+    from torchvision import datasets
+
+    try:
+        datasets.CIFAR10(str(root), train=True, download=True)
+    except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
+        print(f"cifar10: the download into {root} failed ({exc})", file=sys.stderr)
 
 
 def recipe(data: DataConfig) -> dict:
-    return raw_files("cifar10", data, FOLDER)
+    """Where the batches are and their content; before a download, only the settings."""
+    try:
+        found = find(data.model_copy(update={"download": False}))
+    except DataError:
+        return {"dataset": "cifar10", "source_dir": data.source_dir}
+    files = [found] if found.is_file() else [found / b for b in BATCHES]
+    return {
+        "dataset": "cifar10",
+        "source_dir": str(found.parent.resolve() if found.is_file() else found.resolve()),
+        "source_files": fingerprint(files[0].parent, [str(f) for f in files]),
+    }
 
 
 def load(data: DataConfig) -> Dataset:
     """uint8 (N, 3, 32, 32) images; the dataset's own train / test split."""
-    return cifar10(need_dir("cifar10", data.source_dir), data.download)
+    return cifar10(find(data))
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -48,36 +109,33 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def cifar10(root: Path, download: bool) -> Dataset:
-    """CIFAR-10 from the python batches in `root/cifar-10-batches-py/`.
-
-    The batches are pickles; `_BatchUnpickler` loads them without executing anything else.
-    """
-    folder = root / FOLDER
-    if not folder.exists() and download:
-        from torchvision import datasets
-
+def cifar10(found: Path) -> Dataset:
+    """CIFAR-10 from the folder of python batches or the .tar.gz archive (`find`)."""
+    if found.is_file():
         try:
-            datasets.CIFAR10(str(root), train=True, download=True)
-        except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
-            raise DataError(f"cifar10: download to {root} failed ({exc})") from None
-    if not folder.exists():
-        raise DataError(f"cifar10: {folder} not found; put the python batches there")
+            with tarfile.open(found, "r:gz") as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                raw = {b: tar.extractfile(members[b]).read() for b in BATCHES if b in members}
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(
+                f"cifar10: {found} is not a readable .tar.gz ({exc}); download it again"
+            ) from None
+    else:
+        raw = {b: (found / b).read_bytes() for b in BATCHES}
 
     def batch(file: str) -> dict:
-        path = folder / file
+        where = found / file if found.is_dir() else f"{found}:{FOLDER}/{file}"
+        if file not in raw:
+            raise DataError(f"cifar10: {where} is missing")
         try:
-            with open(path, "rb") as fh:
-                loaded = _BatchUnpickler(fh, encoding="latin1").load()
-        except FileNotFoundError:
-            raise DataError(f"cifar10: {path} is missing") from None
+            loaded = _BatchUnpickler(io.BytesIO(raw[file]), encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
             raise DataError(
-                f"cifar10: {path} is not an official CIFAR-10 python batch ({exc}); "
+                f"cifar10: {where} is not an official CIFAR-10 python batch ({exc}); "
                 "replace it with the file from cifar-10-python.tar.gz"
             ) from None
         if not isinstance(loaded, dict):
-            raise DataError(f"cifar10: {path} holds a {type(loaded).__name__}, not a batch dict")
+            raise DataError(f"cifar10: {where} holds a {type(loaded).__name__}, not a batch dict")
         return loaded
 
     def split(files: list[str]) -> Split:

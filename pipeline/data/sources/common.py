@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data.fingerprint import fingerprint
-from pipeline.data.images import hidden
 from pipeline.data.store import DataError, Dataset, Split, write_dataset
 
 
@@ -47,24 +45,21 @@ def in_memory(load: Callable[[DataConfig], Dataset], recipe: Callable[[DataConfi
 
 
 def need_dir(name: str, source_dir: Path | str | None) -> Path:
-    """`data.source_dir` as a path; DataError naming the key when it is not set."""
+    """`data.source_dir` as a path; DataError naming the key when it is not set or not a
+    folder."""
     if source_dir is None:
         raise DataError(f"dataset {name!r} needs data.source_dir (where its raw files live)")
+    if not Path(source_dir).is_dir():
+        raise DataError(f"{name}: data.source_dir {source_dir} is not a folder; set it to one")
     return Path(source_dir)
 
 
-def raw_files(name: str, data: DataConfig, folder: str) -> dict:
-    """The recipe of a dataset read from the files in `source_dir/folder`: where, and their
-    content's fingerprint (a changed file is a new version)."""
-    root = need_dir(name, data.source_dir)
-    files = [
-        str(f) for f in sorted((root / folder).glob("*")) if f.is_file() and not hidden(f.name)
-    ]
-    return {
-        "dataset": name,
-        "source_dir": str(root.resolve()),
-        "source_files": fingerprint(root, files),
-    }
+def download_dir(data: DataConfig) -> Path:
+    """Where downloads go: `data.download_dir`, else `.cache/datasets` in the project
+    (git-ignored); never a user's `source_dir`."""
+    from pipeline.settings import Settings
+
+    return Path(data.download_dir or Settings.from_env().root / ".cache" / "datasets")
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> np.ndarray:

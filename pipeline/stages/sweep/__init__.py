@@ -38,8 +38,17 @@ def trial_stage(
     item: dict,
     ctx: RunContext | None = None,
 ) -> dict:
-    """One item of `start`: its trial(s) trained and evaluated as child runs of `parent`."""
-    return _strategy(cfg).trial(cfg, settings, validation, parent, item, ctx or RunContext())
+    """One item of `start`: its trial(s) trained and evaluated as child runs of `parent`.
+
+    Interrupted (SIGTERM, SIGINT): the trial's run ends KILLED (train), an Optuna trial FAIL,
+    and the parent run KILLED too (a worker still running reopens nothing; `finish` closes it)."""
+    try:
+        return _strategy(cfg).trial(cfg, settings, validation, parent, item, ctx or RunContext())
+    except KeyboardInterrupt:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_terminated(parent, "KILLED")
+        raise
 
 
 def finish(cfg: Config, settings: Settings, parent: str, results: list[dict]) -> dict:

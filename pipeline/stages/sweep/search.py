@@ -5,7 +5,9 @@ parent; a pruned one ends KILLED, tagged with the epoch it stopped at.
 
 Re-running the sweep resumes the study of the same name (its parent run too) unless a new one is
 asked for. A worker task that was killed and retried first fails the trial it left RUNNING and
-enqueues the same parameters again, so the retry resumes that trial's checkpoint.
+enqueues the same parameters again, so the retry resumes that trial's checkpoint. A trial
+interrupted by SIGTERM or SIGINT ends FAIL; one whose process died without a word (SIGKILL, on
+this host) is failed when a worker of the study next starts.
 """
 
 from __future__ import annotations
@@ -113,16 +115,23 @@ def worker(
     """Pull trials until the study holds `sweep.optuna.trials` finished or running ones."""
     from optuna.trial import TrialState
 
+    from pipeline import interrupts
+
     study = open_study(cfg, settings, worker=index)
     me = f"{ctx.ids.get('run_id', 'cli')}/{index}"
     for left in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = left.user_attrs.get("owner") or {}
         if left.user_attrs.get("worker") == me:  # this task's killed try: do it again
             study.tell(left.number, state=TrialState.FAIL)
             study.enqueue_trial(left.params, user_attrs={"retry_of": left.number})
+        elif interrupts.gone(owner.get("host"), owner.get("pid")):
+            study.tell(left.number, state=TrialState.FAIL)
+            print(f"note: trial {left.number} failed: its process {owner['pid']} died")
     done = []
     while _slots(study, cfg.sweep.optuna.trials):
         asked = study.ask()
         asked.set_user_attr("worker", me)
+        asked.set_user_attr("owner", interrupts.owner())
         done.append(_run_trial(cfg, settings, validation, parent, asked, ctx))
     return {"worker": index, "trials": done}
 
@@ -169,16 +178,23 @@ def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, t
     scope = f"search/{trial.user_attrs['worker']}"  # workers may draw the same params
     context = child(ctx, parent, scope, **{"sweep.trial": str(trial.number)})
     row = {"trial": trial.number, "overrides": overrides}
+    config = trial_config(cfg, overrides)
     try:
-        trained = train_stage(trial_config(cfg, overrides), settings, validation, context, on_epoch)
+        trained = train_stage(config, settings, validation, context, on_epoch)
+        scores = (
+            {} if trained.get("pruned") else evaluate_stage(config, settings, trained["run_id"])
+        )
     except TrainingDiverged as exc:  # a bad point of the space, not a broken sweep
         trial.study.tell(trial, state=TrialState.FAIL)
         return {**row, "state": "failed", "reason": str(exc), "epochs": len(seen)}
+    except KeyboardInterrupt as exc:  # SIGTERM / SIGINT: its run ended KILLED in train
+        trial.set_user_attr("ended", str(exc) or "interrupted by SIGINT")
+        trial.study.tell(trial, state=TrialState.FAIL)
+        raise
     row |= {"run_id": trained["run_id"], "epochs": len(seen)}
     if trained.get("pruned"):
         trial.study.tell(trial, state=TrialState.PRUNED)
         return {**row, "state": "pruned"}
-    scores = evaluate_stage(trial_config(cfg, overrides), settings, trained["run_id"])
     last = seen[-1] if seen else {}
     trial.study.tell(trial, last.get("val_loss"))
     val = {"val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy")}
