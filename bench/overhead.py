@@ -73,4 +73,8 @@ def main(samples: int = 7) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=7, help="fewer for a smoke run")
+    main(parser.parse_args().samples)

@@ -324,7 +324,12 @@ def main() -> None:
         metavar="N",
         help="only the source fingerprint's cost at N photos",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="200 photos, no built-in sets: a smoke run"
+    )
     args = parser.parse_args()
+    if args.quick:  # bench/out/scale-quick.json; BENCHMARKS.md keeps the real figures
+        args.sizes, args.no_builtin = [200], True
     if args.fingerprint:
         print(json.dumps(fingerprint_cost(subset(args.fingerprint), args.fingerprint), indent=2))
         return
@@ -339,9 +344,10 @@ def main() -> None:
         pull = ["--dataset", "imagefolder", "--source-dir", str(folder)]
         results["datasets"][f"photos {n:,}"] = run_stages(f"photos-{n}", pull, n, photo_sets)
     largest = max(args.sizes)
+    saved = OUT / ("scale-quick.json" if args.quick else "scale.json")
     if not args.no_photos:
         results["baseline"] = measure_baseline(results, largest)
-        (OUT / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+        saved.write_text(json.dumps(results, indent=2) + "\n")
 
     if not args.no_builtin:
         with tempfile.TemporaryDirectory(prefix="scale-raw-") as raw:
@@ -365,9 +371,11 @@ def main() -> None:
                 results["datasets"][name] = run_stages(
                     name, pull, 70_000 if name == "mnist" else 60_000, sets
                 )
-    (OUT / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     print(text)
+    if args.quick:
+        return
     bench = ROOT / "BENCHMARKS.md"
     start, end = "<!-- scale:start -->", "<!-- scale:end -->"
     doc = bench.read_text()

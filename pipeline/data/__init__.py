@@ -108,7 +108,10 @@ def check_data(dataset: str, repo_root: Path, data_dir: Path) -> dict:
     """Before any stage reads data/: present (pulled if needed), tracked, and the configured one."""
     if not data_dir.exists():
         versioning.pull(repo_root)
-    md5 = versioning.verify(repo_root, data_dir)
+    return _check_meta(dataset, data_dir, versioning.verify(repo_root, data_dir))
+
+
+def _check_meta(dataset: str, data_dir: Path, md5: str) -> dict:
     meta = read_meta(data_dir)
     if meta.get("name") != dataset:
         raise DataError(
@@ -118,10 +121,23 @@ def check_data(dataset: str, repo_root: Path, data_dir: Path) -> dict:
     return {"data_md5": md5, "dataset": dataset, "splits": meta.get("splits", {})}
 
 
-def check_validated(dataset: str, repo_root: Path, data_dir: Path, validation: dict) -> dict:
+def check_validated(
+    dataset: str, repo_root: Path, data_dir: Path, validation: dict, wait: bool = True
+) -> dict:
     """`check_data`, and that this data version passed validation (`validation`: the validate
-    stage's result); training on anything else is refused."""
-    data = check_data(dataset, repo_root, data_dir)
+    stage's result); training on anything else is refused.
+
+    `wait=False`: the slow part, comparing data/ with data.dvc, runs in a child process and the
+    result holds `"wait"`, a function that finishes the check (raising what it would have);
+    call it before training reads data/."""
+    if wait:
+        data = check_data(dataset, repo_root, data_dir)
+    else:
+        if not data_dir.exists():
+            versioning.pull(repo_root)
+        wait_for = versioning.verify_started(repo_root, data_dir)
+        data = _check_meta(dataset, data_dir, versioning.recorded_md5(repo_root))
+        data["wait"] = wait_for
     if not validation.get("success") or validation.get("data_md5") != data["data_md5"]:
         raise DataError(
             f"data version {data['data_md5']} has not passed validation (last validated: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+from collections.abc import Callable
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
@@ -65,10 +66,48 @@ def differences(repo_root: Path) -> list[str]:
 
 def verify(repo_root: Path, data_dir: Path) -> str:
     """Return the data md5 if data/ matches data.dvc, else raise with what differs and the fixes."""
-    md5 = recorded_md5(repo_root)
     if not Path(data_dir).exists():
         raise DataError(f"{data_dir} is missing; run `dvc pull` (or `pipeline data pull`)")
-    diff = differences(repo_root)
+    return refuse_differences(repo_root, data_dir, differences(repo_root))
+
+
+def verify_started(repo_root: Path, data_dir: Path) -> Callable[[], str]:
+    """`verify` in a child process, on another core while this one loads torch: returns a
+    `wait()` that gives the data md5 or raises what `verify` would. DVC's comparison is the
+    slow part (importing DVC, hashing what changed)."""
+    import subprocess
+    import sys
+
+    if not Path(data_dir).exists():
+        raise DataError(f"{data_dir} is missing; run `dvc pull` (or `pipeline data pull`)")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _DIFFERENCES, str(repo_root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def wait() -> str:
+        out, err = child.communicate()
+        if child.returncode != 0:
+            raise DataError(f"comparing {data_dir} with {POINTER} failed:\n{err[-2000:]}")
+        return refuse_differences(repo_root, data_dir, json.loads(out))
+
+    return wait
+
+
+_DIFFERENCES = """
+import json, sys
+from pathlib import Path
+from pipeline.data.versioning import differences
+print(json.dumps(differences(Path(sys.argv[1]))))
+"""
+
+
+def refuse_differences(repo_root: Path, data_dir: Path, diff: list[str]) -> str:
+    """The data md5 when `diff` (from `differences`) is empty; else DataError naming each
+    difference and both fixes."""
+    md5 = recorded_md5(repo_root)
     if diff:
         cause = (
             "\nAn interrupted `pipeline data pull` left it unrecorded: run `pipeline data pull` "

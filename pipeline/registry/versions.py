@@ -31,13 +31,15 @@ def promotion_lock(settings: Settings, name: str):
 
 
 def create_version(client, name: str, run, tags: dict):
-    """A new version of the run's logged model, pending until `complete`: a crash in between
-    leaves it pending (never promoted) and the retried register, finding it, completes it."""
+    """A new version of the run's MLflow model (exported now if the run has none), pending
+    until `complete`: a crash in between leaves it pending (never promoted) and the retried
+    register, finding it, completes it."""
     import mlflow
 
-    return mlflow.register_model(
-        run.data.tags["model_uri"], name, tags={**tags, STATUS_TAG: "pending"}
-    )
+    from pipeline.tracking.weights import export_model
+
+    uri = export_model(run.info.run_id)
+    return mlflow.register_model(uri, name, tags={**tags, STATUS_TAG: "pending"})
 
 
 def describe_inputs(client, name: str, version: int, contract: InputContract) -> None:

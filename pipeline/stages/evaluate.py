@@ -24,8 +24,9 @@ def evaluate_stage(
 ) -> dict:
     """Score the run's model on the test split: {"run_id", "test_accuracy", "test_macro_f1",
     "test_precision.<class>", "test_recall.<class>", "data_md5"} (fractions 0..1), also logged
-    to the run with the confusion matrix and learning curves. The plots are written to
-    `plot_dir`, or a folder of their own (sweep trials may run at once in one checkout).
+    to the run with the confusion matrix, the learning curves and the lr schedule. The plots
+    are written to `plot_dir`, or a folder of their own (sweep trials may run at once in one
+    checkout).
     Raises DataError when data/ differs from data.dvc, LookupError for a deleted run."""
     import mlflow
 
@@ -40,10 +41,11 @@ def evaluate_stage(
     preds = inference.predict(model, ds.test.images)
     scores = scoring.metrics(ds.test.labels, preds, ds.classes)
     cm = scoring.confusion(ds.test.labels, preds, len(ds.classes))
-    history = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")["history"]
+    logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")
+    trained = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")  # lr: auto resolved
     with _folder(plot_dir) as folder, mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(scores)
-        _log_plots(cm, ds.classes, history, folder)
+        _log_plots(cm, ds.classes, logged, trained, folder)
     return {"run_id": run_id, **scores, "data_md5": data["data_md5"]}
 
 
@@ -58,15 +60,27 @@ def _folder(path: Path | None):
         yield Path(own)
 
 
-def _log_plots(cm, classes: list[str], history: list[dict], folder: Path) -> None:
+def _log_plots(cm, classes: list[str], logged: dict, trained: dict, folder: Path) -> None:
+    """The confusion matrix, the learning curves and the lr of every step (`plot_schedule`: so
+    schedules compare by eye in MLflow); drawn here, where matplotlib is loaded anyway, rather
+    than adding it to training's fixed cost."""
     import mlflow
 
+    from pipeline.config import resolved_config
     from pipeline.training import plots
+    from pipeline.training.schedules import lr_factor
 
-    for path in (
+    paths = [
         plots.plot_confusion(cm, classes, folder / "confusion_matrix.png"),
-        plots.plot_learning_curves(history, folder / "learning_curves.png"),
-    ):
+        plots.plot_learning_curves(logged["history"], folder / "learning_curves.png"),
+    ]
+    spe, t = logged.get("steps_per_epoch"), resolved_config(trained).train
+    if spe:  # runs trained before it was recorded have none
+        lrs = [
+            t.optimizer.lr * lr_factor(s, spe, t.epochs, t.schedule) for s in range(spe * t.epochs)
+        ]
+        paths.append(plots.plot_schedule(lrs, spe, folder / "lr_schedule.png"))
+    for path in paths:
         mlflow.log_artifact(str(path), "plots")
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import tempfile
-from contextlib import contextmanager
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ def train_stage(
 ) -> dict:
     """Train on validated, tracked data and log everything to an MLflow run.
 
-    Returns {"run_id", "model_uri", "data_md5"} ({"run_id", "pruned": True, "data_md5"} when
+    Returns {"run_id", "data_md5"} ({"run_id", "pruned": True, "data_md5"} when
     `on_epoch` stopped it; {} in a torchrun worker: only rank 0 touches MLflow and files).
     SIGTERM or SIGINT (`interrupts.Interrupted`, any KeyboardInterrupt) ends the run KILLED and
     re-raises; a run of the same identity that a killed process left RUNNING is ended KILLED
@@ -51,15 +50,19 @@ def train_stage(
     `Pruned` ends the run as KILLED, tagged with the epoch it stopped at. Raises DataError for
     untracked or unvalidated data, TrainingDiverged when the loss stays NaN/Inf.
     """
+    ctx = ctx or RunContext()
+    # DVC's comparison of data/ with data.dvc runs in a child process while torch loads.
+    data = check_validated(
+        cfg.base.dataset, settings.root, settings.data_dir, validation, wait=False
+    )
     from pipeline.training import checkpoint, distributed
     from pipeline.training.engine import fit
 
-    ctx = ctx or RunContext()
-    data = check_validated(cfg.base.dataset, settings.root, settings.data_dir, validation)
     ds = read_dataset(settings.data_dir, mmap=True)
     identity = _training_identity(cfg, data["data_md5"], ctx)
     given = cfg
     if cfg.train.optimizer.lr == "auto":
+        data["wait"]()
         cfg, lr_tags = _resolve_lr(cfg, settings, validation, ctx, identity)
         ctx = ctx.with_(tags=lr_tags)
     ckpt_path = settings.checkpoints / f"{identity}.pt"
@@ -73,47 +76,49 @@ def train_stage(
                 "`pipeline train --resume` continues it. Starting a new run.",
                 file=sys.stderr,
             )
+    data["wait"]()  # never train on data/ that differs from data.dvc
     if not distributed.context().main:
         fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state, contract=ds.contract)
         return {}
 
-    import mlflow
+    import torch._dynamo  # noqa: F401 - the optimizer imports it (3 s); now, not beside MLflow's
+
+    tracking = _Tracking(cfg, given, settings, ds, validation, ctx, state, identity)
 
     def report(row: dict) -> None:
+        tracking.activate()
         log_epoch(row)
         if on_epoch is not None:
             on_epoch(row)
 
-    with _tracked_run(cfg, given, settings, ds, validation, ctx, state, identity) as run:
-        try:
-            result = fit(
-                cfg.train,
-                ds.train,
-                ds.classes,
-                cfg.base.seed,
-                on_epoch=report,
-                checkpoint_path=ckpt_path,
-                resume=state,
-                checkpoint_extra={"mlflow_run_id": run.info.run_id, "identity": identity},
-                contract=ds.contract,
-            )
-        except Pruned as stop:
-            mlflow.set_tags({"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})
-            result = None
-        except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM as `interrupts.Interrupted`
-            mlflow.set_tag("train.interrupted", str(stop) or "interrupted by SIGINT")
-            mlflow.end_run("KILLED")  # the checkpoint stays: `--resume` continues it
-            raise
-        if result is not None:
-            _log_schedule(cfg, result, settings)
-            model_uri = _log_model(result, ds)
-            stopped = str(result.stopped_early).lower()
-            mlflow.set_tags({"train.stopped_early": stopped, "train.loader": result.loader})
+    try:
+        result = fit(
+            cfg.train,
+            ds.train,
+            ds.classes,
+            cfg.base.seed,
+            on_epoch=report,
+            checkpoint_path=ckpt_path,
+            resume=state,
+            checkpoint_extra=lambda: {"mlflow_run_id": tracking.run_id, "identity": identity},
+            contract=ds.contract,
+        )
+    except Pruned as stop:
+        tracking.end("KILLED", {"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})
+        ckpt_path.unlink(missing_ok=True)
+        return {"run_id": tracking.run_id, "pruned": True, "data_md5": data["data_md5"]}
+    except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM as `interrupts.Interrupted`
+        tracking.end("KILLED", {"train.interrupted": str(stop) or "interrupted by SIGINT"})
+        raise  # the checkpoint stays: `--resume` continues it
+    except BaseException:
+        tracking.end("FAILED")
+        raise
+    tracking.activate()
+    _log_model(result, ds)
+    stopped = str(result.stopped_early).lower()
+    tracking.end("FINISHED", {"train.stopped_early": stopped, "train.loader": result.loader})
     ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
-    if result is None:
-        mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
-        return {"run_id": run.info.run_id, "pruned": True, "data_md5": data["data_md5"]}
-    return {"run_id": run.info.run_id, "model_uri": model_uri, "data_md5": data["data_md5"]}
+    return {"run_id": tracking.run_id, "data_md5": data["data_md5"]}
 
 
 def _resolve_lr(cfg: Config, settings: Settings, validation: dict, ctx: RunContext, identity):
@@ -159,17 +164,62 @@ def _end_abandoned(client, experiment: str, identity: str, keep: str | None) -> 
             print(f"note: MLflow run {left.info.run_id} ended KILLED: {why}", file=sys.stderr)
 
 
-@contextmanager
-def _tracked_run(cfg, given, settings, ds, validation, ctx: RunContext, state, identity: str):
-    """A new MLflow run, or the checkpoint's run reopened. `cfg` is what trains (params and
-    config.json: numbers only), `given` the config as asked for (its params hash is what
-    skip-unchanged compares; it differs with `lr: auto`).
+class _Tracking:
+    """The MLflow run of one training: a new run, or the checkpoint's run reopened.
 
-    Metrics go out once per epoch (`log_epoch`); the system-metrics thread samples CPU and memory
-    (and GPU with nvidia-ml-py) every few seconds.
+    Its set-up (importing MLflow, opening the store, the run with its tags, params, lineage and
+    Data Docs) runs in a thread while this one builds the model and trains the first epoch, off
+    the critical path of a short run (BENCHMARKS.md, "Fixed cost"). `activate()` waits for it
+    and makes the run this thread's active run, with the system-metrics sampler (CPU, memory,
+    GPU with nvidia-ml-py, every few seconds); `end()` closes it.
     """
+
+    def __init__(self, cfg, given, settings, ds, validation, ctx: RunContext, state, identity):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
+        self._setup = pool.submit(
+            _open_run, cfg, given, settings, ds, validation, ctx, state, identity
+        )
+        pool.shutdown(wait=False)  # the set-up runs on; nothing else is submitted
+        self.active = False
+
+    @property
+    def run_id(self) -> str:
+        return self._setup.result()
+
+    def activate(self) -> None:
+        if not self.active:
+            import mlflow
+
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+            self.active = True
+
+    def end(self, status: str, tags: dict | None = None) -> None:
+        """Close the run as `status` with `tags`; on a failure path, a set-up that failed too
+        leaves the first error to be raised."""
+        import mlflow
+
+        try:
+            self.activate()
+        except Exception:  # noqa: BLE001 - the caller re-raises the error that matters
+            if status != "FINISHED":
+                return
+            raise
+        if tags:
+            mlflow.set_tags(tags)
+        mlflow.end_run(status)
+
+
+def _open_run(cfg, given, settings, ds, validation, ctx: RunContext, state, identity) -> str:
+    """The run id: a new run with its params, config, validation summary and Data Docs, or the
+    checkpoint's run reopened with the epochs a killed process checkpointed but never logged.
+    `cfg` is what trains (params and config.json: numbers only), `given` the config as asked
+    for (its params hash is what skip-unchanged compares; it differs with `lr: auto`). Runs in
+    a thread: the client API only, no active run."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
 
     from pipeline import interrupts
     from pipeline.data.validation import summary
@@ -194,31 +244,34 @@ def _tracked_run(cfg, given, settings, ds, validation, ctx: RunContext, state, i
     run_id = state["mlflow_run_id"] if state else None
     _end_abandoned(client, experiment, identity, keep=run_id)
     resuming = run_id is not None and _run_exists(client, run_id)
-    if not resuming:
+    if resuming:
+        for key, value in {**tags, "train.resumed_from_epoch": str(state["epoch"])}.items():
+            client.set_tag(run_id, key, value)
+        print(f"resuming MLflow run {run_id} after epoch {state['epoch']}", file=sys.stderr)
+    else:
         t = cfg.train
         run_name = (
             f"{ds.name}-{t.model.name}-{t.optimizer.name}-{t.schedule.name}-lr{t.optimizer.lr:g}"
         )
         run_id = store.new_run(settings, cfg.tracking.experiment, ctx, run_name, tags)
-    run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-
-    with run:
-        mlflow.log_dict(record, lineage.ARTIFACT)  # again on resume: the try number moved on
-        if resuming:
-            mlflow.set_tags({**tags, "train.resumed_from_epoch": str(state["epoch"])})
-            print(f"resuming MLflow run {run_id} after epoch {state['epoch']}", file=sys.stderr)
-        else:
-            mlflow.log_params(cfg.flat())
-            mlflow.log_metrics(summary(validation)[0])
-            mlflow.log_dict(cfg.to_dict(), "config.json")
-            if validation.get("docs") and Path(validation["docs"]).is_file():
-                mlflow.log_artifacts(str(Path(validation["docs"]).parent), "data_docs")
-        if state:  # epochs a killed process checkpointed but never got to log
-            logged = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
-            for row in state["history"]:
-                if row["epoch"] not in logged:
-                    log_epoch(row)
-        yield run
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in summary(validation)[0].items()],
+            params=[Param(k, str(v)) for k, v in cfg.flat().items()],
+        )
+        client.log_dict(run_id, cfg.to_dict(), "config.json")
+        if validation.get("docs") and Path(validation["docs"]).is_file():
+            client.log_artifacts(run_id, str(Path(validation["docs"]).parent), "data_docs")
+    client.log_dict(run_id, record, lineage.ARTIFACT)  # again on resume: the try moved on
+    if state:  # epochs a killed process checkpointed but never got to log
+        logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+        for row in state["history"]:
+            if row["epoch"] not in logged:
+                now = int(time.time() * 1000)
+                metrics = [Metric(k, v, now, row["epoch"]) for k, v in row.items() if k != "epoch"]
+                client.log_batch(run_id, metrics=metrics)
+    return run_id
 
 
 def _device_name(cfg: Config) -> str:
@@ -253,28 +306,15 @@ def _run_exists(client, run_id: str) -> bool:
         return False
 
 
-def _log_schedule(cfg: Config, result, settings: Settings) -> None:
-    """plots/lr_schedule.png: the lr of every step, so schedules compare by eye in MLflow."""
-    import mlflow
-
-    from pipeline.training.plots import plot_schedule
-    from pipeline.training.schedules import lr_factor
-
-    t, spe = cfg.train, result.steps_per_epoch
-    lrs = [t.optimizer.lr * lr_factor(s, spe, t.epochs, t.schedule) for s in range(spe * t.epochs)]
-    with tempfile.TemporaryDirectory(prefix="schedule-") as folder:  # trials may run at once
-        mlflow.log_artifact(str(plot_schedule(lrs, spe, Path(folder) / "lr_schedule.png")), "plots")
-
-
-def _log_model(result, ds) -> str:
-    """History, weights (state dict + spec with the input contract, loads with weights_only)
-    and the MLflow model that serves them."""
+def _log_model(result, ds) -> None:
+    """History and weights (state dict + spec with the input contract, loads with weights_only)
+    with an input example. The MLflow model that serves them is exported when the run is
+    registered (`weights.export_model`): most runs (sweep trials, tests) never are, and the
+    export is a third of a short run's fixed cost."""
     import mlflow
 
     from pipeline.tracking import weights
 
-    mlflow.log_dict({"history": result.history}, "history.json")
-    example = np.asarray(ds.test.images[:2])
-    model_uri = weights.log_model(result.model, result.spec, example)
-    mlflow.set_tag("model_uri", model_uri)
-    return model_uri
+    history = {"history": result.history, "steps_per_epoch": result.steps_per_epoch}
+    mlflow.log_dict(history, "history.json")
+    weights.log_weights(result.model, result.spec, np.asarray(ds.test.images[:2]))

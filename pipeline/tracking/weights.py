@@ -1,6 +1,6 @@
 """Model weights as run artifacts: a state dict + architecture spec (with the input contract)
 that loads with `weights_only=True`, so no pickled code is ever run; and the MLflow model that
-serves them (`served.py`)."""
+serves them (`served.py`), exported when the run is registered."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 WEIGHTS = "weights/model.pt"
+EXAMPLE = "weights/input_example.npy"  # a few test images for the MLflow model's input example
 CONTRACT = "contract.json"
 CODE_FILE = Path(__file__).with_name("mlflow_model.py")
 
@@ -31,11 +32,29 @@ def _save(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
     return path
 
 
-def log_model(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> str:
-    """To the active run: the weights, `contract.json`, and the MLflow model (a pyfunc from
-    `mlflow_model.py`, this package bundled, the weights and the contract as its artifacts).
-    `example`: a few test images, uint8 N x C x H x W, sent as image files in the input
-    example. Returns the model's URI."""
+def log_weights(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> None:
+    """To the active run: the weights (`weights/model.pt`), `contract.json`, and `example`, a few
+    test images (uint8 N x C x H x W), kept for the MLflow model's input example."""
+    import numpy as np
+
+    contract = spec.input_contract()
+    with tempfile.TemporaryDirectory() as tmp:
+        import mlflow
+
+        described = Path(tmp) / CONTRACT
+        described.write_text(json.dumps(contract.to_dict(), indent=2) + "\n")
+        mlflow.log_artifact(str(described))
+        folder = str(Path(WEIGHTS).parent)
+        mlflow.log_artifact(str(_save(model, spec, Path(tmp) / Path(WEIGHTS).name)), folder)
+        np.save(Path(tmp) / Path(EXAMPLE).name, np.ascontiguousarray(example, np.uint8))
+        mlflow.log_artifact(str(Path(tmp) / Path(EXAMPLE).name), folder)
+
+
+def export_model(run_id: str) -> str:
+    """The run's MLflow model URI (its `model_uri` tag), logged first when the run has none: a
+    pyfunc from `mlflow_model.py`, this package bundled, the weights and the contract as its
+    artifacts, the run's example images sent as image files in the input example. Registration
+    calls it, so only models that are registered pay for it. LookupError for a deleted run."""
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -43,39 +62,47 @@ def log_model(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> s
 
     import pipeline
 
-    contract = spec.input_contract()
-    classes = contract.classes
-    # Any object: files (base64 strings / bytes) or pixel arrays; the contract checks them with
-    # pipeline predict's messages, where a typed signature would answer with MLflow's own.
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
-        outputs=Schema(
-            [
-                ColSpec("string", "prediction"),
-                ColSpec("double", "probability"),
-                *(ColSpec("double", f"p_{c}") for c in classes),
-            ]
-        ),
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        described = Path(tmp) / CONTRACT
-        described.write_text(json.dumps(contract.to_dict(), indent=2) + "\n")
-        mlflow.log_artifact(str(described))
-        weights = _save(model, spec, Path(tmp) / Path(WEIGHTS).name)
-        mlflow.log_artifact(str(weights), artifact_path=str(Path(WEIGHTS).parent))
+    run = mlflow.MlflowClient().get_run(run_id)
+    if run.data.tags.get("model_uri"):
+        return run.data.tags["model_uri"]
+    with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
+        weights = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp
+        )
+        described = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=CONTRACT, dst_path=tmp
+        )
+        example = np.load(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EXAMPLE, dst_path=tmp)
+        )
+        classes = json.loads(Path(described).read_text())["classes"]
+        # Any object: files (base64 strings / bytes) or pixel arrays; the contract checks them
+        # with pipeline predict's messages, where a typed signature would answer with MLflow's.
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
+            outputs=Schema(
+                [
+                    ColSpec("string", "prediction"),
+                    ColSpec("double", "probability"),
+                    *(ColSpec("double", f"p_{c}") for c in classes),
+                ]
+            ),
+        )
         code = Path(tmp) / "pipeline"
         shutil.copytree(
             Path(pipeline.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__")
         )
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(CODE_FILE),
-            artifacts={"weights": str(weights), "contract": str(described)},
-            code_paths=[str(code)],
-            signature=signature,
-            input_example=np.array([png_base64(image) for image in example], dtype=object),
-            pip_requirements=_requirements(),
-        )
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(CODE_FILE),
+                artifacts={"weights": weights, "contract": described},
+                code_paths=[str(code)],
+                signature=signature,
+                input_example=np.array([png_base64(image) for image in example], dtype=object),
+                pip_requirements=_requirements(),
+            )
+            mlflow.set_tag("model_uri", info.model_uri)
     return info.model_uri
 
 

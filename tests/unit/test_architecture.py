@@ -27,7 +27,16 @@ LAYERS = {
 }
 BASE = {
     f"pipeline.{name}"
-    for name in ("config", "settings", "errors", "alerts", "choices", "context", "files", "interrupts")
+    for name in (
+        "config",
+        "settings",
+        "errors",
+        "alerts",
+        "choices",
+        "context",
+        "files",
+        "interrupts",
+    )
 } | {"pipeline"}
 CODE = ("pipeline/", "params.yaml")  # deps whose change means code or config changed
 
