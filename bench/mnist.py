@@ -75,7 +75,8 @@ def tutorial(project: Path, files: Path, epochs: int) -> dict:
     result = json.loads(stdout.strip().splitlines()[-1])
     spent = sum(result["epoch_seconds"])
     return {"wall_s": round(wall, 2), "epochs_s": round(spent, 2),
-            "fixed_s": round(wall - spent, 2), "test_accuracy": result["test_accuracy"]}  # fmt: skip
+            "fixed_s": round(wall - spent, 2),
+            "test_accuracy": result["test_accuracy"]}  # fmt: skip
 
 
 def seed_vs_tutorial(project: Path, files: Path, rounds: int, epochs: int) -> dict:
@@ -97,7 +98,8 @@ def lenet(project: Path, rounds: int, epochs: int) -> dict:
     return {"runs": runs,
             "median_epochs_s": statistics.median(r["epochs_s"] for r in runs),
             "median_wall_s": statistics.median(r["wall_s"] for r in runs),
-            "median_test_accuracy": statistics.median(r["test_accuracy"] for r in runs)}  # fmt: skip
+            "median_test_accuracy": statistics.median(
+                r["test_accuracy"] for r in runs)}  # fmt: skip
 
 
 def dag(project: Path, epochs: int) -> dict:
@@ -118,8 +120,10 @@ def lr_auto(project: Path, lrs: list[float], epochs: int) -> dict:
                                  f"train.optimizer.lr={lr}", "--set", f"train.epochs={epochs}")
         for lr in lrs
     }  # fmt: skip
-    auto = train_and_score(project, "--preset", "lenet-mnist", "--set",
-                           "train.optimizer.lr=auto", "--set", f"train.epochs={epochs}")  # fmt: skip
+    auto = train_and_score(
+        project, "--preset", "lenet-mnist", "--set", "train.optimizer.lr=auto",
+        "--set", f"train.epochs={epochs}",
+    )  # fmt: skip
     best = max(grid, key=lambda lr: grid[lr]["test_accuracy"])
     return {"grid_test_accuracy": {lr: r["test_accuracy"] for lr, r in grid.items()},
             "best_lr": float(best), "best_of_grid": grid[best]["test_accuracy"],
