@@ -56,19 +56,23 @@ def raising_on_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    check()  # a signal that waited in a `deferred(check=False)` block: the work is done, stop now
 
 
 @contextmanager
-def deferred():
+def deferred(check_on_exit: bool = True):
     """Within it, a signal waits in `pending` for `check()` (call it at safe points, often
-    enough that a stop is prompt); leaving the block normally checks once more."""
+    enough that a stop is prompt); leaving the block normally checks once more, unless
+    `check_on_exit` is False (work that must finish whole: it is raised when
+    `raising_on_signals` ends)."""
     before = _deferring[0]
     _deferring[0] = True
     try:
         yield
     finally:
         _deferring[0] = before
-    check()
+    if check_on_exit:
+        check()
 
 
 def check() -> None:

@@ -113,11 +113,16 @@ def train_stage(
     except BaseException:
         tracking.end("FAILED")
         raise
-    tracking.activate()
-    _log_model(result, ds)
-    stopped = str(result.stopped_early).lower()
-    tracking.end("FINISHED", {"train.stopped_early": stopped, "train.loader": result.loader})
-    ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
+    from pipeline import interrupts
+
+    # Trained: a signal now waits until the run is FINISHED with its model and the hand-off is
+    # written (the CLI or task then stops), so no run is finished without the rest.
+    with interrupts.deferred(check_on_exit=False):
+        tracking.activate()
+        _log_model(result, ds)
+        stopped = str(result.stopped_early).lower()
+        tracking.end("FINISHED", {"train.stopped_early": stopped, "train.loader": result.loader})
+        ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
     return {"run_id": tracking.run_id, "data_md5": data["data_md5"]}
 
 
@@ -170,19 +175,33 @@ class _Tracking:
     Its set-up (importing MLflow, opening the store, the run with its tags, params, lineage and
     Data Docs) runs in a thread while this one builds the model and trains the first epoch, off
     the critical path of a short run (BENCHMARKS.md, "Fixed cost"). `activate()` waits for it
-    and makes the run this thread's active run, with the system-metrics sampler (CPU, memory,
-    GPU with nvidia-ml-py, every few seconds); `end()` closes it.
+    and makes the run this thread's active run; `end()` closes it. The system-metrics sampler
+    (CPU, memory, GPU with nvidia-ml-py, every few seconds) starts as soon as the run exists.
     """
 
     def __init__(self, cfg, given, settings, ds, validation, ctx: RunContext, state, identity):
         from concurrent.futures import ThreadPoolExecutor
 
+        self.monitor = None
         pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
         self._setup = pool.submit(
-            _open_run, cfg, given, settings, ds, validation, ctx, state, identity
+            self._open, cfg, given, settings, ds, validation, ctx, state, identity
         )
         pool.shutdown(wait=False)  # the set-up runs on; nothing else is submitted
         self.active = False
+
+    def _open(self, *args) -> str:
+        """The run (`_open_run`), then its system-metrics sampler, started at once rather than
+        when the run becomes active after the first epoch."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        run_id = _open_run(*args)
+        state = args[-2]  # the checkpoint resumed, if any
+        self.monitor = SystemMetricsMonitor(
+            run_id, SYSTEM_METRICS_INTERVAL_S, 1, resume_logging=state is not None
+        )
+        self.monitor.start()
+        return run_id
 
     @property
     def run_id(self) -> str:
@@ -192,7 +211,7 @@ class _Tracking:
         if not self.active:
             import mlflow
 
-            mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+            mlflow.start_run(run_id=self.run_id)
             self.active = True
 
     def end(self, status: str, tags: dict | None = None) -> None:
@@ -208,6 +227,8 @@ class _Tracking:
             raise
         if tags:
             mlflow.set_tags(tags)
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples go out before the run ends
         mlflow.end_run(status)
 
 
@@ -217,7 +238,6 @@ def _open_run(cfg, given, settings, ds, validation, ctx: RunContext, state, iden
     `cfg` is what trains (params and config.json: numbers only), `given` the config as asked
     for (its params hash is what skip-unchanged compares; it differs with `lr: auto`). Runs in
     a thread: the client API only, no active run."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -228,8 +248,6 @@ def _open_run(cfg, given, settings, ds, validation, ctx: RunContext, state, iden
     from pipeline.training import distributed
 
     experiment = store.configure(settings, cfg.tracking.experiment)
-    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    mlflow.set_system_metrics_samples_before_logging(1)
     record = lineage.record(
         settings.code, given, pointer(settings.root), validation, _device_name(cfg), ctx
     )

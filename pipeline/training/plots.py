@@ -41,13 +41,14 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
     has_val = "val_accuracy" in history[0]  # no panel for what the run did not measure
     fig, axes = plt.subplots(1, 3 if has_val else 2, figsize=(13 if has_val else 9, 3.6))
     loss_ax, lr_ax = axes[0], axes[-1]
+    mark = {"marker": "o", "markersize": 4}  # a one-epoch run is one point, not an empty panel
     for split in ("train", "val"):
         if f"{split}_loss" in history[0]:
-            loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
+            loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], label=split, **mark)
     if has_val:  # train accuracy is not tracked: it would slow every step
-        axes[1].plot(epochs, [h["val_accuracy"] for h in history], label="val")
+        axes[1].plot(epochs, [h["val_accuracy"] for h in history], label="val", **mark)
         axes[1].set(title="val accuracy", xlabel="epoch")
-    lr_ax.plot(epochs, [h["lr"] for h in history])
+    lr_ax.plot(epochs, [h["lr"] for h in history], **mark)
     loss_ax.set(title="loss" if has_val else "training loss (no validation split)", xlabel="epoch")
     lr_ax.set(title="learning rate", xlabel="epoch")
     loss_ax.legend()

@@ -152,6 +152,27 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
             lr.resolve(bad)
 
 
+def test_the_sweep_form_takes_preset_dataset_strategy_trials_epochs_and_val_fraction(dagbag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from pipeline import choices
+
+    params = dagbag.dags["sweep_image_classifier"].params
+    # Empty by default: params.yaml's values, after the preset's, are what a sweep uses.
+    for name in ("preset", "dataset", "strategy", "trials", "epochs", "val_fraction"):
+        assert params[name] is None, name
+    assert params.get_param("strategy").schema["enum"] == [None, *choices.SWEEP_STRATEGIES]
+    assert "mnist" in params.get_param("dataset").schema["enum"]
+    assert "lenet-mnist" in params.get_param("preset").schema["enum"]
+    fraction = params.get_param("val_fraction")
+    assert fraction.resolve(0.1) == 0.1
+    for bad in (0, 1, -0.5):
+        with pytest.raises(ParamValidationError):
+            fraction.resolve(bad)
+    with pytest.raises(ParamValidationError):
+        params.get_param("trials").resolve(0)
+
+
 @pytest.mark.parametrize(
     "dag_file",
     [

@@ -179,6 +179,8 @@ def test_cifar10_is_read_from_its_folder_itself_or_its_archive_unextracted(tmp_p
     assert np.array_equal(from_archive.train.images, expected.train.images)
     assert from_archive.classes == expected.classes
     assert _tree(tmp_path / "b") == ["cifar-10-python.tar.gz"]  # nothing extracted beside it
+    named = _source("cifar10", tmp_path / "b" / "cifar-10-python.tar.gz")  # the archive itself
+    assert np.array_equal(named.test.images, expected.test.images)
 
 
 def test_missing_cifar10_batches_are_listed(tmp_path):
@@ -187,6 +189,52 @@ def test_missing_cifar10_batches_are_listed(tmp_path):
     with pytest.raises(DataError, match="found batches.meta, data_batch_1") as err:
         _source("cifar10", tmp_path)
     assert "Needed:" in str(err.value) and "test_batch" in str(err.value)
+
+
+def _rewrite_batch(folder, name, change):
+    batch = pickle.loads((folder / name).read_bytes())
+    (folder / name).write_bytes(pickle.dumps(change(batch), protocol=2))
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            lambda b: b | {"labels": b["labels"][:-1]},
+            "data_batch_2: it holds 4 images but 3 labels",
+        ),
+        (
+            lambda b: b | {"labels": [10] * 4},
+            r"data_batch_2: it has label 10 \(10 classes: 0-9 only\)",
+        ),
+        (lambda b: b | {"labels": [-1] * 4}, "data_batch_2: it has label -1"),
+        (lambda b: b | {"data": b["data"] * 300.0}, "data_batch_2: its data is float64"),
+        (
+            lambda b: b | {"data": b["data"][:, :3000]},
+            r"data_batch_2: its data has shape \(4, 3000\)",
+        ),
+        (lambda b: {k: v for k, v in b.items() if k != "labels"}, "data_batch_2 has no 'labels'"),
+    ],
+)
+def test_a_cifar10_batch_whose_parts_do_not_pair_up_is_refused_with_the_file_named(
+    tmp_path, change, said
+):
+    _rewrite_batch(_cifar10(tmp_path, 2), "data_batch_2", change)
+    with pytest.raises(DataError, match=said):
+        _source("cifar10", tmp_path, download=False)
+
+
+def test_cifar10_batches_with_bytes_keys_read_the_same(tmp_path):
+    folder = _cifar10(tmp_path, 2)
+    expected = _source("cifar10", tmp_path, download=False)
+    for name in ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        _rewrite_batch(folder, name, lambda b: {k.encode(): v for k, v in b.items()})
+    again = _source("cifar10", tmp_path, download=False)
+    assert again.classes == expected.classes
+    assert np.array_equal(again.train.labels, expected.train.labels)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"num_vis": 3072}, protocol=2))
+    with pytest.raises(DataError, match="batches.meta has no 'label_names'"):
+        _source("cifar10", tmp_path, download=False)
 
 
 class _Exploit:

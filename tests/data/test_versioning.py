@@ -1,5 +1,6 @@
 """DVC integrity: a fresh clone regenerates the tracked version; bad or missing data is handled."""
 
+import gzip
 import json
 import shutil
 import signal
@@ -235,4 +236,10 @@ def test_mnist_as_distributed_is_pulled_and_a_failed_pull_is_not_called_interrup
     assert any(line == f"data: writing mnist to {project / 'data'}" for line in said)
     assert check_data("mnist", project, project / "data")["splits"] == {"train": 60, "test": 20}
     assert md5 == recorded_md5(project) and not (tmp_path / "cache").exists()
-    assert read_meta(project / "data")["recipe"]["source_dir"] == str(source.resolve())
+    # The same files elsewhere, gzip-compressed and under torchvision's folders: the same version
+    moved = tmp_path / "elsewhere" / "MNIST" / "raw"
+    moved.mkdir(parents=True)
+    for f in source.iterdir():
+        (moved / f"{f.name.replace('.idx', '-idx')}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    source = tmp_path / "elsewhere"
+    assert pull() == md5 and said[-1] == f"data: mnist already at the tracked version {md5}"

@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from pipeline.tracking.weights import export_model
 from tests.conftest import BIN, free_port, project_env, run, stop_group
 from tests.e2e.live import ServedModel, wait_http
 from tests.templates import add_airflow_db, trained_run
@@ -226,9 +227,7 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
         # What a register killed right after creating its version leaves behind:
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         pending = mlflow.register_model(
-            client.get_run(run_id).data.tags["model_uri"],
-            NAME,
-            tags={"registration.status": "pending"},
+            export_model(run_id), NAME, tags={"registration.status": "pending"}
         )
         refused = pipeline("promote", f"{NAME}/{pending.version}", check=False)
         assert refused.returncode == 1 and "did not finish registering" in refused.stderr

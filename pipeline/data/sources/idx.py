@@ -10,6 +10,7 @@ gzip-compressed or not. Read in place: nothing is written beside them. When they
 from __future__ import annotations
 
 import gzip
+import hashlib
 import sys
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data.fingerprint import fingerprint
 from pipeline.data.sources.common import download_dir, in_memory, need_dir
 from pipeline.data.store import DataError, Dataset, Split
 
@@ -78,8 +78,11 @@ def _in(folder: Path) -> dict[tuple[str, str], Path]:
     found = {}
     for key, (stem, suffix) in FILES.items():
         for candidate in names(stem, suffix):
-            if (folder / candidate).is_file():
-                found[key] = folder / candidate
+            path = folder / candidate
+            if path.is_dir():  # Kaggle's layout: each file in a folder of its own name
+                path = path / candidate
+            if path.is_file():
+                found[key] = path
                 break
     return found
 
@@ -112,18 +115,22 @@ def _download(name: str, cache: Path) -> None:
         print(f"{name}: the download into {cache} failed ({exc})", file=sys.stderr)
 
 
+def _read(path: Path) -> bytes:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            return handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc}); replace it with the original") from None
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes (gzip-compressed when named .gz) as a uint8 array.
 
     The header is two zero bytes, a type byte (0x08: unsigned byte), the number of dimensions
     and each dimension as a big-endian uint32. DataError when it is not that, or is cut short.
     """
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            raw = handle.read()
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot be read ({exc}); replace it with the original") from None
+    raw = _read(path)
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != ndim:
         raise DataError(
             f"{path}: not an IDX file of unsigned bytes with {ndim} dimension(s) (header "
@@ -140,18 +147,22 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 def recipe(name: str, data: DataConfig) -> dict:
-    """Where the files are and their content (a changed file is a new version); before a
-    download, only the settings."""
+    """The files' content, decompressed, under their canonical names: a copy elsewhere, gzip or
+    not, with '-' or '.', is the same data version. Before a download (no `source_dir`, files
+    not fetched yet) only the dataset; with a `source_dir` that lacks them, DataError (before
+    anything is written)."""
     try:
         files = find(name, data.model_copy(update={"download": False}))
     except DataError:
-        return {"dataset": name, "source_dir": data.source_dir}
-    root = next(iter(files.values())).parent
-    return {
-        "dataset": name,
-        "source_dir": str(root.resolve()),
-        "source_files": fingerprint(root, [str(p) for p in files.values()]),
-    }
+        if data.source_dir:
+            raise
+        return {"dataset": name}
+    digest = hashlib.md5()
+    for key in sorted(files):
+        stem, suffix = FILES[key]
+        content = hashlib.md5(_read(files[key])).hexdigest()
+        digest.update(f"{stem}-{suffix}\0{content}\n".encode())
+    return {"dataset": name, "source_files": {".": {"files": 4, "md5": digest.hexdigest()}}}
 
 
 def load(name: str, data: DataConfig) -> Dataset:

@@ -110,11 +110,11 @@ def _files(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
 
 
 def recipe(data: DataConfig) -> dict:
-    """What a folder's data version is made of: the files' content and the decoding settings."""
+    """What a folder's data version is made of: the files' content and the decoding settings;
+    not the folder's path (a copy of the same photos is the same version)."""
     root = need_dir("imagefolder", data.source_dir).resolve()
     return {
         "dataset": "imagefolder",
-        "source_dir": str(root),
         "source_files": fingerprint(root, list_files(root).files),
         "test_fraction": data.test_fraction,
         "image_size": data.image_size,

@@ -172,7 +172,8 @@ def _run_trial(cfg: Config, settings: Settings, validation: dict, parent: str, t
     def on_epoch(row: dict) -> None:
         seen.append(row)
         trial.report(row["val_loss"], row["epoch"])
-        if trial.should_prune():
+        # after the last epoch the trial is complete: pruning would only discard its result
+        if row["epoch"] < cfg.sweep.epochs and trial.should_prune():
             raise Pruned(row["epoch"])
 
     scope = f"search/{trial.user_attrs['worker']}"  # workers may draw the same params
