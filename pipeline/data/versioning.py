@@ -80,11 +80,22 @@ def verify_started(repo_root: Path, data_dir: Path) -> Callable[[], str]:
 
     if not Path(data_dir).exists():
         raise DataError(f"{data_dir} is missing; run `dvc pull` (or `pipeline data pull`)")
+    import os
+
+    import pipeline
+
+    # This process's package, not a copy in the working directory (-P: none prepended).
+    here = str(Path(pipeline.__file__).parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
+    }
     child = subprocess.Popen(
-        [sys.executable, "-c", _DIFFERENCES, str(repo_root)],
+        [sys.executable, "-P", "-c", _DIFFERENCES, str(repo_root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
     def wait() -> str:

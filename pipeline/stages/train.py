@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import interrupts
 from pipeline.config import Config, ConfigError
 from pipeline.context import RunContext
 from pipeline.data import check_validated, read_dataset
@@ -113,8 +114,6 @@ def train_stage(
     except BaseException:
         tracking.end("FAILED")
         raise
-    from pipeline import interrupts
-
     # Trained: a signal now waits until the run is FINISHED with its model and the hand-off is
     # written (the CLI or task then stops), so no run is finished without the rest.
     with interrupts.deferred(check_on_exit=False):
@@ -155,8 +154,6 @@ def _training_identity(cfg: Config, data_md5: str, ctx: RunContext) -> str:
 def _end_abandoned(client, experiment: str, identity: str, keep: str | None) -> None:
     """Runs of this identity left RUNNING by a process that no longer exists (SIGKILL, OOM):
     ended KILLED, saying so; `keep` is the run a resume reopens."""
-    from pipeline import interrupts
-
     query = f"tags.`train.identity` = '{identity}' and attributes.status = 'RUNNING'"
     for left in client.search_runs([experiment], query):
         tags = left.data.tags
@@ -241,7 +238,6 @@ def _open_run(cfg, given, settings, ds, validation, ctx: RunContext, state, iden
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from pipeline import interrupts
     from pipeline.data.validation import summary
     from pipeline.data.versioning import pointer
     from pipeline.tracking import lineage, store
@@ -273,11 +269,11 @@ def _open_run(cfg, given, settings, ds, validation, ctx: RunContext, state, iden
         )
         run_id = store.new_run(settings, cfg.tracking.experiment, ctx, run_name, tags)
         now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(k, v, now, 0) for k, v in summary(validation)[0].items()],
-            params=[Param(k, str(v)) for k, v in cfg.flat().items()],
-        )
+        metrics = [Metric(k, v, now, 0) for k, v in summary(validation)[0].items()]
+        params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+        for start in range(0, max(len(params), 1), 100):  # MLflow takes 100 params a batch
+            client.log_batch(run_id, metrics=metrics if start == 0 else [],
+                             params=params[start : start + 100])  # fmt: skip
         client.log_dict(run_id, cfg.to_dict(), "config.json")
         if validation.get("docs") and Path(validation["docs"]).is_file():
             client.log_artifacts(run_id, str(Path(validation["docs"]).parent), "data_docs")
