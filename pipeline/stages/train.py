@@ -82,8 +82,6 @@ def train_stage(
         fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state, contract=ds.contract)
         return {}
 
-    import torch._dynamo  # noqa: F401 - the optimizer imports it (3 s); now, not beside MLflow's
-
     tracking = _Tracking(cfg, given, settings, ds, validation, ctx, state, identity)
 
     def report(row: dict) -> None:
@@ -101,7 +99,7 @@ def train_stage(
             on_epoch=report,
             checkpoint_path=ckpt_path,
             resume=state,
-            checkpoint_extra=lambda: {"mlflow_run_id": tracking.run_id, "identity": identity},
+            checkpoint_extra={"mlflow_run_id": tracking.run_id, "identity": identity},
             contract=ds.contract,
         )
     except Pruned as stop:
@@ -167,42 +165,25 @@ def _end_abandoned(client, experiment: str, identity: str, keep: str | None) -> 
 
 
 class _Tracking:
-    """The MLflow run of one training: a new run, or the checkpoint's run reopened.
+    """The MLflow run of one training: a new run, or the checkpoint's run reopened, set up
+    before the first epoch (`_open_run`), with the system-metrics sampler (CPU, memory, GPU with
+    nvidia-ml-py, every few seconds). `activate()` makes it this thread's active run; `end()`
+    closes it.
 
-    Its set-up (importing MLflow, opening the store, the run with its tags, params, lineage and
-    Data Docs) runs in a thread while this one builds the model and trains the first epoch, off
-    the critical path of a short run (BENCHMARKS.md, "Fixed cost"). `activate()` waits for it
-    and makes the run this thread's active run; `end()` closes it. The system-metrics sampler
-    (CPU, memory, GPU with nvidia-ml-py, every few seconds) starts as soon as the run exists.
+    Not in a thread beside the first epoch: a streaming loader forks its worker processes then,
+    and a fork while another thread imports deadlocks the workers (an import lock is copied
+    held); and beside the tutorial's MLP it saved nothing, both sharing the GIL.
     """
 
     def __init__(self, cfg, given, settings, ds, validation, ctx: RunContext, state, identity):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.monitor = None
-        pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
-        self._setup = pool.submit(
-            self._open, cfg, given, settings, ds, validation, ctx, state, identity
-        )
-        pool.shutdown(wait=False)  # the set-up runs on; nothing else is submitted
-        self.active = False
-
-    def _open(self, *args) -> str:
-        """The run (`_open_run`), then its system-metrics sampler, started at once rather than
-        when the run becomes active after the first epoch."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        run_id = _open_run(*args)
-        state = args[-2]  # the checkpoint resumed, if any
+        self.run_id = _open_run(cfg, given, settings, ds, validation, ctx, state, identity)
         self.monitor = SystemMetricsMonitor(
-            run_id, SYSTEM_METRICS_INTERVAL_S, 1, resume_logging=state is not None
+            self.run_id, SYSTEM_METRICS_INTERVAL_S, 1, resume_logging=state is not None
         )
         self.monitor.start()
-        return run_id
-
-    @property
-    def run_id(self) -> str:
-        return self._setup.result()
+        self.active = False
 
     def activate(self) -> None:
         if not self.active:
@@ -212,20 +193,13 @@ class _Tracking:
             self.active = True
 
     def end(self, status: str, tags: dict | None = None) -> None:
-        """Close the run as `status` with `tags`; on a failure path, a set-up that failed too
-        leaves the first error to be raised."""
+        """Close the run as `status` with `tags`, its last system-metrics samples first."""
         import mlflow
 
-        try:
-            self.activate()
-        except Exception:  # noqa: BLE001 - the caller re-raises the error that matters
-            if status != "FINISHED":
-                return
-            raise
+        self.activate()
         if tags:
             mlflow.set_tags(tags)
-        if self.monitor is not None:
-            self.monitor.finish()  # its last samples go out before the run ends
+        self.monitor.finish()
         mlflow.end_run(status)
 
 
@@ -233,8 +207,8 @@ def _open_run(cfg, given, settings, ds, validation, ctx: RunContext, state, iden
     """The run id: a new run with its params, config, validation summary and Data Docs, or the
     checkpoint's run reopened with the epochs a killed process checkpointed but never logged.
     `cfg` is what trains (params and config.json: numbers only), `given` the config as asked
-    for (its params hash is what skip-unchanged compares; it differs with `lr: auto`). Runs in
-    a thread: the client API only, no active run."""
+    for (its params hash is what skip-unchanged compares; it differs with `lr: auto`). The
+    client API only: the run becomes active in `_Tracking.activate`."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
