@@ -325,11 +325,11 @@ def main() -> None:
         help="only the source fingerprint's cost at N photos",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="200 photos, no built-in sets: a smoke run"
+        "--quick", action="store_true", help="500 photos, no built-in sets: a smoke run"
     )
     args = parser.parse_args()
     if args.quick:  # bench/out/scale-quick.json; BENCHMARKS.md keeps the real figures
-        args.sizes, args.no_builtin = [200], True
+        args.sizes, args.no_builtin = [500], True  # the test split needs 50 rows to validate
     if args.fingerprint:
         print(json.dumps(fingerprint_cost(subset(args.fingerprint), args.fingerprint), indent=2))
         return

@@ -72,7 +72,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint_path: Path | None = None,
     resume: dict | None = None,
-    checkpoint_extra: Callable[[], dict] | dict | None = None,
+    checkpoint_extra: dict | None = None,
     contract: dict | None = None,
 ) -> FitResult:
     """Train a fresh model, or continue `resume` (a loaded checkpoint) to `cfg.epochs`.
@@ -82,8 +82,7 @@ def fit(
         `cfg.val_fraction` of a seeded shuffle is held out for val_loss / val_accuracy.
     on_epoch(row): called after each epoch with {"epoch" (1-based), "train_loss",
         "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", ...}.
-    checkpoint_path: written atomically after every epoch (with `checkpoint_extra`, a dict or a
-        function giving one, called at each save).
+    checkpoint_path: written atomically after every epoch (with `checkpoint_extra`).
     contract: the dataset's input contract (data/meta.json), kept in the model's spec.
     Returns a FitResult: the model (normalization in front, eval mode), its spec and the
     epoch history. Raises ConfigError for `lr: auto` (resolve it first) and TrainingDiverged
@@ -326,9 +325,9 @@ class _Loop:
         patience = self.cfg.early_stopping.patience
         return patience > 0 and state.bad_epochs >= patience
 
-    def _state(self, extra) -> dict:
+    def _state(self, extra: dict) -> dict:
         return {
-            **(extra() if callable(extra) else extra),
+            **extra,
             **self.state.to_checkpoint(),
             "spec": self.spec.to_dict(),
             "model": self.model.state_dict(),
