@@ -7,6 +7,7 @@ data.dvc itself and refuses to go on when they differ.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 from collections.abc import Callable
 from contextlib import chdir, contextmanager
@@ -98,6 +99,7 @@ def verify_started(repo_root: Path, data_dir: Path) -> Callable[[], str]:
         env=env,
     )
 
+    @functools.cache  # callers may wait more than once (lr: auto waits early)
     def wait() -> str:
         out, err = child.communicate()
         if child.returncode != 0:
