@@ -70,11 +70,20 @@ class Airflow:
     def trigger(self, dag_id: str, conf: dict) -> dict:
         return self("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
 
-    def wait_for_runs(self, dag_id: str, done, seconds: int = 480) -> list[dict]:
-        """Poll the DAG's runs until done(runs) is true or the time is up; returns the last list."""
+    def wait_for_runs(self, dag_id: str, done, seconds: int = 1200) -> list[dict]:
+        """Poll the DAG's runs until done(runs) is true or the time is up; returns the last list.
+
+        The DAGs take one run at a time (max_active_runs=1), so two runs on a loaded 2-core CI
+        machine beside three other test workers took over 480 s: the default waits 20 minutes."""
         deadline = time.monotonic() + seconds
+        runs: list[dict] = []
         while True:
-            runs = self("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"]
+            try:
+                runs = self("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"]
+            except urllib.error.HTTPError:
+                raise
+            except (TimeoutError, urllib.error.URLError):  # starved by other workers: ask again
+                pass
             if done(runs) or time.monotonic() > deadline:
                 return runs
             time.sleep(5)
