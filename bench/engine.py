@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,7 @@ def tracking_overhead(cfg, split: Split, rounds: int) -> dict:
     """Whole fit() wall time with the train stage's MLflow tracking vs without."""
     import mlflow
 
-    from pipeline.stages.train import SYSTEM_METRICS_INTERVAL_S, log_epoch
+    from pipeline.tracking.recorder import SYSTEM_METRICS_INTERVAL_S, log_epoch
 
     store = tempfile.mkdtemp(prefix="bench-mlflow-")
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
@@ -190,8 +191,9 @@ def tracking_overhead(cfg, split: Split, rounds: int) -> dict:
         for tracked in (True, False) if i % 2 else (False, True):  # alternate who goes first
             start = time.perf_counter()
             if tracked:
-                with mlflow.start_run(log_system_metrics=True):
-                    fit(cfg.train, split, classes, 0, on_epoch=log_epoch)
+                with mlflow.start_run(log_system_metrics=True) as run:
+                    logged = partial(log_epoch, mlflow.MlflowClient(), run.info.run_id)
+                    fit(cfg.train, split, classes, 0, on_epoch=logged)
                 on.append(time.perf_counter() - start)
             else:
                 fit(cfg.train, split, classes, 0)

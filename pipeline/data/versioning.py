@@ -77,26 +77,16 @@ def verify_started(repo_root: Path, data_dir: Path) -> Callable[[], str]:
     `wait()` that gives the data md5 or raises what `verify` would. DVC's comparison is the
     slow part (importing DVC, hashing what changed)."""
     import subprocess
-    import sys
+
+    from pipeline import children
 
     if not Path(data_dir).exists():
         raise DataError(f"{data_dir} is missing; run `dvc pull` (or `pipeline data pull`)")
-    import os
-
-    import pipeline
-
-    # This process's package, not a copy in the working directory (-P: none prepended).
-    here = str(Path(pipeline.__file__).parents[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
-    }
-    child = subprocess.Popen(
-        [sys.executable, "-P", "-c", _DIFFERENCES, str(repo_root)],
+    child = children.python(
+        ["-c", _DIFFERENCES, str(repo_root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
     )
 
     @functools.cache  # callers may wait more than once (lr: auto waits early)

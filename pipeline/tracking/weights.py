@@ -32,22 +32,18 @@ def _save(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
     return path
 
 
-def log_weights(model: torch.nn.Module, spec: ModelSpec, example: np.ndarray) -> None:
-    """To the active run: the weights (`weights/model.pt`), `contract.json`, and `example`, a few
-    test images (uint8 N x C x H x W), kept for the MLflow model's input example."""
+def save_weights(
+    model: torch.nn.Module, spec: ModelSpec, example: np.ndarray, folder: Path
+) -> None:
+    """Into `folder`, laid out as the run's artifacts: the weights (`weights/model.pt`),
+    `contract.json`, and `example`, a few test images (uint8 N x C x H x W), kept for the MLflow
+    model's input example. The recorder logs the folder."""
     import numpy as np
 
-    contract = spec.input_contract()
-    with tempfile.TemporaryDirectory() as tmp:
-        import mlflow
-
-        described = Path(tmp) / CONTRACT
-        described.write_text(json.dumps(contract.to_dict(), indent=2) + "\n")
-        mlflow.log_artifact(str(described))
-        folder = str(Path(WEIGHTS).parent)
-        mlflow.log_artifact(str(_save(model, spec, Path(tmp) / Path(WEIGHTS).name)), folder)
-        np.save(Path(tmp) / Path(EXAMPLE).name, np.ascontiguousarray(example, np.uint8))
-        mlflow.log_artifact(str(Path(tmp) / Path(EXAMPLE).name), folder)
+    (folder / CONTRACT).write_text(json.dumps(spec.input_contract().to_dict(), indent=2) + "\n")
+    (folder / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
+    _save(model, spec, folder / WEIGHTS)
+    np.save(folder / EXAMPLE, np.ascontiguousarray(example, np.uint8))
 
 
 def export_model(run_id: str) -> str:

@@ -72,7 +72,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint_path: Path | None = None,
     resume: dict | None = None,
-    checkpoint_extra: dict | None = None,
+    checkpoint_extra: Callable[[], dict] | None = None,
     contract: dict | None = None,
 ) -> FitResult:
     """Train a fresh model, or continue `resume` (a loaded checkpoint) to `cfg.epochs`.
@@ -82,7 +82,8 @@ def fit(
         `cfg.val_fraction` of a seeded shuffle is held out for val_loss / val_accuracy.
     on_epoch(row): called after each epoch with {"epoch" (1-based), "train_loss",
         "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", ...}.
-    checkpoint_path: written atomically after every epoch (with `checkpoint_extra`).
+    checkpoint_path: written atomically after every epoch, with what `checkpoint_extra()` gives
+        (called at each checkpoint: the caller's MLflow run may be opened meanwhile).
     contract: the dataset's input contract (data/meta.json), kept in the model's spec.
     Returns a FitResult: the model (normalization in front, eval mode), its spec and the
     epoch history. Raises ConfigError for `lr: auto` (resolve it first) and TrainingDiverged
@@ -124,7 +125,7 @@ def fit(
             val = make_batches(val_part, cfg, device, distributed.Dist(), fmt, cfg.batch_size * 4)
         with interrupts.deferred():  # SIGTERM / SIGINT stop it between steps
             return _Loop(cfg, model, spec, batches, val, device, dist, seed).run(
-                on_epoch, checkpoint_path, resume, checkpoint_extra or {}
+                on_epoch, checkpoint_path, resume, checkpoint_extra or dict
             )
     finally:
         _set_deterministic(was_deterministic)
@@ -325,9 +326,9 @@ class _Loop:
         patience = self.cfg.early_stopping.patience
         return patience > 0 and state.bad_epochs >= patience
 
-    def _state(self, extra: dict) -> dict:
+    def _state(self, extra: Callable[[], dict]) -> dict:
         return {
-            **extra,
+            **extra(),
             **self.state.to_checkpoint(),
             "spec": self.spec.to_dict(),
             "model": self.model.state_dict(),

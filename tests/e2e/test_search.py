@@ -66,13 +66,13 @@ def test_the_optuna_sweep_dag_prunes_weak_trials_and_shows_them_pruned(from_temp
 KILL_IN_FIRST_TRIAL = """
 import os, signal, sys
 from pipeline import interrupts
-from pipeline.stages import train
-logged = train.log_epoch
-def dying(row):
-    logged(row)
+from pipeline.tracking import recorder
+logged = recorder.Recorder.epoch
+def dying(self, row):
+    logged(self, row)
     if row["epoch"] == 2:
         os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-train.log_epoch = dying if sys.argv[1].startswith("SIG") else logged
+recorder.Recorder.epoch = dying if sys.argv[1].startswith("SIG") else logged
 from pipeline.config import load_config
 from pipeline.settings import Settings
 from pipeline.context import RunContext

@@ -5,7 +5,9 @@ import os
 import pickle
 import signal
 import subprocess
+import time
 
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -42,9 +44,10 @@ def _weights(client, run_id, tmp) -> dict:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def _kill_after_epoch(project, epoch: int, sig=signal.SIGKILL) -> str:
+def _kill_after_epoch(project, epoch: int, sig=signal.SIGKILL, recorder_too=False) -> str:
     """Send `sig` to `pipeline train` as soon as it reports `epoch` (its checkpoint is on disk);
-    returns what it said after that."""
+    returns what it said after that. `recorder_too`: SIGKILL its MLflow recorder process first,
+    as a machine that loses power would."""
     proc = subprocess.Popen(
         ["pipeline", "train", *SMALL],
         cwd=project,
@@ -55,6 +58,10 @@ def _kill_after_epoch(project, epoch: int, sig=signal.SIGKILL) -> str:
     )
     for line in proc.stderr:
         if line.startswith(f"epoch {epoch:>3}/"):
+            if recorder_too:
+                (recorder,) = psutil.Process(proc.pid).children()
+                recorder.kill()
+                recorder.wait(timeout=30)
             proc.send_signal(sig)
             break
     rest = proc.stderr.read()
@@ -62,6 +69,17 @@ def _kill_after_epoch(project, epoch: int, sig=signal.SIGKILL) -> str:
     expected = -sig if sig == signal.SIGKILL else 128 + sig
     assert proc.returncode == expected, f"training ended {proc.returncode}: {rest[-2000:]}"
     return rest
+
+
+def _ended(project, run_id: str, seconds: int = 60):
+    """The run once it is no longer RUNNING (its recorder ends it after the trainer went)."""
+    client = _client(project)
+    for _ in range(seconds * 4):
+        found = client.get_run(run_id)
+        if found.info.status != "RUNNING":
+            return found
+        time.sleep(0.25)
+    raise AssertionError(f"run {run_id} still RUNNING after {seconds} s")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -76,7 +94,7 @@ def test_an_interrupted_training_ends_its_run_killed_and_keeps_its_checkpoint(va
 
 
 def test_a_run_left_running_by_sigkill_is_ended_killed_when_the_next_one_starts(validated):
-    _kill_after_epoch(validated, 2)
+    _kill_after_epoch(validated, 2, recorder_too=True)  # nobody left to close the run
     (left,) = _runs(validated)
     assert left.info.status == "RUNNING"
     again = run(["pipeline", "train", *SMALL], validated)  # the same identity, no --resume
@@ -91,7 +109,9 @@ def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_
     project = validated
     _kill_after_epoch(project, 3)
     (killed,) = _runs(project)
-    assert killed.info.status == "RUNNING"  # SIGKILL: nobody closed the run
+    killed = _ended(project, killed.info.run_id)  # the recorder saw its trainer go
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None
+    assert killed.data.tags["train.interrupted"].endswith("ended without closing it")
     assert len(list((project / "outputs" / "checkpoints").glob("*.pt"))) == 1
 
     resumed = run(["pipeline", "train", "--resume", *SMALL], project)

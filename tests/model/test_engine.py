@@ -51,7 +51,8 @@ def test_resumed_run_equals_an_uninterrupted_one(digits, tmp_path, model):
             raise Killed
 
     with pytest.raises(Killed):
-        fit(cfg, digits.train, digits.classes, 5, kill_after_epoch_2, ckpt, None, {"run": "r1"})
+        extra = lambda: {"run": "r1"}  # noqa: E731
+        fit(cfg, digits.train, digits.classes, 5, kill_after_epoch_2, ckpt, None, extra)
     state = checkpoint.load(ckpt)
     assert (state["epoch"], state["run"]) == (2, "r1")
     resumed = fit(cfg, digits.train, digits.classes, 5, resume=state)

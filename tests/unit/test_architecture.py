@@ -36,6 +36,7 @@ BASE = {
         "context",
         "files",
         "interrupts",
+        "children",
     )
 } | {"pipeline"}
 CODE = ("pipeline/", "params.yaml")  # deps whose change means code or config changed

@@ -1,0 +1,294 @@
+"""The MLflow run of one training, opened, fed its epochs and closed by a recorder.
+
+Where MLflow is not imported yet (`pipeline train`, a DAG task), the recorder is a child process
+fed over a pipe: MLflow's import (~1.5 s), opening the store (~1 s) and its teardown then run on
+the other core while this process imports torch and trains, instead of before and after. Where
+MLflow is loaded already (a sweep worker, between trials), it records in-process. Both take the
+same calls: `open`, `run_id`, `epoch`, `end`.
+
+A parent that vanishes without `end` (SIGKILL, OOM) closes the child's pipe: the child ends the
+run KILLED and says why. A run left RUNNING when both went is ended when the same training
+identity next opens one (`_end_abandoned`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import interrupts
+from pipeline.config import Config
+from pipeline.context import RunContext
+from pipeline.settings import Settings
+
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
+@dataclass
+class Opening:
+    """What a run is opened with. `cfg` trains (params and config.json: numbers only); `given`
+    is the config as asked for (its params hash is what skip-unchanged compares; it differs with
+    `lr: auto`). `resume` is {"mlflow_run_id", "epoch", "history"} of a checkpoint, or None.
+    `owner` is the training process (`interrupts.owner()`) and `argv` its command line (MLflow's
+    source tags), not the recorder's."""
+
+    cfg: Config
+    given: Config
+    settings: Settings
+    validation: dict
+    ctx: RunContext
+    dataset: str
+    identity: str
+    device: str
+    processes: int
+    owner: dict
+    resume: dict | None = None
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+def begin() -> Recorder | Child:
+    """A recorder for the training about to start: a child process (started now, importing
+    MLflow while the caller goes on) unless MLflow is already imported here."""
+    return Recorder() if "mlflow" in sys.modules else Child()
+
+
+def log_epoch(client, run_id: str, row: dict) -> None:
+    """One epoch's metrics in one batched call; never per step.
+
+    Synchronous on purpose: MLflow's async queue cost ~40 % on a 3-epoch CPU run here, one
+    batched write per epoch costs nothing measurable (`bench/engine.py`, tracking_overhead)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, row["epoch"]) for k, v in row.items() if k != "epoch"]
+    client.log_batch(run_id, metrics=metrics)
+
+
+class Recorder:
+    """Records in this process, with the system-metrics sampler (CPU, memory, GPU with
+    nvidia-ml-py, every few seconds) from the run's creation to its end."""
+
+    run_id: str
+
+    def open(self, opening: Opening) -> None:
+        from mlflow import MlflowClient
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        from pipeline.tracking import store
+
+        experiment = store.configure(opening.settings, opening.cfg.tracking.experiment)
+        self.client = MlflowClient()
+        self.run_id = _open_run(self.client, experiment, opening)
+        self.monitor = SystemMetricsMonitor(
+            self.run_id, SYSTEM_METRICS_INTERVAL_S, 1, resume_logging=opening.resume is not None
+        )
+        self.monitor.start()
+
+    def epoch(self, row: dict) -> None:
+        log_epoch(self.client, self.run_id, row)
+
+    def end(self, status: str, tags: dict | None = None, artifacts: Path | None = None) -> None:
+        """Log the files under `artifacts` (paths kept), set `tags`, stop the sampler (its last
+        samples logged) and close the run as `status`."""
+        from mlflow.entities import RunTag
+
+        if artifacts is not None:
+            self.client.log_artifacts(self.run_id, str(artifacts))
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.monitor.finish()
+        self.client.set_terminated(self.run_id, status)
+
+    def close(self) -> None:
+        """Nothing to release in-process (`Child.close` ends its process)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Child:
+    """A `Recorder` in a child process, fed over a pipe. Errors it meets (a deleted experiment,
+    an unreachable server) are raised here at the next call that waits for it (`run_id`,
+    `end`) or, after the run is open, at the next `epoch`."""
+
+    def __init__(self):
+        from multiprocessing import Pipe
+
+        from pipeline import children
+
+        self.conn, theirs = Pipe()
+        self.proc = children.python(
+            ["-m", "pipeline.tracking.recorder", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            start_new_session=True,  # a terminal's Ctrl-C reaches the trainer; it ends the run
+        )
+        theirs.close()
+        self._run_id: str | None = None
+
+    def open(self, opening: Opening) -> None:
+        self.conn.send(("open", opening))
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            self._run_id = self._reply("opened")
+        return self._run_id
+
+    def epoch(self, row: dict) -> None:
+        self.run_id  # noqa: B018  opened first, so anything waiting now is an error
+        if self.conn.poll():  # it failed since: say so now, not after the last epoch
+            self._reply("nothing")
+        self.conn.send(("epoch", row))
+
+    def end(self, status: str, tags: dict | None = None, artifacts: Path | None = None) -> None:
+        self.conn.send(("end", status, tags, artifacts))
+        self._reply("ended")
+        self.close()
+
+    def close(self) -> None:
+        """Close the pipe and wait for the child: a run still open is ended KILLED by it."""
+        self.conn.close()
+        self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.conn.closed:
+            self.close()
+
+    def _reply(self, expected: str):
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            code = self.proc.wait()
+            raise RuntimeError(
+                f"the MLflow recorder process exited with code {code} without a word; its "
+                "error, if any, is above"
+            ) from None
+        if kind == "error":
+            raise value
+        assert kind == expected, (kind, expected)
+        return value
+
+
+def _serve(conn) -> None:
+    """The child's loop: open, then epochs until `end`; a closed pipe ends the run KILLED."""
+    recorder = Recorder()
+    opened = None
+    try:
+        kind, opening = conn.recv()
+        sys.argv[:] = opening.argv  # MLflow's source tags name the trainer's command
+        recorder.open(opening)
+        opened = opening
+        conn.send(("opened", recorder.run_id))
+        while True:
+            message = conn.recv()
+            if message[0] == "epoch":
+                recorder.epoch(message[1])
+            else:
+                recorder.end(*message[1:])
+                conn.send(("ended", None))
+                return
+    except EOFError:  # the trainer went without ending the run
+        if opened is not None:
+            owner = opened.owner
+            why = f"process {owner['pid']} on {owner['host']} ended without closing it"
+            recorder.end("KILLED", {"train.interrupted": why})
+            print(f"note: MLflow run {recorder.run_id} ended KILLED: {why}", file=sys.stderr)
+    except BaseException as exc:  # the trainer raises it
+        try:
+            conn.send(("error", exc))
+        except Exception:  # not picklable: its words then
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+def _open_run(client, experiment: str, o: Opening) -> str:
+    """The run id: a new run with its params, config, validation summary and Data Docs, or the
+    checkpoint's run reopened with the epochs a killed process checkpointed but never logged."""
+    from mlflow.entities import Metric, Param
+
+    from pipeline.data.validation import summary
+    from pipeline.data.versioning import pointer
+    from pipeline.tracking import lineage, store
+
+    settings, cfg = o.settings, o.cfg
+    record = lineage.record(settings.code, o.given, pointer(settings.root), o.validation,
+                            o.device, o.ctx)  # fmt: skip
+    tags = {
+        **lineage.tags(record),
+        "train.processes": str(o.processes),
+        "train.identity": o.identity,
+        **{f"train.{key}": value for key, value in o.owner.items()},
+        **o.ctx.tags,  # e.g. mlflow.parentRunId for a sweep trial, reproduce.of
+    }
+    run_id = o.resume["mlflow_run_id"] if o.resume else None
+    _end_abandoned(client, experiment, o.identity, keep=run_id)
+    if run_id is not None and _run_exists(client, run_id):
+        client.update_run(run_id, "RUNNING")  # ended KILLED when its trainer was killed
+        for key, value in {**tags, "train.resumed_from_epoch": str(o.resume["epoch"])}.items():
+            client.set_tag(run_id, key, value)
+        print(f"resuming MLflow run {run_id} after epoch {o.resume['epoch']}", file=sys.stderr)
+    else:
+        t = cfg.train
+        name = (
+            f"{o.dataset}-{t.model.name}-{t.optimizer.name}-{t.schedule.name}-lr{t.optimizer.lr:g}"
+        )
+        run_id = store.new_run(settings, cfg.tracking.experiment, o.ctx, name, tags)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in summary(o.validation)[0].items()]
+        params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+        for start in range(0, max(len(params), 1), 100):  # MLflow takes 100 params a batch
+            client.log_batch(run_id, metrics=metrics if start == 0 else [],
+                             params=params[start : start + 100])  # fmt: skip
+        client.log_dict(run_id, cfg.to_dict(), "config.json")
+        docs = o.validation.get("docs")
+        if docs and Path(docs).is_file():
+            client.log_artifacts(run_id, str(Path(docs).parent), "data_docs")
+    client.log_dict(run_id, record, lineage.ARTIFACT)  # again on resume: the try moved on
+    if o.resume:  # epochs a killed process checkpointed but never got to log
+        logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+        for row in o.resume["history"]:
+            if row["epoch"] not in logged:
+                log_epoch(client, run_id, row)
+    return run_id
+
+
+def _end_abandoned(client, experiment: str, identity: str, keep: str | None) -> None:
+    """Runs of this identity left RUNNING by a process that no longer exists (SIGKILL, OOM):
+    ended KILLED, saying so; `keep` is the run a resume reopens."""
+    query = f"tags.`train.identity` = '{identity}' and attributes.status = 'RUNNING'"
+    for left in client.search_runs([experiment], query):
+        tags = left.data.tags
+        if left.info.run_id != keep and interrupts.gone(
+            tags.get("train.host"), tags.get("train.pid")
+        ):
+            why = f"process {tags['train.pid']} on {tags['train.host']} ended without closing it"
+            client.set_tag(left.info.run_id, "train.interrupted", why)
+            client.set_terminated(left.info.run_id, "KILLED")
+            print(f"note: MLflow run {left.info.run_id} ended KILLED: {why}", file=sys.stderr)
+
+
+def _run_exists(client, run_id: str) -> bool:
+    """False also for a run deleted in the UI: MLflow cannot reopen it; a new run continues."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException:
+        return False
+
+
+if __name__ == "__main__":
+    from multiprocessing.connection import Connection
+
+    import mlflow  # noqa: F401  the point: while the trainer imports torch
+
+    _serve(Connection(int(sys.argv[1])))
+    os._exit(0)  # skip MLflow's teardown: the trainer is waiting
