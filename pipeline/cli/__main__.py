@@ -1,7 +1,5 @@
 """`python -m pipeline.cli` (how torchrun starts each training process)."""
 
-import sys
+from pipeline.cli import entry
 
-from pipeline.cli import main
-
-sys.exit(main())
+entry()

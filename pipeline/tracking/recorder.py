@@ -14,6 +14,7 @@ identity next opens one (`_end_abandoned`).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -126,7 +127,6 @@ class Child:
         self.proc = children.python(
             ["-m", "pipeline.tracking.recorder", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
-            start_new_session=True,  # a terminal's Ctrl-C reaches the trainer; it ends the run
         )
         theirs.close()
         self._run_id: str | None = None
@@ -286,9 +286,17 @@ def _run_exists(client, run_id: str) -> bool:
 
 
 if __name__ == "__main__":
+    # The trainer decides how the run ends: a signal to the whole process group (a terminal's
+    # Ctrl-C, a task's SIGTERM) reaches it, and it tells this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Same session, so the same scheduler group (Linux autogroup): the trainer's torch import
+    # and epochs come first; this has until the first checkpoint to open the run.
+    os.nice(10)
     from multiprocessing.connection import Connection
 
     import mlflow  # noqa: F401  the point: while the trainer imports torch
 
     _serve(Connection(int(sys.argv[1])))
-    os._exit(0)  # skip MLflow's teardown: the trainer is waiting
+    sys.stderr.flush()
+    os._exit(0)  # the run is closed and nothing else is held: skip MLflow's teardown
