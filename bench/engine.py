@@ -243,34 +243,39 @@ def peak_rss_mb() -> float:
 
 
 def cpu_set(quick: bool) -> dict:
-    rounds = 2 if quick else 3
-    data = mnist_shaped()
+    """`quick` (the CI smoke): a sixth of the rows, 2 epochs (the first is dropped), one round."""
+    rounds, epochs = (1, 2) if quick else (3, 3)
+    data = mnist_shaped(10_000 if quick else 60_000)
     adamw = config(
-        None, **{"train.model.name": "mlp", "train.epochs": 3, "train.schedule.warmup_epochs": 0}
+        None,
+        **{"train.model.name": "mlp", "train.epochs": epochs, "train.schedule.warmup_epochs": 0},
     )
-    seed = config("seed-mlp-mnist", **{"train.epochs": 3})
+    seed = config("seed-mlp-mnist", **{"train.epochs": epochs})
     return {
         "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
         "engine_vs_hand_loop": {
-            "setup": "MLP 784-128-10 (default AdamW + cosine), 60,000 x 1 x 28 x 28, batch 64",
+            "setup": f"MLP 784-128-10 (default AdamW + cosine), {len(data.labels):,} x 1 x 28 "
+            "x 28, batch 64",
             **paired_ratio(
                 lambda: engine_epochs(adamw, data),
-                lambda: hand_loop_epochs(adamw, data, 3),
+                lambda: hand_loop_epochs(adamw, data, epochs),
                 2 * rounds,
             ),
         },
         "engine_vs_tutorial_dataloader": {
             "setup": "seed-mlp-mnist preset vs DataLoader(TensorDataset, batch 64, shuffle)",
             **paired_ratio(
-                lambda: engine_epochs(seed, data), lambda: tutorial_loop_epochs(data, 3), rounds
+                lambda: engine_epochs(seed, data),
+                lambda: tutorial_loop_epochs(data, epochs),
+                rounds,
             ),
         },
         "hand_loop_vs_tutorial_dataloader": {
             "setup": "the hand-written loop above (seed-mlp-mnist recipe) vs the same DataLoader "
             "loop: what index slicing alone gains on this machine",
             **paired_ratio(
-                lambda: hand_loop_epochs(seed, data, 3),
-                lambda: tutorial_loop_epochs(data, 3),
+                lambda: hand_loop_epochs(seed, data, epochs),
+                lambda: tutorial_loop_epochs(data, epochs),
                 rounds,
             ),
         },
@@ -279,16 +284,16 @@ def cpu_set(quick: bool) -> dict:
             "Normalize per sample) + DataLoader(batch 64, shuffle)",
             **paired_ratio(
                 lambda: engine_epochs(seed, data),
-                lambda: torchvision_tutorial_epochs(data, 3),
+                lambda: torchvision_tutorial_epochs(data, epochs),
                 rounds,
             ),
         },
         "tracking_overhead": {
-            "setup": "seed-mlp-mnist, 3 epochs, MLflow on SQLite, "
+            "setup": f"seed-mlp-mnist, {epochs} epochs, MLflow on SQLite, "
             "per-epoch metrics + system metrics",
             **tracking_overhead(seed, data, rounds),
         },
-        "time_to_985_digits": time_to_accuracy_digits(range(3 if quick else 5)),
+        "time_to_985_digits": time_to_accuracy_digits(range(1 if quick else 5)),
         "peak_rss_mb_mnist_shaped": peak_rss_mb(),
     }
 
@@ -306,7 +311,7 @@ def gpu_set(smoke: bool) -> dict:
     out = {
         "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke)",
         "engine_vs_hand_loop_mlp": paired_ratio(
-            lambda: engine_epochs(adamw, data), lambda: hand_loop_epochs(adamw, data, 3), 2
+            lambda: engine_epochs(adamw, data), lambda: hand_loop_epochs(adamw, data, epochs), 2
         ),
         "engine_vs_hand_loop_cnn_b512": paired_ratio(
             lambda: engine_epochs(big, data), lambda: hand_loop_epochs(big, data, 3), 2

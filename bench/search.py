@@ -104,6 +104,8 @@ def sweep(settings, validation, cfg) -> dict:
         f"tags.`mlflow.parentRunId` = '{started['parent']}'",
     )
     epochs = sum(len(client.get_metric_history(c.info.run_id, "val_loss")) for c in children)
+    in_epochs = sum(m.value for c in children
+                    for m in client.get_metric_history(c.info.run_id, "epoch_seconds"))  # fmt: skip
     # The trial the sweep chose (both strategies: the lowest val_loss), then its test accuracy:
     # the test split chose nothing, so that figure is free of the max-of-many-noisy-trials bias
     # the chosen trial's validation figures carry.
@@ -112,7 +114,9 @@ def sweep(settings, validation, cfg) -> dict:
             "chosen_val_loss": chosen["val_loss"],
             "chosen_val_accuracy": chosen["val_accuracy"],
             "its_test_accuracy": chosen["test_accuracy"],
-            "seconds": round(seconds, 1), "pruned": summary.get("pruned", 0)}  # fmt: skip
+            "seconds": round(seconds, 1), "pruned": summary.get("pruned", 0),
+            # what a trial costs beyond its epochs: set-up, checks, tracking, saving
+            "fixed_per_trial_s": round((seconds - in_epochs) / len(children), 2)}  # fmt: skip
 
 
 def lr_grid(settings, validation, config) -> dict:

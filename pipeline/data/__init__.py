@@ -104,11 +104,19 @@ def _changed_settings(data_dir: Path, wanted: dict) -> str:
     return ", ".join(changed)
 
 
-def check_data(dataset: str, repo_root: Path, data_dir: Path) -> dict:
-    """Before any stage reads data/: present (pulled if needed), tracked, and the configured one."""
+def check_data(dataset: str, repo_root: Path, data_dir: Path, wait: bool = True) -> dict:
+    """Before any stage reads data/: present (pulled if needed), tracked, and the configured one.
+
+    `wait=False`: the slow part, comparing data/ with data.dvc, runs in a child process (on the
+    other core while the caller imports torch) and the result holds `"wait"`, a function that
+    finishes the check (raising what it would have); call it before reading data/."""
     if not data_dir.exists():
         versioning.pull(repo_root)
-    return _check_meta(dataset, data_dir, versioning.verify(repo_root, data_dir))
+    if wait:
+        return _check_meta(dataset, data_dir, versioning.verify(repo_root, data_dir))
+    wait_for = versioning.verify_started(repo_root, data_dir)
+    data = _check_meta(dataset, data_dir, versioning.recorded_md5(repo_root))
+    return {**data, "wait": wait_for}
 
 
 def _check_meta(dataset: str, data_dir: Path, md5: str) -> dict:
@@ -127,17 +135,8 @@ def check_validated(
     """`check_data`, and that this data version passed validation (`validation`: the validate
     stage's result); training on anything else is refused.
 
-    `wait=False`: the slow part, comparing data/ with data.dvc, runs in a child process and the
-    result holds `"wait"`, a function that finishes the check (raising what it would have);
-    call it before training reads data/."""
-    if wait:
-        data = check_data(dataset, repo_root, data_dir)
-    else:
-        if not data_dir.exists():
-            versioning.pull(repo_root)
-        wait_for = versioning.verify_started(repo_root, data_dir)
-        data = _check_meta(dataset, data_dir, versioning.recorded_md5(repo_root))
-        data["wait"] = wait_for
+    `wait=False`: as for `check_data`."""
+    data = check_data(dataset, repo_root, data_dir, wait)
     if not validation.get("success") or validation.get("data_md5") != data["data_md5"]:
         raise DataError(
             f"data version {data['data_md5']} has not passed validation (last validated: "

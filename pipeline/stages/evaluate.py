@@ -28,12 +28,14 @@ def evaluate_stage(
     are written to `plot_dir`, or a folder of their own (sweep trials may run at once in one
     checkout).
     Raises DataError when data/ differs from data.dvc, LookupError for a deleted run."""
+    # DVC's comparison of data/ with data.dvc runs in a child process while torch and MLflow load.
+    data = check_data(cfg.base.dataset, settings.root, settings.data_dir, wait=False)
     import mlflow
 
     from pipeline.tracking import store, weights
     from pipeline.training import inference, scoring
 
-    data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
+    data["wait"]()  # never score on data/ that differs from data.dvc
     ds = read_dataset(settings.data_dir, mmap=True)
     store.configure(settings, cfg.tracking.experiment)
     store.active_run(mlflow.MlflowClient(), run_id)  # a run deleted in the UI: say so, once
