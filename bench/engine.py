@@ -311,7 +311,7 @@ def gpu_set(smoke: bool) -> dict:
     out = {
         "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke)",
         "engine_vs_hand_loop_mlp": paired_ratio(
-            lambda: engine_epochs(adamw, data), lambda: hand_loop_epochs(adamw, data, epochs), 2
+            lambda: engine_epochs(adamw, data), lambda: hand_loop_epochs(adamw, data, 3), 2
         ),
         "engine_vs_hand_loop_cnn_b512": paired_ratio(
             lambda: engine_epochs(big, data), lambda: hand_loop_epochs(big, data, 3), 2

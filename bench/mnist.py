@@ -12,8 +12,9 @@
 The files come from PIPELINE_MNIST_DIR (the four IDX files as distributed, gzip or not);
 default `../shared/datasets/mnist` beside the checkout when it exists. `--quick` (the smoke,
 `make bench-smoke`) writes small synthetic files in the same format instead and runs every
-part but 2 with fewer rounds and epochs (lr_auto without its grid). `python bench/mnist.py` writes bench/out/mnist.json and
-prints it (about 25 minutes on 2 cores; `--only NAME` runs one part).
+part but 2 with fewer rounds and epochs (lr_auto without its grid). `python bench/mnist.py`
+writes bench/out/mnist.json and prints it (about 25 minutes on 2 cores; `--only NAME` runs one
+part).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def main() -> None:
         quick = args.quick
         results = {"files": str(files), "quick": quick}
         runs = {
-            "seed_vs_tutorial": lambda: seed_vs_tutorial(project, files, 1 if quick else 3,
+            "seed_vs_tutorial": lambda: seed_vs_tutorial(project, files, 1 if quick else 5,
                                                          1 if quick else 10),
             "lenet": lambda: lenet(project, 1 if quick else 3, 1 if quick else 3),
             "dag": lambda: dag(project, 1 if quick else 3),

@@ -92,6 +92,8 @@ def _train(cfg, settings, validation, ctx, on_epoch, tracking) -> dict:
         distributed.context().world, interrupts.owner(), resume,
     ))  # fmt: skip
 
+    tracking.check()  # an opening that failed already (a deleted experiment) stops us here
+
     def report(row: dict) -> None:
         tracking.epoch(row)
         if on_epoch is not None:
@@ -115,10 +117,10 @@ def _train(cfg, settings, validation, ctx, on_epoch, tracking) -> dict:
         ckpt_path.unlink(missing_ok=True)
         return {"run_id": tracking.run_id, "pruned": True, "data_md5": data["data_md5"]}
     except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM as `interrupts.Interrupted`
-        tracking.end("KILLED", {"train.interrupted": str(stop) or "interrupted by SIGINT"})
+        tracking.abort("KILLED", {"train.interrupted": str(stop) or "interrupted by SIGINT"})
         raise  # the checkpoint stays: `--resume` continues it
     except BaseException:
-        tracking.end("FAILED")
+        tracking.abort("FAILED")
         raise
     # Trained: a signal now waits until the run is FINISHED with its model and the hand-off is
     # written (the CLI or task then stops), so no run is finished without the rest.

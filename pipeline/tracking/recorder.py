@@ -14,6 +14,7 @@ identity next opens one (`_end_abandoned`).
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import sys
 import time
@@ -52,8 +53,11 @@ class Opening:
 
 def begin() -> Recorder | Child:
     """A recorder for the training about to start: a child process (started now, importing
-    MLflow while the caller goes on) unless MLflow is already imported here."""
-    return Recorder() if "mlflow" in sys.modules else Child()
+    MLflow while the caller goes on) unless MLflow is already imported here. A torchrun rank
+    other than 0 records nothing: it gets one that is never opened."""
+    if "mlflow" in sys.modules or os.environ.get("RANK", "0") != "0":
+        return Recorder()
+    return Child()
 
 
 def log_epoch(client, run_id: str, row: dict) -> None:
@@ -68,7 +72,23 @@ def log_epoch(client, run_id: str, row: dict) -> None:
     client.log_batch(run_id, metrics=metrics)
 
 
-class Recorder:
+class _Recording:
+    def abort(self, status: str, tags: dict | None = None) -> None:
+        """`end` after a failure, which is what the caller goes on to raise: an error ending the
+        run is printed, not raised in its place."""
+        try:
+            self.end(status, tags)
+        except Exception as exc:
+            print(f"note: the MLflow run could not be ended {status}: {exc}", file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Recorder(_Recording):
     """Records in this process, with the system-metrics sampler (CPU, memory, GPU with
     nvidia-ml-py, every few seconds) from the run's creation to its end."""
 
@@ -88,6 +108,9 @@ class Recorder:
         )
         self.monitor.start()
 
+    def check(self) -> None:
+        """Nothing to wait for in-process (`Child.check` raises what its process met)."""
+
     def epoch(self, row: dict) -> None:
         log_epoch(self.client, self.run_id, row)
 
@@ -106,17 +129,12 @@ class Recorder:
     def close(self) -> None:
         """Nothing to release in-process (`Child.close` ends its process)."""
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class Child:
-    """A `Recorder` in a child process, fed over a pipe. Errors it meets (a deleted experiment,
-    an unreachable server) are raised here at the next call that waits for it (`run_id`,
-    `end`) or, after the run is open, at the next `epoch`."""
+class Child(_Recording):
+    """A `Recorder` in a child process, fed over a pipe. What it meets is raised here: a failed
+    opening (a deleted experiment, an unreachable server) by `check`, which does not wait, or at
+    the latest by `run_id` (the first checkpoint); a failed epoch by the next `epoch`; a failed
+    end by `end`."""
 
     def __init__(self):
         from multiprocessing import Pipe
@@ -130,6 +148,7 @@ class Child:
         )
         theirs.close()
         self._run_id: str | None = None
+        self._unopened = False  # its opening failed: no run, and the process is gone
 
     def open(self, opening: Opening) -> None:
         self.conn.send(("open", opening))
@@ -137,76 +156,118 @@ class Child:
     @property
     def run_id(self) -> str:
         if self._run_id is None:
-            self._run_id = self._reply("opened")
+            self._reply("opened")
         return self._run_id
 
+    def check(self) -> None:
+        while self.conn.poll():
+            self._take(self._recv())
+
     def epoch(self, row: dict) -> None:
-        self.run_id  # noqa: B018  opened first, so anything waiting now is an error
-        if self.conn.poll():  # it failed since: say so now, not after the last epoch
-            self._reply("nothing")
-        self.conn.send(("epoch", row))
+        self.check()
+        self._send(("epoch", row))
 
     def end(self, status: str, tags: dict | None = None, artifacts: Path | None = None) -> None:
-        self.conn.send(("end", status, tags, artifacts))
-        self._reply("ended")
+        if not self._unopened:
+            self._send(("end", status, tags, artifacts))
+            self._reply("ended")
         self.close()
 
     def close(self) -> None:
         """Close the pipe and wait for the child: a run still open is ended KILLED by it."""
-        self.conn.close()
-        self.proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
         if not self.conn.closed:
-            self.close()
+            self.conn.close()
+            self.proc.wait()
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:  # it is gone: what it said last, if anything
+            self.check()
+            raise self._gone() from None
+
+    def _recv(self) -> tuple:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise self._gone() from None
 
     def _reply(self, expected: str):
-        try:
-            kind, value = self.conn.recv()
-        except EOFError:
-            code = self.proc.wait()
-            raise RuntimeError(
-                f"the MLflow recorder process exited with code {code} without a word; its "
-                "error, if any, is above"
-            ) from None
-        if kind == "error":
+        while True:
+            kind, value = self._take(self._recv())
+            if kind == expected:
+                return value
+
+    def _take(self, message: tuple) -> tuple:
+        kind, value = message
+        if kind == "opened":
+            self._run_id = value
+        elif kind == "error":
+            self._unopened = self._run_id is None
             raise value
-        assert kind == expected, (kind, expected)
-        return value
+        return message
+
+    def _gone(self) -> RuntimeError:
+        self._unopened = self._run_id is None
+        return RuntimeError(
+            f"the MLflow recorder process exited (code {self.proc.wait()}) without a word; "
+            "its error, if any, is above"
+        )
 
 
 def _serve(conn) -> None:
-    """The child's loop: open, then epochs until `end`; a closed pipe ends the run KILLED."""
+    """The child's loop: open, then epochs until `end`. Errors are told to the trainer; after
+    the opening it goes on serving, so the trainer can still end the run. A trainer gone
+    without `end` (the pipe closed or reset) leaves the run to be ended KILLED here."""
     recorder = Recorder()
-    opened = None
     try:
-        kind, opening = conn.recv()
-        sys.argv[:] = opening.argv  # MLflow's source tags name the trainer's command
+        _, opening = conn.recv()
+    except (EOFError, OSError):  # the trainer stopped before opening a run
+        return
+    sys.argv[:] = opening.argv  # MLflow's source tags name the trainer's command
+    try:
         recorder.open(opening)
-        opened = opening
-        conn.send(("opened", recorder.run_id))
-        while True:
+    except BaseException as exc:
+        _tell(conn, "error", exc)
+        return
+    if not _tell(conn, "opened", recorder.run_id):
+        return _trainer_gone(recorder, opening)
+    while True:
+        try:
             message = conn.recv()
+        except (EOFError, OSError):
+            return _trainer_gone(recorder, opening)
+        try:
             if message[0] == "epoch":
                 recorder.epoch(message[1])
-            else:
-                recorder.end(*message[1:])
-                conn.send(("ended", None))
-                return
-    except EOFError:  # the trainer went without ending the run
-        if opened is not None:
-            owner = opened.owner
-            why = f"process {owner['pid']} on {owner['host']} ended without closing it"
-            recorder.end("KILLED", {"train.interrupted": why})
-            print(f"note: MLflow run {recorder.run_id} ended KILLED: {why}", file=sys.stderr)
-    except BaseException as exc:  # the trainer raises it
+                continue
+            recorder.end(*message[1:])
+            reply = ("ended", None)
+        except BaseException as exc:
+            reply = ("error", exc)
+        if not _tell(conn, *reply):
+            return _trainer_gone(recorder, opening)
+        if reply[0] == "ended":
+            return
+
+
+def _tell(conn, kind: str, value) -> bool:
+    """Send (kind, value); False when the trainer is gone."""
+    try:
         try:
-            conn.send(("error", exc))
-        except Exception:  # not picklable: its words then
-            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+            conn.send((kind, value))
+        except (TypeError, AttributeError, pickle.PicklingError):  # an error that does not pickle
+            conn.send((kind, RuntimeError(f"{type(value).__name__}: {value}")))
+    except OSError:
+        return False
+    return True
+
+
+def _trainer_gone(recorder: Recorder, opening: Opening) -> None:
+    owner = opening.owner
+    why = f"process {owner['pid']} on {owner['host']} ended without closing it"
+    recorder.abort("KILLED", {"train.interrupted": why})
+    print(f"note: MLflow run {recorder.run_id} ended KILLED: {why}", file=sys.stderr)
 
 
 def _open_run(client, experiment: str, o: Opening) -> str:

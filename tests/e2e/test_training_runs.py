@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import time
 
@@ -93,6 +94,17 @@ def test_an_interrupted_training_ends_its_run_killed_and_keeps_its_checkpoint(va
     assert len(list((validated / "outputs" / "checkpoints").glob("*.pt"))) == 1
 
 
+def test_a_training_that_fails_in_its_first_epoch_ends_its_run_failed_in_one_line(validated):
+    # Before its first checkpoint the trainer has not yet heard from its MLflow recorder.
+    diverging = ["train.optimizer.name=sgd", "train.optimizer.lr=1e12", "train.max_bad_steps=1"]
+    sets = [a for s in [*diverging, "train.epochs=1"] for a in ("--set", s)]
+    out = run(["pipeline", "train", *sets], validated, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: loss became NaN/Inf in epoch 1")
+    (failed,) = _runs(validated)
+    assert failed.info.status == "FAILED" and failed.info.end_time is not None
+
+
 def test_a_run_left_running_by_sigkill_is_ended_killed_when_the_next_one_starts(validated):
     _kill_after_epoch(validated, 2, recorder_too=True)  # nobody left to close the run
     (left,) = _runs(validated)
@@ -101,6 +113,37 @@ def test_a_run_left_running_by_sigkill_is_ended_killed_when_the_next_one_starts(
     ended = _client(validated).get_run(left.info.run_id)
     assert ended.info.status == "KILLED" and "ended without closing it" in again.stderr
     assert ended.data.tags["train.interrupted"].startswith("process ")
+
+
+def test_a_trainer_gone_before_hearing_from_its_recorder_leaves_the_run_ended_killed(
+    validated, monkeypatch
+):
+    # Killed in its first epoch: the recorder's "opened" is still unread, so the recorder's
+    # pipe is reset (not closed) under it.
+    from pipeline.config import load_config
+    from pipeline.context import RunContext
+    from pipeline.settings import Settings
+    from pipeline.tracking import recorder
+
+    for key, value in project_env(validated).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.from_env(validated)
+    cfg = load_config(settings.params)
+    validation = json.loads((settings.outputs / "validation.json").read_text())
+    gone = {"host": socket.gethostname(), "pid": "4194304"}  # above Linux's pid_max
+    opening = recorder.Opening(
+        cfg, cfg, settings, validation, RunContext(), "digits", "i" * 16, "cpu", 1, gone
+    )
+    child = recorder.Child()
+    child.open(opening)
+    assert child.conn.poll(120)  # "opened" arrived, and is never read
+    child.conn.close()
+    assert child.proc.wait(timeout=60) == 0
+    (ended,) = _runs(validated)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags["train.interrupted"] == (
+        f"process 4194304 on {gone['host']} ended without closing it"
+    )
 
 
 def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_one(
