@@ -51,6 +51,27 @@ def test_hand_edited_data_is_refused_with_both_fixes_that_work_as_printed(projec
     assert check_data("digits", project, project / "data")["data_md5"] != committed
 
 
+def test_a_verdict_is_reused_only_while_data_and_data_dvc_are_untouched(project, monkeypatch):
+    from pipeline.data import versioning
+
+    committed = _pull(project)
+    asked = []
+    compare = versioning.differences
+    monkeypatch.setattr(versioning, "differences", lambda root: asked.append(1) or compare(root))
+    data = project / "data"
+    monkeypatch.setattr(versioning, "RACY_S", 3600)  # every file "just changed": never trusted
+    assert versioning.verify(project, data) == versioning.verify(project, data) == committed
+    assert len(asked) == 2
+    monkeypatch.setattr(versioning, "RACY_S", 0)  # the pull's writes have settled
+    assert versioning.verify(project, data) == versioning.verify(project, data) == committed
+    assert len(asked) == 3  # the same state: DVC was not asked again
+    assert versioning.verify_started(project, data)() == committed and len(asked) == 3
+    _edit_a_label(project)  # the same size, a new mtime
+    with pytest.raises(DataError, match="train_labels.npy"):
+        versioning.verify(project, data)
+    assert len(asked) == 4
+
+
 def test_missing_data_is_pulled_from_the_remote(project):
     md5 = _pull(project)
     assert (project / "dvc-storage").is_dir()
