@@ -49,7 +49,7 @@ def batch_predict():
         from pipeline.stages.predict import pin_stage
 
         with ds.permanent_errors():
-            return pin_stage(ds.settings(), get_current_context()["params"]["model"])
+            return pin_stage(ds.settings(), ds.run_params()["model"])
 
     @task
     def score(pinned: dict) -> dict:

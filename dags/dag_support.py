@@ -119,13 +119,29 @@ def preset_param(params: dict, default) -> Param:
     )
 
 
+def run_params() -> dict:
+    """This run's params, for the first task of a DAG. Airflow merges a trigger conf's unknown
+    keys into the params instead of refusing them, so a misspelled key (`learning_rate`) would
+    be ignored and the run succeed on the defaults: here it fails the task at once, no retry,
+    naming the unknown keys and the ones the DAG takes."""
+    context = get_current_context()
+    params, dag = context["params"], context["dag"]
+    unknown = sorted(set(params) - set(dag.params))
+    if unknown:
+        raise AirflowFailException(
+            f"unknown key(s) in the trigger conf: {', '.join(unknown)}; {dag.dag_id} takes "
+            f"{', '.join(sorted(dag.params))}"
+        )
+    return params
+
+
 def form_config(keys: dict[str, str], defaults: dict | None = None):
     """params.yaml with this run's form applied: each field (`keys`: field -> dotted key) that is
     set, and differs from its default when `defaults` are given, overrides the key; untouched
-    fields leave a chosen preset's values alone."""
+    fields leave a chosen preset's values alone. Unknown conf keys fail (`run_params`)."""
     from pipeline.config import load_config
 
-    given = get_current_context()["params"]
+    given = run_params()
     defaults = defaults or {}
     overrides = {
         key: given[name]

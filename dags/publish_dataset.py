@@ -46,8 +46,7 @@ def publish_dataset():
         from pipeline.config import load_config
         from pipeline.stages.publish import publish_stage
 
-        ctx = get_current_context()
-        params, settings = ctx["params"], ds.settings()
+        params, settings = ds.run_params(), ds.settings()
         with ds.permanent_errors():
             overrides = {
                 "base.dataset": params["dataset"],
@@ -60,7 +59,8 @@ def publish_dataset():
         md5 = published["data_md5"]
         if md5 == published["previous"]:
             raise AirflowSkipException(f"data unchanged ({md5}): no new version, no Asset event")
-        ctx["outlet_events"][ds.DATA].extra = {"data_md5": md5, "dataset": cfg.base.dataset}
+        event = {"data_md5": md5, "dataset": cfg.base.dataset}
+        get_current_context()["outlet_events"][ds.DATA].extra = event
         return published
 
     publish()

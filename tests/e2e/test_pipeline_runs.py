@@ -180,6 +180,16 @@ def test_cli_refuses_bad_config_unvalidated_and_untracked_data(project):
     assert not (project / ".mlflow").exists() or _status(project) == []
 
 
+def test_a_misspelled_trigger_conf_key_fails_the_first_task_naming_it(airflow_project):
+    # Airflow merges unknown conf keys into the params: the run would succeed on the defaults.
+    result = _dag_test(airflow_project, check=False, conf={"learning_rate": 0.1, "epochs": 1})
+    log = result.stdout + result.stderr
+    assert "unknown key(s) in the trigger conf: learning_rate;" in log
+    assert "train_image_classifier takes batch_size, dataset, epochs," in log  # the known ones
+    assert "[DAG TEST] starting task_id=validate" not in log
+    assert not (airflow_project / ".mlflow").exists() or _status(airflow_project) == []
+
+
 def test_sweep_dag_logs_child_runs_under_one_parent_and_reports_the_best(airflow_project):
     project = airflow_project
     params = yaml.safe_load((project / "params.yaml").read_text())
