@@ -4,10 +4,10 @@ Where MLflow is not imported yet (`pipeline train`, a DAG task), the recorder is
 fed over a pipe: MLflow's import (~1.5 s), opening the store (~1 s) and its teardown then run on
 the other core while this process imports torch and trains, instead of before and after. Where
 MLflow is loaded already (a sweep worker, between trials), it records in-process. Both take the
-same calls: `open`, `run_id`, `epoch`, `end`.
+same calls: `open`, `check`, `run_id`, `epoch`, then `end` (or `abort` on a failure), `close`.
 
-A parent that vanishes without `end` (SIGKILL, OOM) closes the child's pipe: the child ends the
-run KILLED and says why. A run left RUNNING when both went is ended when the same training
+A parent that vanishes without `end` (SIGKILL, OOM) closes or resets the child's pipe: the child
+ends the run KILLED and says why. A run left RUNNING when both went is ended when the same training
 identity next opens one (`_end_abandoned`).
 """
 
@@ -264,10 +264,14 @@ def _tell(conn, kind: str, value) -> bool:
 
 
 def _trainer_gone(recorder: Recorder, opening: Opening) -> None:
-    owner = opening.owner
-    why = f"process {owner['pid']} on {owner['host']} ended without closing it"
+    why = _left_by(opening.owner["pid"], opening.owner["host"])
     recorder.abort("KILLED", {"train.interrupted": why})
     print(f"note: MLflow run {recorder.run_id} ended KILLED: {why}", file=sys.stderr)
+
+
+def _left_by(pid: str, host: str) -> str:
+    """The `train.interrupted` tag of a run whose trainer died without closing it."""
+    return f"process {pid} on {host} ended without closing it"
 
 
 def _open_run(client, experiment: str, o: Opening) -> str:
@@ -330,7 +334,7 @@ def _end_abandoned(client, experiment: str, identity: str, keep: str | None) -> 
         if left.info.run_id != keep and interrupts.gone(
             tags.get("train.host"), tags.get("train.pid")
         ):
-            why = f"process {tags['train.pid']} on {tags['train.host']} ended without closing it"
+            why = _left_by(tags["train.pid"], tags["train.host"])
             client.set_tag(left.info.run_id, "train.interrupted", why)
             client.set_terminated(left.info.run_id, "KILLED")
             print(f"note: MLflow run {left.info.run_id} ended KILLED: {why}", file=sys.stderr)
