@@ -8,7 +8,6 @@ DAG := train_image_classifier
 
 # Embedded defaults: Airflow on SQLite and MLflow on SQLite, both git-ignored inside the repo.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-export PIPELINE_ROOT := $(CURDIR)
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False

@@ -174,6 +174,7 @@ class RegisterConfig(_Block):
     floor: float = Field(0.9, ge=0, le=1)  # a model below this is never champion
     min_improvement: float = Field(0.0, ge=0, le=1)  # over the champion; 0 = ties promote
     max_recall_drop: float | None = Field(None, ge=0, le=1)  # per class vs champion; null = off
+    promote_experiments: bool = False  # a `dvc exp run` may move champion; false: challenger only
 
 
 class SearchParam(_Block):

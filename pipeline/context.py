@@ -47,6 +47,12 @@ class RunContext:
             return f"{self.origin}:{'/'.join(str(v) for v in ids.values())}{tried}"
         return f"cli:{getpass.getuser()}@{socket.gethostname()}"
 
+    @property
+    def experiment(self) -> str:
+        """The DVC experiment this call runs in ("" outside one): its models register as
+        challengers and never move champion."""
+        return str(self.ids.get("experiment", "")) if self.origin == "dvc" else ""
+
     def with_(self, **changes) -> RunContext:
         """A copy with `changes`; `tags` are merged into the current ones."""
         if "tags" in changes:

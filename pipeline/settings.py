@@ -1,4 +1,11 @@
-"""Where things live: resolved once by a wrapper (CLI or DAG task) and passed to the stages."""
+"""Where things live: resolved once by a wrapper (CLI or DAG task) and passed to the stages.
+
+Two places: the workspace (params.yaml, data/, outputs/), where a command runs, and the shared
+state (the MLflow store, the Optuna database, the promotion lock), which belongs to the project.
+They are the same folder except in a `dvc exp run`, whose stages run in a workspace of DVC's
+(`.dvc/tmp/exps/...` for --queue and --temp) and name the project in DVC_ROOT: experiments
+write their outputs there and register into the project's registry.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,13 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Settings:
-    root: Path  # the project checkout (params.yaml, data.dvc, dvc.yaml)
+    root: Path  # the workspace (params.yaml, data.dvc, dvc.yaml, data/, outputs/)
     tracking_uri: str  # MLflow tracking + registry
     artifact_root: str  # where new MLflow experiments store artifacts
     code_root: Path | None = None  # the git checkout of the code when `root` is elsewhere
     mlflow_wait_s: float = 60.0  # how long an interactive command waits for an MLflow server
     optuna_storage: str = ""  # Optuna studies (a relational DB); "": SQLite beside MLflow's
+    shared: Path | None = None  # the project whose store and locks a workspace uses; None: root
 
     @property
     def code(self) -> Path:
@@ -34,10 +42,29 @@ class Settings:
         return self.root / "outputs"
 
     @property
+    def reports(self) -> Path:
+        """What a revision keeps in git: the metrics and the plots' data (dvc.yaml)."""
+        return self.root / "reports"
+
+    @property
+    def series(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def store(self) -> Path:
+        """The project's own state folder (git-ignored): the default MLflow store, Optuna's
+        SQLite file, the promotion locks. Shared by every workspace of the project."""
+        return (self.shared or self.root) / ".mlflow"
+
+    @property
+    def locks(self) -> Path:
+        return self.store / "locks"
+
+    @property
     def study_storage(self) -> str:
         """Where sweep studies live: PIPELINE_OPTUNA_STORAGE (PostgreSQL in production), else
         a SQLite file in the project's store folder."""
-        return self.optuna_storage or f"sqlite:///{self.root / '.mlflow' / 'optuna.db'}"
+        return self.optuna_storage or f"sqlite:///{self.store / 'optuna.db'}"
 
     @property
     def checkpoints(self) -> Path:
@@ -46,17 +73,37 @@ class Settings:
 
     @classmethod
     def from_env(cls, root: str | Path | None = None) -> Settings:
-        """Defaults: the checkout around this package, MLflow on SQLite inside it (git-ignored).
+        """The workspace: `root`, else PIPELINE_ROOT, else the nearest folder holding
+        params.yaml from the working directory up (the working directory when none does). In
+        a `dvc exp run` (DVC_EXP_NAME set) it is always the working directory, DVC's
+        workspace, and the shared state stays with the project in DVC_ROOT.
 
-        PIPELINE_ROOT, MLFLOW_TRACKING_URI and MLFLOW_ARTIFACT_ROOT point a deployment elsewhere;
+        Defaults: MLflow on SQLite in the project's `.mlflow/` (git-ignored).
+        MLFLOW_TRACKING_URI and MLFLOW_ARTIFACT_ROOT point a deployment elsewhere;
         PIPELINE_MLFLOW_WAIT_S bounds how long the CLI waits for an MLflow server that is down.
         """
-        root = Path(root or os.environ.get("PIPELINE_ROOT") or Path(__file__).parents[1]).resolve()
-        store = root / ".mlflow"
+        experiment = bool(os.environ.get("DVC_EXP_NAME"))
+        if root is None:
+            given = None if experiment else os.environ.get("PIPELINE_ROOT")
+            root = given or (Path.cwd() if experiment else _workspace_of(Path.cwd()))
+        root = Path(root).resolve()
+        project = os.environ.get("DVC_ROOT") if experiment else None
+        shared = Path(project).resolve() if project else None
+        store = (shared or root) / ".mlflow"
         return cls(
             root=root,
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}/mlflow.db",
             artifact_root=os.environ.get("MLFLOW_ARTIFACT_ROOT") or (store / "artifacts").as_uri(),
             mlflow_wait_s=float(os.environ.get("PIPELINE_MLFLOW_WAIT_S") or 60),
             optuna_storage=os.environ.get("PIPELINE_OPTUNA_STORAGE", ""),
+            shared=shared if shared != root else None,
         )
+
+
+def _workspace_of(folder: Path) -> Path:
+    """The nearest folder from `folder` up that holds params.yaml, as git finds its checkout;
+    `folder` itself when none does (the commands that need params.yaml then say so)."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / "params.yaml").is_file():
+            return candidate
+    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from pipeline.cli import display
 from pipeline.config import Config, load_config, parse_overrides
@@ -29,11 +30,21 @@ def _config(args: argparse.Namespace, settings: Settings) -> Config:
 
 
 def _handoff(settings: Settings, stage: str) -> dict:
-    """What stage `stage` handed on (its file in outputs/); DataError when it has not run."""
-    path = settings.outputs / graph.BY_NAME[stage].hands_on
+    """What stage `stage` handed on (its `hands_on` file); DataError when it has not run."""
+    path = settings.root / graph.BY_NAME[stage].hands_on
     if not path.exists():
         raise DataError(f"{path} not found; run `pipeline {stage}` first")
     return json.loads(path.read_text())
+
+
+def _context(**fields) -> RunContext:
+    """The call's context; in a `dvc exp run` DVC names the experiment and its baseline commit
+    in the environment, and the runs, versions and alias moves record both."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return RunContext(**fields)
+    ids = {"experiment": name, "baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    return RunContext(origin="dvc", ids=ids, **fields)
 
 
 def _print(result: dict) -> int:
@@ -57,7 +68,7 @@ def check_data(args, settings: Settings) -> int:
 
 def stage(args, settings: Settings) -> int:
     """A stage of the graph (validate, train, evaluate, register): its inputs are the hand-offs
-    in outputs/ (or the run of --run-id), its result is printed and handed on."""
+    in the workspace (or the run of --run-id), its result is printed and handed on."""
     cfg = _config(args, settings)
     if getattr(args, "nproc", 1) > 1:
         from pipeline.training.distributed import launch
@@ -68,7 +79,7 @@ def stage(args, settings: Settings) -> int:
         inputs = {need: {"run_id": args.run_id} for need in needs}
     else:
         inputs = {need: _handoff(settings, need) for need in needs}
-    ctx = RunContext(resume=getattr(args, "resume", False))
+    ctx = _context(resume=getattr(args, "resume", False))
     result = graph.run(args.command, cfg, settings, inputs, ctx)
     return _print(result) if result else 0  # {}: a torchrun worker; rank 0 reports
 

@@ -20,6 +20,7 @@ from pipeline.data.store import SPLITS, Dataset, chunks
 
 EXPECTED_DTYPE = "uint8"
 INTEGER_DTYPES = [str(np.dtype(t)) for t in np.typecodes["AllInteger"]]
+DRIFT = "_drift"  # the names of the drift bounds end so
 
 
 @dataclass
@@ -31,17 +32,24 @@ class ValidationReport:
     stats: dict = field(default_factory=dict)  # split -> rows, class_ratio, pixel_mean, contrast
     notes: list[str] = field(default_factory=list)  # checks that could not run, and why
     skipped: int = 0  # files left out when data/ was written (no images; data.on_bad_image)
+    drift_evaluated: int = 0  # the drift bounds, evaluated against the champion's data
 
-    def describe(self) -> str:
+    def describe(self, *extra_notes: str) -> str:
+        evaluated = self.evaluated + self.drift_evaluated
         head = f"validation {'passed' if self.success else 'FAILED'}: "
-        head += f"{self.evaluated - len(self.failed)}/{self.evaluated} expectations met"
+        head += f"{evaluated - len(self.failed)}/{evaluated} expectations met"
         lines = [f"  [{f['split']}] {f['name']}: observed {f['observed']}" for f in self.failed]
-        notes = [f"  note: {n}" for n in self.notes]
+        notes = [f"  note: {n}" for n in (*self.notes, *extra_notes)]
         tail = [f"  Data Docs: {self.docs}"] if self.docs else []
         return "\n".join([head, *lines, *notes, *tail])
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What the data and the suite decide. Passed drift bounds leave no trace: they depend
+        on which model is champion, and the hand-off must not (a new champion would re-run
+        `dvc repro` from validate); failed ones are in `failed`."""
+        out = asdict(self)
+        del out["drift_evaluated"]
+        return out
 
 
 def summary(validation: dict) -> tuple[dict[str, float], dict[str, str]]:
@@ -203,7 +211,7 @@ def build_suite(
             )
     if reference and cfg.drift_max_shift:
         for column in ("pixel_mean", "contrast"):
-            checks[f"{column}_drift"] = E.ExpectColumnMeanToBeBetween(
+            checks[f"{column}{DRIFT}"] = E.ExpectColumnMeanToBeBetween(
                 column=column,
                 min_value=reference[column] - cfg.drift_max_shift,
                 max_value=reference[column] + cfg.drift_max_shift,
@@ -225,12 +233,11 @@ def validate_dataset(
     cfg: ValidateConfig,
     gx_root: Path,
     reference: dict | None = None,
-    notes: list[str] | None = None,
 ) -> ValidationReport:
     """Run the suite on every split, write Data Docs under `gx_root`, return the report.
 
-    `reference`: the champion's training-data stats for the drift bounds (None: not checked,
-    and `notes` should say why)."""
+    `reference`: the champion's training-data stats for the drift bounds (None: not checked;
+    the caller says why)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phone-home from a closed network
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -239,7 +246,7 @@ def validate_dataset(
     ctx = gx.get_context(mode="file", project_root_dir=str(gx_root))
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
     source = ctx.data_sources.add_or_update_pandas(f"{ds.name}-samples")
-    evaluated, failed, definitions, frames = 0, [], [], {}
+    evaluated, drift, failed, definitions, frames = 0, 0, [], [], {}
     for split in SPLITS:
         asset = source.get_asset(split) if split in source.get_asset_names() else None
         asset = asset or source.add_dataframe_asset(name=split)
@@ -266,23 +273,28 @@ def validate_dataset(
         result = checkpoint.run(batch_parameters={"dataframe": frames[split]})
         for run in result.run_results.values():
             for r in run.results:
-                evaluated += 1
+                name = r.expectation_config.meta.get("name", r.expectation_config.type)
+                if name.endswith(DRIFT):
+                    drift += 1
+                else:
+                    evaluated += 1
                 if not r.success:
-                    name = r.expectation_config.meta.get("name", r.expectation_config.type)
                     observed = _observed(r.result, r.expectation_config.kwargs)
                     if name == "every_class_present":
                         observed = _missing(frames[split], ds.classes, split)
                     failed.append({"split": split, "name": name, "observed": observed})
     docs = gx_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     stats = {split: split_stats(frames[split]) for split in SPLITS}
-    notes, skipped = list(notes or []), len(declared.get("skipped", []))
+    notes, skipped = [], len(declared.get("skipped", []))
     if skipped:
         notes.append(
             f"{skipped} files were left out when data/ was written (no images, or images that "
             "cannot be read with data.on_bad_image=skip); data/meta.json `skipped` lists them "
             "with the reasons"
         )
-    return ValidationReport(not failed, evaluated, failed, str(docs), stats, notes, skipped)
+    return ValidationReport(
+        not failed, evaluated, failed, str(docs), stats, notes, skipped, drift_evaluated=drift
+    )
 
 
 def _missing(table: pd.DataFrame, classes: list[str], split: str) -> str:

@@ -11,7 +11,7 @@ from pipeline.config import RegisterConfig
 @dataclass(frozen=True)
 class Decision:
     promote: bool
-    rule: str  # floor | first_model | incompatible_champion | improvement | recall_guard | forced
+    rule: str  # a rule of RULES, or improvement | already_champion | forced | experiment
     reason: str
     scores: dict = field(default_factory=dict)  # challenger / champion: the policy metric
 
@@ -109,6 +109,19 @@ def recall_guard(policy, challenger, champion, incompatible):
 RULES = (floor, incompatible_champion, first_model, improvement, recall_guard)
 
 
+def hold_experiment(decision: Decision, experiment: str, ref: str) -> Decision:
+    """An experiment is not a release: the verdict of a model from `dvc exp run` stands in its
+    report, but it stays challenger. `ref` ("NAME/VERSION") is how to release it by hand."""
+    if not decision.promote:
+        return decision
+    reason = (
+        f"{decision.reason}; but it comes from DVC experiment {experiment}, and an experiment "
+        f"never moves champion: release it with `pipeline promote {ref}`, or run the "
+        "experiment with register.promote_experiments=true"
+    )
+    return Decision(False, "experiment", reason, decision.scores)
+
+
 def report_markdown(report: dict) -> str:
     """The decision report as people read it (the JSON next to it holds the same)."""
     d, scores = report["decision"], report["decision"]["scores"]
@@ -138,11 +151,13 @@ def report_markdown(report: dict) -> str:
 def _policy(p: dict) -> str:
     guard = "off" if p["max_recall_drop"] is None else f"{p['max_recall_drop']:g}"
     shown = {"model_name", "metric", "floor", "min_improvement", "max_recall_drop"}
+    shown |= {"promote_experiments"}
     more = "".join(f", {key} {value}" for key, value in p.items() if key not in shown)
+    experiments = "may promote" if p.get("promote_experiments") else "stay challenger"
     return (
         f"{p['metric']} >= floor {p['floor']:g}, >= champion {p['min_improvement']:+g}, "
-        f"per-class recall drop <= {guard}{more}"  # settings of rules added later
-    )
+        f"per-class recall drop <= {guard}{more}; DVC experiments {experiments}"
+    )  # `more`: settings of rules added later
 
 
 def _fmt(value) -> str:

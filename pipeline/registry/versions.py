@@ -23,7 +23,7 @@ def promotion_lock(settings: Settings, name: str):
     the `promotion` pool (one slot) serializes the register tasks."""
     import fcntl
 
-    path = settings.outputs / "locks" / f"promotion-{name}.lock"
+    path = settings.locks / f"promotion-{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -15,18 +15,25 @@ from pipeline.settings import Settings
 
 
 def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
-    """The graph's evaluate stage: the train stage's run, its plots to outputs/plots/."""
-    return evaluate_stage(cfg, settings, inputs["train"]["run_id"], settings.outputs / "plots")
+    """The graph's evaluate stage: the train stage's run, its plots to outputs/plots/ and
+    their data to reports/plots/ (dvc.yaml's plots, kept in git per revision)."""
+    return evaluate_stage(
+        cfg, settings, inputs["train"]["run_id"], settings.outputs / "plots", settings.series
+    )
 
 
 def evaluate_stage(
-    cfg: Config, settings: Settings, run_id: str, plot_dir: Path | None = None
+    cfg: Config,
+    settings: Settings,
+    run_id: str,
+    plot_dir: Path | None = None,
+    series_dir: Path | None = None,
 ) -> dict:
     """Score the run's model on the test split: {"run_id", "test_accuracy", "test_macro_f1",
     "test_precision.<class>", "test_recall.<class>", "data_md5"} (fractions 0..1), also logged
     to the run with the confusion matrix, the learning curves and the lr schedule. The plots
     are written to `plot_dir`, or a folder of their own (sweep trials may run at once in one
-    checkout).
+    checkout); `series_dir` gets the data behind them as CSV (see `write_series`).
     Raises DataError when data/ differs from data.dvc, LookupError for a deleted run."""
     # DVC's comparison of data/ with data.dvc runs in a child process while torch and MLflow load.
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir, wait=False)
@@ -48,7 +55,36 @@ def evaluate_stage(
     with _folder(plot_dir) as folder, mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(scores)
         _log_plots(cm, ds.classes, logged, trained, folder)
+    if series_dir is not None:
+        write_series(series_dir, logged["history"], scores, ds.classes, ds.test.labels, preds)
     return {"run_id": run_id, **scores, "data_md5": data["data_md5"]}
+
+
+def write_series(folder: Path, history: list[dict], scores: dict, classes, labels, preds) -> None:
+    """The plots' data as CSV, which `dvc plots show/diff` draws and overlays across revisions
+    (dvc.yaml's top-level `plots`): learning_curves.csv (epoch, losses, val_accuracy, lr),
+    per_class.csv (class, precision, recall) and predictions.csv (actual, predicted class
+    names, one row per test image: DVC's confusion template counts them). Timing columns stay
+    out: they differ on every run and would make every revision differ."""
+    import csv
+
+    from pipeline.files import write_atomic
+
+    curves = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
+    columns = [c for c in curves if c in history[0]]
+    tables = {
+        "learning_curves.csv": [columns, *([row[c] for c in columns] for row in history)],
+        "per_class.csv": [
+            ["class", "precision", "recall"],
+            *([c, scores[f"test_precision.{c}"], scores[f"test_recall.{c}"]] for c in classes),
+        ],
+        "predictions.csv": [
+            ["actual", "predicted"],
+            *([classes[a], classes[p]] for a, p in zip(labels, preds, strict=True)),
+        ],
+    }
+    for name, rows in tables.items():
+        write_atomic(folder / name, lambda handle, rows=rows: csv.writer(handle).writerows(rows))
 
 
 @contextmanager

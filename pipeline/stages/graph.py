@@ -26,7 +26,8 @@ class Stage:
         maps each stage of `needs` to its hand-off.
     params: the params.yaml keys it reads (dvc.yaml `params:`).
     needs: the stages whose hand-offs it reads, in order.
-    hands_on: its hand-off, a small JSON file in outputs/ (dvc.yaml `outs:` or `metrics:`).
+    hands_on: its hand-off, a small JSON file, relative to the workspace (dvc.yaml `outs:` or
+        `metrics:`): in outputs/ (git-ignored), or in reports/ for what each revision keeps.
     makes_model: `pipeline reproduce` re-runs it to retrain a registered model.
     """
 
@@ -46,7 +47,7 @@ STAGES = (
         "check data/ against data.dvc, run the Great Expectations suite, write Data Docs",
         ("base.dataset", "base.preset", "presets", "validate"),
         (),
-        "validation.json",
+        "outputs/validation.json",
     ),
     Stage(
         "train",
@@ -54,7 +55,7 @@ STAGES = (
         "train on validated data; log to MLflow",
         ("base", "train", "tracking", "presets"),
         ("validate",),
-        "train.json",
+        "outputs/train.json",
     ),
     Stage(
         "evaluate",
@@ -62,7 +63,7 @@ STAGES = (
         "score the trained model on the test split",
         (),
         ("train",),
-        "metrics.json",
+        "reports/metrics.json",
     ),
     Stage(
         "register",
@@ -70,7 +71,7 @@ STAGES = (
         "register the model; promote it if it passes the gate",
         ("register",),
         ("train", "evaluate"),
-        "registered.json",
+        "outputs/registered.json",
         makes_model=False,
     ),
 )
@@ -81,7 +82,7 @@ def run(
     name: str, cfg: Config, settings: Settings, inputs: dict, ctx: RunContext | None = None
 ) -> dict:
     """Run stage `name` with the hand-offs of its `needs` in `inputs`; write its own hand-off
-    to outputs/ and return it. KeyError when a needed hand-off is missing.
+    (its `hands_on` file) and return it. KeyError when a needed hand-off is missing.
 
     A verdict against the inputs is a hand-off too: a `PermanentError` carrying one (a failed
     validation, success false) is written before it is raised, so the next stage never reads an
@@ -98,8 +99,8 @@ def run(
         )
     except PermanentError as failed:
         if failed.handoff is not None:
-            write_json(settings.outputs / stage.hands_on, failed.handoff)
+            write_json(settings.root / stage.hands_on, failed.handoff)
         raise
     if result:  # {}: a torchrun worker; rank 0 hands on
-        write_json(settings.outputs / stage.hands_on, result)
+        write_json(settings.root / stage.hands_on, result)
     return result

@@ -70,13 +70,15 @@ def register_stage(
     cfg: Config, settings: Settings, run_id: str, ctx: RunContext | None = None
 ) -> dict:
     """Register the run's model (idempotent: a retry finds its version), alias it challenger,
-    write its model card, and let the policy decide on champion. One promotion per model at a
-    time; a version stays `pending` until all of this has happened. Returns {"model_name",
-    "version", "aliases", "promoted", "rule", "reason", "challenger", "champion"}. Raises
+    write its model card, and let the policy decide on champion; from a DVC experiment
+    (`ctx.experiment`) it stays challenger unless register.promote_experiments. One promotion
+    per model at a time; a version stays `pending` until all of this has happened. Returns
+    {"model_name", "version", "aliases", "promoted", "rule", "reason", "challenger",
+    "champion"}. Raises
     RegistryUnavailable when MLflow stays unreachable, LookupError for a deleted run."""
     from mlflow import MlflowClient
 
-    from pipeline.registry import model_card, promotion, versions
+    from pipeline.registry import model_card, policy, promotion, versions
     from pipeline.tracking import lineage, server, store, weights
 
     name, by = cfg.register_.model_name, (ctx or RunContext()).actor()
@@ -103,6 +105,9 @@ def register_stage(
         promotion.move_alias(client, name, promotion.CHALLENGER, v, "newest candidate", by)
         data = current_data(cfg, settings)
         decision, champion = _gate(cfg, data, client, name, v, run.data.metrics)
+        experiment = (ctx or RunContext()).experiment
+        if experiment and not cfg.register_.promote_experiments:
+            decision = policy.hold_experiment(decision, experiment, f"{name}/{v}")
         if decision.promote:
             promotion.crown(client, name, v, decision.reason, by)
         md5 = run.data.tags.get("data.md5")

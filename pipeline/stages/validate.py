@@ -31,22 +31,36 @@ def validate_stage(cfg: Config, settings: Settings, ctx: RunContext | None = Non
 
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir)
     ds = read_dataset(settings.data_dir, mmap=True)
-    reference, notes = _drift_reference(cfg, settings, ds.name)
+    reference, drift = _drift_reference(cfg, settings, ds.name)
     report = validate_dataset(
-        ds, read_meta(settings.data_dir), cfg.validate_, settings.outputs / "gx", reference, notes
+        ds, read_meta(settings.data_dir), cfg.validate_, settings.outputs / "gx", reference
     )
-    result = {**report.to_dict(), "data_md5": data["data_md5"], "dataset": ds.name}
-    print(report.describe())
+    print(report.describe(drift))
+    # The hand-off (a dvc.yaml out, train's dep) holds only what data/ and params decide: the
+    # drift note names the champion and the Data Docs path the folder, so either would make
+    # a promotion or another checkout re-run validate and train.
+    result = {
+        **report.to_dict(),
+        "docs": _relative(Path(report.docs), settings.root),
+        "data_md5": data["data_md5"],
+        "dataset": ds.name,
+    }
     if not report.success:
-        _record_failed_validation(cfg, settings, result, ctx or RunContext())
+        failed = {**result, "notes": [*result["notes"], drift]}
+        _record_failed_validation(cfg, settings, failed, ctx or RunContext())
         raise ValidationFailed(report, handoff=result)
     return result
 
 
-def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dict | None, list]:
-    """The champion's training-data statistics for the drift bounds, or None and why not."""
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dict | None, str]:
+    """The champion's training-data statistics for the drift bounds, or None; and a note
+    saying which, or why not."""
     if not cfg.validate_.drift_max_shift:
-        return None, []
+        return None, "drift not checked: validate.drift_max_shift is off"
     from mlflow import MlflowClient
 
     from pipeline.registry import promotion
@@ -55,15 +69,15 @@ def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dic
     store.configure(settings, cfg.tracking.experiment)
     champion, run, why_not = promotion.champion_run(MlflowClient(), cfg.register_.model_name)
     if run is None:
-        return None, [f"drift not checked: {why_not}"]
+        return None, f"drift not checked: {why_not}"
     where, tags = f"champion v{champion.version}", run.data.tags
     if tags.get("data.dataset") != dataset:
-        return None, [f"drift not checked: {where} was trained on {tags.get('data.dataset')}"]
+        return None, f"drift not checked: {where} was trained on {tags.get('data.dataset')}"
     try:
         reference = {k: float(tags[f"data_stats.train.{k}"]) for k in ("pixel_mean", "contrast")}
     except KeyError:
-        return None, [f"drift not checked: {where} has no training-data statistics"]
-    return reference, [f"drift checked against {where}'s training data"]
+        return None, f"drift not checked: {where} has no training-data statistics"
+    return reference, f"drift checked against {where}'s training data"
 
 
 def _record_failed_validation(cfg: Config, settings: Settings, result: dict, ctx) -> None:
@@ -84,7 +98,8 @@ def _record_failed_validation(cfg: Config, settings: Settings, result: dict, ctx
     try:
         mlflow.log_metrics(metrics)
         mlflow.log_dict(result, "validation.json")
-        if Path(result["docs"]).is_file():
-            mlflow.log_artifacts(str(Path(result["docs"]).parent), "data_docs")
+        docs = settings.root / result["docs"]
+        if docs.is_file():
+            mlflow.log_artifacts(str(docs.parent), "data_docs")
     finally:
         mlflow.end_run(status="FAILED")

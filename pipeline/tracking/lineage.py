@@ -23,8 +23,13 @@ PACKAGES = {
 }
 
 
+# What the pipeline itself writes into tracked files: a checkout is not dirty for its results.
+RESULTS = ("dvc.lock", "reports")
+
+
 def git_state(root: Path) -> tuple[str, bool]:
-    """(commit sha, dirty) of the checkout; ('unknown', True) outside git."""
+    """(commit sha, dirty) of the checkout; ('unknown', True) outside git. Dirty: a tracked file
+    other than the pipeline's own results (`RESULTS`) differs from the commit."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -32,7 +37,9 @@ def git_state(root: Path) -> tuple[str, bool]:
         ).stdout.strip()
 
     try:
-        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      *(f":(exclude){path}" for path in RESULTS))  # fmt: skip
+        return git("rev-parse", "HEAD"), bool(changed)
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown", True
 

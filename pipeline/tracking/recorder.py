@@ -313,9 +313,9 @@ def _open_run(client, experiment: str, o: Opening) -> str:
             client.log_batch(run_id, metrics=metrics if start == 0 else [],
                              params=params[start : start + 100])  # fmt: skip
         client.log_dict(run_id, cfg.to_dict(), "config.json")
-        docs = o.validation.get("docs")
-        if docs and Path(docs).is_file():
-            client.log_artifacts(run_id, str(Path(docs).parent), "data_docs")
+        docs = settings.root / o.validation.get("docs", "")  # relative to the workspace
+        if docs.is_file():
+            client.log_artifacts(run_id, str(docs.parent), "data_docs")
     client.log_dict(run_id, record, lineage.ARTIFACT)  # again on resume: the try moved on
     if o.resume:  # epochs a killed process checkpointed but never got to log
         logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}

@@ -75,7 +75,7 @@ def test_predict_and_the_mlflow_model_score_files_as_evaluate_did(
     )
     run(["pipeline", "evaluate", *data], project)
     run(["pipeline", "register", *data, "--set", "register.floor=0"], project)
-    accuracy = json.loads((project / "outputs" / "metrics.json").read_text())["test_accuracy"]
+    accuracy = json.loads((project / "reports" / "metrics.json").read_text())["test_accuracy"]
     assert accuracy == 1.0  # the stripes are learnable under each policy
     # So the classes evaluate gave data/'s test split are its labels, row by row; and val/ is
     # that split, in the same order.

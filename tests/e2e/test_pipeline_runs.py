@@ -147,7 +147,7 @@ def test_dvc_repro_reproduces_and_exp_run_overrides(project):
     out = run(["dvc", "repro"], project)
     assert "Running stage 'register'" in out.stdout
     assert "up to date" in run(["dvc", "status"], project).stdout
-    metrics = json.loads((project / "outputs" / "metrics.json").read_text())
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.97
     (model,) = _status(project)
     assert model["versions"][0]["aliases"] == ["challenger", "champion"]
@@ -160,6 +160,8 @@ def test_dvc_repro_reproduces_and_exp_run_overrides(project):
     client = _client(project)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sorted(r.data.params["train.optimizer.name"] for r in runs) == ["adam", "adamw"]
+    (model,) = _status(project)  # an experiment in the workspace registers a challenger only
+    assert [v["aliases"] for v in model["versions"]] == [["champion"], ["challenger"]]
 
 
 def test_cli_refuses_bad_config_unvalidated_and_untracked_data(project):

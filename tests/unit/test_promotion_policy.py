@@ -67,6 +67,19 @@ def test_the_report_shows_every_policy_setting_including_new_ones():
 
     policy = RegisterConfig().model_dump()
     assert _policy(policy) == (
-        "test_accuracy >= floor 0.9, >= champion +0, per-class recall drop <= off"
+        "test_accuracy >= floor 0.9, >= champion +0, per-class recall drop <= off; "
+        "DVC experiments stay challenger"
     )
-    assert _policy({**policy, "min_class_recall": 0.8}).endswith(", min_class_recall 0.8")
+    added = _policy({**policy, "min_class_recall": 0.8})
+    assert added.endswith(", min_class_recall 0.8; DVC experiments stay challenger")
+
+
+def test_an_experiment_keeps_the_verdict_but_never_promotes():
+    from pipeline.registry.policy import hold_experiment
+
+    verdict = decide(POLICY, scores(0.96), scores(0.95))
+    held = hold_experiment(verdict, "bushy-lake", "image-classifier/7")
+    assert (held.promote, held.rule) == (False, "experiment")
+    assert verdict.reason in held.reason and "pipeline promote image-classifier/7" in held.reason
+    refused = decide(POLICY, scores(0.85), None)
+    assert hold_experiment(refused, "bushy-lake", "image-classifier/7") == refused

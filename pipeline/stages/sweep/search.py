@@ -52,7 +52,7 @@ def open_study(cfg: Config, settings: Settings, new: bool = False, worker: int =
     import optuna
 
     if settings.study_storage.startswith("sqlite:///"):
-        (settings.root / ".mlflow").mkdir(parents=True, exist_ok=True)
+        settings.store.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     o = cfg.sweep.optuna
     pruners = {
