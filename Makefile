@@ -101,7 +101,9 @@ browser:
 	  || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium > /dev/null; }; }
 	@chromium --version 2> /dev/null
 
+# MLflow 3.17 opens experiments as GenAI (traces) unless told otherwise: start on the runs.
 mlflow-ui: $(STAMP)
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
 
 clean:

@@ -191,9 +191,12 @@ def stage_task(**task_kwargs):
 
 
 def settings():
+    from dataclasses import replace
+
     from pipeline.settings import Settings
 
-    return Settings.from_env(PROJECT_ROOT)
+    # The DAG's runs leave the checkout as committed: their reports/ go to outputs/.
+    return replace(Settings.from_env(PROJECT_ROOT), reports_in_git=False)
 
 
 def config(resolved: dict | None = None):

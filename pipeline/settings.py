@@ -23,6 +23,7 @@ class Settings:
     mlflow_wait_s: float = 60.0  # how long an interactive command waits for an MLflow server
     optuna_storage: str = ""  # Optuna studies (a relational DB); "": SQLite beside MLflow's
     shared: Path | None = None  # the project whose store and locks a workspace uses; None: root
+    reports_in_git: bool = True  # False: reports/ goes to outputs/ (a DAG's shared checkout)
 
     @property
     def code(self) -> Path:
@@ -43,8 +44,14 @@ class Settings:
 
     @property
     def reports(self) -> Path:
-        """What a revision keeps in git: the metrics and the plots' data (dvc.yaml)."""
-        return self.root / "reports"
+        """What a revision keeps in git: the metrics and the plots' data (dvc.yaml). Airflow's
+        runs keep theirs in outputs/: they leave the checkout they share as committed."""
+        return self.root / "reports" if self.reports_in_git else self.outputs / "reports"
+
+    def handoff(self, name: str) -> Path:
+        """The file of a stage's hand-off (`Stage.hands_on`: "outputs/..." or "reports/...")."""
+        folder, _, rest = name.partition("/")
+        return self.reports / rest if folder == "reports" else self.root / name
 
     @property
     def series(self) -> Path:
@@ -52,13 +59,14 @@ class Settings:
 
     @property
     def store(self) -> Path:
-        """The project's own state folder (git-ignored): the default MLflow store, Optuna's
-        SQLite file, the promotion locks. Shared by every workspace of the project."""
+        """The project's own store folder (git-ignored): the default MLflow store and Optuna's
+        SQLite file. Shared by every workspace of the project."""
         return (self.shared or self.root) / ".mlflow"
 
     @property
     def locks(self) -> Path:
-        return self.store / "locks"
+        """The promotion locks: the project's, shared by its experiments' workspaces."""
+        return (self.shared or self.root) / "outputs" / "locks"
 
     @property
     def study_storage(self) -> str:

@@ -58,7 +58,7 @@ up() {
   local passwords="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
   echo
   echo "Airflow UI  http://127.0.0.1:$AIRFLOW_PORT   user admin, password: cat $passwords"
-  echo "MLflow UI   http://127.0.0.1:$MLFLOW_PORT"
+  echo "MLflow UI   http://127.0.0.1:$MLFLOW_PORT/#/experiments?workflowType=machine_learning"
   echo "Stop both:  make down"
 }
 

@@ -31,7 +31,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> Config:
 
 def _handoff(settings: Settings, stage: str) -> dict:
     """What stage `stage` handed on (its `hands_on` file); DataError when it has not run."""
-    path = settings.root / graph.BY_NAME[stage].hands_on
+    path = settings.handoff(graph.BY_NAME[stage].hands_on)
     if not path.exists():
         raise DataError(f"{path} not found; run `pipeline {stage}` first")
     return json.loads(path.read_text())

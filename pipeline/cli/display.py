@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.tracking.store import ui_path
+
 MLFLOW_UI_HINT = "make mlflow-ui   (or: .venv/bin/mlflow ui --backend-store-uri {uri})"
 
 
@@ -62,4 +64,5 @@ def summary(run, registered: list[tuple[str, dict]], tracking_uri: str) -> str:
     if not registered:
         lines.append("registered     (not registered)")
     lines.append(f"MLflow UI      {MLFLOW_UI_HINT.format(uri=tracking_uri)}")
+    lines.append(f"its runs       http://127.0.0.1:5000{ui_path(run.info.experiment_id)}")
     return "\n".join(lines)

@@ -53,7 +53,8 @@ class ValidationReport:
 
 
 def summary(validation: dict) -> tuple[dict[str, float], dict[str, str]]:
-    """MLflow metrics and tags for a validation result (`ValidationReport.to_dict()`)."""
+    """(counts, tags) of a validation result (`ValidationReport.to_dict()`): the counts are
+    numbers for the lineage record, logged as tags (a number logged once makes no chart)."""
     evaluated, failed = validation.get("evaluated", 0), validation.get("failed", [])
     metrics = {
         "validation.evaluated": evaluated,

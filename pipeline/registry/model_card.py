@@ -1,5 +1,7 @@
 """A model card per registered version: what it is, what data made it, how well it does per
-class, what it is for and where it will fail. Markdown, logged next to the model."""
+class, what it is for and where it will fail. Markdown, logged next to the model. And the
+shorter texts the MLflow UI shows: the registered model's description (aliases, their history
+as a table) and each version's."""
 
 from __future__ import annotations
 
@@ -57,6 +59,82 @@ def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, 
         f"- Reproduce it with `pipeline reproduce {name}/{version}`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+HISTORY_ROWS = 30  # the description shows the newest moves; `pipeline history` has them all
+
+
+def model_description(name: str, moves: list[dict]) -> str:
+    """The registered model's description (markdown): what it is, what each alias means, and
+    the alias history as a table, newest first. `moves`: `promotion.history`, oldest first."""
+
+    def cell(text) -> str:
+        return "-" if text is None else str(text).replace("|", "\\|").replace("\n", " ")
+
+    def row(m: dict) -> str:
+        was = "-" if m["previous"] is None else f"v{m['previous']}"
+        return (
+            f"| {_when(m['at'])} | `{m['alias']}` | v{m['version']} | {was} | {cell(m['by'])} "
+            f"| {cell(m['reason'])} |"
+        )
+
+    lines = [
+        f"Image classifier trained and registered by image-pipeline; serve "
+        f"`models:/{name}@champion`.",
+        "",
+        "- `champion`: the serving model. It moves only through the promotion policy, "
+        "`pipeline promote` and `pipeline rollback`.",
+        "- `challenger`: the newest candidate (a DVC experiment's model stays one).",
+        f"- `previous-champion`: what `pipeline rollback {name}` brings back.",
+        "",
+        "Each version's description gives its data version, scores, promotion decision and "
+        "input contract; its run holds the model card and the decision report.",
+        "",
+        f"### Alias history, newest first (`pipeline history {name}` has every move)",
+        "",
+        "| at (UTC) | alias | version | was | by | reason |",
+        "|---|---|---|---|---|---|",
+        *(row(m) for m in reversed(moves[-HISTORY_ROWS:])),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def version_description(name: str, version, run, report: dict, inputs: str) -> str:
+    """A version's description (markdown): the model and its data, its scores, the latest
+    promotion decision (`report`, `pipeline.stages.register`'s) and what it takes (`inputs`)."""
+    tags, params, metrics, nan = run.data.tags, run.data.params, run.data.metrics, float("nan")
+    decision = report["decision"]
+    verdict = "promoted to champion" if decision["promote"] else "not promoted"
+    commit = tags.get("git.commit", "unknown")[:12]
+    experiment = tags.get("dvc.experiment")
+    lines = [
+        f"**{name} v{version}**: `{params.get('train.model.name', '?')}` trained on "
+        f"`{tags.get('data.dataset', '?')}`, data version `{tags.get('data.md5', '?')}`, "
+        f"code `{commit}`"
+        + (" (uncommitted changes)" if tags.get("git.dirty") == "true" else "")
+        + f", run `{run.info.run_id}`.",
+        "",
+        f"Scores on its test split: test_accuracy **{metrics.get('test_accuracy', nan):.4f}**, "
+        f"test_macro_f1 **{metrics.get('test_macro_f1', nan):.4f}**.",
+        "",
+        f"**Promotion** ({_when(report['at'])} UTC, by {report['by']}): {verdict}, rule "
+        f"`{decision['rule']}`. {decision['reason']}",
+    ]
+    if experiment:
+        lines += ["", f"From DVC experiment `{experiment}` (baseline "
+                  f"`{tags.get('dvc.baseline_rev', '?')[:12]}`)."]  # fmt: skip
+    lines += [
+        "",
+        f"**Inputs**: {inputs}",
+        "",
+        "On the run: the model card (`model_card.md`), the decision (`promotion/decision.md`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _when(at: str) -> str:
+    """An ISO time as the tables show it: 2026-12-01T03:53:02+00:00 -> 2026-12-01 03:53."""
+    return at[:16].replace("T", " ")
 
 
 def _held_out(train: dict, rows) -> str:

@@ -11,6 +11,8 @@ import json
 import time
 from datetime import UTC, datetime
 
+from pipeline.registry.model_card import model_description
+
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 
 
@@ -57,6 +59,8 @@ def move_alias(client, name: str, alias: str, version: int, reason: str, by: str
         "by": by,
     }
     client.set_registered_model_tag(name, f"{HISTORY_TAG}{time.time_ns()}", json.dumps(event))
+    text = model_description(name, history(client, name))  # the history as a table in the UI
+    client.update_registered_model(name, description=text)
 
 
 def crown(client, name: str, version: int, reason: str, by: str) -> None:

@@ -66,7 +66,11 @@ def require_complete(version) -> None:
 
 
 def record_decision(client, name: str, version: int, run_id: str, report: dict, text: str):
-    """The decision report: JSON + markdown on the run, the gist as model-version tags."""
+    """The decision report: JSON + markdown on the run, the gist as model-version tags, and
+    the version's description (model_card.version_description) rewritten around it."""
+    from pipeline.data.contract import InputContract
+    from pipeline.registry.model_card import version_description
+
     client.log_dict(run_id, report, "promotion/decision.json")
     client.log_text(run_id, text, "promotion/decision.md")
     decision = report["decision"]
@@ -76,6 +80,10 @@ def record_decision(client, name: str, version: int, run_id: str, report: dict, 
         ("promotion.report", json.dumps(report)[:5000]),
     ):
         client.set_model_version_tag(name, str(version), key, value)
+    contract = client.get_model_version(name, str(version)).tags.get("input.contract")
+    inputs = InputContract.from_dict(json.loads(contract)).describe() if contract else "-"
+    text = version_description(name, version, client.get_run(run_id), report, inputs)
+    client.update_model_version(name, str(version), description=text)
 
 
 def find_version(client, name: str, run_id: str):

@@ -99,8 +99,8 @@ def run(
         )
     except PermanentError as failed:
         if failed.handoff is not None:
-            write_json(settings.root / stage.hands_on, failed.handoff)
+            write_json(settings.handoff(stage.hands_on), failed.handoff)
         raise
     if result:  # {}: a torchrun worker; rank 0 hands on
-        write_json(settings.root / stage.hands_on, result)
+        write_json(settings.handoff(stage.hands_on), result)
     return result

@@ -86,8 +86,8 @@ def _record_failed_validation(cfg: Config, settings: Settings, result: dict, ctx
     from pipeline.data.validation import summary
     from pipeline.tracking import lineage, store
 
-    metrics, tags = summary(result)
-    tags |= {
+    counts, tags = summary(result)  # counts as tags: no chart for a number logged once
+    tags |= {k: str(v) for k, v in counts.items()} | {
         "data.md5": result["data_md5"],
         "data.dataset": result["dataset"],
         "git.commit": lineage.git_state(settings.code)[0],
@@ -96,7 +96,6 @@ def _record_failed_validation(cfg: Config, settings: Settings, result: dict, ctx
     name = f"validation-failed-{result['dataset']}"
     mlflow.start_run(run_id=store.new_run(settings, cfg.tracking.experiment, ctx, name, tags))
     try:
-        mlflow.log_metrics(metrics)
         mlflow.log_dict(result, "validation.json")
         docs = settings.root / result["docs"]
         if docs.is_file():

@@ -3,6 +3,7 @@ that may have been deleted."""
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,9 +11,54 @@ from pipeline.context import RunContext
 from pipeline.settings import Settings
 from pipeline.tracking.server import connection_failure
 
+# The experiment's kind: model training, not GenAI. MLflow 3's UI reads it to open the runs
+# rather than the traces, except where its GenAI / Model training switch decides (3.17):
+# `ui_path` says it in the address.
+KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {
+    KIND: "custom_model_development",
+    "mlflow.note.content": (
+        "Image-classifier training runs of image-pipeline, one per training: the params "
+        "(`train.*`, `base.*`), train_loss, val_loss and val_accuracy per epoch, then "
+        "test_accuracy, test_macro_f1 and per-class precision and recall from evaluate, the "
+        "model with its lineage, model card and Data Docs. The speed of each epoch is with "
+        "the machine's figures under System metrics (`system/`); the learning rate per epoch "
+        "is `train_lr`. The registered versions and their aliases are under Models."
+    ),
+}
+# The runs table's columns at `ui_path` (MLflow's shared view: an experiment tag holding the
+# view's state, opened by `viewStateShareKey`); the default table shows no metric or param.
+VIEW = "training"
+SHOWN = {
+    "metrics": ("test_accuracy", "test_macro_f1", "val_accuracy"),
+    "params": (
+        "train.model.name",
+        "train.optimizer.name",
+        "train.optimizer.lr",
+        "train.schedule.name",
+        "train.epochs",
+        "train.batch_size",
+    ),  # fmt: skip
+    "tags": ("data.dataset", "data.md5", "dvc.experiment"),
+}
+VIEW_STATE = {
+    "selectedColumns": [f"{kind}.`{key}`" for kind, keys in SHOWN.items() for key in keys],
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
+EXPERIMENT_TAGS[f"mlflow.sharedViewState.{VIEW}"] = json.dumps(VIEW_STATE)
+
+
+def ui_path(experiment_id: str) -> str:
+    """The MLflow UI's address of the experiment's runs, after the server's URL: MLflow 3.17
+    opens every experiment as GenAI (traces) unless the address says `workflowType`."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW}"
+    return f"/#/experiments/{experiment_id}/runs?{query}"
+
 
 def configure(settings: Settings, experiment: str) -> str:
-    """Point MLflow at the store and return the experiment id (created with our artifact root).
+    """Point MLflow at the store and return the experiment id (created with our artifact root
+    and `EXPERIMENT_TAGS`; an experiment made before them gets them once).
 
     Raises PermanentError when the experiment was deleted (MLflow keeps its name taken)."""
     import mlflow
@@ -34,9 +80,15 @@ def configure(settings: Settings, experiment: str) -> str:
         )
     if found is not None:
         exp_id = found.experiment_id
+        if KIND not in found.tags:
+            for key, value in EXPERIMENT_TAGS.items():
+                if key not in found.tags:
+                    mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
     else:
         exp_id = mlflow.create_experiment(
-            experiment, artifact_location=f"{settings.artifact_root.rstrip('/')}/{experiment}"
+            experiment,
+            artifact_location=f"{settings.artifact_root.rstrip('/')}/{experiment}",
+            tags=EXPERIMENT_TAGS,
         )
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id

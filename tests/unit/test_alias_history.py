@@ -64,3 +64,15 @@ def test_history_records_who_moved_which_alias_when_and_why(client):
     last = promotion.history(client, NAME)[-1]
     assert last["reason"] == "rollback: bad labels in v2's data" and last["by"] == "cli:oncall@host"
     assert last["at"].endswith("+00:00")
+
+
+def test_the_models_description_shows_the_history_as_a_table_newest_first(client):
+    promotion.crown(client, NAME, 1, "first", "tester")
+    promotion.crown(client, NAME, 2, "better | by a lot", "tester")
+    promotion.rollback(client, NAME, "v2 misreads 7s", "on-call")
+    text = client.get_registered_model(NAME).description
+    rows = [line for line in text.splitlines() if line.startswith("| 2")]  # "| 2026-..."
+    assert len(rows) == len(promotion.history(client, NAME)) == 5
+    assert "rollback: v2 misreads 7s" in rows[0] and "| on-call |" in rows[0]
+    assert "better \\| by a lot" in text  # a pipe in a reason does not break the table
+    assert rows[-1].split(" | ")[1:4] == ["`champion`", "v1", "-"]

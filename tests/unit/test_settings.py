@@ -41,7 +41,7 @@ def test_an_experiment_works_in_dvcs_workspace_with_the_projects_store(tmp_path,
     assert settings.root == workspace and settings.outputs == workspace / "outputs"
     assert settings.data_dir == workspace / "data"
     assert settings.series == workspace / "reports" / "plots"
-    assert settings.store == project / ".mlflow" and settings.locks == project / ".mlflow/locks"
+    assert settings.store == project / ".mlflow" and settings.locks == project / "outputs/locks"
     assert settings.tracking_uri == f"sqlite:///{project}/.mlflow/mlflow.db"
     assert settings.study_storage == f"sqlite:///{project}/.mlflow/optuna.db"
 
