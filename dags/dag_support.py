@@ -85,7 +85,8 @@ def form_param(default, **schema) -> Param:
         if "enum" in schema:
             schema["enum"] = [None, *schema["enum"]]
         if "type" in schema:
-            schema["type"] = ["null", schema["type"]]
+            given = schema["type"]
+            schema["type"] = ["null", *(given if isinstance(given, list) else [given])]
         if "anyOf" in schema:
             schema["anyOf"] = [{"type": "null"}, *schema["anyOf"]]
     return Param(default, **schema)

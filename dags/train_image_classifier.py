@@ -61,8 +61,10 @@ DEFAULTS = {name: ds.param(PARAMS, key) for name, key in PARAM_KEYS.items()}
         ),
         "model": ds.choice("train.model.name", DEFAULTS["model"]),
         "optimizer": ds.choice("train.optimizer.name", DEFAULTS["optimizer"]),
+        # Two types: Airflow's form then shows a free field (a number field refuses "auto").
         "lr": ds.form_param(
             DEFAULTS["lr"],
+            type=["number", "string"],
             anyOf=[{"type": "number", "exclusiveMinimum": 0}, {"const": "auto"}],
             description="a number, or auto: the learning-rate range test picks it",
         ),

@@ -147,6 +147,7 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
     assert params["preset"] is None  # untouched form: plain params.yaml, like a scheduled run
     lr = params.get_param("lr")
     assert lr.resolve("auto") == "auto" and lr.resolve(0.01) == 0.01  # a number, or the test
+    assert lr.schema["type"] == ["number", "string"]  # the form's free field (e2e: screenshot)
     for bad in (-1, "fast"):
         with pytest.raises(ParamValidationError):
             lr.resolve(bad)
