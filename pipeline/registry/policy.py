@@ -151,7 +151,7 @@ def report_markdown(report: dict) -> str:
 def _policy(p: dict) -> str:
     guard = "off" if p["max_recall_drop"] is None else f"{p['max_recall_drop']:g}"
     shown = {"model_name", "metric", "floor", "min_improvement", "max_recall_drop"}
-    shown |= {"promote_experiments"}
+    shown.add("promote_experiments")  # said in words below
     more = "".join(f", {key} {value}" for key, value in p.items() if key not in shown)
     experiments = "may promote" if p.get("promote_experiments") else "stay challenger"
     return (
