@@ -104,9 +104,9 @@ def sweep(settings, validation, cfg) -> dict:
         f"tags.`mlflow.parentRunId` = '{started['parent']}'",
     )
     epochs = sum(len(client.get_metric_history(c.info.run_id, "val_loss")) for c in children)
-    seconds = "system/epoch_seconds"
+    timing = "system/epoch_seconds"
     in_epochs = sum(m.value for c in children
-                    for m in client.get_metric_history(c.info.run_id, seconds))  # fmt: skip
+                    for m in client.get_metric_history(c.info.run_id, timing))  # fmt: skip
     # The trial the sweep chose (both strategies: the lowest val_loss), then its test accuracy:
     # the test split chose nothing, so that figure is free of the max-of-many-noisy-trials bias
     # the chosen trial's validation figures carry.
