@@ -400,9 +400,15 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _explain(exc: ValidationError) -> str:
-    lines = ["invalid configuration:"]
+    lines, unions = ["invalid configuration:"], {}
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        loc = list(err["loc"])
+        while loc and _is_branch(loc[-1]):  # a union's member (a number, or "auto"): one line
+            loc.pop()
+        key = ".".join(str(p) for p in loc)
+        if len(loc) < len(err["loc"]):
+            unions.setdefault(key, ([], err.get("input")))[0].append(err["msg"])
+            continue
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(err["loc"][:-1]))
             lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
@@ -412,7 +418,18 @@ def _explain(exc: ValidationError) -> str:
             lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    for key, (messages, given) in unions.items():
+        either = ", or ".join(m[0].lower() + m[1:] for m in messages)
+        lines.append(f"  {key}: {either} (got {given!r})")
     return "\n".join(lines)
+
+
+def _is_branch(part) -> bool:
+    """pydantic names a union's members in the error's location ("constrained-float",
+    "literal['auto']", "int"); params.yaml keys are words joined by underscores."""
+    return isinstance(part, str) and (
+        any(c in part for c in "-[(") or part in {"int", "float", "str", "bool", "none"}
+    )
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

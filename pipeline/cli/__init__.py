@@ -10,7 +10,7 @@ import signal
 import sys
 
 from pipeline import interrupts
-from pipeline.cli.commands import HANDLERS, LOCAL_COMMANDS
+from pipeline.cli.commands import HANDLERS, LOCAL_COMMANDS, PROJECTLESS
 from pipeline.cli.parser import build_parser
 from pipeline.errors import ConfigError, DataError, PermanentError, ValidationFailed
 from pipeline.settings import Settings
@@ -23,7 +23,12 @@ def entry() -> None:
     frozen first, it is skipped by the collector's passes at exit: a process that imported
     torch and took an optimizer step spent 0.78 s from its last line to its exit, 0.19 s
     frozen (mean of 3 each, here). Exit handlers and finalizers still run."""
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `pipeline status | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     gc.freeze()
     sys.exit(code)
 
@@ -34,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = Settings.from_env()
+    if args.command not in PROJECTLESS and not (
+        _project_found(settings) or getattr(args, "params", None)
+    ):
+        print(
+            f"error: no params.yaml in {settings.root} or a folder above it: run `pipeline` in "
+            "the project's checkout, or set PIPELINE_ROOT to it (and MLFLOW_TRACKING_URI to "
+            "read a registry that lives elsewhere)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         with interrupts.raising_on_signals():
             if args.command not in LOCAL_COMMANDS:
@@ -53,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(message, file=sys.stderr)
         return 1
+
+
+def _project_found(settings: Settings) -> bool:
+    """A project to work in: params.yaml, or a registry named in MLFLOW_TRACKING_URI. Without
+    either, a command would make an empty store wherever it was run and report on that."""
+    return settings.params.is_file() or bool(os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def _permanent(exc: Exception) -> str:

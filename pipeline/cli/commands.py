@@ -15,6 +15,7 @@ from pipeline.settings import Settings
 from pipeline.stages import graph
 
 LOCAL_COMMANDS = {"data", "check-data", "choices"}  # everything else talks to MLflow
+PROJECTLESS = {"choices"}  # the others need params.yaml or a registry
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> Config:

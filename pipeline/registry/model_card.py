@@ -117,7 +117,8 @@ def version_description(name: str, version, run, report: dict, inputs: str) -> s
         f"Scores on its test split: test_accuracy **{metrics.get('test_accuracy', nan):.4f}**, "
         f"test_macro_f1 **{metrics.get('test_macro_f1', nan):.4f}**.",
         "",
-        f"**Promotion** ({_when(report['at'])} UTC, by {report['by']}): {verdict}, rule "
+        f"**Promotion decision** ({_when(report['at'])} UTC, by {report['by']}; the aliases "
+        f"above are today's): {verdict}, rule "
         f"`{decision['rule']}`. {decision['reason']}",
     ]
     if experiment:

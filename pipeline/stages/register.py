@@ -74,8 +74,8 @@ def register_stage(
     (`ctx.experiment`) it stays challenger unless register.promote_experiments. One promotion
     per model at a time; a version stays `pending` until all of this has happened. Returns
     {"model_name", "version", "aliases", "promoted", "rule", "reason", "challenger",
-    "champion"}. Raises
-    RegistryUnavailable when MLflow stays unreachable, LookupError for a deleted run."""
+    "champion"}. Raises RegistryUnavailable when MLflow stays unreachable, LookupError for a
+    deleted run."""
     from mlflow import MlflowClient
 
     from pipeline.registry import model_card, policy, promotion, versions

@@ -23,13 +23,15 @@ PACKAGES = {
 }
 
 
-# What the pipeline itself writes into tracked files: a checkout is not dirty for its results.
-RESULTS = ("dvc.lock", "reports")
+# Tracked files that do not make a checkout dirty: what the pipeline itself writes (dvc.lock,
+# reports/), and params.yaml, whose values every run records in full (config.json, the params
+# hash; `pipeline reproduce` uses them) and which `dvc exp run -S` rewrites.
+NOT_CODE = ("dvc.lock", "reports", "params.yaml")
 
 
 def git_state(root: Path) -> tuple[str, bool]:
     """(commit sha, dirty) of the checkout; ('unknown', True) outside git. Dirty: a tracked file
-    other than the pipeline's own results (`RESULTS`) differs from the commit."""
+    other than `NOT_CODE` differs from the commit."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -38,7 +40,7 @@ def git_state(root: Path) -> tuple[str, bool]:
 
     try:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                      *(f":(exclude){path}" for path in RESULTS))  # fmt: skip
+                      *(f":(exclude){path}" for path in NOT_CODE))  # fmt: skip
         return git("rev-parse", "HEAD"), bool(changed)
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown", True

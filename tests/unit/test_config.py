@@ -129,3 +129,13 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"key 'train' is written twice .*lines 1 and 5"):
         load_config(params)
+
+
+def test_a_value_of_either_kind_is_explained_in_one_line_without_pydantics_names():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({}, {"train.optimizer.lr": -1})
+    (line,) = [x for x in str(err.value).splitlines() if "train.optimizer.lr" in x]
+    assert line.strip() == (
+        "train.optimizer.lr: input should be greater than 0, or input should be 'auto' (got -1)"
+    )
+    assert "constrained" not in str(err.value) and "literal[" not in str(err.value)

@@ -46,19 +46,39 @@ def test_an_experiment_works_in_dvcs_workspace_with_the_projects_store(tmp_path,
     assert settings.study_storage == f"sqlite:///{project}/.mlflow/optuna.db"
 
 
-def test_a_checkout_is_not_dirty_for_the_pipelines_own_results(tmp_path):
+def test_a_checkout_is_dirty_for_code_not_for_results_or_params(tmp_path):
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@l", *args],
                        cwd=tmp_path, check=True, capture_output=True)  # fmt: skip
 
     (tmp_path / "reports").mkdir()
-    for name in ("dvc.lock", "reports/metrics.json", "params.yaml"):
+    for name in ("dvc.lock", "reports/metrics.json", "params.yaml", "model.py"):
         (tmp_path / name).write_text("1\n")
     git("init", "-q")
     git("add", "-A")
     git("commit", "-qm", "first")
-    (tmp_path / "dvc.lock").write_text("2\n")
-    (tmp_path / "reports/metrics.json").write_text("2\n")
+    for name in ("dvc.lock", "reports/metrics.json", "params.yaml"):  # results; `dvc exp -S`
+        (tmp_path / name).write_text("2\n")
     assert git_state(tmp_path)[1] is False
-    (tmp_path / "params.yaml").write_text("2\n")
+    (tmp_path / "model.py").write_text("2\n")
     assert git_state(tmp_path)[1] is True
+
+
+def test_outside_a_project_the_cli_says_so_and_makes_no_store(tmp_path, env, capsys):
+    from pipeline.cli import main
+
+    env.chdir(tmp_path)
+    assert main(["status"]) == 2
+    assert f"no params.yaml in {tmp_path} or a folder above it" in capsys.readouterr().err
+    assert not (tmp_path / ".mlflow").exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "pipeline"
+    proc = subprocess.Popen([cli, "choices"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head -1` does once it has its line
+    assert proc.wait(timeout=60) == 0
+    assert b"Traceback" not in proc.stderr.read()
