@@ -42,10 +42,9 @@ def create_version(client, name: str, run, tags: dict):
     return mlflow.register_model(uri, name, tags={**tags, STATUS_TAG: "pending"})
 
 
-def describe_inputs(client, name: str, version: int, contract: InputContract) -> None:
-    """What the version takes, where the MLflow UI shows it: the description in words, the
-    contract and the class names as tags (`input.contract`, `classes`)."""
-    client.update_model_version(name, str(version), description=contract.describe())
+def tag_inputs(client, name: str, version: int, contract: InputContract) -> None:
+    """What the version takes, as tags (`input.contract`, `classes`); `record_decision` writes
+    it in words into the description, which the MLflow UI shows."""
     client.set_model_version_tag(
         name, str(version), "input.contract", json.dumps(contract.to_dict())
     )

@@ -96,7 +96,7 @@ def register_stage(
         )
         v = int(version.version)
         _, spec = weights.load_weights(run_id)
-        versions.describe_inputs(client, name, v, spec.input_contract())
+        versions.tag_inputs(client, name, v, spec.input_contract())
         config = client.download_artifacts(run_id, "config.json")
         card = model_card.render(
             name, v, record, json.loads(Path(config).read_text()), run.data.metrics, spec
