@@ -1,5 +1,5 @@
 """Train an image classifier: check_data -> validate -> skip_if_unchanged -> train -> evaluate
--> register.
+-> register -> compress (when params.yaml's compress.methods asks for it).
 
 Wiring only: the stages are declared in `pipeline.stages.graph` and imported inside the task bodies,
 so parsing this file never imports torch, MLflow or Great Expectations. Tasks hand each other
@@ -139,10 +139,20 @@ def train_image_classifier():
         inputs = {"train": trained, "evaluate": evaluated}
         return graph.run("register", cfg, settings, inputs, ctx)
 
+    @ds.stage_task(**ds.GPU_TASK)
+    def compress(cfg, settings, ctx, validation: dict, trained: dict, registered: dict) -> dict:
+        """Distill, prune or quantize the new model into smaller challengers, each registered
+        through the promotion policy (compress.methods; [] = nothing, in seconds)."""
+        from pipeline.stages import graph
+
+        inputs = {"validate": validation, "train": trained, "register": registered}
+        return graph.run("compress", cfg, settings, inputs, ctx.with_(resume=True))
+
     checked = check_data()
     validation = validate(checked)
     trained = train(checked, validation, skip_if_unchanged(checked, validation))
-    register(checked, trained, evaluate(checked, trained))
+    registered = register(checked, trained, evaluate(checked, trained))
+    compress(checked, validation, trained, registered)
 
 
 train_image_classifier()

@@ -55,6 +55,11 @@ SCHEDULES = _table(
     Choice("cosine", "pipeline.training.schedules:cosine", "cosine decay to min_lr_ratio"),
     Choice("onecycle", "pipeline.training.schedules:onecycle", "rise then fall (1cycle)"),
 )
+COMPRESSIONS = _table(
+    Choice("distill", "pipeline.stages.compress:distill", "a smaller student learns the outputs"),
+    Choice("prune", "pipeline.stages.compress:prune", "remove channels, then fine-tune"),
+    Choice("quantize", "pipeline.stages.compress:quantize", "int8 ONNX for CPU serving"),
+)
 SWEEP_STRATEGIES = _table(
     Choice("grid", "pipeline.stages.sweep.grid", "every optimizer x schedule x lr"),
     Choice("optuna", "pipeline.stages.sweep.search", "a seeded TPE study with pruning"),
@@ -68,6 +73,7 @@ KEYS = {
     "train.optimizer.name": OPTIMIZERS,
     "train.schedule.name": SCHEDULES,
     "sweep.strategy": SWEEP_STRATEGIES,
+    "compress.methods": COMPRESSIONS,
 }
 
 

@@ -33,6 +33,7 @@ ModelName = Literal[choices.names(choices.MODELS)]
 OptimizerName = Literal[choices.names(choices.OPTIMIZERS)]
 ScheduleName = Literal[choices.names(choices.SCHEDULES)]
 StrategyName = Literal[choices.names(choices.SWEEP_STRATEGIES)]
+CompressionName = Literal[choices.names(choices.COMPRESSIONS)]
 
 
 class _Block(BaseModel):
@@ -175,6 +176,61 @@ class RegisterConfig(_Block):
     min_improvement: float = Field(0.0, ge=0, le=1)  # over the champion; 0 = ties promote
     max_recall_drop: float | None = Field(None, ge=0, le=1)  # per class vs champion; null = off
     promote_experiments: bool = False  # a `dvc exp run` may move champion; false: challenger only
+    # Efficiency (docs/training.md): a challenger that does not beat the champion may still take
+    # it when it stays within max_accuracy_drop of its metric and is min_size_ratio times smaller
+    # (parameters or file bytes) with min_macs_ratio times fewer MACs. null = off.
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    min_size_ratio: float = Field(2.0, ge=1)
+    min_macs_ratio: float = Field(1.0, ge=1)  # 1: no more MACs (int8 keeps its float MACs)
+
+
+class DistillConfig(_Block):
+    """Knowledge distillation (Hinton et al. 2015): a student trained on the teacher's softened
+    outputs; the rest of the recipe is train's."""
+
+    student: ModelConfig = ModelConfig(name="lenet", hidden=32)
+    temperature: float = Field(4.0, gt=0)  # softens both outputs; the KL term is scaled by T^2
+    alpha: float = Field(0.9, ge=0, le=1)  # weight of the KL to the teacher; 1 - alpha: labels
+    epochs: int | None = Field(None, ge=1)  # null: train.epochs
+
+
+class PruneConfig(_Block):
+    """Structured pruning (Torch-Pruning): whole channels and units removed, then fine-tuned."""
+
+    sparsity: float = Field(0.5, gt=0, lt=1)  # share of every prunable layer's channels removed
+    max_params: int | None = Field(None, ge=1)  # a budget instead: prune until at most this many
+    max_macs: int | None = Field(None, ge=1)  # ... or at most this many multiply-adds per image
+    epochs: int = Field(2, ge=1)  # fine-tuning epochs
+    lr_scale: float = Field(0.1, gt=0, le=1)  # fine-tuning lr = train.optimizer.lr x lr_scale
+
+
+class QuantizeConfig(_Block):
+    """int8 for CPU serving: ONNX export, ONNX Runtime static quantization."""
+
+    calibration_images: int = Field(512, ge=1)  # training images that set activation ranges
+    per_channel: bool = True  # one weight scale per output channel (more accurate)
+
+
+class CompressConfig(_Block):
+    """The compress stage: smaller, faster challengers made from a teacher."""
+
+    methods: list[CompressionName] = []  # any of `pipeline choices`; [] = the stage does nothing
+    teacher: str | None = None  # null: the train stage's run; or NAME@ALIAS, NAME/VERSION
+    # each result goes through the promotion policy as a challenger
+    register_: bool = Field(True, alias="register")
+    latency_runs: int = Field(200, ge=10)  # timed batch-1 calls for latency p50 / p95
+    distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("methods")
+    @classmethod
+    def _once_each(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"lists a method twice: {methods}")
+        return methods
 
 
 class SearchParam(_Block):
@@ -257,6 +313,7 @@ class Config(_Block):
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
+    compress: CompressConfig = CompressConfig()
     presets: dict[str, dict[str, Any]] = {}  # name -> {dotted.key: value}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -292,7 +349,9 @@ class Config(_Block):
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params (one compare-view column per key)."""
-        return _flatten({k: v for k, v in self.to_dict().items() if k not in ("presets", "sweep")})
+        return _flatten(
+            {k: v for k, v in self.to_dict().items() if k not in ("presets", "sweep", "compress")}
+        )
 
     def params_hash(self) -> str:
         """Hash of what determines the trained model (tracking/register do not)."""

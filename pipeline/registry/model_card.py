@@ -6,7 +6,11 @@ as a table) and each version's."""
 from __future__ import annotations
 
 
-def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, spec) -> str:
+def render(
+    name: str, version: int, lineage: dict, config: dict, metrics: dict, spec, tags: dict
+) -> str:
+    """The card of version `version`: `lineage` (lineage.json), `config` (config.json),
+    `metrics` and `tags` of its run, `spec` of its weights."""
     data, train = lineage["data"], config["train"]
     classes = list(spec.classes)
     c, h, w = spec.shape
@@ -30,6 +34,7 @@ def render(name: str, version: int, lineage: dict, config: dict, metrics: dict, 
         f"- code: git `{lineage['git']['commit']}`"
         + (" (uncommitted changes)" if lineage["git"]["dirty"] else ""),
         "",
+        *_compression(tags, metrics),
         "## Data",
         f"- dataset `{data['dataset']}`, DVC version `{data['md5']}`: "
         f"{data.get('train_rows')} training images ({_held_out(train, data.get('train_rows'))}), "
@@ -151,3 +156,37 @@ def _describe_model(model: dict) -> str:
     if model["name"] == "resnet18":
         return "torchvision ResNet-18, random init"
     return f"hidden {model['hidden']}, dropout {model['dropout']}"
+
+
+def _compression(tags: dict, metrics: dict) -> list[str]:
+    """What a compressed model was made from and what it costs beside its teacher."""
+    method = tags.get("compress.method")
+    if not method:
+        return []
+    teacher = tags.get("compress.teacher_model") or "an unregistered run"
+    settings = ", ".join(
+        f"{k.rpartition('.')[2]} {v}" for k, v in sorted(tags.items())
+        if k.startswith(f"compress.{method}.")
+    )  # fmt: skip
+    lines = [
+        "## Compression",
+        f"- made by `{method}` ({settings}) from {teacher}, run "
+        f"`{tags.get('compress.teacher_run_id')}` (`pipeline compress`)",
+    ]
+    rows = [
+        ("parameters", "params", ",.0f"),
+        ("file bytes", "model_bytes", ",.0f"),
+        ("MACs per image", "macs", ",.0f"),
+        ("latency p50, batch 1 (ms)", "latency_p50_ms", ".3f"),
+        ("throughput, batch 256 (images/s)", "throughput", ",.0f"),
+        ("test accuracy", "test_accuracy", ".4f"),
+    ]
+    if "params" in metrics:
+        lines += ["", "| | this model | teacher |", "|---|---|---|"]
+        for label, key, form in rows:
+            mine, theirs = metrics.get(key), metrics.get(f"teacher_{key}")
+            cells = ["-" if v is None else format(v, form) for v in (mine, theirs)]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+        lines.append("Speed measured on CPU in one process, one model after the other.")
+    return [*lines, ""]

@@ -30,12 +30,16 @@ def decide(
     scores = {
         "challenger": challenger[metric],
         "champion": champion.get(metric) if champion else None,
+        **{f"challenger_{k}": challenger[k] for k in FIGURES + MEASURED if k in challenger},
+        **{f"champion_{k}": champion[k] for k in FIGURES if champion and k in champion},
     }
     for rule in RULES:
         verdict = rule(policy, challenger, champion, incompatible)
         if verdict is not None:
             return Decision(verdict[0], rule.__name__, verdict[1], scores)
     gain = challenger[metric] - champion[metric]
+    if gain < policy.min_improvement:  # `improvement` let it through: it is efficient
+        return Decision(True, "efficiency", efficient(policy, challenger, champion)[1], scores)
     return Decision(
         True,
         "improvement",
@@ -79,15 +83,53 @@ def first_model(policy, challenger, champion, incompatible):
 
 
 def improvement(policy, challenger, champion, incompatible):
-    """Refused when it does not beat the champion by `min_improvement` (0: ties promote)."""
+    """Refused when it does not beat the champion by `min_improvement` (0: ties promote),
+    unless the efficiency option is on (`max_accuracy_drop`) and it is `efficient`."""
     metric = policy.metric
     gain = challenger[metric] - champion[metric]
     if gain >= policy.min_improvement:
         return None
-    return False, (
+    short = (
         f"{metric} {challenger[metric]:.4f} vs champion's {champion[metric]:.4f} on this data: "
         f"{gain:+.4f} < the required {policy.min_improvement:+.4f}"
     )
+    if policy.max_accuracy_drop is None:
+        return False, short
+    passes, why = efficient(policy, challenger, champion)
+    return None if passes else (False, f"{short}; and {why}")
+
+
+# What a model costs (`efficiency.figures`): deterministic, so the policy may gate on them.
+FIGURES = ("params", "model_bytes", "macs")
+# Measured on a shared machine: reported beside the decision, never gated on.
+MEASURED = ("latency_p50_ms", "throughput", "teacher_latency_p50_ms", "teacher_throughput")
+
+
+def efficient(policy, challenger, champion) -> tuple[bool, str]:
+    """The efficiency option: within `max_accuracy_drop` of the champion's metric, at least
+    `min_size_ratio` x smaller in parameters or in file bytes, and `min_macs_ratio` x fewer
+    MACs. (passes, the figures in words)."""
+    metric = policy.metric
+    drop = champion[metric] - challenger[metric]
+    missing = [k for k in FIGURES if k not in challenger or k not in champion]
+    if missing:
+        return False, f"efficiency not judged: no {', '.join(missing)} figures"
+    ratio = {k: champion[k] / max(challenger[k], 1.0) for k in FIGURES}
+    words = (
+        f"efficiency: {metric} drop {drop:+.4f} (allowed {policy.max_accuracy_drop:.4f}); "
+        f"{ratio['params']:.2f}x fewer parameters ({challenger['params']:,.0f} vs "
+        f"{champion['params']:,.0f}), {ratio['model_bytes']:.2f}x fewer bytes "
+        f"({challenger['model_bytes']:,.0f} vs {champion['model_bytes']:,.0f}), size needed "
+        f"{policy.min_size_ratio:g}x; {ratio['macs']:.2f}x fewer MACs "
+        f"({challenger['macs']:,.0f} vs {champion['macs']:,.0f}), needed "
+        f"{policy.min_macs_ratio:g}x"
+    )
+    passes = (
+        drop <= policy.max_accuracy_drop
+        and max(ratio["params"], ratio["model_bytes"]) >= policy.min_size_ratio
+        and ratio["macs"] >= policy.min_macs_ratio
+    )
+    return passes, words
 
 
 def recall_guard(policy, challenger, champion, incompatible):
@@ -138,6 +180,7 @@ def report_markdown(report: dict) -> str:
         f"| challenger | v{report['version']} | {_fmt(scores.get('challenger'))} |",
         f"| champion | {f'v{champion}' if champion else '-'} | {_fmt(scores.get('champion'))} |",
         "",
+        *_costs(scores),
         f"- scored on data version `{report['data_md5']}` (both models, same test split)"
         if report["data_md5"]
         else "- not scored: forced past the policy",
@@ -148,15 +191,50 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _costs(scores: dict) -> list[str]:
+    """The models' costs: size figures (gated on by the efficiency option) and the measured
+    speed (reported only), when they were taken."""
+    if not any(f"challenger_{k}" in scores for k in FIGURES):
+        return []
+
+    def cell(who: str, key: str, form: str) -> str:
+        value = scores.get(f"{who}_{key}")
+        return "-" if value is None else format(value, form)
+
+    rows = [
+        f"| {who} | {cell(who, 'params', ',.0f')} | {cell(who, 'model_bytes', ',.0f')} | "
+        f"{cell(who, 'macs', ',.0f')} |"
+        for who in ("challenger", "champion")
+    ]
+    lines = ["| | parameters | file bytes | MACs per image |", "|---|---|---|---|", *rows, ""]
+    if "challenger_latency_p50_ms" in scores:
+        lines += [
+            "Measured beside its teacher on one CPU, reported, not gated on: latency p50 at "
+            f"batch 1 {cell('challenger', 'latency_p50_ms', '.3f')} ms (teacher "
+            f"{cell('challenger', 'teacher_latency_p50_ms', '.3f')} ms), throughput at batch "
+            f"256 {cell('challenger', 'throughput', ',.0f')} images/s (teacher "
+            f"{cell('challenger', 'teacher_throughput', ',.0f')}).",
+            "",
+        ]
+    return lines
+
+
 def _policy(p: dict) -> str:
     guard = "off" if p["max_recall_drop"] is None else f"{p['max_recall_drop']:g}"
     shown = {"model_name", "metric", "floor", "min_improvement", "max_recall_drop"}
-    shown.add("promote_experiments")  # said in words below
+    shown |= {"promote_experiments", "max_accuracy_drop", "min_size_ratio", "min_macs_ratio"}
     more = "".join(f", {key} {value}" for key, value in p.items() if key not in shown)
     experiments = "may promote" if p.get("promote_experiments") else "stay challenger"
+    drop = p.get("max_accuracy_drop")
+    efficiency = (
+        "efficiency off"
+        if drop is None
+        else f"or within {drop:g} of the champion when >= {p['min_size_ratio']:g}x smaller and "
+        f">= {p['min_macs_ratio']:g}x fewer MACs"
+    )
     return (
-        f"{p['metric']} >= floor {p['floor']:g}, >= champion {p['min_improvement']:+g}, "
-        f"per-class recall drop <= {guard}{more}; DVC experiments {experiments}"
+        f"{p['metric']} >= floor {p['floor']:g}, >= champion {p['min_improvement']:+g} "
+        f"({efficiency}), per-class recall drop <= {guard}{more}; DVC experiments {experiments}"
     )  # `more`: settings of rules added later
 
 

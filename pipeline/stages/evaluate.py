@@ -108,10 +108,9 @@ def _log_plots(cm, classes: list[str], logged: dict, trained: dict, folder: Path
     from pipeline.training import plots
     from pipeline.training.schedules import lr_factor
 
-    paths = [
-        plots.plot_confusion(cm, classes, folder / "confusion_matrix.png"),
-        plots.plot_learning_curves(logged["history"], folder / "learning_curves.png"),
-    ]
+    paths = [plots.plot_confusion(cm, classes, folder / "confusion_matrix.png")]
+    if logged["history"]:  # none for a model made without training (compress: quantize)
+        paths.append(plots.plot_learning_curves(logged["history"], folder / "learning_curves.png"))
     spe, t = logged.get("steps_per_epoch"), resolved_config(trained).train
     if spe:  # runs trained before it was recorded have none
         lrs = [

@@ -74,6 +74,15 @@ STAGES = (
         "outputs/registered.json",
         makes_model=False,
     ),
+    Stage(
+        "compress",
+        "pipeline.stages.compress:run",
+        "distill, prune or quantize the model into smaller challengers (compress.methods)",
+        ("base", "compress", "register", "tracking"),
+        ("validate", "train", "register"),
+        "outputs/compressed.json",
+        makes_model=False,
+    ),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 

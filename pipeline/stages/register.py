@@ -11,23 +11,42 @@ from pipeline.settings import Settings
 from pipeline.stages.evaluate import current_data, rescore
 
 
-def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict):
+def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict, run_id: str):
     """Decide against the current champion (scored on `data()`, see `current_data`), re-read it
     right before the alias would move, and decide again if another promotion moved it meanwhile.
+    With the efficiency option, both models' size figures are taken from their weights.
     Returns (decision, champion)."""
     from pipeline.registry import policy, promotion
 
+    efficiency = cfg.register_.max_accuracy_drop is not None
+    if efficiency:
+        challenger = {**challenger, **_figures(run_id)}
     for _ in range(3):
         champion = promotion.alias_version(client, name, promotion.CHAMPION)
         if champion is not None and int(champion.version) == version:
             reason = f"v{version} is already champion (a retried task)"
             return policy.Decision(True, "already_champion", reason), champion
         scored, mismatch = (None, "") if champion is None else rescore(champion.run_id, data()[1])
+        if efficiency and scored:
+            scored = {**scored, **_figures(champion.run_id)}
         decision = policy.decide(cfg.register_, challenger, scored, mismatch)
         now = promotion.alias_version(client, name, promotion.CHAMPION)
         if (now and now.version) == (champion and champion.version):
             return decision, champion
     raise RuntimeError(f"the champion of {name} kept moving during this promotion; run it again")
+
+
+def _figures(run_id: str) -> dict:
+    """Parameters, file bytes and MACs of a run's model (`efficiency.figures`)."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.tracking import weights
+    from pipeline.training import efficiency
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, spec = weights.load_weights(run_id, keep=Path(tmp))
+        return efficiency.figures(model, spec, next(Path(tmp).rglob("model.*")))
 
 
 def _decided(client, name: str, version: int, run_id: str, decision, champion, cfg, by, data_md5):
@@ -99,12 +118,13 @@ def register_stage(
         versions.tag_inputs(client, name, v, spec.input_contract())
         config = client.download_artifacts(run_id, "config.json")
         card = model_card.render(
-            name, v, record, json.loads(Path(config).read_text()), run.data.metrics, spec
-        )
+            name, v, record, json.loads(Path(config).read_text()), run.data.metrics, spec,
+            run.data.tags,
+        )  # fmt: skip
         client.log_text(run_id, card, "model_card.md")
         promotion.move_alias(client, name, promotion.CHALLENGER, v, "newest candidate", by)
         data = current_data(cfg, settings)
-        decision, champion = _gate(cfg, data, client, name, v, run.data.metrics)
+        decision, champion = _gate(cfg, data, client, name, v, run.data.metrics, run_id)
         experiment = (ctx or RunContext()).experiment
         if experiment and not cfg.register_.promote_experiments:
             decision = policy.hold_experiment(decision, experiment, f"{name}/{v}")
@@ -155,7 +175,7 @@ def promote_stage(
                         f"({mismatch}); check out its data version first (`pipeline lineage`), "
                         "or --force"
                     )
-                decision, champion = _gate(cfg, data, client, name, v, challenger)
+                decision, champion = _gate(cfg, data, client, name, v, challenger, version.run_id)
             if decision.promote:
                 note = f" ({reason})" if reason and not force else ""
                 promotion.crown(client, name, v, f"{decision.reason}{note}", by)

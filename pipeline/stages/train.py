@@ -38,6 +38,7 @@ def train_stage(
     validation: dict,
     ctx: RunContext | None = None,
     on_epoch=None,
+    recipe=None,
 ) -> dict:
     """Train on validated, tracked data and log everything to an MLflow run.
 
@@ -48,15 +49,17 @@ def train_stage(
     when the next one starts. Every epoch is checkpointed. With `ctx.resume`, a checkpoint of
     the same params, data, orchestrator run and `ctx.scope` continues where it stopped, logging
     into the same MLflow run. `on_epoch(row)` sees each epoch after it is logged; raising
-    `Pruned` ends the run as KILLED, tagged with the epoch it stopped at. Raises DataError for
+    `Pruned` ends the run as KILLED, tagged with the epoch it stopped at. `recipe(dataset)`
+    gives more arguments for the engine's `fit` (a `loss` hook, a `start` model: the compress
+    stage); its identity goes in `ctx.scope`. Raises DataError for
     untracked or unvalidated data, TrainingDiverged when the loss stays NaN/Inf.
     """
     ctx = ctx or RunContext()
     with recorder.begin() as tracking:  # a child process imports MLflow meanwhile
-        return _train(cfg, settings, validation, ctx, on_epoch, tracking)
+        return _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking)
 
 
-def _train(cfg, settings, validation, ctx, on_epoch, tracking) -> dict:
+def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
     # DVC's comparison of data/ with data.dvc runs in a child process while torch loads.
     data = check_validated(
         cfg.base.dataset, settings.root, settings.data_dir, validation, wait=False
@@ -83,8 +86,10 @@ def _train(cfg, settings, validation, ctx, on_epoch, tracking) -> dict:
                 file=sys.stderr,
             )
     data["wait"]()  # never train on data/ that differs from data.dvc
+    more = recipe(ds) if recipe is not None else {}
     if not distributed.context().main:
-        fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state, contract=ds.contract)
+        fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state, contract=ds.contract,
+            **more)  # fmt: skip
         return {}
     resume = {k: state[k] for k in ("mlflow_run_id", "epoch", "history")} if state else None
     tracking.open(recorder.Opening(
@@ -111,6 +116,7 @@ def _train(cfg, settings, validation, ctx, on_epoch, tracking) -> dict:
             # called at the first checkpoint: the recorder opens the run meanwhile
             checkpoint_extra=lambda: {"mlflow_run_id": tracking.run_id, "identity": identity},
             contract=ds.contract,
+            **more,
         )
     except Pruned as stop:
         tracking.end("KILLED", {"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})

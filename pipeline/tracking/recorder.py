@@ -316,7 +316,7 @@ def _open_run(client, experiment: str, o: Opening) -> str:
         print(f"resuming MLflow run {run_id} after epoch {o.resume['epoch']}", file=sys.stderr)
     else:
         t = cfg.train
-        name = (
+        name = o.ctx.tags.get("mlflow.runName") or (
             f"{o.dataset}-{t.model.name}-{t.optimizer.name}-{t.schedule.name}-lr{t.optimizer.lr:g}"
         )
         run_id = store.new_run(settings, cfg.tracking.experiment, o.ctx, name, tags)

@@ -1,6 +1,8 @@
-"""Model weights as run artifacts: a state dict + architecture spec (with the input contract)
-that loads with `weights_only=True`, so no pickled code is ever run; and the MLflow model that
-serves them (`served.py`), exported when the run is registered."""
+"""Model weights as run artifacts, of two kinds: a state dict + architecture spec (with the input
+contract) that loads with `weights_only=True`, or an ONNX file with the spec in its metadata (an
+int8 model from `pipeline compress`); never pickled code. `read_weights` chooses by kind, for
+evaluate, predict, register and the MLflow model that serves them (`served.py`), exported when
+the run is registered."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 
 WEIGHTS = "weights/model.pt"
+ONNX_WEIGHTS = "weights/model.onnx"  # the other kind (pipeline/training/runtime.py)
 EXAMPLE = "weights/input_example.npy"  # a few test images for the MLflow model's input example
 CONTRACT = "contract.json"
 CODE_FILE = Path(__file__).with_name("mlflow_model.py")
@@ -38,12 +41,34 @@ def save_weights(
     """Into `folder`, laid out as the run's artifacts: the weights (`weights/model.pt`),
     `contract.json`, and `example`, a few test images (uint8 N x C x H x W), kept for the MLflow
     model's input example. The recorder logs the folder."""
+    (folder / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
+    _save(model, spec, folder / WEIGHTS)
+    _describe(spec, example, folder)
+
+
+def save_onnx(path: Path, spec: ModelSpec, example: np.ndarray, folder: Path) -> None:
+    """As `save_weights`, for an ONNX file (`runtime.export`, spec in its metadata): copied to
+    `weights/model.onnx`."""
+    (folder / ONNX_WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, folder / ONNX_WEIGHTS)
+    _describe(spec, example, folder)
+
+
+def _describe(spec: ModelSpec, example: np.ndarray, folder: Path) -> None:
     import numpy as np
 
     (folder / CONTRACT).write_text(json.dumps(spec.input_contract().to_dict(), indent=2) + "\n")
-    (folder / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
-    _save(model, spec, folder / WEIGHTS)
     np.save(folder / EXAMPLE, np.ascontiguousarray(example, np.uint8))
+
+
+def weights_path(run_id: str) -> str:
+    """The run's weights artifact: `weights/model.onnx` when it has one, else `weights/model.pt`."""
+    import mlflow
+
+    listed = {
+        a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="weights")
+    }
+    return ONNX_WEIGHTS if ONNX_WEIGHTS in listed else WEIGHTS
 
 
 def export_model(run_id: str) -> str:
@@ -62,8 +87,9 @@ def export_model(run_id: str) -> str:
     if run.data.tags.get("model_uri"):
         return run.data.tags["model_uri"]
     with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
+        kind = weights_path(run_id)
         weights = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp
+            run_id=run_id, artifact_path=kind, dst_path=tmp
         )
         described = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=CONTRACT, dst_path=tmp
@@ -96,7 +122,7 @@ def export_model(run_id: str) -> str:
                 code_paths=[str(code)],
                 signature=signature,
                 input_example=np.array([png_base64(image) for image in example], dtype=object),
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(onnx=kind == ONNX_WEIGHTS),
             )
             mlflow.set_tag("model_uri", info.model_uri)
     return info.model_uri
@@ -115,31 +141,40 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _requirements() -> list[str]:
+def _requirements(onnx: bool = False) -> list[str]:
     """Stated, not inferred: inference imports the whole environment in a subprocess (20 s of
     a 45 s `pipeline train` on digits) and lists packages the model never loads."""
     from importlib.metadata import version
 
     names = ("torch", "torchvision", "numpy", "pillow", "pandas", "pydantic", "pyyaml")
+    names += ("onnxruntime",) if onnx else ()
     return [f"{name}=={version(name)}" for name in names]
 
 
-def load_weights(run_id: str) -> tuple[torch.nn.Module, ModelSpec]:
-    """The run's network (eval mode) and its spec. Raises LookupError when the run or its
-    artifacts were deleted."""
+def load_weights(run_id: str, keep: Path | None = None) -> tuple[torch.nn.Module, ModelSpec]:
+    """The run's network (eval mode) and its spec, of either kind (`read_weights`); the file is
+    downloaded into `keep` when given (its size is a model's figure), else a temporary folder.
+    Raises LookupError when the run or its artifacts were deleted."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
         path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp
+            run_id=run_id, artifact_path=weights_path(run_id), dst_path=str(keep or tmp)
         )
         return read_weights(path)
 
 
 def read_weights(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
-    """A weights file (state dict + spec) as the network in eval mode and its spec; loaded with
+    """A weights file as the network in eval mode and its spec, chosen by kind: an ONNX file
+    (`.onnx`) runs in ONNX Runtime (`runtime.OnnxModel`); a state dict + spec loads with
     `weights_only=True`, so a crafted file cannot run code."""
     import torch
+
+    if Path(path).suffix == ".onnx":
+        from pipeline.training.runtime import OnnxModel
+
+        model = OnnxModel(path)
+        return model.eval(), model.spec
 
     from pipeline.training.models import ModelSpec, rebuild
 

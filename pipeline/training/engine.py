@@ -36,6 +36,9 @@ from pipeline.training.optim import build_optimizer
 from pipeline.training.progress import Progress
 from pipeline.training.schedules import lr_factor
 
+# (logits, labels, inputs) -> the scalar loss to minimize
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass
 class FitResult:
@@ -74,6 +77,8 @@ def fit(
     resume: dict | None = None,
     checkpoint_extra: Callable[[], dict] | None = None,
     contract: dict | None = None,
+    loss: Loss | None = None,
+    start: tuple[ModelSpec, dict] | None = None,
 ) -> FitResult:
     """Train a fresh model, or continue `resume` (a loaded checkpoint) to `cfg.epochs`.
 
@@ -85,6 +90,10 @@ def fit(
     checkpoint_path: written atomically after every epoch, with what `checkpoint_extra()` gives
         (called at each checkpoint: the caller's MLflow run may be opened meanwhile).
     contract: the dataset's input contract (data/meta.json), kept in the model's spec.
+    loss(logits, labels, inputs) -> scalar: replaces the cross-entropy (with label smoothing),
+        e.g. `compression.distillation_loss`; `inputs` are the batch the model saw (augmented).
+    start: (spec, state dict) of a model to continue from instead of a fresh one of
+        `cfg.model` (a pruned network, fine-tuned).
     Returns a FitResult: the model (normalization in front, eval mode), its spec and the
     epoch history. Raises ConfigError for `lr: auto` (resolve it first) and TrainingDiverged
     after `cfg.max_bad_steps` NaN/Inf losses. Under torchrun every rank calls this; rank 0
@@ -105,16 +114,17 @@ def fit(
     try:
         seed_everything(seed)
         train_part, val_part = split_validation(train_split, cfg.val_fraction, seed)
-        mean, std = pixel_stats(train_part)
-        spec = ModelSpec(
-            cfg.model.model_dump(),
-            tuple(train_split.images.shape[1:]),
-            tuple(classes),
-            mean,
-            std,
-            contract or None,
-        )
-        model = rebuild(spec).to(device)
+        contract = contract or None
+        if start is None:
+            mean, std = pixel_stats(train_part)
+            shape = tuple(train_split.images.shape[1:])
+            spec = ModelSpec(cfg.model.model_dump(), shape, tuple(classes), mean, std, contract)
+            model = rebuild(spec)
+        else:
+            spec, weights = start
+            model = rebuild(spec)
+            model.load_state_dict(weights)
+        model = model.to(device)
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         fmt = torch.channels_last if cuda and cfg.cuda.channels_last and has_conv else None
         fmt = fmt or torch.contiguous_format
@@ -124,7 +134,7 @@ def fit(
         if val_part is not None:
             val = make_batches(val_part, cfg, device, distributed.Dist(), fmt, cfg.batch_size * 4)
         with interrupts.deferred():  # SIGTERM / SIGINT stop it between steps
-            return _Loop(cfg, model, spec, batches, val, device, dist, seed).run(
+            return _Loop(cfg, model, spec, batches, val, device, dist, seed, loss).run(
                 on_epoch, checkpoint_path, resume, checkpoint_extra or dict
             )
     finally:
@@ -177,7 +187,7 @@ class LoopState:
 class _Loop:
     """One training run's moving parts; `run` is the epoch loop, `train_epoch` the hot path."""
 
-    def __init__(self, cfg: TrainConfig, model, spec, batches, val, device, dist, seed: int):
+    def __init__(self, cfg: TrainConfig, model, spec, batches, val, device, dist, seed, loss):
         self.cfg, self.model, self.spec = cfg, model, spec
         self.batches, self.val, self.device, self.dist = batches, val, device, dist
         cuda = device.type == "cuda"
@@ -186,6 +196,7 @@ class _Loop:
         )
         # The functional form: a module call adds ~2.5 us of hooks bookkeeping per step on CPU.
         self.loss_fn = partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
+        self.loss_hook = loss
         amp = cfg.cuda.amp if cuda else "off"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
@@ -256,7 +267,10 @@ class _Loop:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with self.autocast():
-                loss = self.loss_fn(self.net(xb), yb)
+                if self.loss_hook is None:
+                    loss = self.loss_fn(self.net(xb), yb)
+                else:
+                    loss = self.loss_hook(self.net(xb), yb, xb)
             optimizer.zero_grad(set_to_none=True)
             if self.scaler is None:
                 loss.backward()

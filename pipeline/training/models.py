@@ -7,7 +7,7 @@ names them."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -124,6 +124,9 @@ class ModelSpec:
     mean: float  # pixel normalization of the training split, built into the network
     std: float
     contract: dict | None = None  # the input contract (data/contract.py); None: saved before it
+    # Layers whose width differs from what `model` builds (structured pruning): module name in
+    # the rebuilt network -> [in, out] channels or features ([n, n] for a norm). None: as built.
+    layers: dict | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelSpec:
@@ -134,6 +137,7 @@ class ModelSpec:
             float(raw["mean"]),
             float(raw["std"]),
             raw.get("contract"),
+            raw.get("layers"),
         )
 
     def input_contract(self):
@@ -152,6 +156,50 @@ class ModelSpec:
 
 
 def rebuild(spec: ModelSpec) -> nn.Module:
-    """The network described by `spec`, with freshly initialized weights."""
+    """The network described by `spec` (pruned layers at their recorded widths), with freshly
+    initialized weights."""
     net = build_model(ModelConfig(**spec.model), spec.shape, len(spec.classes))
-    return nn.Sequential(Normalize(spec.mean, spec.std), net)
+    model = nn.Sequential(Normalize(spec.mean, spec.std), net)
+    for name, (cin, cout) in (spec.layers or {}).items():
+        model.set_submodule(name, _resized(model.get_submodule(name), cin, cout))
+    return model
+
+
+RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def layer_widths(model: nn.Module) -> dict[str, list[int]]:
+    """Every resizable layer's [in, out] width, by module name (the `layers` of a spec)."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            widths[name] = [module.in_channels, module.out_channels]
+        elif isinstance(module, nn.Linear):
+            widths[name] = [module.in_features, module.out_features]
+        elif isinstance(module, nn.BatchNorm2d):
+            widths[name] = [module.num_features] * 2
+        elif isinstance(module, nn.GroupNorm):
+            widths[name] = [module.num_channels] * 2
+    return widths
+
+
+def changed_widths(spec: ModelSpec, model: nn.Module) -> dict[str, list[int]]:
+    """The layers of `model` whose width differs from the network `spec.model` builds."""
+    built = layer_widths(rebuild(replace(spec, layers=None)))
+    return {name: w for name, w in layer_widths(model).items() if built.get(name) != w}
+
+
+def _resized(module: nn.Module, cin: int, cout: int) -> nn.Module:
+    """A fresh layer like `module` with other widths."""
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d(
+            cin, cout, module.kernel_size, module.stride, module.padding, module.dilation,
+            module.groups, module.bias is not None, module.padding_mode,
+        )  # fmt: skip
+    if isinstance(module, nn.Linear):
+        return nn.Linear(cin, cout, module.bias is not None)
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(cout, module.eps, module.momentum, module.affine)
+    if isinstance(module, nn.GroupNorm):
+        return nn.GroupNorm(module.num_groups, cout, module.eps, module.affine)
+    raise ValueError(f"cannot resize a {type(module).__name__}")

@@ -11,22 +11,27 @@ from pipeline.config import ConfigError, config_from_dict
 
 TABLES = choices.KEYS
 ENTRIES = [(key, name) for key, table in TABLES.items() for name in table]
+LISTS = {"compress.methods"}  # keys that take a list of names
+
+
+def _as_value(key: str, name: str):
+    return [name] if key in LISTS else name
 
 
 @pytest.mark.parametrize(("key", "name"), ENTRIES)
 def test_each_entry_is_accepted_by_the_config_and_its_code_resolves(key, name):
-    cfg = config_from_dict({}, {key: name})
+    cfg = config_from_dict({}, {key: _as_value(key, name)})
     value = cfg.to_dict()
     for part in key.split("."):
         value = value[part]
-    assert value == name
+    assert value == _as_value(key, name)
     assert choices.load(TABLES[key], name) is not None
 
 
 @pytest.mark.parametrize("key", TABLES)
 def test_a_name_outside_the_table_is_a_config_error_naming_the_allowed_ones(key):
     with pytest.raises(ConfigError) as refused:
-        config_from_dict({}, {key: "nope"})
+        config_from_dict({}, {key: _as_value(key, "nope")})
     assert all(f"'{name}'" in str(refused.value) for name in TABLES[key])
 
 
@@ -43,6 +48,10 @@ def test_each_entry_has_the_interface_of_its_kind():
         for name in table:
             function = choices.load(table, name)
             assert list(inspect.signature(function).parameters) == params, name
+    for name in choices.COMPRESSIONS:
+        method = choices.load(choices.COMPRESSIONS, name)
+        params = list(inspect.signature(method).parameters)
+        assert params == ["cfg", "settings", "validation", "teacher", "ctx"], name
     for name in choices.SWEEP_STRATEGIES:
         strategy = choices.load(choices.SWEEP_STRATEGIES, name)
         assert all(callable(getattr(strategy, f)) for f in ("start", "trial", "finish")), name
@@ -73,6 +82,7 @@ DOCS = {
     "train.optimizer.name": ("docs/training.md", "- Optimizers:"),
     "train.schedule.name": ("docs/training.md", "- Schedules:"),
     "sweep.strategy": ("docs/running.md", ""),  # "(`sweep.strategy`: `NAME`" in its paragraph
+    "compress.methods": ("docs/training.md", "- Compression methods:"),
 }
 
 

@@ -67,9 +67,11 @@ def test_the_report_shows_every_policy_setting_including_new_ones():
 
     policy = RegisterConfig().model_dump()
     assert _policy(policy) == (
-        "test_accuracy >= floor 0.9, >= champion +0, per-class recall drop <= off; "
-        "DVC experiments stay challenger"
+        "test_accuracy >= floor 0.9, >= champion +0 (efficiency off), per-class recall drop "
+        "<= off; DVC experiments stay challenger"
     )
+    efficient = _policy({**policy, "max_accuracy_drop": 0.005})
+    assert "(or within 0.005 of the champion when >= 2x smaller and >= 1x fewer MACs)" in efficient
     added = _policy({**policy, "min_class_recall": 0.8})
     assert added.endswith(", min_class_recall 0.8; DVC experiments stay challenger")
 

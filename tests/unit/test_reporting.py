@@ -38,7 +38,7 @@ def _card(val_fraction):
     }
     spec = ModelSpec(config["train"]["model"], (1, 28, 28), tuple("0123456789"), 33.3, 78.6)
     metrics = {"test_accuracy": 0.99, "test_macro_f1": 0.99}
-    return model_card.render("m", 1, lineage, config, metrics, spec)
+    return model_card.render("m", 1, lineage, config, metrics, spec, {})
 
 
 def test_the_model_card_says_what_was_held_out_for_validation():

@@ -1,0 +1,259 @@
+"""compress: smaller, faster challengers made from a teacher (distill, prune, quantize), each its
+own MLflow run linked to the teacher, evaluated on the same test split, measured beside the
+teacher in one process and registered through the promotion policy like any model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import choices, interrupts
+from pipeline.config import Config, ConfigError, resolved_config
+from pipeline.context import RunContext
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True)
+class Teacher:
+    run_id: str
+    model: str  # NAME/VERSION when registered, else ""
+    config: Config  # the resolved config it was trained with (lr: auto as the number used)
+    metrics: dict  # its logged scores (test_accuracy, ...)
+
+
+def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
+    """The graph's compress stage: the train stage's run (registered by the register stage) is
+    the teacher unless compress.teacher names one."""
+    return compress_stage(cfg, settings, inputs["validate"], inputs["train"]["run_id"], ctx)
+
+
+def compress_stage(
+    cfg: Config,
+    settings: Settings,
+    validation: dict,
+    trained_run_id: str | None = None,
+    ctx: RunContext | None = None,
+) -> dict:
+    """Run each method of `compress.methods` on the teacher (`compress.teacher`, else
+    `trained_run_id`): a run per result with the teacher's lineage, its test scores (evaluate),
+    its parameters, file bytes, MACs, latency and throughput beside the teacher's, and, with
+    compress.register, a registered version decided by the promotion policy.
+
+    Returns {"teacher": {"run_id", "model"}, "results": [{"method", "run_id", figures...,
+    "registered": register's result or None}]}; {"teacher": None, "results": []} when no
+    method is asked for. Raises DataError for unvalidated data, LookupError for a teacher that
+    does not resolve, ConfigError for a teacher no method can take (an ONNX model)."""
+    ctx = ctx or RunContext()
+    if not cfg.compress.methods:
+        print("compress: compress.methods is [], nothing to do", file=sys.stderr)
+        return {"teacher": None, "results": []}
+    from pipeline.stages.evaluate import evaluate_stage
+    from pipeline.stages.register import register_stage
+
+    teacher = _teacher(cfg, settings, trained_run_id)
+    results = []
+    for method in cfg.compress.methods:
+        print(f"compress: {method} from {teacher.model or teacher.run_id}", file=sys.stderr)
+        settings_ = getattr(cfg.compress, method).model_dump()
+        tags = {
+            "compress.method": method,
+            "compress.teacher_run_id": teacher.run_id,
+            "compress.teacher_model": teacher.model,
+            **{f"compress.{method}.{k}": json.dumps(v) for k, v in settings_.items()},
+            "mlflow.runName": f"{cfg.base.dataset}-{teacher.config.train.model.name}-{method}",
+        }
+        made = ctx.with_(scope=_scope(ctx, method, teacher, settings_), tags=tags)
+        run_id = choices.load(choices.COMPRESSIONS, method)(
+            cfg, settings, validation, teacher, made
+        )
+        scores = evaluate_stage(cfg, settings, run_id)
+        figures = measure(cfg, run_id, teacher)
+        registered = register_stage(cfg, settings, run_id, made) if cfg.compress.register_ else None
+        results.append(
+            {
+                "method": method,
+                "run_id": run_id,
+                "test_accuracy": scores["test_accuracy"],
+                **figures,
+                "registered": registered,
+            }
+        )
+    return {"teacher": {"run_id": teacher.run_id, "model": teacher.model}, "results": results}
+
+
+def _teacher(cfg: Config, settings: Settings, trained_run_id: str | None) -> Teacher:
+    import mlflow
+
+    from pipeline.registry import versions
+    from pipeline.tracking import server, store
+
+    with server.reachable(settings):
+        store.configure(settings, cfg.tracking.experiment)
+        client = mlflow.MlflowClient()
+        if cfg.compress.teacher:
+            version = versions.resolve(client, cfg.compress.teacher)
+            run_id, model = version.run_id, f"{version.name}/{version.version}"
+        elif trained_run_id:
+            run_id = trained_run_id
+            found = versions.find_version(client, cfg.register_.model_name, run_id)
+            model = f"{found.name}/{found.version}" if found else ""
+        else:
+            raise ConfigError("compress needs a teacher: set compress.teacher (NAME@champion)")
+        run = store.active_run(client, run_id)
+        trained = resolved_config(mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"))
+    return Teacher(run_id, model, trained, dict(run.data.metrics))
+
+
+def _scope(ctx: RunContext, method: str, teacher: Teacher, settings_: dict) -> str:
+    """Keeps the checkpoints of each method and teacher apart: a resumed distillation continues
+    its own, never another teacher's."""
+    key = json.dumps([ctx.scope, method, teacher.run_id, settings_], sort_keys=True)
+    return f"compress-{method}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _teacher_network(teacher: Teacher, dataset):
+    """The teacher's PyTorch network and spec; ConfigError for an ONNX teacher (no gradients,
+    no channels to remove) and LookupError for one built for other inputs than data/."""
+    from pipeline.stages.evaluate import _mismatch
+    from pipeline.tracking import weights
+    from pipeline.training.runtime import OnnxModel
+
+    model, spec = weights.load_weights(teacher.run_id)
+    if isinstance(model, OnnxModel):
+        raise ConfigError(
+            f"the teacher {teacher.model or teacher.run_id} is an ONNX model: distill, prune and "
+            "quantize need a PyTorch one; set compress.teacher to its float teacher"
+        )
+    mismatch = _mismatch(spec, dataset) if dataset is not None else ""
+    if mismatch:
+        raise LookupError(f"the teacher was built for other data than data/ holds ({mismatch})")
+    return model, spec
+
+
+def _recipe_config(cfg: Config, teacher: Teacher) -> Config:
+    """The teacher's training recipe (train block, as resolved) under this config's base,
+    tracking and register settings."""
+    made = cfg.model_copy(deep=True)
+    made.train = teacher.config.train.model_copy(deep=True)
+    return made
+
+
+def distill(cfg: Config, settings: Settings, validation: dict, teacher: Teacher, ctx) -> str:
+    """Train compress.distill.student on the teacher's softened outputs with train's engine,
+    schedule, checkpoints and resume (`pipeline compress --resume`); the run's id."""
+    from pipeline.stages.train import train_stage
+    from pipeline.training.compression import distillation_loss
+
+    d = cfg.compress.distill
+    student = _recipe_config(cfg, teacher)
+    student.train.model = d.student
+    student.train.epochs = d.epochs or student.train.epochs
+
+    def recipe(dataset) -> dict:
+        network, _ = _teacher_network(teacher, dataset)
+        smoothing = student.train.label_smoothing
+        return {"loss": distillation_loss(network, d.temperature, d.alpha, smoothing)}
+
+    return train_stage(student, settings, validation, ctx, recipe=recipe)["run_id"]
+
+
+def prune(cfg: Config, settings: Settings, validation: dict, teacher: Teacher, ctx) -> str:
+    """Remove channels of the teacher (`compression.prune`), then fine-tune compress.prune.epochs
+    at compress.prune.lr_scale x the teacher's lr, as a training run; the run's id."""
+    from pipeline.stages.train import train_stage
+    from pipeline.training import compression
+
+    p = cfg.compress.prune
+    tuned = _recipe_config(cfg, teacher)
+    tuned.train.epochs = p.epochs
+    tuned.train.optimizer.lr = tuned.train.optimizer.lr * p.lr_scale
+    tuned.train.schedule.warmup_epochs = 0
+
+    def recipe(dataset) -> dict:
+        network, spec = _teacher_network(teacher, dataset)
+        return {"start": compression.prune(network, spec, p)}
+
+    return train_stage(tuned, settings, validation, ctx, recipe=recipe)["run_id"]
+
+
+def quantize(cfg: Config, settings: Settings, validation: dict, teacher: Teacher, ctx) -> str:
+    """The teacher as int8 ONNX (`compression.quantize`), calibrated on a seeded sample of
+    compress.quantize.calibration_images training images; an MLflow run of its own with the
+    teacher's lineage and an empty history; the run's id."""
+    import numpy as np
+
+    from pipeline.data import check_validated, read_dataset
+    from pipeline.tracking import recorder, weights
+    from pipeline.training import compression, runtime
+
+    q = cfg.compress.quantize
+    made = _recipe_config(cfg, teacher)
+    data = check_validated(cfg.base.dataset, settings.root, settings.data_dir, validation)
+    ds = read_dataset(settings.data_dir, mmap=True)
+    network, spec = _teacher_network(teacher, ds)
+    rng = np.random.default_rng(cfg.base.seed)
+    n = min(q.calibration_images, len(ds.train.labels))
+    picked = np.sort(rng.choice(len(ds.train.labels), n, replace=False))
+    calibration = np.asarray(ds.train.images[picked], dtype=np.float32)
+    identity = hashlib.sha256(f"{ctx.scope}:{data['data_md5']}".encode()).hexdigest()[:16]
+    with recorder.begin() as tracking:
+        tracking.open(recorder.Opening(
+            made, made, settings, validation, ctx, ds.name, identity, "cpu (onnxruntime)", 1,
+            interrupts.owner(),
+        ))  # fmt: skip
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder, work = Path(tmp) / "run", Path(tmp)
+                folder.mkdir()
+                float_path = runtime.export(network, spec, work / "float.onnx")
+                int8 = compression.quantize(
+                    float_path, work / "model.onnx", calibration, q.per_channel
+                )
+                runtime.stamp(int8, spec, "int8")
+                weights.save_onnx(int8, spec, np.asarray(ds.test.images[:2]), folder)
+                history = {"history": [], "steps_per_epoch": 0}
+                (folder / "history.json").write_text(json.dumps(history))
+                run_id = tracking.run_id
+                tracking.end("FINISHED", {"compress.calibration_images": str(n)}, folder)
+        except BaseException:
+            tracking.abort("FAILED")
+            raise
+    return run_id
+
+
+def measure(cfg: Config, run_id: str, teacher: Teacher) -> dict:
+    """The compressed model's and the teacher's figures (`efficiency.figures`) and speed
+    (`efficiency.speed`), measured one after the other in this process, logged to the run as
+    metrics (the teacher's prefixed `teacher_`; for int8 also the float model in ONNX Runtime,
+    `float_onnx_`, so the runtime does not take the quantization's credit). Returns them."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from pipeline.tracking import weights
+    from pipeline.training import efficiency, runtime
+
+    runs = cfg.compress.latency_runs
+    with tempfile.TemporaryDirectory() as tmp:
+        mine, theirs = Path(tmp) / "model", Path(tmp) / "teacher"
+        mine.mkdir(), theirs.mkdir()
+        model, spec = weights.load_weights(run_id, keep=mine)
+        big, big_spec = weights.load_weights(teacher.run_id, keep=theirs)
+        figures = efficiency.figures(model, spec, next(mine.rglob("model.*")))
+        figures |= efficiency.speed(model, spec.shape, runs)
+        theirs_ = efficiency.figures(big, big_spec, next(theirs.rglob("model.*")))
+        theirs_ |= efficiency.speed(big, big_spec.shape, runs)
+        figures |= {f"teacher_{k}": v for k, v in theirs_.items()}
+        if isinstance(model, runtime.OnnxModel):
+            floating = runtime.OnnxModel(runtime.export(big, big_spec, Path(tmp) / "float.onnx"))
+            speed = efficiency.speed(floating, big_spec.shape, runs)
+            figures |= {f"float_onnx_{k}": v for k, v in speed.items()}
+    if "test_accuracy" in teacher.metrics:
+        figures["teacher_test_accuracy"] = teacher.metrics["test_accuracy"]
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()])
+    return figures
