@@ -81,7 +81,21 @@ def _run_id_option(parser: argparse.ArgumentParser) -> None:
 
 
 # The options a stage takes beyond --params / --set / --preset.
-STAGE_OPTIONS = {"train": _train_options, "evaluate": _run_id_option, "register": _run_id_option}
+def _compress_options(compress: argparse.ArgumentParser) -> None:
+    compress.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished results of the same teacher, method settings and data, and "
+        "continue an interrupted distillation or fine-tuning from its checkpoint",
+    )
+
+
+STAGE_OPTIONS = {
+    "train": _train_options,
+    "evaluate": _run_id_option,
+    "register": _run_id_option,
+    "compress": _compress_options,
+}
 
 
 def _model_commands(sub) -> None:

@@ -58,28 +58,33 @@ def compress_stage(
     teacher = _teacher(cfg, settings, trained_run_id)
     results = []
     for method in cfg.compress.methods:
-        print(f"compress: {method} from {teacher.model or teacher.run_id}", file=sys.stderr)
         settings_ = getattr(cfg.compress, method).model_dump()
+        scope = _scope(ctx, method, teacher, settings_, validation.get("data_md5"))
         tags = {
             "compress.method": method,
             "compress.teacher_run_id": teacher.run_id,
             "compress.teacher_model": teacher.model,
+            "compress.scope": scope,
             **{f"compress.{method}.{k}": json.dumps(v) for k, v in settings_.items()},
             "mlflow.runName": f"{cfg.base.dataset}-{teacher.config.train.model.name}-{method}",
         }
-        made = ctx.with_(scope=_scope(ctx, method, teacher, settings_), tags=tags)
-        run_id = choices.load(choices.COMPRESSIONS, method)(
-            cfg, settings, validation, teacher, made
-        )
-        scores = evaluate_stage(cfg, settings, run_id)
-        figures = measure(cfg, run_id, teacher)
+        made = ctx.with_(scope=scope, tags=tags)
+        done = _finished(cfg, settings, scope) if ctx.resume else None
+        if done is not None:
+            print(f"compress: {method}: run {done.info.run_id} finished already", file=sys.stderr)
+            run_id, figures = done.info.run_id, dict(done.data.metrics)
+        else:
+            print(f"compress: {method} from {teacher.model or teacher.run_id}", file=sys.stderr)
+            make = choices.load(choices.COMPRESSIONS, method)
+            run_id = make(cfg, settings, validation, teacher, made)
+            figures = evaluate_stage(cfg, settings, run_id) | measure(cfg, run_id, teacher)
         registered = register_stage(cfg, settings, run_id, made) if cfg.compress.register_ else None
+        shown = ("test_accuracy", *efficiency_keys())
         results.append(
             {
                 "method": method,
                 "run_id": run_id,
-                "test_accuracy": scores["test_accuracy"],
-                **figures,
+                **{k: figures[k] for k in shown if k in figures},
                 "registered": registered,
             }
         )
@@ -109,11 +114,33 @@ def _teacher(cfg: Config, settings: Settings, trained_run_id: str | None) -> Tea
     return Teacher(run_id, model, trained, dict(run.data.metrics))
 
 
-def _scope(ctx: RunContext, method: str, teacher: Teacher, settings_: dict) -> str:
-    """Keeps the checkpoints of each method and teacher apart: a resumed distillation continues
-    its own, never another teacher's."""
-    key = json.dumps([ctx.scope, method, teacher.run_id, settings_], sort_keys=True)
+def _scope(ctx: RunContext, method: str, teacher: Teacher, settings_: dict, data: str) -> str:
+    """One result's identity (method, its settings, teacher, data, orchestrator run): keeps
+    checkpoints apart, so a resumed distillation continues its own, never another teacher's;
+    and finds a result that a retry need not make again (`_finished`)."""
+    key = json.dumps(
+        [ctx.scope, ctx.attempt(), method, teacher.run_id, settings_, data], sort_keys=True
+    )
     return f"compress-{method}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _finished(cfg: Config, settings: Settings, scope: str):
+    """The FINISHED, measured run of this result's identity, or None."""
+    from pipeline.tracking import store
+
+    experiment = store.configure(settings, cfg.tracking.experiment)
+    query = f"tags.`compress.scope` = '{scope}' and attributes.status = 'FINISHED'"
+    found = store.client(settings).search_runs(
+        [experiment], query, order_by=["attributes.start_time DESC"]
+    )
+    return next((r for r in found if "params" in r.data.metrics), None)
+
+
+def efficiency_keys() -> tuple[str, ...]:
+    """The figures `measure` logs, in the order results show them."""
+    mine = ("params", "model_bytes", "macs", "latency_p50_ms", "latency_p95_ms", "throughput")
+    return (*mine, *(f"teacher_{k}" for k in mine), "teacher_test_accuracy",
+            *(f"float_onnx_{k}" for k in mine[3:]))  # fmt: skip
 
 
 def _teacher_network(teacher: Teacher, dataset):

@@ -33,8 +33,9 @@ def figures(model: nn.Module, spec: ModelSpec, path: Path) -> dict[str, float]:
 @torch.no_grad()
 def speed(model: nn.Module, shape: tuple[int, ...], runs: int = 200, seed: int = 0) -> dict:
     """{"latency_p50_ms", "latency_p95_ms"} of `runs` warm calls on one image, and
-    "throughput" (images/s) over batches of 256, on random raw pixels of `shape` (C, H, W).
-    Wall-clock on this machine: compare models measured in one process, one after the other."""
+    "throughput" (images/s, from the median time of batches of 256), on random raw pixels of
+    `shape` (C, H, W). Medians, so a burst of other work on a shared machine moves them little;
+    still wall-clock: compare models measured in one process, one after the other."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     one = torch.rand(1, *shape, generator=generator) * 255
@@ -47,14 +48,14 @@ def speed(model: nn.Module, shape: tuple[int, ...], runs: int = 200, seed: int =
         model(one)
         times.append(time.perf_counter() - started)
     model(batch)
-    batches, started = 0, time.perf_counter()
-    while batches < 3 or time.perf_counter() - started < 1.0:  # at least 3 batches and 1 s
+    batch_times, started = [], time.perf_counter()
+    while len(batch_times) < 5 or time.perf_counter() - started < 1.0:  # >= 5 batches, >= 1 s
+        begun = time.perf_counter()
         model(batch)
-        batches += 1
-    seconds = time.perf_counter() - started
+        batch_times.append(time.perf_counter() - begun)
     p50, p95 = np.percentile(times, [50, 95]) * 1000
     return {
         "latency_p50_ms": float(p50),
         "latency_p95_ms": float(p95),
-        "throughput": batches * THROUGHPUT_BATCH / seconds,
+        "throughput": THROUGHPUT_BATCH / float(np.median(batch_times)),
     }

@@ -41,6 +41,19 @@ def test_committed_params_load_and_flatten_to_one_column_per_hyperparameter():
         ({}, {"train.batch_size": "many"}, ["train.batch_size", "integer", "many"]),
         ({}, {"base.dataset": "imagenet"}, ["base.dataset", "'digits'", "'cifar10'"]),
         ({}, {"train.optimizer.nesterov": True, "train.optimizer.name": "adam"}, ["nesterov"]),
+        # the compress stage's settings
+        ({}, {"compress.methods": ["zip"]}, ["compress.methods.0", "'distill'", "'quantize'"]),
+        ({}, {"compress.methods": "prune"}, ["compress.methods", "list"]),
+        ({}, {"compress.methods": ["prune", "prune"]}, ["compress.methods", "twice"]),
+        ({}, {"compress.prune.sparsity": 1.0}, ["compress.prune.sparsity", "less than 1"]),
+        ({}, {"compress.prune.max_params": 0}, ["compress.prune.max_params"]),
+        ({}, {"compress.distill.temperature": 0}, ["compress.distill.temperature"]),
+        ({}, {"compress.distill.alpha": 1.5}, ["compress.distill.alpha"]),
+        ({}, {"compress.distill.student.name": "vit"}, ["compress.distill.student.name", "'mlp'"]),
+        ({}, {"compress.distill.temp": 2}, ["compress.distill.temp", "unknown key", "temperature"]),
+        ({}, {"compress.quantize.calibration_images": 0}, ["compress.quantize.calibration_images"]),
+        ({}, {"register.max_accuracy_drop": -0.1}, ["register.max_accuracy_drop"]),
+        ({}, {"register.min_size_ratio": 0.5}, ["register.min_size_ratio", "1"]),
     ],
 )
 def test_bad_config_names_the_key_and_what_is_allowed(raw, overrides, must_mention):

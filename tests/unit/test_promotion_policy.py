@@ -1,5 +1,5 @@
 """The promotion policy as a table: floor, first model, incompatible champion, improvement,
-per-class recall guard."""
+efficiency, per-class recall guard."""
 
 import pytest
 
@@ -85,3 +85,51 @@ def test_an_experiment_keeps_the_verdict_but_never_promotes():
     assert verdict.reason in held.reason and "pipeline promote image-classifier/7" in held.reason
     refused = decide(POLICY, scores(0.85), None)
     assert hold_experiment(refused, "bushy-lake", "image-classifier/7") == refused
+
+
+def sized(acc: float, params: float, model_bytes: float, macs: float, **recalls) -> dict:
+    recalls = recalls or {"a": 0.99, "b": 0.98}
+    return {**scores(acc, **recalls), "params": params, "model_bytes": model_bytes, "macs": macs}
+
+
+EFFICIENT = RegisterConfig(floor=0.9, max_accuracy_drop=0.005, min_size_ratio=3, min_macs_ratio=2)
+TEACHER = sized(0.99, 100_000, 400_000, 2_000_000, a=0.99, b=0.99)
+
+
+@pytest.mark.parametrize(
+    ("challenger", "promote", "rule", "said"),
+    [
+        # within 0.005, 4x fewer parameters and bytes, 4x fewer MACs
+        (sized(0.986, 25_000, 100_000, 500_000), True, "efficiency", "4.00x fewer parameters"),
+        # int8: same parameters and MACs, 4x fewer bytes -> size by bytes; MACs not fewer
+        (sized(0.988, 100_000, 100_000, 2_000_000), False, "improvement", "1.00x fewer MACs"),
+        (sized(0.984, 25_000, 100_000, 500_000), False, "improvement", "drop +0.0060"),
+        (sized(0.986, 50_000, 200_000, 500_000), False, "improvement", "size needed 3x"),
+        (sized(0.991, 90_000, 360_000, 2_000_000), True, "improvement", "+0.0010"),  # plain win
+        (sized(0.986, 25_000, 100_000, 500_000, a=0.9, b=0.99), False, "recall_guard", "class a"),
+        (sized(0.8, 1_000, 1_000, 1_000), False, "floor", "below the floor"),
+        (scores(0.986, a=0.99, b=0.99), False, "improvement", "no params, model_bytes, macs"),
+    ],
+)
+def test_the_efficiency_option_trades_a_little_accuracy_for_size(challenger, promote, rule, said):
+    from pipeline.registry.policy import report_markdown
+
+    policy = EFFICIENT.model_copy(update={"max_recall_drop": 0.05})
+    decision = decide(policy, challenger, TEACHER)
+    assert (decision.promote, decision.rule) == (promote, rule), decision.reason
+    assert said in decision.reason
+    report = {
+        "model": "m", "version": 2, "metric": "test_accuracy", "decision": decision.to_dict(),
+        "champion_version": 1, "data_md5": "abc", "policy": policy.model_dump(), "by": "me",
+        "at": "now",
+    }  # fmt: skip
+    text = report_markdown(report)
+    if "params" in challenger:  # the report shows both models' costs
+        assert f"| challenger | {challenger['params']:,.0f} |" in text
+        assert f"| champion | {TEACHER['params']:,.0f} |" in text
+
+
+def test_without_the_option_a_smaller_but_less_accurate_model_is_refused_as_before():
+    decision = decide(RegisterConfig(), sized(0.986, 25_000, 100_000, 500_000), TEACHER)
+    assert (decision.promote, decision.rule) == (False, "improvement")
+    assert "efficiency" not in decision.reason
