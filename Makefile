@@ -14,7 +14,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export GX_ANALYTICS_ENABLED ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/.mlflow/mlflow.db
 
-.PHONY: setup run test test-fast lint repro bench bench-smoke bench-mnist bench-scale mlflow-ui up down browser clean
+.PHONY: setup run test test-fast lint repro bench bench-smoke bench-mnist bench-compress bench-scale mlflow-ui up down browser clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,7 @@ bench-smoke: $(STAMP)
 	python bench/serving.py --repeats 1 --images 64 > /dev/null
 	python bench/engine.py --quick --out bench/out/engine-quick.json > /dev/null
 	python bench/mnist.py --quick > /dev/null
+	python bench/compress.py --quick > /dev/null
 	python bench/scale.py --quick > /dev/null
 
 # The real MNIST files (PIPELINE_MNIST_DIR, default ../shared/datasets/mnist), about 25 minutes:
@@ -76,6 +77,11 @@ bench-smoke: $(STAMP)
 # lr auto against a grid, Optuna against the grid (bench/out/mnist.json).
 bench-mnist: $(STAMP)
 	python bench/mnist.py
+
+# Compression of a CNN trained on the MNIST files: distilled, pruned, int8 beside the teacher
+# (about 12 minutes; bench/out/compress.json).
+bench-compress: $(STAMP)
+	python bench/compress.py
 
 # Data at size (about 40 minutes on 2 cores; 3 GB of generated photos in bench/out): photo folders
 # of 2,000 / 20,000 / 100,000 images plus full-size MNIST and CIFAR-10 through every stage; wall

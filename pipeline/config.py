@@ -201,7 +201,7 @@ class PruneConfig(_Block):
     max_params: int | None = Field(None, ge=1)  # a budget instead: prune until at most this many
     max_macs: int | None = Field(None, ge=1)  # ... or at most this many multiply-adds per image
     epochs: int = Field(2, ge=1)  # fine-tuning epochs
-    lr_scale: float = Field(0.1, gt=0, le=1)  # fine-tuning lr = train.optimizer.lr x lr_scale
+    lr_scale: float = Field(1.0, gt=0, le=1)  # fine-tuning lr = the teacher's lr x lr_scale
 
 
 class QuantizeConfig(_Block):

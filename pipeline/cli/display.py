@@ -30,9 +30,10 @@ def status(models: list[dict]) -> str:
             aliases = ",".join(v["aliases"]) or "-"
             if v["status"] != "complete":
                 aliases = f"{aliases} ({v['status']})"
+            made = f"  ({v['made_by']})" if v.get("made_by") else ""
             lines.append(
                 f"  v{v['version']:<3} {aliases:<30} test_accuracy {acc}  "
-                f"data {v['dataset']}@{v['data_md5']}  run {v['run_id']}"
+                f"data {v['dataset']}@{v['data_md5']}  run {v['run_id']}{made}"
             )
     return "\n".join(lines)
 

@@ -132,6 +132,14 @@ def registered_model(client, name: str):
         raise LookupError(f"no registered model {name!r}; registered models: {known}") from None
 
 
+def _made_by(tags: dict) -> str:
+    method = tags.get("compress.method")
+    if not method:
+        return ""
+    teacher = tags.get("compress.teacher_model") or tags.get("compress.teacher_run_id")
+    return f"{method} of {teacher}"
+
+
 def model_status(client) -> list[dict]:
     """Every registered model with its versions, aliases, key metrics and data md5."""
     models = []
@@ -155,6 +163,8 @@ def model_status(client) -> list[dict]:
                     "test_accuracy": run_metrics.get("test_accuracy"),
                     "test_macro_f1": run_metrics.get("test_macro_f1"),
                     "status": v.tags.get(STATUS_TAG, "complete") if run else "run deleted",
+                    # e.g. "quantize of image-classifier/1": what a compressed version came from
+                    "made_by": _made_by(run.data.tags) if run else "",
                     "created": v.creation_timestamp,
                 }
             )

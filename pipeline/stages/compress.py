@@ -191,7 +191,8 @@ def distill(cfg: Config, settings: Settings, validation: dict, teacher: Teacher,
 
 def prune(cfg: Config, settings: Settings, validation: dict, teacher: Teacher, ctx) -> str:
     """Remove channels of the teacher (`compression.prune`), then fine-tune compress.prune.epochs
-    at compress.prune.lr_scale x the teacher's lr, as a training run; the run's id."""
+    from compress.prune.lr_scale x the teacher's lr with a cosine decay, as a training run; the
+    run's id."""
     from pipeline.stages.train import train_stage
     from pipeline.training import compression
 
@@ -199,7 +200,11 @@ def prune(cfg: Config, settings: Settings, validation: dict, teacher: Teacher, c
     tuned = _recipe_config(cfg, teacher)
     tuned.train.epochs = p.epochs
     tuned.train.optimizer.lr = tuned.train.optimizer.lr * p.lr_scale
-    tuned.train.schedule.warmup_epochs = 0
+    # Fine-tuning starts from trained weights: decay from the scaled lr, no warmup, never the
+    # one-cycle rise (which would spend the few epochs at a tiny then a large lr).
+    tuned.train.schedule = tuned.train.schedule.model_copy(
+        update={"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0}
+    )
 
     def recipe(dataset) -> dict:
         network, spec = _teacher_network(teacher, dataset)
@@ -256,7 +261,8 @@ def quantize(cfg: Config, settings: Settings, validation: dict, teacher: Teacher
 def measure(cfg: Config, run_id: str, teacher: Teacher) -> dict:
     """The compressed model's and the teacher's figures (`efficiency.figures`) and speed
     (`efficiency.speed`), measured one after the other in this process, logged to the run as
-    metrics (the teacher's prefixed `teacher_`; for int8 also the float model in ONNX Runtime,
+    metrics (the teacher's prefixed `teacher_`, with its test scores and per-class recall from
+    its own run on the same split; for int8 also the float model in ONNX Runtime,
     `float_onnx_`, so the runtime does not take the quantization's credit). Returns them."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -279,8 +285,12 @@ def measure(cfg: Config, run_id: str, teacher: Teacher) -> dict:
             floating = runtime.OnnxModel(runtime.export(big, big_spec, Path(tmp) / "float.onnx"))
             speed = efficiency.speed(floating, big_spec.shape, runs)
             figures |= {f"float_onnx_{k}": v for k, v in speed.items()}
-    if "test_accuracy" in teacher.metrics:
-        figures["teacher_test_accuracy"] = teacher.metrics["test_accuracy"]
+    scored = ("test_accuracy", "test_macro_f1")  # and per-class recall: the teacher's, same split
+    figures |= {
+        f"teacher_{k}": v
+        for k, v in teacher.metrics.items()
+        if k in scored or k.startswith("test_recall.")
+    }
     now = int(time.time() * 1000)
     MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()])
     return figures

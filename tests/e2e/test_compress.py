@@ -82,6 +82,10 @@ def test_compress_makes_smaller_challengers_linked_to_their_teacher_that_serve(
         text = open(card).read()
         assert f"made by `{method}`" in text and f"from {NAME}/1" in text
 
+    status = run(["pipeline", "status"], project).stdout
+    for method in made:  # what each version is
+        assert f"({method} of {NAME}/1)" in status
+
     # distill: a student with fewer parameters, trained on the teacher's outputs
     assert made["distill"]["params"] < made["distill"]["teacher_params"] / 4
     history = client.get_metric_history(made["distill"]["run_id"], "train_loss")
