@@ -191,7 +191,7 @@ class DistillConfig(_Block):
     student: ModelConfig = ModelConfig(name="lenet", hidden=32)
     temperature: float = Field(4.0, gt=0)  # softens both outputs; the KL term is scaled by T^2
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the KL to the teacher; 1 - alpha: labels
-    epochs: int | None = Field(None, ge=1)  # null: train.epochs
+    epochs: int | None = Field(None, ge=1)  # null: the teacher's epochs
 
 
 class PruneConfig(_Block):

@@ -61,7 +61,9 @@ def render(
         "compares only mean pixel value and contrast.",
         "- Test accuracy is measured on one held-out split of the same source, not on "
         "production traffic.",
-        f"- Reproduce it with `pipeline reproduce {name}/{version}`.",
+        f"- Reproduce it with `{compress_command(tags) or f'pipeline reproduce {name}/{version}'}`"
+        + (" on its teacher's data version" if tags.get("compress.method") else "")
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -190,3 +192,18 @@ def _compression(tags: dict, metrics: dict) -> list[str]:
         lines.append("")
         lines.append("Speed measured on CPU in one process, one model after the other.")
     return [*lines, ""]
+
+
+def compress_command(tags: dict) -> str:
+    """The `pipeline compress` call that made a compressed model again from its teacher, with
+    the method's settings as they were (its run's `compress.*` tags); '' for a trained one."""
+    method = tags.get("compress.method")
+    if not method:
+        return ""
+    teacher = tags.get("compress.teacher_model") or "NAME/VERSION"
+    sets = [f"compress.methods=[{method}]", f"compress.teacher={teacher}"]
+    sets += [
+        f"{key}={value}" for key, value in sorted(tags.items())
+        if key.startswith(f"compress.{method}.")
+    ]  # fmt: skip
+    return "pipeline compress " + " ".join(f"--set '{s}'" for s in sets)

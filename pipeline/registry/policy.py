@@ -201,10 +201,12 @@ def _costs(scores: dict) -> list[str]:
         value = scores.get(f"{who}_{key}")
         return "-" if value is None else format(value, form)
 
+    # The champion's figures are taken at decision time only by the efficiency option.
+    shown = [w for w in ("challenger", "champion") if any(f"{w}_{k}" in scores for k in FIGURES)]
     rows = [
         f"| {who} | {cell(who, 'params', ',.0f')} | {cell(who, 'model_bytes', ',.0f')} | "
         f"{cell(who, 'macs', ',.0f')} |"
-        for who in ("challenger", "champion")
+        for who in shown
     ]
     lines = ["| | parameters | file bytes | MACs per image |", "|---|---|---|---|", *rows, ""]
     if "challenger_latency_p50_ms" in scores:

@@ -24,6 +24,7 @@ class Teacher:
     model: str  # NAME/VERSION when registered, else ""
     config: Config  # the resolved config it was trained with (lr: auto as the number used)
     metrics: dict  # its logged scores (test_accuracy, ...)
+    tags: dict  # its run's tags (a compressed teacher names its own teacher)
 
 
 def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
@@ -56,6 +57,8 @@ def compress_stage(
     from pipeline.stages.register import register_stage
 
     teacher = _teacher(cfg, settings, trained_run_id)
+    _preflight(cfg, teacher)  # every method's refusal before any run exists
+    measured: dict = {}  # the teacher's figures, measured once for every result
     results = []
     for method in cfg.compress.methods:
         settings_ = getattr(cfg.compress, method).model_dump()
@@ -77,7 +80,8 @@ def compress_stage(
             print(f"compress: {method} from {teacher.model or teacher.run_id}", file=sys.stderr)
             make = choices.load(choices.COMPRESSIONS, method)
             run_id = make(cfg, settings, validation, teacher, made)
-            figures = evaluate_stage(cfg, settings, run_id) | measure(cfg, run_id, teacher)
+            scores = evaluate_stage(cfg, settings, run_id)
+            figures = scores | measure(cfg, run_id, teacher, measured)
         registered = register_stage(cfg, settings, run_id, made) if cfg.compress.register_ else None
         shown = ("test_accuracy", *efficiency_keys())
         results.append(
@@ -101,7 +105,10 @@ def _teacher(cfg: Config, settings: Settings, trained_run_id: str | None) -> Tea
         store.configure(settings, cfg.tracking.experiment)
         client = mlflow.MlflowClient()
         if cfg.compress.teacher:
-            version = versions.resolve(client, cfg.compress.teacher)
+            try:
+                version = versions.resolve(client, cfg.compress.teacher)
+            except LookupError as exc:
+                raise LookupError(f"compress.teacher {cfg.compress.teacher!r}: {exc}") from None
             run_id, model = version.run_id, f"{version.name}/{version.version}"
         elif trained_run_id:
             run_id = trained_run_id
@@ -111,7 +118,7 @@ def _teacher(cfg: Config, settings: Settings, trained_run_id: str | None) -> Tea
             raise ConfigError("compress needs a teacher: set compress.teacher (NAME@champion)")
         run = store.active_run(client, run_id)
         trained = resolved_config(mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"))
-    return Teacher(run_id, model, trained, dict(run.data.metrics))
+    return Teacher(run_id, model, trained, dict(run.data.metrics), dict(run.data.tags))
 
 
 def _scope(ctx: RunContext, method: str, teacher: Teacher, settings_: dict, data: str) -> str:
@@ -152,14 +159,37 @@ def _teacher_network(teacher: Teacher, dataset):
 
     model, spec = weights.load_weights(teacher.run_id)
     if isinstance(model, OnnxModel):
+        made_from = teacher.tags.get("compress.teacher_model") or "the float model it came from"
         raise ConfigError(
-            f"the teacher {teacher.model or teacher.run_id} is an ONNX model: distill, prune and "
-            "quantize need a PyTorch one; set compress.teacher to its float teacher"
+            f"the teacher {teacher.model or teacher.run_id} is an int8 ONNX model: distill, "
+            f"prune and quantize need a PyTorch one; set compress.teacher={made_from}"
         )
     mismatch = _mismatch(spec, dataset) if dataset is not None else ""
     if mismatch:
         raise LookupError(f"the teacher was built for other data than data/ holds ({mismatch})")
     return model, spec
+
+
+def _preflight(cfg: Config, teacher: Teacher) -> None:
+    """Refuse what a method would refuse later, before any method runs: an ONNX teacher, a
+    prune budget out of reach, a distill student not smaller than the teacher (ConfigError)."""
+    from pipeline.training import compression
+    from pipeline.training.models import ModelSpec, rebuild
+
+    network, spec = _teacher_network(teacher, None)
+    if "prune" in cfg.compress.methods:
+        compression.prune(network, spec, cfg.compress.prune)  # raises for a budget out of reach
+    if "distill" in cfg.compress.methods:
+        student = cfg.compress.distill.student.model_dump()
+        size = sum(p.numel() for p in rebuild(ModelSpec(student, spec.shape, spec.classes, 0, 1))
+                   .parameters())  # fmt: skip
+        teacher_size = sum(p.numel() for p in network.parameters())
+        if size >= teacher_size:
+            raise ConfigError(
+                f"compress.distill.student ({student['name']}, hidden {student['hidden']}) has "
+                f"{size:,} parameters, not fewer than the teacher's {teacher_size:,}: a student "
+                "must be smaller; pick a smaller model or hidden width"
+            )
 
 
 def _recipe_config(cfg: Config, teacher: Teacher) -> Config:
@@ -258,9 +288,10 @@ def quantize(cfg: Config, settings: Settings, validation: dict, teacher: Teacher
     return run_id
 
 
-def measure(cfg: Config, run_id: str, teacher: Teacher) -> dict:
+def measure(cfg: Config, run_id: str, teacher: Teacher, measured: dict | None = None) -> dict:
     """The compressed model's and the teacher's figures (`efficiency.figures`) and speed
-    (`efficiency.speed`), measured one after the other in this process, logged to the run as
+    (`efficiency.speed`), measured in this process (the teacher once per compress call:
+    `measured` keeps its figures for the next result), logged to the run as
     metrics (the teacher's prefixed `teacher_`, with its test scores and per-class recall from
     its own run on the same split; for int8 also the float model in ONNX Runtime,
     `float_onnx_`, so the runtime does not take the quantization's credit). Returns them."""
@@ -278,9 +309,11 @@ def measure(cfg: Config, run_id: str, teacher: Teacher) -> dict:
         big, big_spec = weights.load_weights(teacher.run_id, keep=theirs)
         figures = efficiency.figures(model, spec, next(mine.rglob("model.*")))
         figures |= efficiency.speed(model, spec.shape, runs)
-        theirs_ = efficiency.figures(big, big_spec, next(theirs.rglob("model.*")))
-        theirs_ |= efficiency.speed(big, big_spec.shape, runs)
-        figures |= {f"teacher_{k}": v for k, v in theirs_.items()}
+        measured = {} if measured is None else measured
+        if not measured:  # once per compress call: every result shows the same teacher figures
+            measured |= efficiency.figures(big, big_spec, next(theirs.rglob("model.*")))
+            measured |= efficiency.speed(big, big_spec.shape, runs)
+        figures |= {f"teacher_{k}": v for k, v in measured.items()}
         if isinstance(model, runtime.OnnxModel):
             floating = runtime.OnnxModel(runtime.export(big, big_spec, Path(tmp) / "float.onnx"))
             speed = efficiency.speed(floating, big_spec.shape, runs)

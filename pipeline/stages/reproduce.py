@@ -63,6 +63,17 @@ def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:
     client = store.client(settings)
     version = versions.resolve(client, ref)
     name, run_id = version.name, version.run_id
+    tags = client.get_run(run_id).data.tags
+    if tags.get("compress.method"):  # its config alone would train another model
+        from pipeline.registry.model_card import compress_command
+
+        teacher = tags.get("compress.teacher_model") or "its teacher"
+        raise LookupError(
+            f"{name} v{version.version} was made by `pipeline compress` "
+            f"({tags['compress.method']} of {teacher}), not by training alone: reproduce "
+            f"{teacher}, then make it again with `{compress_command(tags)}` (with the "
+            "reproduced teacher's version)"
+        )
     record = lineage.of_run(run_id)
     cfg = resolved_config(mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"))
     # The data passed validation when this model was trained; the champion the drift bound

@@ -74,9 +74,14 @@ def prune(model: nn.Module, spec: ModelSpec, cfg: PruneConfig) -> tuple[ModelSpe
             raise ConfigError(
                 f"compress.prune: removing 90 % of every layer's channels leaves {params:,.0f} "
                 f"parameters and {macs:,.0f} MACs, over the budget (max_params "
-                f"{cfg.max_params}, max_macs {cfg.max_macs}); raise it or use a smaller model"
+                f"{_yaml(cfg.max_params)}, max_macs {_yaml(cfg.max_macs)}); raise it or use a "
+                "smaller model"
             )
     return replace(spec, layers=changed_widths(spec, model) or None), model.state_dict()
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else f"{value:,}"
 
 
 def _within(cfg: PruneConfig, params: float, macs: float) -> bool:

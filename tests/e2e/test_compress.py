@@ -53,13 +53,25 @@ def test_compress_makes_smaller_challengers_linked_to_their_teacher_that_serve(
 ):
     project = registered
     teacher = json.loads((project / "outputs" / "train.json").read_text())["run_id"]
+    client = MlflowClient()
+    # what a later method would refuse is refused before the first one makes anything
+    for bad, said in (
+        ("compress.prune.max_params=10", "over the budget (max_params 10, max_macs null)"),
+        ("compress.distill.student.name=resnet18", "compress.distill.student (resnet18, hidden"),
+    ):
+        sets = ["--set", "compress.methods=[quantize,distill,prune]", "--set", bad]
+        refused = run(["pipeline", "compress", *sets], project, check=False)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+    assert not client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`compress.method` != ''"
+    )
     out = run(["pipeline", "compress", *ALL], project)
     result = json.loads(out.stdout)
     assert result["teacher"] == {"run_id": teacher, "model": f"{NAME}/1"}
     assert result == json.loads((project / "outputs" / "compressed.json").read_text())
     made = {r["method"]: r for r in result["results"]}
     assert list(made) == ["distill", "prune", "quantize"]
-    client = MlflowClient()
     images = np.load(project / "data" / "test_images.npy")
     labels = np.load(project / "data" / "test_labels.npy")
     teacher_file = _weights(client, teacher, tmp_path / "teacher")
@@ -81,10 +93,17 @@ def test_compress_makes_smaller_challengers_linked_to_their_teacher_that_serve(
         card = client.download_artifacts(r["run_id"], "model_card.md", str(tmp_path / method))
         text = open(card).read()
         assert f"made by `{method}`" in text and f"from {NAME}/1" in text
+        assert (
+            f"pipeline compress --set 'compress.methods=[{method}]' --set 'compress.teacher" in text
+        )
 
     status = run(["pipeline", "status"], project).stdout
     for method in made:  # what each version is
         assert f"({method} of {NAME}/1)" in status
+
+    refused = run(["pipeline", "reproduce", f"{NAME}/{made['distill']['registered']['version']}"],
+                  project, check=False)  # fmt: skip
+    assert refused.returncode == 1 and "made by `pipeline compress` (distill of" in refused.stderr
 
     # distill: a student with fewer parameters, trained on the teacher's outputs
     assert made["distill"]["params"] < made["distill"]["teacher_params"] / 4
