@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist import DEFAULT_DIR, OUT, pipeline  # noqa: E402
-from scale import mnist_files, scratch_project, stage  # noqa: E402
+from mnist import OUT, pipeline, pulled_project  # noqa: E402
+from scale import stage  # noqa: E402
 
 FIGURES = ("params", "model_bytes", "macs", "latency_p50_ms", "latency_p95_ms", "throughput")
 
@@ -52,18 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         tmp = Path(tmp)
-        if args.quick:
-            files = mnist_files(tmp / "files", sizes=(2_000, 500)) / "MNIST" / "raw"
-        else:
-            files = Path(os.environ.get("PIPELINE_MNIST_DIR") or DEFAULT_DIR)
-            if not files.is_dir():
-                sys.exit(f"no MNIST files at {files}: set PIPELINE_MNIST_DIR, or use --quick")
-        project = scratch_project(tmp)
-        pipeline(project, "data", "pull", "--dataset", "mnist", "--source-dir", str(files))
-        if args.quick:  # synthetic bars: a constant background, unlike photos
-            params = project / "params.yaml"
-            text = params.read_text().replace("max_share_at_0: 0.95", "max_share_at_0: null")
-            params.write_text(text.replace("max_share_at_255: 0.5", "max_share_at_255: null"))
+        files, project = pulled_project(tmp, args.quick)
         teacher = "lenet-mnist" if args.quick else "cnn-mnist"
         recipe = ["--preset", teacher, "--set", f"train.epochs={1 if args.quick else 3}"]
         pipeline(project, "validate", *recipe)

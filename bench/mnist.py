@@ -158,6 +158,24 @@ print(json.dumps(out))
 PARTS = ("seed_vs_tutorial", "lenet", "dag", "lr_auto", "search")
 
 
+def pulled_project(tmp: Path, quick: bool) -> tuple[Path, Path]:
+    """(the MNIST files, a scratch project that pulled them): the real files, or with `quick`
+    small synthetic ones in the same format (validation's clipping checks off for them)."""
+    if quick:
+        files = mnist_files(tmp / "files", sizes=(2_000, 500)) / "MNIST" / "raw"
+    else:
+        files = Path(os.environ.get("PIPELINE_MNIST_DIR") or DEFAULT_DIR)
+        if not files.is_dir():
+            sys.exit(f"no MNIST files at {files}: set PIPELINE_MNIST_DIR, or use --quick")
+    project = scratch_project(tmp)
+    pipeline(project, "data", "pull", "--dataset", "mnist", "--source-dir", str(files))
+    if quick:  # synthetic bars: a constant background, unlike photos
+        params = project / "params.yaml"
+        text = params.read_text().replace("max_share_at_0: 0.95", "max_share_at_0: null")
+        params.write_text(text.replace("max_share_at_255: 0.5", "max_share_at_255: null"))
+    return files, project
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small synthetic files: a smoke")
@@ -168,18 +186,7 @@ def main() -> None:
     parts = args.only or [p for p in PARTS if not (args.quick and p in ("lenet", "dag"))]
     with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
         tmp = Path(tmp)
-        if args.quick:
-            files = mnist_files(tmp / "files", sizes=(2_000, 500)) / "MNIST" / "raw"
-        else:
-            files = Path(os.environ.get("PIPELINE_MNIST_DIR") or DEFAULT_DIR)
-            if not files.is_dir():
-                sys.exit(f"no MNIST files at {files}: set PIPELINE_MNIST_DIR, or use --quick")
-        project = scratch_project(tmp)
-        pipeline(project, "data", "pull", "--dataset", "mnist", "--source-dir", str(files))
-        if args.quick:  # synthetic bars: a constant background, unlike photos
-            params = project / "params.yaml"
-            text = params.read_text().replace("max_share_at_0: 0.95", "max_share_at_0: null")
-            params.write_text(text.replace("max_share_at_255: 0.5", "max_share_at_255: null"))
+        files, project = pulled_project(tmp, args.quick)
         pipeline(project, "validate", "--preset", "lenet-mnist")
         quick = args.quick
         results = {"files": str(files), "quick": quick}
