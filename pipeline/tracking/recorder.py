@@ -311,6 +311,8 @@ def _open_run(client, experiment: str, o: Opening) -> str:
     _end_abandoned(client, experiment, o.identity, keep=run_id)
     if run_id is not None and _run_exists(client, run_id):
         client.update_run(run_id, "RUNNING")  # ended KILLED when its trainer was killed
+        if "train.interrupted" in client.get_run(run_id).data.tags:  # it runs again now; the
+            client.delete_tag(run_id, "train.interrupted")  # resume is `train.resumed_from_epoch`
         for key, value in {**tags, "train.resumed_from_epoch": str(o.resume["epoch"])}.items():
             client.set_tag(run_id, key, value)
         print(f"resuming MLflow run {run_id} after epoch {o.resume['epoch']}", file=sys.stderr)

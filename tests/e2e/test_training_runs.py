@@ -166,6 +166,7 @@ def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_
     steps = sorted(m.step for m in client.get_metric_history(after.info.run_id, "train_loss"))
     assert steps == list(range(1, 21))  # every epoch logged exactly once
     assert int(after.data.tags["train.resumed_from_epoch"]) >= 3
+    assert "train.interrupted" not in after.data.tags  # FINISHED, not "interrupted"
     assert not list((project / "outputs" / "checkpoints").glob("*.pt"))  # cleaned up
 
     run(["pipeline", "train", *SMALL], project)  # the same params, uninterrupted
