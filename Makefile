@@ -79,7 +79,7 @@ bench-mnist: $(STAMP)
 	python bench/mnist.py
 
 # Compression of a CNN trained on the MNIST files: distilled, pruned, int8 beside the teacher
-# (about 12 minutes; bench/out/compress.json).
+# (about 16 minutes; bench/out/compress.json).
 bench-compress: $(STAMP)
 	python bench/compress.py
 

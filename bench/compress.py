@@ -9,7 +9,7 @@ and peak RSS of the compress command.
 The files come from PIPELINE_MNIST_DIR (the four IDX files), default ../shared/datasets/mnist
 beside the checkout. `--quick` (`make bench-smoke`) writes small synthetic files in the same
 format and trains a LeNet teacher for one epoch. `python bench/compress.py` writes
-bench/out/compress.json and prints it (about 12 minutes on 2 cores).
+bench/out/compress.json and prints it (about 16 minutes on 2 cores).
 """
 
 from __future__ import annotations

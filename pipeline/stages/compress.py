@@ -306,15 +306,17 @@ def measure(cfg: Config, run_id: str, teacher: Teacher, measured: dict | None = 
         mine, theirs = Path(tmp) / "model", Path(tmp) / "teacher"
         mine.mkdir(), theirs.mkdir()
         model, spec = weights.load_weights(run_id, keep=mine)
-        big, big_spec = weights.load_weights(teacher.run_id, keep=theirs)
         figures = efficiency.figures(model, spec, next(mine.rglob("model.*")))
         figures |= efficiency.speed(model, spec.shape, runs)
         measured = {} if measured is None else measured
+        onnx = isinstance(model, runtime.OnnxModel)
+        if not measured or onnx:  # the teacher is needed once, and for int8's float reference
+            big, big_spec = weights.load_weights(teacher.run_id, keep=theirs)
         if not measured:  # once per compress call: every result shows the same teacher figures
             measured |= efficiency.figures(big, big_spec, next(theirs.rglob("model.*")))
             measured |= efficiency.speed(big, big_spec.shape, runs)
         figures |= {f"teacher_{k}": v for k, v in measured.items()}
-        if isinstance(model, runtime.OnnxModel):
+        if onnx:
             floating = runtime.OnnxModel(runtime.export(big, big_spec, Path(tmp) / "float.onnx"))
             speed = efficiency.speed(floating, big_spec.shape, runs)
             figures |= {f"float_onnx_{k}": v for k, v in speed.items()}
