@@ -1,5 +1,5 @@
 """Train an image classifier: check_data -> validate -> skip_if_unchanged -> train -> evaluate
--> register -> compress (when params.yaml's compress.methods asks for it).
+-> explain -> register -> compress (when params.yaml's compress.methods asks for it).
 
 Wiring only: the stages are declared in `pipeline.stages.graph` and imported inside the task bodies,
 so parsing this file never imports torch, MLflow or Great Expectations. Tasks hand each other
@@ -128,8 +128,16 @@ def train_image_classifier():
 
         return graph.run("evaluate", cfg, settings, {"train": trained}, ctx)
 
+    @ds.stage_task()
+    def explain(cfg, settings, ctx, trained: dict, evaluated: dict) -> dict:
+        """Attributions for sampled test images and the worst mistakes, into the same run."""
+        from pipeline.stages import graph
+
+        inputs = {"train": trained, "evaluate": evaluated}
+        return graph.run("explain", cfg, settings, inputs, ctx)
+
     @ds.stage_task(pool=ds.PROMOTION_POOL)
-    def register(cfg, settings, ctx, trained: dict, evaluated: dict) -> dict:
+    def register(cfg, settings, ctx, trained: dict, evaluated: dict, _explained: dict) -> dict:
         """Register a version (idempotent), alias challenger, let the policy decide on champion.
 
         The one-slot pool serializes promotions across DAG runs and workers; MLflow being
@@ -151,7 +159,8 @@ def train_image_classifier():
     checked = check_data()
     validation = validate(checked)
     trained = train(checked, validation, skip_if_unchanged(checked, validation))
-    registered = register(checked, trained, evaluate(checked, trained))
+    evaluated = evaluate(checked, trained)
+    registered = register(checked, trained, evaluated, explain(checked, trained, evaluated))
     compress(checked, validation, trained, registered)
 
 

@@ -1,7 +1,8 @@
 """The names of every pluggable choice, and where each one's code lives: one table per kind.
 
 The config's allowed values, the DAG trigger forms, the CLI's choices and the docs all read these
-tables, so adding a dataset source, a model, an optimizer, a schedule or a sweep strategy is its
+tables, so adding a dataset source, a model, an optimizer, a schedule, a compression, an attribution
+method or a sweep strategy is its
 code plus one line here (docs/extending.md). This module imports nothing heavy: the DAG files read
 it while Airflow parses them. `load` imports an entry's code only when it is used.
 """
@@ -60,6 +61,19 @@ COMPRESSIONS = _table(
     Choice("prune", "pipeline.stages.compress:prune", "remove channels, then fine-tune"),
     Choice("quantize", "pipeline.stages.compress:quantize", "int8 ONNX for CPU serving"),
 )
+ATTRIBUTIONS = _table(
+    Choice(
+        "integrated_gradients",
+        "pipeline.training.attribution:integrated_gradients",
+        "gradients along the path from a black image (needs gradients)",
+    ),
+    Choice("saliency", "pipeline.training.attribution:saliency", "|gradient| at the input"),
+    Choice(
+        "occlusion", "pipeline.training.attribution:occlusion", "the drop when a patch is hidden"
+    ),
+    Choice("kernel_shap", "pipeline.training.attribution:kernel_shap", "Shapley values of patches"),
+    Choice("lime", "pipeline.training.attribution:lime", "a local linear model of patches"),
+)
 SWEEP_STRATEGIES = _table(
     Choice("grid", "pipeline.stages.sweep.grid", "every optimizer x schedule x lr"),
     Choice("optuna", "pipeline.stages.sweep.search", "a seeded TPE study with pruning"),
@@ -74,6 +88,7 @@ KEYS = {
     "train.schedule.name": SCHEDULES,
     "sweep.strategy": SWEEP_STRATEGIES,
     "compress.methods": COMPRESSIONS,
+    "explain.methods": ATTRIBUTIONS,
 }
 
 

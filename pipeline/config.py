@@ -34,6 +34,7 @@ OptimizerName = Literal[choices.names(choices.OPTIMIZERS)]
 ScheduleName = Literal[choices.names(choices.SCHEDULES)]
 StrategyName = Literal[choices.names(choices.SWEEP_STRATEGIES)]
 CompressionName = Literal[choices.names(choices.COMPRESSIONS)]
+AttributionName = Literal[choices.names(choices.ATTRIBUTIONS)]
 
 
 class _Block(BaseModel):
@@ -233,6 +234,26 @@ class CompressConfig(_Block):
         return methods
 
 
+class ExplainConfig(_Block):
+    """The explain stage: attributions for a seeded sample of test images per class plus the
+    most confident mistakes, toward the predicted class."""
+
+    methods: list[AttributionName] = ["integrated_gradients", "occlusion"]  # [] = off
+    per_class: int = Field(2, ge=0)  # seeded test images of each class
+    mistakes: int = Field(4, ge=0)  # the most confident mistakes; at most half of max_images
+    max_images: int = Field(48, ge=1)  # the budget: CPU time grows linearly with it
+    steps: int = Field(32, ge=2)  # integrated_gradients: points on the path from black
+    samples: int = Field(200, ge=10)  # kernel_shap / lime: perturbed copies per image
+    patch: int | None = Field(None, ge=1)  # occlusion window, superpixel side (px); null: side/8
+
+    @field_validator("methods")
+    @classmethod
+    def _once_each(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"lists a method twice: {methods}")
+        return methods
+
+
 class SearchParam(_Block):
     """One dimension of the Optuna search space: a `choice`, or a range `low`..`high` (sampled
     log-uniformly with `log: true`; integers when both bounds are)."""
@@ -314,6 +335,7 @@ class Config(_Block):
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
     compress: CompressConfig = CompressConfig()
+    explain: ExplainConfig = ExplainConfig()
     presets: dict[str, dict[str, Any]] = {}  # name -> {dotted.key: value}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -350,7 +372,11 @@ class Config(_Block):
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params (one compare-view column per key)."""
         return _flatten(
-            {k: v for k, v in self.to_dict().items() if k not in ("presets", "sweep", "compress")}
+            {
+                k: v
+                for k, v in self.to_dict().items()
+                if k not in ("presets", "sweep", "compress", "explain")
+            }
         )
 
     def params_hash(self) -> str:

@@ -68,15 +68,18 @@ def check_data(args, settings: Settings) -> int:
 
 
 def stage(args, settings: Settings) -> int:
-    """A stage of the graph (validate, train, evaluate, register): its inputs are the hand-offs
-    in the workspace (or the run of --run-id), its result is printed and handed on."""
+    """A stage of the graph (validate, train, evaluate, ...): its inputs are the hand-offs in
+    the workspace (or the run of --run-id, the model of --model), its result is printed and
+    handed on."""
     cfg = _config(args, settings)
     if getattr(args, "nproc", 1) > 1:
         from pipeline.training.distributed import launch
 
         return launch(args.nproc, _train_argv(args))
     needs = graph.BY_NAME[args.command].needs
-    if getattr(args, "run_id", None):
+    if getattr(args, "model", None):
+        inputs = {need: {"model": args.model} for need in needs}
+    elif getattr(args, "run_id", None):
         inputs = {need: {"run_id": args.run_id} for need in needs}
     else:
         inputs = {need: _handoff(settings, need) for need in needs}
@@ -207,9 +210,10 @@ def list_choices(args, settings: Settings) -> int:
     """Every pluggable choice by params.yaml key, with its one-line help (pipeline/choices.py)."""
     from pipeline import choices
 
+    width = 2 + max(len(name) for table in choices.KEYS.values() for name in table)
     for key, table in choices.KEYS.items():
         print(f"{key}:")
-        print("\n".join(f"  {c.name:<15}{c.help}" for c in table.values()))
+        print("\n".join(f"  {c.name:<{width}}{c.help}" for c in table.values()))
     return 0
 
 

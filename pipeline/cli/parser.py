@@ -90,9 +90,18 @@ def _compress_options(compress: argparse.ArgumentParser) -> None:
     )
 
 
+def _explain_options(explain: argparse.ArgumentParser) -> None:
+    _run_id_option(explain)
+    explain.add_argument(
+        "--model",
+        help="a registered model instead: NAME/VERSION or NAME@ALIAS (its card is rewritten)",
+    )
+
+
 STAGE_OPTIONS = {
     "train": _train_options,
     "evaluate": _run_id_option,
+    "explain": _explain_options,
     "register": _run_id_option,
     "compress": _compress_options,
 }

@@ -5,12 +5,22 @@ as a table) and each version's."""
 
 from __future__ import annotations
 
+EXPLAINED = "explain/summary.json"  # `pipeline explain`'s summary on the run
+
 
 def render(
-    name: str, version: int, lineage: dict, config: dict, metrics: dict, spec, tags: dict
+    name: str,
+    version: int,
+    lineage: dict,
+    config: dict,
+    metrics: dict,
+    spec,
+    tags: dict,
+    explained: dict | None = None,
 ) -> str:
     """The card of version `version`: `lineage` (lineage.json), `config` (config.json),
-    `metrics` and `tags` of its run, `spec` of its weights."""
+    `metrics` and `tags` of its run, `spec` of its weights, `explained` its explanation summary
+    (`pipeline explain`; None: not explained)."""
     data, train = lineage["data"], config["train"]
     classes = list(spec.classes)
     c, h, w = spec.shape
@@ -49,6 +59,7 @@ def render(
         "|---|---|---|",
         *rows,
         "",
+        *_explanations(explained),
         "## Intended use",
         f"Classifying {h} x {w} {'grayscale' if c == 1 else 'color'} images into the classes "
         f"above, drawn from the same distribution as `{data['dataset']}`.",
@@ -191,6 +202,29 @@ def _compression(tags: dict, metrics: dict) -> list[str]:
             lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
         lines.append("")
         lines.append("Speed measured on CPU in one process, one model after the other.")
+    return [*lines, ""]
+
+
+def _explanations(summary: dict | None) -> list[str]:
+    """What `pipeline explain` looked at and where its pictures are; a pointer when not run."""
+    if summary is None:
+        return [
+            "## Explanations",
+            "- none yet: `pipeline explain --model NAME/VERSION` adds them to this card",
+            "",
+        ]
+    ms = summary["ms_per_image"]
+    done = ", ".join(f"`{m}` ({ms[m]:.1f} ms per image)" for m in summary["methods"])
+    lines = [
+        "## Explanations",
+        f"- {summary['images']} test images ({summary['per_class']} per class, seeded, and "
+        f"the {summary['mistakes']} most confident mistakes), each explained toward "
+        f"{summary['target']} against {summary['baseline']}: {done}",
+        "- pictures in the run's `explain/`: each image beside its heat map "
+        "(`<method>_samples.png`, `<method>_mistakes.png`) and each class's mean map "
+        "(`class_means.png`); `pipeline explain` makes them again",
+    ]
+    lines += [f"- `{m}` not run: {why}" for m, why in summary["skipped"].items()]
     return [*lines, ""]
 
 

@@ -42,7 +42,8 @@ def compress_stage(
 ) -> dict:
     """Run each method of `compress.methods` on the teacher (`compress.teacher`, else
     `trained_run_id`): a run per result with the teacher's lineage, its test scores (evaluate),
-    its parameters, file bytes, MACs, latency and throughput beside the teacher's, and, with
+    its parameters, file bytes, MACs, latency and throughput beside the teacher's, its
+    explanations (explain.methods, gradient-free ones for int8), and, with
     compress.register, a registered version decided by the promotion policy.
 
     Returns {"teacher": {"run_id", "model"}, "results": [{"method", "run_id", figures...,
@@ -54,6 +55,7 @@ def compress_stage(
         print("compress: compress.methods is [], nothing to do", file=sys.stderr)
         return {"teacher": None, "results": []}
     from pipeline.stages.evaluate import evaluate_stage
+    from pipeline.stages.explain import explain_stage
     from pipeline.stages.register import register_stage
 
     teacher = _teacher(cfg, settings, trained_run_id)
@@ -82,6 +84,7 @@ def compress_stage(
             run_id = make(cfg, settings, validation, teacher, made)
             scores = evaluate_stage(cfg, settings, run_id)
             figures = scores | measure(cfg, run_id, teacher, measured)
+            explain_stage(cfg, settings, run_id)  # before register: the card shows it
         registered = register_stage(cfg, settings, run_id, made) if cfg.compress.register_ else None
         shown = ("test_accuracy", *efficiency_keys())
         results.append(

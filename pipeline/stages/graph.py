@@ -29,6 +29,8 @@ class Stage:
     hands_on: its hand-off, a small JSON file, relative to the workspace (dvc.yaml `outs:` or
         `metrics:`): in outputs/ (git-ignored), or in reports/ for what each revision keeps.
     makes_model: `pipeline reproduce` re-runs it to retrain a registered model.
+    after: stages it runs after in the DAG and dvc.yaml without needing their hand-offs: what
+        they logged shows in its result when they have run (by hand it may run without them).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Stage:
     needs: tuple[str, ...]
     hands_on: str
     makes_model: bool = True
+    after: tuple[str, ...] = ()
 
 
 STAGES = (
@@ -66,6 +69,15 @@ STAGES = (
         "reports/metrics.json",
     ),
     Stage(
+        "explain",
+        "pipeline.stages.explain:run",
+        "attributions: which pixels the model's answers rest on (explain.methods)",
+        ("base.seed", "explain", "tracking"),
+        ("train", "evaluate"),  # after evaluate, as the DAG shows it
+        "outputs/explained.json",
+        makes_model=False,
+    ),
+    Stage(
         "register",
         "pipeline.stages.register:run",
         "register the model; promote it if it passes the gate",
@@ -73,12 +85,13 @@ STAGES = (
         ("train", "evaluate"),
         "outputs/registered.json",
         makes_model=False,
+        after=("explain",),  # the model card shows the explanations
     ),
     Stage(
         "compress",
         "pipeline.stages.compress:run",
         "distill, prune or quantize the model into smaller challengers (compress.methods)",
-        ("base", "compress", "register", "tracking"),
+        ("base", "compress", "explain", "register", "tracking"),
         ("validate", "train", "register"),
         "outputs/compressed.json",
         makes_model=False,

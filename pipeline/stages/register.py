@@ -97,8 +97,8 @@ def register_stage(
     deleted run."""
     from mlflow import MlflowClient
 
-    from pipeline.registry import model_card, policy, promotion, versions
-    from pipeline.tracking import lineage, server, store, weights
+    from pipeline.registry import policy, promotion, versions
+    from pipeline.tracking import lineage, server, store
 
     name, by = cfg.register_.model_name, (ctx or RunContext()).actor()
     with server.reachable(settings), versions.promotion_lock(settings, name):
@@ -114,14 +114,8 @@ def register_stage(
             client, name, run, {**lineage.tags(record), metric: str(run.data.metrics[metric])}
         )
         v = int(version.version)
-        _, spec = weights.load_weights(run_id)
+        spec = write_card(client, name, v, run_id, record)
         versions.tag_inputs(client, name, v, spec.input_contract())
-        config = client.download_artifacts(run_id, "config.json")
-        card = model_card.render(
-            name, v, record, json.loads(Path(config).read_text()), run.data.metrics, spec,
-            run.data.tags,
-        )  # fmt: skip
-        client.log_text(run_id, card, "model_card.md")
         promotion.move_alias(client, name, promotion.CHALLENGER, v, "newest candidate", by)
         data = current_data(cfg, settings)
         decision, champion = _gate(cfg, data, client, name, v, run.data.metrics, run_id)
@@ -134,6 +128,34 @@ def register_stage(
         out = _decided(client, name, v, run_id, decision, champion, cfg, by, md5)
         versions.complete(client, name, v)
     return out
+
+
+def write_card(client, name: str, version: int, run_id: str, record: dict | None = None):
+    """Log version `version`'s model card (`model_card.md`) to its run: lineage (`record`, read
+    when not given), config, metrics, tags, weights' spec and explanations (`pipeline
+    explain`'s summary, when the run has one). Returns the spec."""
+    from pipeline.registry import model_card
+    from pipeline.tracking import lineage, weights
+
+    run = client.get_run(run_id)
+    _, spec = weights.load_weights(run_id)
+    config = json.loads(Path(client.download_artifacts(run_id, "config.json")).read_text())
+    card = model_card.render(
+        name, version, record or lineage.of_run(run_id), config, run.data.metrics, spec,
+        run.data.tags, _explained(client, run_id),
+    )  # fmt: skip
+    client.log_text(run_id, card, "model_card.md")
+    return spec
+
+
+def _explained(client, run_id: str) -> dict | None:
+    """The run's explanation summary (`pipeline explain`), or None when it has none."""
+    from pipeline.registry.model_card import EXPLAINED
+
+    folder = EXPLAINED.rpartition("/")[0]
+    if EXPLAINED not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        return None
+    return json.loads(Path(client.download_artifacts(run_id, EXPLAINED)).read_text())
 
 
 def promote_stage(

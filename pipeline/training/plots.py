@@ -99,3 +99,74 @@ def plot_schedule(lrs: list[float], steps_per_epoch: int, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_attributions(
+    images: np.ndarray, maps: np.ndarray, titles: list[str], heading: str, path: Path
+) -> Path:
+    """Each image (N, C, H, W raw pixels) beside its attribution heat map (N, H, W: |attribution|
+    scaled to the image's largest, bright = moved the model most), titled with its classes;
+    four images to a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_row = 4
+    rows = max(1, -(-len(images) // per_row))
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2 * per_row * 1.35, rows * 1.6))
+    axes = np.atleast_2d(axes)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, heat, title) in enumerate(zip(images, maps, titles, strict=True)):
+        left, right = (
+            axes[i // per_row, 2 * (i % per_row)],
+            axes[i // per_row, 2 * (i % per_row) + 1],
+        )
+        _show_image(left, image)
+        left.set_title(title, fontsize=7)
+        right.imshow(_scaled(heat), cmap="inferno", vmin=0, vmax=1)
+        right.set_title("|attribution|", fontsize=7)
+    fig.suptitle(heading, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_class_means(means: dict[str, np.ndarray], classes: list[str], path: Path) -> Path:
+    """Per method (a row), each class's mean |attribution| map (K, H, W), each scaled to its
+    largest: what the model looks at for that class, on average over the sampled images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(means), len(classes)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols + 1, 1.3 * rows + 0.4), squeeze=False)
+    for r, (method, maps) in enumerate(means.items()):
+        for k, ax in enumerate(axes[r]):
+            ax.imshow(_scaled(maps[k]), cmap="inferno", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(classes[k][:12], fontsize=8)
+        axes[r, 0].set_ylabel(method, fontsize=8)
+    fig.suptitle("mean |attribution| per class, over its sampled test images", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _scaled(heat: np.ndarray) -> np.ndarray:
+    magnitude = np.abs(heat)
+    return magnitude / max(float(magnitude.max()), 1e-12)
+
+
+def _show_image(ax, image: np.ndarray) -> None:
+    """Raw pixels (C, H, W) as a viewer shows them: gray for one channel, RGB for three."""
+    if image.shape[0] == 3:
+        ax.imshow(np.transpose(image, (1, 2, 0)).astype(np.uint8))
+    else:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)

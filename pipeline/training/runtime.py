@@ -76,6 +76,8 @@ class OnnxModel(nn.Module):
     gradients. `spec` and `precision` come from the file's metadata. Threads: as many as torch
     uses, so a comparison with the PyTorch model is on equal terms."""
 
+    differentiable = False  # attribution methods that need gradients refuse it
+
     def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__()
         import onnxruntime as ort

@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, config_from_dict
 
 TABLES = choices.KEYS
 ENTRIES = [(key, name) for key, table in TABLES.items() for name in table]
-LISTS = {"compress.methods"}  # keys that take a list of names
+LISTS = {"compress.methods", "explain.methods"}  # keys that take a list of names
 
 
 def _as_value(key: str, name: str):
@@ -83,6 +83,7 @@ DOCS = {
     "train.schedule.name": ("docs/training.md", "- Schedules:"),
     "sweep.strategy": ("docs/running.md", ""),  # "(`sweep.strategy`: `NAME`" in its paragraph
     "compress.methods": ("docs/training.md", "- Compression methods:"),
+    "explain.methods": ("docs/training.md", "- Attribution methods:"),
 }
 
 

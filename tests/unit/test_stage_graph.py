@@ -25,7 +25,7 @@ def test_each_dvc_stage_runs_the_cli_and_wires_its_hand_offs(stage):
     written = [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
     written += [next(iter(m)) for m in spec.get("metrics", [])]
     assert stage.hands_on in written
-    for need in stage.needs:  # a changed hand-off re-runs the stage after it
+    for need in (*stage.needs, *stage.after):  # a changed hand-off re-runs the stage after it
         assert graph.BY_NAME[need].hands_on in spec["deps"], need
 
 
@@ -35,9 +35,9 @@ def test_each_stage_is_a_cli_command_and_its_function_exists(stage):
     assert args.command == stage.name
     module, _, function = stage.function.partition(":")
     assert callable(getattr(importlib.import_module(module), function))
-    assert all(need in graph.BY_NAME for need in stage.needs)
+    assert all(need in graph.BY_NAME for need in (*stage.needs, *stage.after))
     earlier = [s.name for s in graph.STAGES[: graph.STAGES.index(stage)]]
-    assert set(stage.needs) <= set(earlier)  # the table is in an order that runs
+    assert set(stage.needs) | set(stage.after) <= set(earlier)  # an order that runs
 
 
 def test_a_stage_without_its_hand_offs_is_refused(tmp_path):
