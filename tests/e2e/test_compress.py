@@ -1,6 +1,6 @@
 """`pipeline compress` as a user runs it on digits: a distilled student, a pruned network and an
-int8 ONNX model, each its own run linked to the teacher, registered, and served by `pipeline
-predict`, `mlflow.pyfunc` and `mlflow models serve`; a killed distillation resumes."""
+int8 ONNX model, each its own run linked to the teacher, explained, registered, and served by
+`pipeline predict`, `mlflow.pyfunc` and `mlflow models serve`; a killed distillation resumes."""
 
 import json
 import signal
@@ -96,6 +96,16 @@ def test_compress_makes_smaller_challengers_linked_to_their_teacher_that_serve(
         assert (
             f"pipeline compress --set 'compress.methods=[{method}]' --set 'compress.teacher" in text
         )
+        # explained before it was registered; int8 has no gradients, so occlusion alone
+        explained = client.download_artifacts(r["run_id"], "explain/summary.json", str(tmp_path))
+        summary = json.loads(open(explained).read())
+        if method == "quantize":
+            assert summary["methods"] == ["occlusion"]
+            assert "needs gradients" in summary["skipped"]["integrated_gradients"]
+            assert "`integrated_gradients` not run: needs gradients" in text
+        else:
+            assert summary["methods"] == ["integrated_gradients", "occlusion"], method
+        assert "## Explanations" in text and "explain/class_means.png" in summary["files"]
 
     status = run(["pipeline", "status"], project).stdout
     for method in made:  # what each version is

@@ -66,6 +66,10 @@ def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
     )
     history = _client(project).get_metric_history(v1["run_id"], "val_loss")
     assert len(history) == 12
+    explained = {a.path for a in _client(project).list_artifacts(v1["run_id"], "explain")}
+    assert {"explain/summary.json", "explain/class_means.png"} <= explained  # the explain task
+    card = open(_client(project).download_artifacts(v1["run_id"], "model_card.md")).read()
+    assert "## Explanations" in card and "`integrated_gradients` (" in card  # before register
 
     # A shorter recipe from the trigger form: above the floor, below the champion -> not promoted.
     _dag_test(project, conf={"optimizer": "sgd", "lr": 0.05, "epochs": 3})
