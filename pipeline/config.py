@@ -143,6 +143,29 @@ class CudaConfig(_Block):
     compile: bool = False  # torch.compile the model (slower start, faster steps)
 
 
+class PrivacyConfig(_Block):
+    """DP-SGD (Abadi et al. 2016) through Opacus: Poisson-sampled batches, each example's
+    gradient clipped to `max_grad_norm`, Gaussian noise of noise_multiplier x max_grad_norm
+    added; the accountant turns them into the (epsilon, delta) guarantee."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = Field(None, gt=0)  # sigma; or give target_epsilon
+    target_epsilon: float | None = Field(None, gt=0)  # the sigma that reaches it is solved for
+    max_grad_norm: float = Field(1.0, gt=0)  # per-example gradient clip
+    delta: float | None = Field(None, gt=0, lt=1)  # null: min(1e-5, 1 / (10 N)); < 1 / N
+    accountant: Literal["prv", "rdp", "gdp"] = "prv"
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacyConfig:
+        given = [self.noise_multiplier is not None, self.target_epsilon is not None]
+        if self.enabled and sum(given) != 1:
+            raise ValueError(
+                "train.privacy needs exactly one of noise_multiplier (sigma, e.g. 1.0) and "
+                "target_epsilon (e.g. 8)"
+            )
+        return self
+
+
 class TrainConfig(_Block):
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -160,11 +183,21 @@ class TrainConfig(_Block):
     resident_max_mb: int = Field(1024, ge=0)  # auto on CPU: keep at most this much in memory
     deterministic: bool = False  # deterministic algorithms (slower on GPU)
     max_bad_steps: int = Field(10, ge=1)  # a NaN/Inf loss stops training within this many steps
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _early_stopping_needs_validation(self) -> TrainConfig:
         if self.early_stopping.patience and not self.val_fraction:
             raise ValueError("early_stopping.patience > 0 needs train.val_fraction > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_clips_per_example(self) -> TrainConfig:
+        if self.privacy.enabled and self.grad_clip:
+            raise ValueError(
+                "train.grad_clip is off under train.privacy: each example's gradient is clipped "
+                "to train.privacy.max_grad_norm instead; set train.grad_clip=0"
+            )
         return self
 
 
@@ -183,6 +216,8 @@ class RegisterConfig(_Block):
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     min_size_ratio: float = Field(2.0, ge=1)
     min_macs_ratio: float = Field(1.0, ge=1)  # 1: no more MACs (int8 keeps its float MACs)
+    # Refuse a challenger whose DP-SGD epsilon (train.privacy) is above this, or that has none.
+    max_epsilon: float | None = Field(None, gt=0)  # null = off
 
 
 class DistillConfig(_Block):

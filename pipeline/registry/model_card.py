@@ -43,6 +43,7 @@ def render(
         f"`{lineage['params']['hash']}`",
         f"- code: git `{lineage['git']['commit']}`"
         + (" (uncommitted changes)" if lineage["git"]["dirty"] else ""),
+        *_privacy(tags, spec),
         "",
         *_compression(tags, metrics),
         "## Data",
@@ -203,6 +204,20 @@ def _compression(tags: dict, metrics: dict) -> list[str]:
         lines.append("")
         lines.append("Speed measured on CPU in one process, one model after the other.")
     return [*lines, ""]
+
+
+def _privacy(tags: dict, spec) -> list[str]:
+    """DP-SGD's guarantee (the run's privacy.* tags), or why a model made from a private one
+    has none."""
+    if "privacy.epsilon" in tags:
+        norm = "; its batch norms became group norms" if spec.norm == "group" else ""
+        return [
+            f"- privacy: trained with DP-SGD (Opacus), epsilon {float(tags['privacy.epsilon']):.3g}"
+            f" at delta {float(tags['privacy.delta']):.3g}: whether any one training image was "
+            f"in the data changes what the model does by a factor of at most "
+            f"e^{float(tags['privacy.epsilon']):.3g}, except with probability delta{norm}"
+        ]
+    return [f"- privacy: {tags['privacy.note']}"] if "privacy.note" in tags else []
 
 
 def _explanations(summary: dict | None) -> list[str]:

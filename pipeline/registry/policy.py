@@ -31,6 +31,7 @@ def decide(
         "challenger": challenger[metric],
         "champion": champion.get(metric) if champion else None,
         **{f"challenger_{k}": challenger[k] for k in FIGURES + MEASURED if k in challenger},
+        **{f"challenger_{k}": challenger[k] for k in PRIVACY if k in challenger},
         **{f"champion_{k}": champion[k] for k in FIGURES if champion and k in champion},
     }
     for rule in RULES:
@@ -70,6 +71,32 @@ def incompatible_champion(policy, challenger, champion, incompatible):
         "(register.model_name), or replace the champion on purpose with `pipeline promote "
         "NAME/VERSION --force --reason ...`"
     )
+
+
+# DP-SGD's guarantee of the challenger (its run's privacy.* tags), or a note on why it has none.
+PRIVACY = ("epsilon", "delta", "privacy_note")
+
+
+def privacy(policy, challenger, champion, incompatible):
+    """With `max_epsilon`, refused when the challenger's DP-SGD epsilon is above it, or when
+    it has none (trained without train.privacy, or made from a private teacher by using the
+    data again outside DP-SGD)."""
+    if policy.max_epsilon is None:
+        return None
+    epsilon = challenger.get("epsilon")
+    if epsilon is None:
+        why = challenger.get("privacy_note") or "trained without train.privacy"
+        return False, (
+            f"no epsilon: {why}; register.max_epsilon {policy.max_epsilon:g} asks for a model "
+            "trained with DP-SGD"
+        )
+    if epsilon > policy.max_epsilon:
+        return False, (
+            f"epsilon {epsilon:.3g} (delta {challenger['delta']:.3g}) is above "
+            f"register.max_epsilon {policy.max_epsilon:g}: more noise (train.privacy."
+            "noise_multiplier) or fewer epochs spend less"
+        )
+    return None
 
 
 def first_model(policy, challenger, champion, incompatible):
@@ -148,7 +175,7 @@ def recall_guard(policy, challenger, champion, incompatible):
     return False, f"recall dropped more than {policy.max_recall_drop:.4f} vs the champion: {listed}"
 
 
-RULES = (floor, incompatible_champion, first_model, improvement, recall_guard)
+RULES = (floor, incompatible_champion, privacy, first_model, improvement, recall_guard)
 
 
 def hold_experiment(decision: Decision, experiment: str, ref: str) -> Decision:
@@ -181,6 +208,7 @@ def report_markdown(report: dict) -> str:
         f"| champion | {f'v{champion}' if champion else '-'} | {_fmt(scores.get('champion'))} |",
         "",
         *_costs(scores),
+        *_privacy_line(scores),
         f"- scored on data version `{report['data_md5']}` (both models, same test split)"
         if report["data_md5"]
         else "- not scored: forced past the policy",
@@ -221,10 +249,23 @@ def _costs(scores: dict) -> list[str]:
     return lines
 
 
+def _privacy_line(scores: dict) -> list[str]:
+    """The challenger's DP-SGD guarantee, or why it has none."""
+    if "challenger_epsilon" in scores:
+        return [
+            f"- privacy: epsilon {scores['challenger_epsilon']:.3g} at delta "
+            f"{scores['challenger_delta']:.3g} (DP-SGD)"
+        ]
+    if "challenger_privacy_note" in scores:
+        return [f"- privacy: {scores['challenger_privacy_note']}"]
+    return []
+
+
 def _policy(p: dict) -> str:
     guard = "off" if p["max_recall_drop"] is None else f"{p['max_recall_drop']:g}"
     shown = {"model_name", "metric", "floor", "min_improvement", "max_recall_drop"}
     shown |= {"promote_experiments", "max_accuracy_drop", "min_size_ratio", "min_macs_ratio"}
+    shown |= {"max_epsilon"}
     more = "".join(f", {key} {value}" for key, value in p.items() if key not in shown)
     experiments = "may promote" if p.get("promote_experiments") else "stay challenger"
     drop = p.get("max_accuracy_drop")
@@ -234,9 +275,12 @@ def _policy(p: dict) -> str:
         else f"or within {drop:g} of the champion when >= {p['min_size_ratio']:g}x smaller and "
         f">= {p['min_macs_ratio']:g}x fewer MACs"
     )
+    epsilon = p.get("max_epsilon")
+    private = "" if epsilon is None else f", DP-SGD epsilon <= {epsilon:g}"
     return (
         f"{p['metric']} >= floor {p['floor']:g}, >= champion {p['min_improvement']:+g} "
-        f"({efficiency}), per-class recall drop <= {guard}{more}; DVC experiments {experiments}"
+        f"({efficiency}), per-class recall drop <= {guard}{private}{more}; DVC experiments "
+        f"{experiments}"
     )  # `more`: settings of rules added later
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import choices, interrupts
-from pipeline.config import Config, ConfigError, resolved_config
+from pipeline.config import Config, ConfigError, PrivacyConfig, resolved_config
 from pipeline.context import RunContext
 from pipeline.settings import Settings
 
@@ -71,6 +71,7 @@ def compress_stage(
             "compress.teacher_model": teacher.model,
             "compress.scope": scope,
             **{f"compress.{method}.{k}": json.dumps(v) for k, v in settings_.items()},
+            **_privacy_note(teacher, method),
             "mlflow.runName": f"{cfg.base.dataset}-{teacher.config.train.model.name}-{method}",
         }
         made = ctx.with_(scope=scope, tags=tags)
@@ -197,10 +198,32 @@ def _preflight(cfg: Config, teacher: Teacher) -> None:
 
 def _recipe_config(cfg: Config, teacher: Teacher) -> Config:
     """The teacher's training recipe (train block, as resolved) under this config's base,
-    tracking and register settings."""
+    tracking and register settings; never DP-SGD (`_privacy_note`)."""
     made = cfg.model_copy(deep=True)
     made.train = teacher.config.train.model_copy(deep=True)
+    made.train.privacy = PrivacyConfig()
     return made
+
+
+HOW_DATA_IS_USED = {
+    "distill": "the student learns on the training images without DP-SGD",
+    "prune": "it is fine-tuned on the training images without DP-SGD",
+    "quantize": "its activation ranges are calibrated on training images",
+}
+
+
+def _privacy_note(teacher: Teacher, method: str) -> dict:
+    """A result of a private teacher has no epsilon of its own: the training data is used
+    again outside DP-SGD. Said in a run tag, which the promotion policy and its report read."""
+    epsilon = teacher.tags.get("privacy.epsilon")
+    if epsilon is None:
+        return {}
+    delta, name = teacher.tags.get("privacy.delta"), teacher.model or teacher.run_id
+    return {
+        "privacy.note": f"made by {method} from a private teacher ({name}, epsilon "
+        f"{float(epsilon):.3g} at delta {float(delta):.3g}), but {HOW_DATA_IS_USED[method]}: "
+        "no epsilon of its own"
+    }
 
 
 def distill(cfg: Config, settings: Settings, validation: dict, teacher: Teacher, ctx) -> str:

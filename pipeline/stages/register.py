@@ -19,6 +19,7 @@ def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict, 
     from pipeline.registry import policy, promotion
 
     efficiency = cfg.register_.max_accuracy_drop is not None
+    challenger = {**challenger, **_privacy(client.get_run(run_id).data.tags)}
     if efficiency:
         challenger = {**challenger, **_figures(run_id)}
     for _ in range(3):
@@ -34,6 +35,14 @@ def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict, 
         if (now and now.version) == (champion and champion.version):
             return decision, champion
     raise RuntimeError(f"the champion of {name} kept moving during this promotion; run it again")
+
+
+def _privacy(tags: dict) -> dict:
+    """The run's DP-SGD guarantee (`epsilon`, `delta`) or why it has none (`privacy_note`),
+    as the policy reads them."""
+    if "privacy.epsilon" in tags:
+        return {"epsilon": float(tags["privacy.epsilon"]), "delta": float(tags["privacy.delta"])}
+    return {"privacy_note": tags["privacy.note"]} if "privacy.note" in tags else {}
 
 
 def _figures(run_id: str) -> dict:
@@ -110,9 +119,11 @@ def register_stage(
             raise RuntimeError(f"run {run_id} has no {metric}; run `pipeline evaluate` first")
         record = lineage.of_run(run_id)
         found = versions.find_version(client, name, run_id)
+        private = {k: v for k, v in run.data.tags.items() if k.startswith("privacy.")}
         version = found or versions.create_version(
-            client, name, run, {**lineage.tags(record), metric: str(run.data.metrics[metric])}
-        )
+            client, name, run,
+            {**lineage.tags(record), **private, metric: str(run.data.metrics[metric])},
+        )  # fmt: skip
         v = int(version.version)
         spec = write_card(client, name, v, run_id, record)
         versions.tag_inputs(client, name, v, spec.input_contract())

@@ -18,6 +18,9 @@ from pipeline.data import check_validated, read_dataset
 from pipeline.settings import Settings
 from pipeline.tracking import recorder
 
+# DP-SGD's guarantee, on the run as params and tags; register copies the tags to the version.
+PRIVACY_TAGS = ("privacy.epsilon", "privacy.delta")
+
 
 class Pruned(Exception):
     """Raised by an `on_epoch` callback to stop a trial early (a search's pruner)."""
@@ -51,7 +54,9 @@ def train_stage(
     into the same MLflow run. `on_epoch(row)` sees each epoch after it is logged; raising
     `Pruned` ends the run as KILLED, tagged with the epoch it stopped at. `recipe(dataset)`
     gives more arguments for the engine's `fit` (a `loss` hook, a `start` model: the compress
-    stage); its identity goes in `ctx.scope`. Raises DataError for
+    stage); its identity goes in `ctx.scope`. With train.privacy, each epoch's `epsilon` is a
+    metric and the final guarantee (`privacy.epsilon`, `privacy.delta`, the noise multiplier,
+    ...) run params and tags. Raises DataError for
     untracked or unvalidated data, TrainingDiverged when the loss stays NaN/Inf.
     """
     ctx = ctx or RunContext()
@@ -134,7 +139,9 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
         _save_model(result, ds, Path(folder))
         stopped = str(result.stopped_early).lower()
         tags = {"train.stopped_early": stopped, "train.loader": result.loader}
-        tracking.end("FINISHED", tags, artifacts=Path(folder))
+        guarantee = {f"privacy.{k}": v for k, v in (result.privacy or {}).items()}
+        tags |= {k: str(v) for k, v in guarantee.items() if k in PRIVACY_TAGS}
+        tracking.end("FINISHED", tags, artifacts=Path(folder), params=guarantee)
         ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
     return {"run_id": tracking.run_id, "data_md5": data["data_md5"]}
 

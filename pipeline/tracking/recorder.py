@@ -128,15 +128,26 @@ class Recorder(_Recording):
     def epoch(self, row: dict) -> None:
         log_epoch(self.client, self.run_id, row)
 
-    def end(self, status: str, tags: dict | None = None, artifacts: Path | None = None) -> None:
-        """Log the files under `artifacts` (paths kept), set `tags`, stop the sampler (its last
-        samples logged) and close the run as `status`."""
-        from mlflow.entities import RunTag
+    def end(
+        self,
+        status: str,
+        tags: dict | None = None,
+        artifacts: Path | None = None,
+        params: dict | None = None,
+    ) -> None:
+        """Log the files under `artifacts` (paths kept), set `tags` and `params` (what is known
+        only at the end, such as DP-SGD's epsilon), stop the sampler (its last samples logged)
+        and close the run as `status`."""
+        from mlflow.entities import Param, RunTag
 
         if artifacts is not None:
             self.client.log_artifacts(self.run_id, str(artifacts))
-        if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if tags or params:
+            self.client.log_batch(
+                self.run_id,
+                params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                tags=[RunTag(k, v) for k, v in (tags or {}).items()],
+            )
         self.monitor.finish()
         self.client.set_terminated(self.run_id, status)
 
@@ -181,9 +192,15 @@ class Child(_Recording):
         self.check()
         self._send(("epoch", row))
 
-    def end(self, status: str, tags: dict | None = None, artifacts: Path | None = None) -> None:
+    def end(
+        self,
+        status: str,
+        tags: dict | None = None,
+        artifacts: Path | None = None,
+        params: dict | None = None,
+    ) -> None:
         if not self._unopened:
-            self._send(("end", status, tags, artifacts))
+            self._send(("end", status, tags, artifacts, params))
             self._reply("ended")
         self.close()
 

@@ -78,7 +78,7 @@ class ResidentBatches:
 
     kind = "resident"
 
-    def __init__(self, rows: Rows, device, batch_size: int, dist, memory_format):
+    def __init__(self, rows: Rows, device, batch_size: int, dist, memory_format, poisson=False):
         self.x = torch.empty((len(rows), *rows.shape), dtype=torch.float32, device=device)
         start = 0
         for images, _ in rows.chunks():
@@ -86,12 +86,11 @@ class ResidentBatches:
             start += len(images)
         self.x = self.x.contiguous(memory_format=memory_format)
         self.y = torch.from_numpy(rows.labels).to(device)
-        self.batch_size, self.dist = batch_size, dist
+        self.batch_size, self.dist, self.poisson = batch_size, dist, poisson
         self.n, self.samples = len(self.y), len(self.y) // dist.world  # per process, equal
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = _shard(torch.randperm(self.n, device=self.x.device, generator=generator), self)
-        for idx in order.split(self.batch_size):
+        for idx in _index_batches(self, generator, self.x.device):
             yield self.x[idx], self.y[idx]
 
     def in_order(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,11 +105,11 @@ class StreamingBatches:
 
     kind = "stream"
 
-    def __init__(self, rows: Rows, device, batch_size: int, dist, memory_format):
+    def __init__(self, rows: Rows, device, batch_size: int, dist, memory_format, poisson=False):
         from torch.utils.data import DataLoader
 
         self.rows, self.device, self.memory_format = rows, device, memory_format
-        self.batch_size, self.dist = batch_size, dist
+        self.batch_size, self.dist, self.poisson = batch_size, dist, poisson
         self.n, self.samples = len(rows), len(rows) // dist.world
         self.order: list[np.ndarray] = []
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
@@ -131,8 +130,7 @@ class StreamingBatches:
         return len(self.order)
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = _shard(torch.randperm(self.n, generator=generator), self)
-        self.order = [idx.numpy() for idx in perm.split(self.batch_size)]
+        self.order = [idx.numpy() for idx in _index_batches(self, generator, torch.device("cpu"))]
         for xb, yb in self.loader:
             yield self._to_device(xb, yb)
 
@@ -160,6 +158,19 @@ class _RowBatches:
         return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+def _index_batches(batches, generator: torch.Generator, device) -> list[torch.Tensor]:
+    """This epoch's batches as row indices: slices of a permutation, or with `poisson` (DP-SGD)
+    ceil(N / batch_size) Poisson samples, each row in each independently with probability
+    batch_size / N, as the privacy accountant assumes (batch sizes vary around batch_size)."""
+    n, size = batches.n, batches.batch_size
+    if batches.poisson:
+        return [
+            torch.nonzero(torch.rand(n, device=device, generator=generator) < size / n)[:, 0]
+            for _ in range(math.ceil(n / size))
+        ]
+    return list(_shard(torch.randperm(n, device=device, generator=generator), batches).split(size))
+
+
 def _shard(order: torch.Tensor, batches) -> torch.Tensor:
     """This rank's equal share of the epoch's permutation (every rank draws the same one)."""
     dist = batches.dist
@@ -168,9 +179,12 @@ def _shard(order: torch.Tensor, batches) -> torch.Tensor:
     return order[: batches.samples * dist.world][dist.rank :: dist.world]
 
 
-def make_batches(rows: Rows, cfg: TrainConfig, device, dist, memory_format, batch_size: int):
+def make_batches(
+    rows: Rows, cfg: TrainConfig, device, dist, memory_format, batch_size: int, poisson=False
+):
     """An iterable of (images float32 (B, C, H, W) 0..255 on `device`, labels int64 (B,))
-    batches of `batch_size` rows (each rank's share under torchrun), reshuffled each epoch.
+    batches of `batch_size` rows (each rank's share under torchrun), reshuffled each epoch;
+    with `poisson`, Poisson samples of expected size `batch_size` (`_index_batches`).
 
     Resident (the rows copied to the device once) when `train.loader` says so, or (auto) when
     the float32 rows fit: half the free device memory on CUDA, `train.resident_max_mb` of host
@@ -184,4 +198,4 @@ def make_batches(rows: Rows, cfg: TrainConfig, device, dist, memory_format, batc
             budget = cfg.resident_max_mb * 2**20
         loader = "resident" if need <= budget else "stream"
     kind = ResidentBatches if loader == "resident" else StreamingBatches
-    return kind(rows, device, batch_size, dist, memory_format)
+    return kind(rows, device, batch_size, dist, memory_format, poisson)

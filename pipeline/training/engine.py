@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -48,6 +49,9 @@ class FitResult:
     stopped_early: bool = False
     loader: str = "resident"  # how the training rows were fed: resident | stream
     steps_per_epoch: int = 0  # optimizer steps per epoch (the schedule's x axis)
+    # DP-SGD's guarantee: {"epsilon", "delta", "noise_multiplier", "sample_rate",
+    # "max_grad_norm", "accountant"}; None when trained without train.privacy
+    privacy: dict | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +98,9 @@ def fit(
         e.g. `compression.distillation_loss`; `inputs` are the batch the model saw (augmented).
     start: (spec, state dict) of a model to continue from instead of a fresh one of
         `cfg.model` (a pruned network, fine-tuned).
+    With `cfg.privacy.enabled`, DP-SGD (`privacy.make_private`): Poisson-sampled batches,
+    per-example clipping and noise, each epoch's `epsilon` in its row; batch norms become group
+    norms (recorded in the spec as norm "group"). Single process only.
     Returns a FitResult: the model (normalization in front, eval mode), its spec and the
     epoch history. Raises ConfigError for `lr: auto` (resolve it first) and TrainingDiverged
     after `cfg.max_bad_steps` NaN/Inf losses. Under torchrun every rank calls this; rank 0
@@ -124,12 +131,16 @@ def fit(
             spec, weights = start
             model = rebuild(spec)
             model.load_state_dict(weights)
+        if cfg.privacy.enabled:
+            spec, model = _private_model(spec, model, dist)
         model = model.to(device)
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         fmt = torch.channels_last if cuda and cfg.cuda.channels_last and has_conv else None
         fmt = fmt or torch.contiguous_format
         model = model.to(memory_format=fmt)
-        batches = make_batches(train_part, cfg, device, dist, fmt, cfg.batch_size)
+        batches = make_batches(
+            train_part, cfg, device, dist, fmt, cfg.batch_size, poisson=cfg.privacy.enabled
+        )
         val = None
         if val_part is not None:
             val = make_batches(val_part, cfg, device, distributed.Dist(), fmt, cfg.batch_size * 4)
@@ -140,6 +151,25 @@ def fit(
     finally:
         _set_deterministic(was_deterministic)
         torch.set_flush_denormal(False)
+
+
+def _private_model(spec: ModelSpec, model: nn.Module, dist) -> tuple[ModelSpec, nn.Module]:
+    """The model DP-SGD trains: batch norms (which mix examples) replaced by group norms, said
+    and recorded in the spec so that `rebuild` makes the same network."""
+    from dataclasses import replace
+
+    from pipeline.training.models import group_norms
+
+    if dist.enabled:
+        raise ConfigError("train.privacy runs in one process; train without --nproc")
+    if group_norms(model):
+        print(
+            "train.privacy: batch norms replaced by group norms (DP-SGD needs per-example "
+            "gradients); the model's spec records it (norm: group)",
+            file=sys.stderr,
+        )
+        spec = replace(spec, norm="group")
+    return spec, model
 
 
 def _configure_backends(cfg: TrainConfig, cuda: bool) -> None:
@@ -194,6 +224,7 @@ class _Loop:
         self.optimizer = build_optimizer(
             model, cfg.optimizer, fused=cuda and cfg.cuda.fused_optimizer
         )
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         # The functional form: a module call adds ~2.5 us of hooks bookkeeping per step on CPU.
         self.loss_fn = partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
         self.loss_hook = loss
@@ -206,9 +237,17 @@ class _Loop:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        self.private = None
+        if cfg.privacy.enabled:
+            from pipeline.training import privacy
+
+            self.private = privacy.make_private(
+                model, self.optimizer, cfg.privacy, batches.n, cfg.batch_size, cfg.epochs,
+                self.generator,
+            )  # fmt: skip
+            self.optimizer, self.net = self.private.optimizer, self.private.module
         if cuda and cfg.cuda.compile:
             self.net = torch.compile(self.net)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.steps_per_epoch = -(-batches.samples // cfg.batch_size)
         self.augment = cfg.augment.crop_padding > 0 or cfg.augment.flip
         self.state = LoopState()
@@ -242,7 +281,23 @@ class _Loop:
             stopped_early,
             self.batches.kind,
             self.steps_per_epoch,
+            self._guarantee(),
         )
+
+    def _guarantee(self) -> dict | None:
+        """DP-SGD's (epsilon, delta) and what made it; the model loses its per-example hooks."""
+        if self.private is None:
+            return None
+        self.private.module.to_standard_module()  # per-example hooks and buffers removed
+        p = self.cfg.privacy
+        return {
+            "epsilon": self.private.epsilon(),
+            "delta": self.private.delta,
+            "noise_multiplier": self.private.noise_multiplier,
+            "sample_rate": self.private.sample_rate,
+            "max_grad_norm": p.max_grad_norm,
+            "accountant": p.accountant,
+        }
 
     def train_epoch(self, epoch: int, progress: Progress | None) -> dict:
         cfg, optimizer, base_lr = self.cfg, self.optimizer, self.cfg.optimizer.lr
@@ -255,6 +310,13 @@ class _Loop:
         for i, (xb, yb) in enumerate(self.batches.epoch(self.generator), start=1):
             if stop:
                 interrupts.check()
+            if not len(yb):  # an empty Poisson sample, probability (1 - q)^N: about e^-batch
+                self.private.accountant.step(
+                    noise_multiplier=self.private.noise_multiplier,
+                    sample_rate=self.private.sample_rate,
+                )  # still counted: skipping it adds at most that probability to delta
+                state.step += 1
+                continue
             if self.augment:
                 xb = crop_flip(
                     xb,
@@ -288,13 +350,16 @@ class _Loop:
         if not torch.isfinite(loss_sum):
             self._diverged(epoch)
         seconds = time.perf_counter() - started
-        return {
+        row = {
             "epoch": epoch,
             "lr": lr_at_start,
             "train_loss": float(distributed.mean(loss_sum / max(1, i), self.dist)),
             "epoch_seconds": seconds,
             "samples_per_second": self.batches.samples * self.dist.world / seconds,
         }
+        if self.private is not None:
+            row["epsilon"] = self.private.epsilon()  # spent so far, at the run's delta
+        return row
 
     def _scaled_step(self, loss: torch.Tensor) -> None:
         """fp16: scale the loss so small gradients survive; the scaler skips inf/NaN steps."""
@@ -349,6 +414,7 @@ class _Loop:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "rng": checkpoint.rng_state(self.generator),
+            "privacy": self.private.state_dict() if self.private is not None else None,
         }
 
     def _restore(self, state: dict) -> None:
@@ -363,3 +429,10 @@ class _Loop:
             self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState.from_checkpoint(state)
         checkpoint.restore_rng(state["rng"], self.generator)
+        if self.private is not None:
+            if not state.get("privacy"):
+                raise CheckpointError(
+                    "the checkpoint was written without train.privacy and holds no privacy "
+                    "accountant; delete it or train without --resume"
+                )
+            self.private.load_state_dict(state["privacy"])

@@ -7,6 +7,7 @@ names them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -127,6 +128,9 @@ class ModelSpec:
     # Layers whose width differs from what `model` builds (structured pruning): module name in
     # the rebuilt network -> [in, out] channels or features ([n, n] for a norm). None: as built.
     layers: dict | None = None
+    # "group": every batch norm replaced by a group norm (DP-SGD needs per-sample gradients,
+    # which batch norm mixes across the batch); None: as built.
+    norm: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelSpec:
@@ -138,6 +142,7 @@ class ModelSpec:
             float(raw["std"]),
             raw.get("contract"),
             raw.get("layers"),
+            raw.get("norm"),
         )
 
     def input_contract(self):
@@ -156,13 +161,30 @@ class ModelSpec:
 
 
 def rebuild(spec: ModelSpec) -> nn.Module:
-    """The network described by `spec` (pruned layers at their recorded widths), with freshly
-    initialized weights."""
+    """The network described by `spec` (pruned layers at their recorded widths, group norms
+    where `spec.norm` says so), with freshly initialized weights."""
     net = build_model(ModelConfig(**spec.model), spec.shape, len(spec.classes))
     model = nn.Sequential(Normalize(spec.mean, spec.std), net)
+    if spec.norm == "group":
+        group_norms(model)
     for name, (cin, cout) in (spec.layers or {}).items():
         model.set_submodule(name, _resized(model.get_submodule(name), cin, cout))
     return model
+
+
+def group_norms(model: nn.Module) -> bool:
+    """Replace every batch norm of `model` in place by a group norm of gcd(32, channels) groups,
+    Opacus's rule (`ModuleValidator.fix`, after Wu and He 2018). True when one was replaced."""
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    for name, m in found:
+        model.set_submodule(
+            name, nn.GroupNorm(math.gcd(32, m.num_features), m.num_features, affine=m.affine)
+        )
+    return bool(found)
 
 
 RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm)

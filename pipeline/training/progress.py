@@ -72,7 +72,8 @@ def describe(row: dict, epochs: int) -> str:
         if "val_loss" in row
         else ""
     )
+    spent = f" epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""  # DP-SGD so far
     return (
         f"epoch {row['epoch']:>3}/{epochs} lr {row['lr']:.2e} train_loss {row['train_loss']:.4f}"
-        f"{val} {row['samples_per_second']:,.0f} img/s ({row['epoch_seconds']:.2f}s)"
+        f"{val}{spent} {row['samples_per_second']:,.0f} img/s ({row['epoch_seconds']:.2f}s)"
     )

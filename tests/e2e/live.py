@@ -1,9 +1,11 @@
-"""Helpers for tests that run the long-lived services (`make up`) and talk to them over HTTP."""
+"""Helpers for tests that run the long-lived services (`make up`) and talk to them over HTTP, and
+that stop a training part-way."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -140,3 +142,35 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: int = 90) -> None:
         except OSError:
             time.sleep(0.25)
     raise RuntimeError(f"{url} did not answer")
+
+
+def kill_after_epoch(
+    project: Path, command: list[str], epoch: int, sig=signal.SIGKILL, recorder_too=False
+) -> str:
+    """Send `sig` to a training `command` (`pipeline train ...`, `pipeline compress ...`) as
+    soon as it reports `epoch` (its checkpoint is on disk); returns what it said after that.
+    `recorder_too`: SIGKILL its MLflow recorder process first, as a machine that loses power
+    would."""
+    import psutil
+
+    proc = subprocess.Popen(
+        command,
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:
+        if line.startswith(f"epoch {epoch:>3}/"):
+            if recorder_too:
+                (recorder,) = psutil.Process(proc.pid).children()
+                recorder.kill()
+                recorder.wait(timeout=30)
+            proc.send_signal(sig)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    expected = -sig if sig == signal.SIGKILL else 128 + sig
+    assert proc.returncode == expected, f"training ended {proc.returncode}: {rest[-2000:]}"
+    return rest

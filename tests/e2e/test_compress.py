@@ -3,8 +3,6 @@ int8 ONNX model, each its own run linked to the teacher, explained, registered, 
 `pipeline predict`, `mlflow.pyfunc` and `mlflow models serve`; a killed distillation resumes."""
 
 import json
-import signal
-import subprocess
 
 import mlflow
 import numpy as np
@@ -12,8 +10,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.conftest import project_env, run
-from tests.e2e.live import ServedModel
+from tests.conftest import run
+from tests.e2e.live import ServedModel, kill_after_epoch
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
@@ -179,20 +177,7 @@ def test_a_killed_distillation_resumes_into_its_run_and_a_retry_makes_nothing_tw
     project = registered
     sets = ["--set", "compress.methods=[distill]", "--set", "compress.distill.epochs=25"]
     sets += ["--set", "register.floor=0", "--set", "compress.latency_runs=20"]
-    proc = subprocess.Popen(
-        ["pipeline", "compress", *sets],
-        cwd=project,
-        env=project_env(project),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
-        if line.startswith("epoch   3/25"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.stderr.read()
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    kill_after_epoch(project, ["pipeline", "compress", *sets], 3)
     checkpoints = list((project / "outputs" / "checkpoints").glob("*.pt"))
     assert len(checkpoints) == 1
 

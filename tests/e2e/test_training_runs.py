@@ -5,15 +5,14 @@ import os
 import pickle
 import signal
 import socket
-import subprocess
 import time
 
-import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from tests.conftest import project_env, run
+from tests.e2e.live import kill_after_epoch
 
 pytestmark = pytest.mark.slow
 SMALL = [
@@ -46,30 +45,7 @@ def _weights(client, run_id, tmp) -> dict:
 
 
 def _kill_after_epoch(project, epoch: int, sig=signal.SIGKILL, recorder_too=False) -> str:
-    """Send `sig` to `pipeline train` as soon as it reports `epoch` (its checkpoint is on disk);
-    returns what it said after that. `recorder_too`: SIGKILL its MLflow recorder process first,
-    as a machine that loses power would."""
-    proc = subprocess.Popen(
-        ["pipeline", "train", *SMALL],
-        cwd=project,
-        env=project_env(project),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
-        if line.startswith(f"epoch {epoch:>3}/"):
-            if recorder_too:
-                (recorder,) = psutil.Process(proc.pid).children()
-                recorder.kill()
-                recorder.wait(timeout=30)
-            proc.send_signal(sig)
-            break
-    rest = proc.stderr.read()
-    proc.wait(timeout=60)
-    expected = -sig if sig == signal.SIGKILL else 128 + sig
-    assert proc.returncode == expected, f"training ended {proc.returncode}: {rest[-2000:]}"
-    return rest
+    return kill_after_epoch(project, ["pipeline", "train", *SMALL], epoch, sig, recorder_too)
 
 
 def _ended(project, run_id: str, seconds: int = 60):

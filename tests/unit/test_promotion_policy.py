@@ -133,3 +133,60 @@ def test_without_the_option_a_smaller_but_less_accurate_model_is_refused_as_befo
     decision = decide(RegisterConfig(), sized(0.986, 25_000, 100_000, 500_000), TEACHER)
     assert (decision.promote, decision.rule) == (False, "improvement")
     assert "efficiency" not in decision.reason
+
+
+PRIVATE = RegisterConfig(floor=0.9, max_epsilon=8.0)
+
+
+@pytest.mark.parametrize(
+    ("privacy", "champion", "promote", "rule", "said"),
+    [
+        ({"epsilon": 3.2, "delta": 1e-5}, None, True, "first_model", ""),
+        ({"epsilon": 3.2, "delta": 1e-5}, scores(0.95), True, "improvement", ""),
+        (
+            {"epsilon": 9.5, "delta": 1e-5},
+            None,
+            False,
+            "privacy",
+            "epsilon 9.5 (delta 1e-05) is above register.max_epsilon 8",
+        ),  # fmt: skip
+        ({}, scores(0.90), False, "privacy", "no epsilon: trained without train.privacy"),
+        (
+            {
+                "privacy_note": "made by distill from a private teacher (m/1, epsilon 3.2 at delta "
+                "1e-05), but ...: no epsilon of its own"
+            },
+            None,
+            False,
+            "privacy",
+            "no epsilon: made by distill from a private teacher",
+        ),  # fmt: skip
+    ],
+)
+def test_the_epsilon_gate_refuses_above_the_bound_and_without_an_epsilon(
+    privacy, champion, promote, rule, said
+):
+    decision = decide(PRIVATE, {**scores(0.96), **privacy}, champion)
+    assert (decision.promote, decision.rule) == (promote, rule), decision.reason
+    assert said in decision.reason
+    if "epsilon" in privacy:  # the report names it, promoted or not
+        assert decision.scores["challenger_epsilon"] == privacy["epsilon"]
+    off = decide(RegisterConfig(floor=0.9), {**scores(0.96), **privacy}, champion)
+    assert off.rule != "privacy"  # without max_epsilon nothing is asked
+
+
+def test_the_report_names_the_epsilon_or_why_there_is_none():
+    from pipeline.registry.policy import report_markdown
+
+    def report(privacy: dict) -> str:
+        d = decide(PRIVATE, {**scores(0.96), **privacy}, None)
+        return report_markdown({"model": "m", "version": 2, "metric": "test_accuracy",
+                                "decision": d.to_dict(), "champion_version": None,
+                                "data_md5": "abc", "policy": PRIVATE.model_dump(), "by": "t",
+                                "at": "2026-12-01T00:00:00+00:00"})  # fmt: skip
+
+    assert "- privacy: epsilon 3.2 at delta 1e-05 (DP-SGD)" in report(
+        {"epsilon": 3.2, "delta": 1e-5}
+    )
+    assert "DP-SGD epsilon <= 8" in report({})
+    assert "- privacy: made by distill" in report({"privacy_note": "made by distill ..."})
