@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist import OUT, pipeline, pulled_project  # noqa: E402
+from mnist import pipeline, pulled_project, write_result  # noqa: E402
 from scale import stage  # noqa: E402
 
 FIGURES = ("params", "model_bytes", "macs", "latency_p50_ms", "latency_p95_ms", "throughput")
@@ -75,10 +75,7 @@ def main() -> None:
         "rows": rows(result),
         "decisions": {r["method"]: r["registered"]["reason"] for r in result["results"]},
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    name = "compress-quick.json" if args.quick else "compress.json"
-    (OUT / name).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    write_result("compress", args.quick, out)
 
 
 if __name__ == "__main__":

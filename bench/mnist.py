@@ -158,6 +158,14 @@ print(json.dumps(out))
 PARTS = ("seed_vs_tutorial", "lenet", "dag", "lr_auto", "search")
 
 
+def write_result(name: str, quick: bool, result: dict) -> None:
+    """bench/out/NAME.json (NAME-quick.json for a smoke), and the same JSON on stdout."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2)
+    (OUT / f"{name}{'-quick' if quick else ''}.json").write_text(text + "\n")
+    print(text)
+
+
 def pulled_project(tmp: Path, quick: bool) -> tuple[Path, Path]:
     """(the MNIST files, a scratch project that pulled them): the real files, or with `quick`
     small synthetic ones in the same format (validation's clipping checks off for them)."""
@@ -205,10 +213,7 @@ def main() -> None:
             started = time.perf_counter()
             results[part] = runs[part]()
             print(f"{part}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    name = "mnist-quick.json" if args.quick else "mnist.json"
-    (OUT / name).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    write_result("mnist", args.quick, results)
 
 
 if __name__ == "__main__":
