@@ -31,6 +31,8 @@ def status(models: list[dict]) -> str:
             if v["status"] != "complete":
                 aliases = f"{aliases} ({v['status']})"
             made = f"  ({v['made_by']})" if v.get("made_by") else ""
+            if v.get("epsilon") is not None:
+                made += f"  (DP-SGD epsilon {v['epsilon']:.3g})"
             lines.append(
                 f"  v{v['version']:<3} {aliases:<30} test_accuracy {acc}  "
                 f"data {v['dataset']}@{v['data_md5']}  run {v['run_id']}{made}"

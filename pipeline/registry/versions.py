@@ -165,6 +165,10 @@ def model_status(client) -> list[dict]:
                     "status": v.tags.get(STATUS_TAG, "complete") if run else "run deleted",
                     # e.g. "quantize of image-classifier/1": what a compressed version came from
                     "made_by": _made_by(run.data.tags) if run else "",
+                    # DP-SGD's epsilon (train.privacy), None when trained without it
+                    "epsilon": float(v.tags["privacy.epsilon"])
+                    if "privacy.epsilon" in v.tags
+                    else None,
                     "created": v.creation_timestamp,
                 }
             )

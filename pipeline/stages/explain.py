@@ -22,6 +22,7 @@ from pipeline.registry.model_card import EXPLAINED
 from pipeline.settings import Settings
 
 FALLBACK = "occlusion"
+MEAN_CLASSES = 20  # columns of class_means.png: a figure people can still read
 KINDS = (
     ("class", "samples", "test images per class"),
     ("mistake", "mistakes", "worst mistakes"),
@@ -193,13 +194,9 @@ def _log(client, run_id, classes, images, sample: Sample, maps, summary, labels)
                     files.append(
                         plots.plot_attributions(images[rows], heat[rows], titles, heading, path)
                     )
-        files.append(
-            plots.plot_class_means(
-                _class_means(maps, sample, labels, len(classes)),
-                classes,
-                folder / "class_means.png",
-            )
-        )
+        if kinds.tolist().count("class"):
+            means, names = _class_means(maps, sample, labels, classes)
+            files.append(plots.plot_class_means(means, names, folder / "class_means.png"))
         summary["files"] = sorted(f"explain/{p.name}" for p in files)
         for path in files:
             client.log_artifact(run_id, str(path), "explain")
@@ -208,23 +205,18 @@ def _log(client, run_id, classes, images, sample: Sample, maps, summary, labels)
         client.log_metric(run_id, f"explain_ms_per_image.{name}", value)
 
 
-def _class_means(maps: dict, sample: Sample, labels, n_classes: int) -> dict[str, np.ndarray]:
-    """Per method, each class's mean of its sampled images' |attribution| maps, each image's
-    map scaled to sum 1 first so that no image outweighs the others; zeros for a class with
-    none sampled."""
+def _class_means(maps: dict, sample: Sample, labels, classes: list[str]):
+    """({method: (K, H, W)}, the K class names): per method, the mean of each sampled class's
+    |attribution| maps, each image's map scaled to sum 1 first so that no image outweighs the
+    others; the first `MEAN_CLASSES` classes with sampled images."""
     rows = np.array([k == "class" for k in sample.kind])
     truth = labels[sample.index]
+    shown = [k for k in range(len(classes)) if (rows & (truth == k)).any()][:MEAN_CLASSES]
     means = {}
     for name, heat in maps.items():
         share = np.abs(heat) / np.maximum(np.abs(heat).sum((1, 2), keepdims=True), 1e-12)
-        means[name] = np.stack(
-            [
-                share[rows & (truth == k)].mean(0) if (rows & (truth == k)).any()
-                else np.zeros(heat.shape[1:], np.float32)
-                for k in range(n_classes)
-            ]
-        )  # fmt: skip
-    return means
+        means[name] = np.stack([share[rows & (truth == k)].mean(0) for k in shown])
+    return means, [classes[k] for k in shown]
 
 
 def _rewrite_cards(client, run_id: str) -> None:
