@@ -198,6 +198,12 @@ class TrainConfig(_Block):
                 "train.grad_clip is off under train.privacy: each example's gradient is clipped "
                 "to train.privacy.max_grad_norm instead; set train.grad_clip=0"
             )
+        if self.privacy.enabled and self.optimizer.lr == "auto":
+            raise ValueError(
+                "train.optimizer.lr=auto is not run under train.privacy: the range test trains "
+                "on the data without DP-SGD, outside the epsilon; set a number (e.g. 0.1 with "
+                "sgd)"
+            )
         return self
 
 

@@ -131,6 +131,7 @@ def test_delta_defaults_below_one_over_n_and_a_larger_one_is_refused():
         ({"train.privacy.accountant": "moments"}, "train.privacy.accountant"),
         ({"train.privacy.epsilon": 3}, "train.privacy.epsilon"),
         ({"train.grad_clip": 1.0}, "train.grad_clip is off under train.privacy"),
+        ({"train.optimizer.lr": "auto"}, "lr=auto is not run under train.privacy"),
     ],
 )
 def test_settings_without_a_guarantee_are_refused_naming_the_key(sets, said):
