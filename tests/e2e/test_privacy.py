@@ -57,10 +57,14 @@ def test_a_private_run_resumes_to_the_same_epsilon_and_the_gate_reads_it(from_te
     assert (out["promoted"], out["rule"]) == (True, "first_model") and out["challenger"] > 0.5
     version = client.get_model_version(NAME, str(out["version"]))
     assert float(version.tags["privacy.epsilon"]) == pytest.approx(epsilon)
+    explained = json.loads(
+        run(["pipeline", "explain", "--model", f"{NAME}@champion"], project).stdout
+    )
+    assert explained["run_id"] == again and explained["skipped"] == {}  # a private model explains
     status = run(["pipeline", "status"], project).stdout
     assert f"(DP-SGD epsilon {epsilon:.3g})" in status  # what on-call sees
     card = open(client.download_artifacts(again, "model_card.md", str(tmp_path))).read()
-    assert f"epsilon {epsilon:.3g} at delta 1e-05" in card
+    assert f"epsilon {epsilon:.3g} at delta 1e-05" in card and "## Explanations" in card
     report = open(client.download_artifacts(again, "promotion/decision.md", str(tmp_path))).read()
     assert f"- privacy: epsilon {epsilon:.3g} at delta 1e-05 (DP-SGD)" in report
 
