@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,11 +150,14 @@ class PrivacyConfig(_Block):
     added; the accountant turns them into the (epsilon, delta) guarantee."""
 
     enabled: bool = False
-    noise_multiplier: float | None = Field(None, gt=0)  # sigma; or give target_epsilon
-    target_epsilon: float | None = Field(None, gt=0)  # the sigma that reaches it is solved for
-    max_grad_norm: float = Field(1.0, gt=0)  # per-example gradient clip
+    noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)  # sigma; or:
+    # the sigma that reaches it is solved for; above 100 (e^100) there is no guarantee to speak
+    # of, and Opacus's solver runs for hours on the vanishing sigmas it would need
+    target_epsilon: float | None = Field(None, gt=0, le=100)
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)  # per-example gradient clip
     delta: float | None = Field(None, gt=0, lt=1)  # null: min(1e-5, 1 / (10 N)); < 1 / N
-    accountant: Literal["prv", "rdp", "gdp"] = "prv"
+    # Not Opacus's "gdp": it underestimates epsilon (its own warning), and the gate trusts it.
+    accountant: Literal["prv", "rdp"] = "prv"
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> PrivacyConfig:
@@ -162,6 +166,13 @@ class PrivacyConfig(_Block):
             raise ValueError(
                 "train.privacy needs exactly one of noise_multiplier (sigma, e.g. 1.0) and "
                 "target_epsilon (e.g. 8)"
+            )
+        if not self.enabled and any(given):
+            print(
+                "warning: train.privacy.enabled is false, so its noise_multiplier / "
+                "target_epsilon are ignored and the model has no privacy guarantee; set "
+                "train.privacy.enabled=true to train with DP-SGD",
+                file=sys.stderr,
             )
         return self
 
@@ -197,6 +208,12 @@ class TrainConfig(_Block):
             raise ValueError(
                 "train.grad_clip is off under train.privacy: each example's gradient is clipped "
                 "to train.privacy.max_grad_norm instead; set train.grad_clip=0"
+            )
+        if self.privacy.enabled and self.model.name == "resnet18":
+            raise ValueError(
+                "train.model.name=resnet18 cannot train under train.privacy: torchvision's "
+                "residual blocks add in place onto a layer's output, which Opacus's "
+                "per-example gradient hooks forbid; use cnn, lenet or mlp"
             )
         if self.privacy.enabled and self.optimizer.lr == "auto":
             raise ValueError(

@@ -10,7 +10,7 @@ import os
 from pipeline.cli import display
 from pipeline.config import Config, load_config, parse_overrides
 from pipeline.context import RunContext
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.settings import Settings
 from pipeline.stages import graph
 
@@ -74,6 +74,9 @@ def stage(args, settings: Settings) -> int:
     cfg = _config(args, settings)
     if getattr(args, "nproc", 1) > 1:
         from pipeline.training.distributed import launch
+
+        if cfg.train.privacy.enabled:  # before torchrun starts its processes
+            raise ConfigError("train.privacy runs in one process; train without --nproc")
 
         return launch(args.nproc, _train_argv(args))
     needs = graph.BY_NAME[args.command].needs

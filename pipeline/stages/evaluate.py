@@ -30,7 +30,8 @@ def evaluate_stage(
     series_dir: Path | None = None,
 ) -> dict:
     """Score the run's model on the test split: {"run_id", "test_accuracy", "test_macro_f1",
-    "test_precision.<class>", "test_recall.<class>", "data_md5"} (fractions 0..1), also logged
+    "test_precision.<class>", "test_recall.<class>", "data_md5"} (fractions 0..1; with
+    "privacy.epsilon" for a DP-SGD run), the scores also logged
     to the run with the confusion matrix, the learning curves and the lr schedule. The plots
     are written to `plot_dir`, or a folder of their own (sweep trials may run at once in one
     checkout); `series_dir` gets the data behind them as CSV (see `write_series`).
@@ -45,7 +46,7 @@ def evaluate_stage(
     data["wait"]()  # never score on data/ that differs from data.dvc
     ds = read_dataset(settings.data_dir, mmap=True)
     store.configure(settings, cfg.tracking.experiment)
-    store.active_run(mlflow.MlflowClient(), run_id)  # a run deleted in the UI: say so, once
+    run = store.active_run(mlflow.MlflowClient(), run_id)  # deleted in the UI: say so, once
     model, _ = weights.load_weights(run_id)
     preds = inference.predict(model, ds.test.images)
     scores = scoring.metrics(ds.test.labels, preds, ds.classes)
@@ -57,7 +58,9 @@ def evaluate_stage(
         _log_plots(cm, ds.classes, logged, trained, folder)
     if series_dir is not None:
         write_series(series_dir, logged["history"], scores, ds.classes, ds.test.labels, preds)
-    return {"run_id": run_id, **scores, "data_md5": data["data_md5"]}
+    # DP-SGD's epsilon beside the scores, so that `dvc exp show` compares the two
+    private = {k: float(v) for k, v in run.data.params.items() if k == "privacy.epsilon"}
+    return {"run_id": run_id, **scores, **private, "data_md5": data["data_md5"]}
 
 
 def write_series(folder: Path, history: list[dict], scores: dict, classes, labels, preds) -> None:

@@ -73,6 +73,12 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
     from pipeline.training.engine import fit
 
     ds = read_dataset(settings.data_dir, mmap=True)
+    if cfg.train.privacy.enabled:  # refused before a run is opened, not as a FAILED one
+        from pipeline.training import privacy
+        from pipeline.training.batches import split_validation
+
+        rows, _ = split_validation(ds.train, cfg.train.val_fraction, cfg.base.seed)
+        privacy.plan(cfg.train, len(rows))
     identity = _training_identity(cfg, data["data_md5"], ctx)
     given = cfg
     if cfg.train.optimizer.lr == "auto":

@@ -242,9 +242,8 @@ class _Loop:
             from pipeline.training import privacy
 
             self.private = privacy.make_private(
-                model, self.optimizer, cfg.privacy, batches.n, cfg.batch_size, cfg.epochs,
-                self.generator,
-            )  # fmt: skip
+                model, self.optimizer, cfg, batches.n, self.generator
+            )
             self.optimizer, self.net = self.private.optimizer, self.private.module
         if cuda and cfg.cuda.compile:
             self.net = torch.compile(self.net)

@@ -10,6 +10,7 @@ training data with confidence better than e^epsilon (up to probability delta).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, PrivacyConfig
+from pipeline.config import ConfigError, PrivacyConfig, TrainConfig
 
 DEFAULT_DELTA = 1e-5
 
@@ -59,7 +60,11 @@ class DPSGD:
 
     def epsilon(self) -> float:
         """The epsilon spent so far at `delta` (0 before the first step)."""
-        return float(self.accountant.get_epsilon(self.delta)) if self.accountant.history else 0.0
+        if not self.accountant.history:
+            return 0.0
+        with warnings.catch_warnings():  # PRV's numerics warn of log(0) on its grid's edges
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return float(self.accountant.get_epsilon(self.delta))
 
     def state_dict(self) -> dict:
         return {
@@ -71,46 +76,75 @@ class DPSGD:
         self.accountant.load_state_dict(state["accountant"])
 
 
+def plan(cfg: TrainConfig, n: int) -> tuple[float, float]:
+    """(noise multiplier, delta) for DP-SGD over `n` training rows with `cfg`: `cfg.privacy`'s
+    noise multiplier, or the one that spends `target_epsilon` in `cfg.epochs` epochs of
+    ceil(N / batch_size) Poisson steps. Train calls it before a run starts, so a setting with no
+    guarantee is refused before any work. ConfigError, naming the key, for a batch larger than
+    N, a delta not below 1/N or a target epsilon no noise reaches."""
+    p = cfg.privacy
+    if cfg.batch_size > n:
+        raise ConfigError(
+            f"train.batch_size {cfg.batch_size} is larger than the {n} training images: DP-SGD "
+            f"samples each image with probability batch_size / N, which must be at most 1; "
+            f"set train.batch_size to at most {n}"
+        )
+    delta = delta_for(p, n)
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier, delta
+    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+    return _solve(p.target_epsilon, delta, cfg.batch_size / n, steps, p.accountant), delta
+
+
+@functools.lru_cache(maxsize=8)  # train's early check and the engine ask for the same one
+def _solve(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():  # the accountants' numerics warn on extreme sigmas
+            warnings.simplefilter("ignore")
+            return get_noise_multiplier(
+                target_epsilon=target,
+                target_delta=delta,
+                sample_rate=rate,
+                steps=steps,
+                accountant=accountant,
+            )
+    except ValueError as exc:  # "The privacy budget is too low."
+        raise ConfigError(
+            f"train.privacy.target_epsilon {target:g} cannot be reached in {steps} steps at "
+            f"sampling rate {rate:.3g} ({exc}); raise it, or train fewer epochs or with smaller "
+            "batches"
+        ) from None
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    cfg: PrivacyConfig,
+    cfg: TrainConfig,
     n: int,
-    batch_size: int,
-    epochs: int,
     generator: torch.Generator,
 ) -> DPSGD:
     """Wrap `model` and `optimizer` for DP-SGD over `n` training rows in Poisson batches of
-    expected size `batch_size` for `epochs` (steps = ceil(N / batch_size) per epoch). The noise
-    multiplier is `cfg.noise_multiplier`, or solved for `cfg.target_epsilon` at the end of
-    `epochs`; the noise is drawn from `generator`, so a resumed run draws what an uninterrupted
-    one would. ConfigError for a model Opacus cannot take or a delta not below 1/N."""
+    expected size `cfg.batch_size`, with the noise multiplier and delta of `plan` (ConfigError
+    as it says, or for a model Opacus cannot take); the noise is drawn from `generator`, so a
+    resumed run draws what an uninterrupted one would."""
     from opacus import GradSampleModule
     from opacus.accountants import create_accountant
-    from opacus.accountants.utils import get_noise_multiplier
     from opacus.optimizers import DPOptimizer
 
     check_model(model)
-    delta = delta_for(cfg, n)
-    rate = batch_size / n
-    sigma = cfg.noise_multiplier
-    if sigma is None:
-        steps = epochs * math.ceil(n / batch_size)
-        sigma = get_noise_multiplier(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=delta,
-            sample_rate=rate,
-            steps=steps,
-            accountant=cfg.accountant,
-        )
-    accountant = create_accountant(mechanism=cfg.accountant)
+    sigma, delta = plan(cfg, n)
+    rate = cfg.batch_size / n
+    accountant = create_accountant(mechanism=cfg.privacy.accountant)
     # Opacus's hooks fire on a first layer whose input needs no gradient; torch warns each step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # rdp
     private = DPOptimizer(
         optimizer,
         noise_multiplier=sigma,
-        max_grad_norm=cfg.max_grad_norm,
-        expected_batch_size=batch_size,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        expected_batch_size=cfg.batch_size,
         generator=generator,
     )
     private.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))

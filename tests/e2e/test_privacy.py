@@ -50,6 +50,8 @@ def test_a_private_run_resumes_to_the_same_epsilon_and_the_gate_reads_it(from_te
 
     # the gate: within the bound it registers as champion, with its guarantee on the version
     run(["pipeline", "evaluate", "--run-id", again, *SETS], project)
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["privacy.epsilon"] == pytest.approx(epsilon)  # dvc exp show's column
     bound = ["--set", f"register.max_epsilon={epsilon + 1}"]
     out = json.loads(
         run(["pipeline", "register", "--run-id", again, *SETS, *bound], project).stdout
@@ -90,3 +92,20 @@ def test_a_private_run_resumes_to_the_same_epsilon_and_the_gate_reads_it(from_te
     registered = result["registered"]
     assert (registered["promoted"], registered["rule"]) == (False, "privacy")
     assert "no epsilon: made by distill from a private teacher" in registered["reason"]
+
+
+def test_settings_without_a_guarantee_are_refused_before_a_run_opens(from_template):
+    project = from_template("validated")
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    before = len(client.search_runs(experiments))
+    for extra, said in (
+        (["--set", "train.batch_size=5000"], "train.batch_size 5000 is larger than the"),
+        (["--set", "train.privacy.delta=0.01"], "train.privacy.delta 0.01 is not below 1/N"),
+        (["--nproc", "2"], "train.privacy runs in one process"),
+    ):
+        refused = run(["pipeline", "train", *SETS, *extra], project, check=False)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert len(client.search_runs(experiments)) == before  # no FAILED or KILLED run left behind

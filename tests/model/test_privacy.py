@@ -13,7 +13,7 @@ from pipeline.training.batches import ResidentBatches, Rows
 from pipeline.training.engine import fit
 from pipeline.training.inference import predict
 from pipeline.training.models import rebuild
-from pipeline.training.privacy import delta_for
+from pipeline.training.privacy import delta_for, plan
 
 PRIVATE = {
     "train.model.name": "mlp",
@@ -132,9 +132,45 @@ def test_delta_defaults_below_one_over_n_and_a_larger_one_is_refused():
         ({"train.privacy.epsilon": 3}, "train.privacy.epsilon"),
         ({"train.grad_clip": 1.0}, "train.grad_clip is off under train.privacy"),
         ({"train.optimizer.lr": "auto"}, "lr=auto is not run under train.privacy"),
+        ({"train.privacy.noise_multiplier": float("inf")}, "train.privacy.noise_multiplier"),
+        ({"train.privacy.max_grad_norm": float("nan")}, "train.privacy.max_grad_norm"),
+        ({"train.privacy.accountant": "gdp"}, "train.privacy.accountant"),  # underestimates
+        ({"train.model.name": "resnet18"}, "resnet18 cannot train under train.privacy"),
+        (
+            {"train.privacy.noise_multiplier": None, "train.privacy.target_epsilon": 1e6},
+            "train.privacy.target_epsilon",
+        ),  # no guarantee, and the solver never ends
     ],
 )
 def test_settings_without_a_guarantee_are_refused_naming_the_key(sets, said):
     with pytest.raises(ConfigError) as refused:
         config_from_dict({}, {**PRIVATE, **sets})
     assert said in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("sets", "n", "said"),
+    [
+        ({"train.batch_size": 5000}, 1000, "train.batch_size 5000 is larger than the 1000"),
+        (
+            {"train.privacy.noise_multiplier": None, "train.privacy.target_epsilon": 1e-4},
+            1000,
+            "train.privacy.target_epsilon 0.0001 cannot be reached",
+        ),
+        ({"train.privacy.delta": 1e-2}, 1000, "train.privacy.delta 0.01 is not below 1/N"),
+    ],
+)
+def test_a_plan_without_a_guarantee_is_refused_before_training(sets, n, said):
+    with pytest.raises(ConfigError, match=said):
+        plan(_cfg(**sets), n)
+
+
+def test_privacy_settings_without_enabled_are_said_to_be_ignored(capsys):
+    config_from_dict({}, {"train.privacy.target_epsilon": 1.0})
+    assert "train.privacy.enabled is false" in capsys.readouterr().err
+
+
+def test_lenet_trains_privately(digits):
+    result = fit(_cfg(**{"train.model.name": "lenet", "train.epochs": 1}), digits.train,
+                 digits.classes, 0)  # fmt: skip
+    assert result.privacy["epsilon"] > 0
