@@ -76,7 +76,7 @@ def _train_options(train: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_id_option(parser: argparse.ArgumentParser) -> None:
+def _run_id_option(parser) -> None:
     parser.add_argument("--run-id", help="MLflow run (default: the one in outputs/train.json)")
 
 
@@ -91,8 +91,9 @@ def _compress_options(compress: argparse.ArgumentParser) -> None:
 
 
 def _explain_options(explain: argparse.ArgumentParser) -> None:
-    _run_id_option(explain)
-    explain.add_argument(
+    which = explain.add_mutually_exclusive_group()
+    _run_id_option(which)
+    which.add_argument(
         "--model",
         help="a registered model instead: NAME/VERSION or NAME@ALIAS (its card is rewritten)",
     )

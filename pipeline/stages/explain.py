@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import choices
-from pipeline.config import Config, ExplainConfig
+from pipeline.config import Config, ConfigError, ExplainConfig
 from pipeline.context import RunContext
 from pipeline.data import check_data, read_dataset
 from pipeline.registry.model_card import EXPLAINED
@@ -84,8 +84,25 @@ def explain_stage(
             f"({mismatch}); check out its data version first (`pipeline lineage`)"
         )
     methods, skipped = usable(e.methods, net)
+    side = min(spec.shape[1:])
+    if (
+        e.patch is not None
+        and e.patch >= side
+        and {"occlusion", "kernel_shap", "lime"} & {*methods}
+    ):
+        raise ConfigError(
+            f"explain.patch {e.patch} is not smaller than the images' side ({side} px): the "
+            f"occlusion window and superpixels must fit; set it to at most {side // 2}, or null "
+            "for an eighth of the side"
+        )
     probs = inference.probabilities(net, ds.test.images)
     sample = select(np.asarray(ds.test.labels), probs, e, cfg.base.seed)
+    if not len(sample.index):
+        raise ConfigError(
+            "explain.per_class and explain.mistakes leave no test image to explain (the model "
+            "makes no mistakes, or both are 0); raise explain.per_class, or set "
+            "explain.methods=[] to turn explain off"
+        )
     images = np.asarray(ds.test.images[sample.index])
     maps, ms = _attribute(net, methods, images, sample, e)
     summary = {
@@ -131,16 +148,17 @@ def select(labels: np.ndarray, probs: np.ndarray, e: ExplainConfig, seed: int) -
     confidence = probs[np.arange(len(probs)), predicted]
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")]
-    worst = worst[: min(e.mistakes, e.max_images // 2)]
+    mistakes = min(e.mistakes, e.max_images // 2, len(worst))
     rng = np.random.default_rng(seed)
     drawn = []
     for k in range(probs.shape[1]):
         members = np.flatnonzero(labels == k)
         drawn.append(np.sort(rng.choice(members, min(e.per_class, len(members)), replace=False)))
     rounds = [d[r] for r in range(e.per_class) for d in drawn if r < len(d)]
-    room = e.max_images - len(worst)
-    index = np.array([*rounds[:room], *worst], dtype=np.int64)
-    kind = ["class"] * min(room, len(rounds)) + ["mistake"] * len(worst)
+    rounds = rounds[: e.max_images - mistakes]
+    worst = worst[~np.isin(worst, rounds)][:mistakes]  # each image once
+    index = np.array([*rounds, *worst], dtype=np.int64)
+    kind = ["class"] * len(rounds) + ["mistake"] * len(worst)
     return Sample(index, kind, predicted[index], confidence[index])
 
 
@@ -198,11 +216,25 @@ def _log(client, run_id, classes, images, sample: Sample, maps, summary, labels)
             means, names = _class_means(maps, sample, labels, classes)
             files.append(plots.plot_class_means(means, names, folder / "class_means.png"))
         summary["files"] = sorted(f"explain/{p.name}" for p in files)
+        _clear(client, run_id)
         for path in files:
             client.log_artifact(run_id, str(path), "explain")
         client.log_dict(run_id, summary, EXPLAINED)
     for name, value in summary["ms_per_image"].items():
         client.log_metric(run_id, f"explain_ms_per_image.{name}", value)
+
+
+def _clear(client, run_id: str) -> None:
+    """Remove an earlier explain's files from the run, so that its `explain/` shows this one's
+    only (where the artifact store can delete; the earlier cost metrics stay in MLflow)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+    try:
+        if client.list_artifacts(run_id, "explain"):
+            repo.delete_artifacts("explain")
+    except NotImplementedError:  # a store without deletes: summary.json lists the current files
+        pass
 
 
 def _class_means(maps: dict, sample: Sample, labels, classes: list[str]):

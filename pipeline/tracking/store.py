@@ -110,8 +110,9 @@ def new_run(
 
 @contextmanager
 def run_artifacts(run_id: str, what: str):
-    """A run or its artifacts deleted from MLflow becomes a LookupError that says so and what
-    to do; a server that cannot be reached stays that (see `reachable`)."""
+    """A run that never finished, or whose artifacts were deleted from MLflow, becomes a
+    LookupError that says so and what to do; a server that cannot be reached stays that (see
+    `reachable`)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -119,12 +120,30 @@ def run_artifacts(run_id: str, what: str):
     except (MlflowException, OSError) as exc:
         if connection_failure(exc):
             raise
+        status = _status(run_id)
+        if status not in (None, "FINISHED"):
+            raise LookupError(
+                f"run {run_id} is {status}, not FINISHED: it has no {what} to read. Use "
+                "a finished training run (`pipeline train`) or a registered version (`--model "
+                "NAME@champion`; `pipeline status` lists them)"
+            ) from None
         raise LookupError(
             f"the {what} of run {run_id} cannot be read from MLflow "
             f"({str(exc).splitlines()[0][:200]}): the run or its artifacts were deleted. "
             "Serve a version whose run exists (`pipeline status` lists them; `pipeline "
             "rollback` / `pipeline promote` move champion), or train a new one"
         ) from None
+
+
+def _status(run_id: str) -> str | None:
+    """The run's MLflow status (FINISHED, FAILED, KILLED, RUNNING), None when it is gone."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
 
 
 def active_run(client, run_id: str):

@@ -83,21 +83,32 @@ def _lime(model, inputs, targets, cfg):
 
 
 def _one_by_one(explainer, inputs, targets, cfg):
-    """A surrogate model fitted per image, as Captum recommends for LIME and KernelSHAP."""
-    mask = superpixels(inputs.shape[1:], patch_size(cfg, *inputs.shape[2:]))
-    return torch.cat(
-        [
-            explainer.attribute(
-                inputs[i : i + 1],
-                baselines=0.0,
-                target=int(targets[i]),
-                feature_mask=mask,
-                n_samples=cfg.samples,
-                perturbations_per_eval=64,
-            )
-            for i in range(len(inputs))
-        ]
-    )
+    """A surrogate model fitted per image, as Captum recommends for LIME and KernelSHAP.
+
+    Superpixels that are black already (equal to the baseline) cannot change the output when
+    "removed": their Shapley value is exactly 0 (the dummy axiom). Fitted one by one they soak
+    up the sampling noise (40 % of KernelSHAP's mass on digits at 200 samples), so they are one
+    feature together, whose attribution is set to 0, and the samples go to the rest."""
+    cells = superpixels(inputs.shape[1:], patch_size(cfg, *inputs.shape[2:]))
+    out = torch.zeros_like(inputs)
+    for i in range(len(inputs)):
+        x = inputs[i : i + 1]
+        bright = torch.zeros(int(cells.max()) + 1).scatter_reduce(
+            0, cells.flatten(), x.detach().abs().flatten(), "amax"
+        )
+        live = bright > 0
+        if not live.any():
+            continue  # a black image: nothing to attribute
+        ids = torch.where(live, live.cumsum(0) - 1, int(live.sum()))[cells]  # black: the last
+        out[i] = explainer.attribute(
+            x,
+            baselines=0.0,
+            target=int(targets[i]),
+            feature_mask=ids,
+            n_samples=cfg.samples,
+            perturbations_per_eval=64,
+        )[0] * (ids[0] < live.sum())
+    return out
 
 
 integrated_gradients = Method(True, _integrated_gradients)

@@ -48,6 +48,11 @@ def test_explain_a_registered_model_with_every_method_rewrites_its_card(from_tem
 
     again = json.loads(run(["pipeline", "explain", "--run-id", run_id, *sets], project).stdout)
     assert again["images"] == 13  # same seed, same sample, logged over the first
+    only = ["--set", "explain.methods=[saliency]"]
+    run(["pipeline", "explain", "--run-id", run_id, *only], project)
+    files = {a.path for a in client.list_artifacts(run_id, "explain")}
+    assert "explain/saliency_samples.png" in files  # the last explain's files, and no other
+    assert not any(f.startswith("explain/lime") for f in files)
 
 
 def test_bad_settings_and_unknown_models_are_refused_naming_them(from_template):
@@ -62,5 +67,18 @@ def test_bad_settings_and_unknown_models_are_refused_naming_them(from_template):
     missing = run(["pipeline", "explain", "--model", f"{NAME}/9"], project, check=False)
     assert missing.returncode == 1 and NAME in missing.stderr
     assert not (project / "outputs" / "explained.json").exists()
+    for bad, said in (
+        (["--set", "explain.patch=8"], "explain.patch 8 is not smaller than the images' side"),
+        (["--set", "explain.per_class=0", "--set", "explain.mistakes=0"], "no test image"),
+        (["--model", f"{NAME}/1", "--run-id", "abc"], "not allowed with argument"),
+    ):
+        refused = run(["pipeline", "explain", *bad], project, check=False)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+    experiment = client.search_experiments()[0].experiment_id
+    failed = client.create_run(experiment).info.run_id
+    client.set_terminated(failed, "FAILED")  # a training run that crashed: no weights
+    refused = run(["pipeline", "explain", "--run-id", failed], project, check=False)
+    assert refused.returncode == 1 and f"run {failed} is FAILED, not FINISHED" in refused.stderr
     off = run(["pipeline", "explain", "--set", "explain.methods=[]"], project)
     assert json.loads(off.stdout)["methods"] == [] and "nothing to do" in off.stderr

@@ -67,6 +67,23 @@ def test_attributions_put_their_mass_in_the_patch_that_decides_the_class(corner_
     assert attribution.mass_in(maps, ELSEWHERE).mean() < 0.05  # the check is not vacuous
 
 
+@pytest.mark.parametrize("name", ["kernel_shap", "lime"])
+def test_black_superpixels_get_no_attribution(corner_model, name):
+    """Removing a black superpixel (the baseline already) changes nothing: its Shapley value is
+    exactly 0, and the fit must not spread sampling noise onto it."""
+    model, test = corner_model
+    images = test.images.copy()
+    images[:, :, 16:, :] = 0  # the bottom 12 rows black (3 rows of 4x4 cells), and 3/4 of the patch
+    method = choices.load(choices.ATTRIBUTIONS, name)
+    maps = attribution.attribute(model, method, images, test.labels, ExplainConfig())
+    assert (maps[:, 16:, :] == 0).all()
+    patch = maps[:, :PATCH, :PATCH]  # its black quarters are whole 4x4 cells
+    assert (patch[images[:, 0, :PATCH, :PATCH] == 0] == 0).all()
+    assert attribution.mass_in(maps, REGION).mean() >= 0.7
+    black = attribution.attribute(model, method, images[:2] * 0, test.labels[:2], ExplainConfig())
+    assert (black == 0).all()
+
+
 def test_saliency_is_densest_in_the_patch(corner_model):
     """Saliency is the gradient's size, what a small change would do, not what a pixel
     contributed: the many noise pixels share much of it, but per pixel it is far denser in
