@@ -373,10 +373,11 @@ class _Loop:
         return lr_factor(step, self.steps_per_epoch, self.cfg.epochs, self.cfg.schedule)
 
     def _diverged(self, epoch: int) -> None:
+        clip = "lower train.privacy.max_grad_norm" if self.private else "set train.grad_clip"
         raise TrainingDiverged(
             f"loss became NaN/Inf in epoch {epoch} (checked every {self.cfg.max_bad_steps} "
             f"steps, train.max_bad_steps); lower train.optimizer.lr (now "
-            f"{self.cfg.optimizer.lr}), set train.grad_clip, or check the data"
+            f"{self.cfg.optimizer.lr}), {clip}, or check the data"
         )
 
     @torch.no_grad()
