@@ -85,11 +85,7 @@ def explain_stage(
         )
     methods, skipped = usable(e.methods, net)
     side = min(spec.shape[1:])
-    if (
-        e.patch is not None
-        and e.patch >= side
-        and {"occlusion", "kernel_shap", "lime"} & {*methods}
-    ):
+    if e.patch is not None and e.patch >= side:
         raise ConfigError(
             f"explain.patch {e.patch} is not smaller than the images' side ({side} px): the "
             f"occlusion window and superpixels must fit; set it to at most {side // 2}, or null "
