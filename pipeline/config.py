@@ -144,6 +144,9 @@ class CudaConfig(_Block):
     compile: bool = False  # torch.compile the model (slower start, faster steps)
 
 
+MAX_EPSILON = 100.0  # train.privacy spends at most this: beyond it, no guarantee to speak of
+
+
 class PrivacyConfig(_Block):
     """DP-SGD (Abadi et al. 2016) through Opacus: Poisson-sampled batches, each example's
     gradient clipped to `max_grad_norm`, Gaussian noise of noise_multiplier x max_grad_norm
@@ -153,7 +156,7 @@ class PrivacyConfig(_Block):
     noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)  # sigma; or:
     # the sigma that reaches it is solved for; above 100 (e^100) there is no guarantee to speak
     # of, and Opacus's solver runs for hours on the vanishing sigmas it would need
-    target_epsilon: float | None = Field(None, gt=0, le=100)
+    target_epsilon: float | None = Field(None, gt=0, le=MAX_EPSILON)
     max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)  # per-example gradient clip
     delta: float | None = Field(None, gt=0, lt=1)  # null: min(1e-5, 1 / (10 N)); < 1 / N
     # Not Opacus's "gdp": it underestimates epsilon (its own warning), and the gate trusts it.

@@ -88,8 +88,8 @@ def explain_stage(
     if e.patch is not None and e.patch >= side:
         raise ConfigError(
             f"explain.patch {e.patch} is not smaller than the images' side ({side} px): the "
-            f"occlusion window and superpixels must fit; set it to at most {side // 2}, or null "
-            "for an eighth of the side"
+            f"occlusion window and superpixels must fit; set it below {side}, or null for an "
+            "eighth of the side"
         )
     probs = inference.probabilities(net, ds.test.images)
     sample = select(np.asarray(ds.test.labels), probs, e, cfg.base.seed)

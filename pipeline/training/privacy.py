@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, PrivacyConfig, TrainConfig
+from pipeline.config import MAX_EPSILON, ConfigError, PrivacyConfig, TrainConfig
 
 DEFAULT_DELTA = 1e-5
 
@@ -81,7 +81,9 @@ def plan(cfg: TrainConfig, n: int) -> tuple[float, float]:
     noise multiplier, or the one that spends `target_epsilon` in `cfg.epochs` epochs of
     ceil(N / batch_size) Poisson steps. Train calls it before a run starts, so a setting with no
     guarantee is refused before any work. ConfigError, naming the key, for a batch larger than
-    N, a delta not below 1/N or a target epsilon no noise reaches."""
+    N, a delta not below 1/N, a target epsilon no noise reaches, or a noise multiplier that
+    spends more than MAX_EPSILON (no guarantee to speak of, and PRV's accounting of it takes
+    gigabytes: noise 0.01 ran a 24 GB machine out of memory)."""
     p = cfg.privacy
     if cfg.batch_size > n:
         raise ConfigError(
@@ -90,10 +92,27 @@ def plan(cfg: TrainConfig, n: int) -> tuple[float, float]:
             f"set train.batch_size to at most {n}"
         )
     delta = delta_for(p, n)
-    if p.noise_multiplier is not None:
-        return p.noise_multiplier, delta
-    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
-    return _solve(p.target_epsilon, delta, cfg.batch_size / n, steps, p.accountant), delta
+    steps, rate = cfg.epochs * math.ceil(n / cfg.batch_size), cfg.batch_size / n
+    if p.target_epsilon is not None:
+        return _solve(p.target_epsilon, delta, rate, steps, p.accountant), delta
+    bound = _rdp_epsilon(p.noise_multiplier, rate, steps, delta)  # cheap; at least prv's
+    if not bound <= MAX_EPSILON:
+        raise ConfigError(
+            f"train.privacy.noise_multiplier {p.noise_multiplier:g} spends epsilon {bound:.3g} "
+            f"(RDP bound) in {steps} steps, above {MAX_EPSILON:g}: no guarantee to speak of; "
+            "raise it (e.g. 1.0), or give train.privacy.target_epsilon instead"
+        )
+    return p.noise_multiplier, delta
+
+
+def _rdp_epsilon(sigma: float, rate: float, steps: int, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, rate, steps)]
+    with warnings.catch_warnings():  # "Optimal order is the largest alpha": a loose bound
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=8)  # train's early check and the engine ask for the same one

@@ -158,11 +158,17 @@ def test_settings_without_a_guarantee_are_refused_naming_the_key(sets, said):
             "train.privacy.target_epsilon 0.0001 cannot be reached",
         ),
         ({"train.privacy.delta": 1e-2}, 1000, "train.privacy.delta 0.01 is not below 1/N"),
+        (
+            {"train.privacy.noise_multiplier": 0.01},
+            1000,
+            "train.privacy.noise_multiplier 0.01 spends epsilon",
+        ),  # PRV ran out of 24 GB on it
     ],
 )
 def test_a_plan_without_a_guarantee_is_refused_before_training(sets, n, said):
     with pytest.raises(ConfigError, match=said):
         plan(_cfg(**sets), n)
+    assert plan(_cfg(), n) == (1.0, 1e-5)  # the same run with noise 1.0 has one
 
 
 def test_privacy_settings_without_enabled_are_said_to_be_ignored(capsys):
