@@ -62,8 +62,8 @@ class DPSGD:
         """The epsilon spent so far at `delta` (0 before the first step)."""
         if not self.accountant.history:
             return 0.0
-        with warnings.catch_warnings():  # PRV's numerics warn of log(0) on its grid's edges
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings():  # PRV warns of log(0) on its grid's edges, RDP of
+            warnings.simplefilter("ignore")  # its largest order: numerics, not the figure
             return float(self.accountant.get_epsilon(self.delta))
 
     def state_dict(self) -> dict:
@@ -158,7 +158,6 @@ def make_private(
     accountant = create_accountant(mechanism=cfg.privacy.accountant)
     # Opacus's hooks fire on a first layer whose input needs no gradient; torch warns each step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # rdp
     private = DPOptimizer(
         optimizer,
         noise_multiplier=sigma,
