@@ -136,21 +136,21 @@ def run_params() -> dict:
     return params
 
 
-def form_config(keys: dict[str, str], defaults: dict | None = None):
+def form_config(keys: dict[str, str]):
     """params.yaml with this run's form applied: each field (`keys`: field -> dotted key) that is
-    set, and differs from its default when `defaults` are given, overrides the key; untouched
-    fields leave a chosen preset's values alone. Unknown conf keys fail (`run_params`)."""
+    set overrides its key, whatever its value; empty fields leave params.yaml's value, or a
+    chosen preset's, alone. Unknown conf keys fail (`run_params`)."""
     from pipeline.config import load_config
 
     given = run_params()
-    defaults = defaults or {}
-    overrides = {
-        key: given[name]
-        for name, key in keys.items()
-        if given.get(name) is not None and given[name] != defaults.get(name)
-    }
+    overrides = {key: given[name] for name, key in keys.items() if given.get(name) is not None}
     with permanent_errors():
         return load_config(settings().params, overrides)
+
+
+def empty_note(params: dict, key: str) -> str:
+    """What an empty form field means: the value the run then takes."""
+    return f"empty: the preset's or params.yaml's ({param(params, key)})"
 
 
 def choice(key: str, default, **schema) -> Param:

@@ -23,7 +23,8 @@ from airflow.sdk import (
 
 SCHEDULE = os.environ.get("PIPELINE_SCHEDULE", "@weekly")  # "none": new data and triggers only
 
-# Form field -> params.yaml key; fields changed in the trigger form override params.yaml.
+# Form field -> params.yaml key. The fields start empty: an empty one keeps params.yaml's value
+# (after the preset's), and a value typed in wins whatever it is, even params.yaml's own.
 PARAM_KEYS = {
     "preset": "base.preset",
     "dataset": "base.dataset",
@@ -35,7 +36,7 @@ PARAM_KEYS = {
     "batch_size": "train.batch_size",
 }
 PARAMS = ds.params_yaml()
-DEFAULTS = {name: ds.param(PARAMS, key) for name, key in PARAM_KEYS.items()}
+EMPTY = {name: ds.empty_note(PARAMS, key) for name, key in PARAM_KEYS.items()}
 
 
 @dag(
@@ -53,24 +54,26 @@ DEFAULTS = {name: ds.param(PARAMS, key) for name, key in PARAM_KEYS.items()}
     default_args=ds.default_args(),
     doc_md=__doc__,
     params={
-        "preset": ds.preset_param(PARAMS, DEFAULTS["preset"]),
+        "preset": ds.preset_param(PARAMS, ds.param(PARAMS, "base.preset")),
         "dataset": ds.choice(
             "base.dataset",
-            DEFAULTS["dataset"],
-            description="must match the data version in data.dvc",
+            None,
+            description=f"must match the data version in data.dvc; {EMPTY['dataset']}",
         ),
-        "model": ds.choice("train.model.name", DEFAULTS["model"]),
-        "optimizer": ds.choice("train.optimizer.name", DEFAULTS["optimizer"]),
+        "model": ds.choice("train.model.name", None, description=EMPTY["model"]),
+        "optimizer": ds.choice("train.optimizer.name", None, description=EMPTY["optimizer"]),
         # Two types: Airflow's form then shows a free field (a number field refuses "auto").
         "lr": ds.form_param(
-            DEFAULTS["lr"],
+            None,
             type=["number", "string"],
             anyOf=[{"type": "number", "exclusiveMinimum": 0}, {"const": "auto"}],
-            description="a number, or auto: the learning-rate range test picks it",
+            description=f"a number, or auto: the learning-rate range test picks it; {EMPTY['lr']}",
         ),
-        "schedule": ds.choice("train.schedule.name", DEFAULTS["schedule"]),
-        "epochs": ds.form_param(DEFAULTS["epochs"], type="integer", minimum=1),
-        "batch_size": ds.form_param(DEFAULTS["batch_size"], type="integer", minimum=1),
+        "schedule": ds.choice("train.schedule.name", None, description=EMPTY["schedule"]),
+        "epochs": ds.form_param(None, type="integer", minimum=1, description=EMPTY["epochs"]),
+        "batch_size": ds.form_param(
+            None, type="integer", minimum=1, description=EMPTY["batch_size"]
+        ),
         "force_retrain": Param(
             False,
             type="boolean",
@@ -84,8 +87,7 @@ def train_image_classifier():
         """Resolve params.yaml + run params; check data/ is present and matches data.dvc."""
         from pipeline.stages.validate import check_data_stage
 
-        # Only fields changed from the form's defaults (params.yaml's values) override.
-        cfg = ds.form_config(PARAM_KEYS, DEFAULTS)
+        cfg = ds.form_config(PARAM_KEYS)
         with ds.permanent_errors():
             data = check_data_stage(cfg, ds.settings())
         return {"config": cfg.to_dict(), **data}

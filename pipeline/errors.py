@@ -31,6 +31,10 @@ class ValidationFailed(PermanentError):
         super().__init__(report.describe())
 
 
+class OutOfOrder(PermanentError):
+    """A stage was called before the stage whose result it needs; the message names that one."""
+
+
 class TrainingDiverged(PermanentError):
     """The loss became NaN/Inf; the run is stopped and nothing is registered."""
 

@@ -5,26 +5,32 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 
 def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Path:
-    """Call `write(handle)` on `.NAME.tmp` beside `path`, fsync it, then rename it over `path`.
+    """Call `write(handle)` on a temporary file beside `path`, fsync it, then rename it over
+    `path`: a reader sees the old file or the new one, never half of one.
 
-    The temporary name is fixed, so the next write replaces what a killed writer left behind."""
+    The temporary name is unique (`.NAME.<random>.tmp`), so writers of the same file at once
+    (two commands in one workspace) never rename each other's; the last rename wins whole. A
+    failed write (a full disk) removes its own temporary file; only a SIGKILL leaves one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # O_EXCL: never another writer's file; 0o666 less the umask, as open() would create it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
+        with open(fd, mode, **({} if "b" in mode else {"newline": ""})) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # after a failed write (a full disk): no leftover
+        tmp.unlink(missing_ok=True)  # after a failed write: no leftover
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -10,7 +10,7 @@ import os
 from pipeline.cli import display
 from pipeline.config import Config, load_config, parse_overrides
 from pipeline.context import RunContext
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, OutOfOrder
 from pipeline.settings import Settings
 from pipeline.stages import graph
 
@@ -31,10 +31,10 @@ def _config(args: argparse.Namespace, settings: Settings) -> Config:
 
 
 def _handoff(settings: Settings, stage: str) -> dict:
-    """What stage `stage` handed on (its `hands_on` file); DataError when it has not run."""
+    """What stage `stage` handed on (its `hands_on` file); OutOfOrder when it has not run."""
     path = settings.handoff(graph.BY_NAME[stage].hands_on)
     if not path.exists():
-        raise DataError(f"{path} not found; run `pipeline {stage}` first")
+        raise OutOfOrder(f"{path} not found; run `pipeline {stage}` first")
     return json.loads(path.read_text())
 
 

@@ -88,7 +88,7 @@ class InputContract:
             f"are refused), or image files: EXIF orientation applied, transparency on "
             f"RGB{tuple(self.background or ())}, {self.bit_depth}-bit grayscale scaled to 8 "
             f"bits, {how}, at most {self.max_pixels / 1e6:.1f} megapixels. "
-            f"Classes: {', '.join(self.classes)}."
+            f"Classes: {some_names(list(self.classes))}."
         )
 
     @property
@@ -199,3 +199,10 @@ def for_dataset(shape, classes, data, resize: str | None, depth: int) -> InputCo
         True,
         data.max_image_pixels,
     )
+
+
+def some_names(classes: list[str], shown: int = 20) -> str:
+    """The first `shown` class names, then how many more: a text that stays short with 1,000
+    classes (MLflow keeps 5,000 characters of a version's description on PostgreSQL)."""
+    more = f", ... ({len(classes) - shown} more)" if len(classes) > shown else ""
+    return ", ".join(classes[:shown]) + more

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.store import DataError
+from pipeline.files import write_json
 
 POINTER = "data.dvc"
 # In DVC's own git-ignored scratch folder: a lock for writers of data/, and a marker that says a
@@ -176,9 +177,7 @@ def data_lock(repo_root: Path):
 
 
 def mark_pending(repo_root: Path, recipe: dict) -> None:
-    path = Path(repo_root) / PENDING
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(recipe))
+    write_json(Path(repo_root) / PENDING, recipe)  # whole or absent: its presence is the signal
 
 
 def pending_write(repo_root: Path) -> bool:

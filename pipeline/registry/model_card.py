@@ -5,6 +5,9 @@ as a table) and each version's."""
 
 from __future__ import annotations
 
+from pipeline.data.contract import some_names
+from pipeline.training.scoring import class_keys
+
 EXPLAINED = "explain/summary.json"  # `pipeline explain`'s summary on the run
 
 
@@ -25,9 +28,9 @@ def render(
     classes = list(spec.classes)
     c, h, w = spec.shape
     rows = [
-        f"| {k} | {metrics.get(f'test_precision.{k}', 0):.4f} | "
+        f"| {_cell(name)} | {metrics.get(f'test_precision.{k}', 0):.4f} | "
         f"{metrics.get(f'test_recall.{k}', 0):.4f} |"
-        for k in classes
+        for k, name in class_keys(classes).items()
     ]
     lines = [
         f"# Model card: {name} v{version}",
@@ -35,7 +38,7 @@ def render(
         "## Model",
         f"- architecture: `{train['model']['name']}` ({_describe_model(train['model'])}), "
         f"input {c} x {h} x {w} raw pixels 0-255 (normalization is inside the model)",
-        f"- output: logits over {len(classes)} classes: {', '.join(classes)}",
+        f"- output: logits over {len(classes)} classes: {some_names(classes)}",
         f"- inputs: {spec.input_contract().describe()} (`contract.json` beside the weights)",
         f"- training: {train['optimizer']['name']} lr {train['optimizer']['lr']}, "
         f"{train['schedule']['name']} schedule, {train['epochs']} epochs, batch "
@@ -256,3 +259,7 @@ def compress_command(tags: dict) -> str:
         if key.startswith(f"compress.{method}.")
     ]  # fmt: skip
     return "pipeline compress " + " ".join(f"--set '{s}'" for s in sets)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a class named "a|b" must not split the table row

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pipeline.config import RegisterConfig
+from pipeline.training.scoring import class_keys
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ def decide(
     policy: RegisterConfig, challenger: dict, champion: dict | None, incompatible: str = ""
 ) -> Decision:
     """Challenger and champion metrics (`scoring.metrics`, fractions 0..1) on the same test
-    data; champion None when there is none. `incompatible` says how the champion's classes or
+    data, the challenger's with its "classes" (names, so reasons say them as written);
+    champion None when there is none. `incompatible` says how the champion's classes or
     input shape differ from the challenger's. The first rule of `RULES` that gives a verdict
     decides; a challenger no rule stops is promoted for its improvement."""
     metric = policy.metric
@@ -163,8 +165,10 @@ def recall_guard(policy, challenger, champion, incompatible):
     """Refused when any class's recall drops more than `max_recall_drop` (null: off)."""
     if policy.max_recall_drop is None:
         return None
+    names = class_keys(challenger.get("classes", []))  # metric key -> the class as named
     drops = {
-        key.removeprefix("test_recall."): champion[key] - challenger.get(key, 0.0)
+        names.get(key[len("test_recall.") :], key[len("test_recall.") :]): champion[key]
+        - challenger.get(key, 0.0)
         for key in champion
         if key.startswith("test_recall.")
     }

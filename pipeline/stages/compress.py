@@ -8,7 +8,6 @@ import hashlib
 import json
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,9 +321,8 @@ def measure(cfg: Config, run_id: str, teacher: Teacher, measured: dict | None = 
     its own run on the same split; for int8 also the float model in ONNX Runtime,
     `float_onnx_`, so the runtime does not take the quantization's credit). Returns them."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
-    from pipeline.tracking import weights
+    from pipeline.tracking import store, weights
     from pipeline.training import efficiency, runtime
 
     runs = cfg.compress.latency_runs
@@ -352,6 +350,5 @@ def measure(cfg: Config, run_id: str, teacher: Teacher, measured: dict | None = 
         for k, v in teacher.metrics.items()
         if k in scored or k.startswith("test_recall.")
     }
-    now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()])
+    store.log_metrics(MlflowClient(), run_id, figures)
     return figures

@@ -30,7 +30,8 @@ def evaluate_stage(
     series_dir: Path | None = None,
 ) -> dict:
     """Score the run's model on the test split: {"run_id", "test_accuracy", "test_macro_f1",
-    "test_precision.<class>", "test_recall.<class>", "data_md5"} (fractions 0..1; with
+    "test_precision.<key>", "test_recall.<key>", "data_md5"} (fractions 0..1, keys of the
+    classes by `scoring.class_key`; with
     "privacy.epsilon" for a DP-SGD run), the scores also logged
     to the run with the confusion matrix, the learning curves and the lr schedule. The plots
     are written to `plot_dir`, or a folder of their own (sweep trials may run at once in one
@@ -53,9 +54,13 @@ def evaluate_stage(
     cm = scoring.confusion(ds.test.labels, preds, len(ds.classes))
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")
     trained = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")  # lr: auto resolved
-    with _folder(plot_dir) as folder, mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(scores)
-        _log_plots(cm, ds.classes, logged, trained, folder)
+    # Logged into the finished run without reopening it: a killed evaluate never leaves the
+    # training run RUNNING (or FAILED).
+    client = mlflow.MlflowClient()
+    with _folder(plot_dir) as folder:
+        store.log_metrics(client, run_id, scores)
+        for path in _plots(cm, ds.classes, logged, trained, folder):
+            client.log_artifact(run_id, str(path), "plots")
     if series_dir is not None:
         write_series(series_dir, logged["history"], scores, ds.classes, ds.test.labels, preds)
     # DP-SGD's epsilon beside the scores, so that `dvc exp show` compares the two
@@ -72,6 +77,7 @@ def write_series(folder: Path, history: list[dict], scores: dict, classes, label
     import csv
 
     from pipeline.files import write_atomic
+    from pipeline.training.scoring import class_keys
 
     curves = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
     columns = [c for c in curves if c in history[0]]
@@ -79,7 +85,10 @@ def write_series(folder: Path, history: list[dict], scores: dict, classes, label
         "learning_curves.csv": [columns, *([row[c] for c in columns] for row in history)],
         "per_class.csv": [
             ["class", "precision", "recall"],
-            *([c, scores[f"test_precision.{c}"], scores[f"test_recall.{c}"]] for c in classes),
+            *(
+                [c, scores[f"test_precision.{k}"], scores[f"test_recall.{k}"]]
+                for k, c in class_keys(classes).items()
+            ),
         ],
         "predictions.csv": [
             ["actual", "predicted"],
@@ -101,12 +110,10 @@ def _folder(path: Path | None):
         yield Path(own)
 
 
-def _log_plots(cm, classes: list[str], logged: dict, trained: dict, folder: Path) -> None:
+def _plots(cm, classes: list[str], logged: dict, trained: dict, folder: Path) -> list[Path]:
     """The confusion matrix, the learning curves and the lr of every step (`plot_schedule`: so
     schedules compare by eye in MLflow); drawn here, where matplotlib is loaded anyway, rather
     than adding it to training's fixed cost."""
-    import mlflow
-
     from pipeline.config import resolved_config
     from pipeline.training import plots
     from pipeline.training.schedules import lr_factor
@@ -120,8 +127,7 @@ def _log_plots(cm, classes: list[str], logged: dict, trained: dict, folder: Path
             t.optimizer.lr * lr_factor(s, spe, t.epochs, t.schedule) for s in range(spe * t.epochs)
         ]
         paths.append(plots.plot_schedule(lrs, spe, folder / "lr_schedule.png"))
-    for path in paths:
-        mlflow.log_artifact(str(path), "plots")
+    return paths
 
 
 def current_data(cfg: Config, settings: Settings) -> Callable[[], tuple[str, Dataset]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config
 from pipeline.context import RunContext
-from pipeline.errors import PermanentError
+from pipeline.errors import OutOfOrder, PermanentError
 from pipeline.files import write_json
 from pipeline.settings import Settings
 
@@ -100,6 +100,21 @@ STAGES = (
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 
+def _same_run(stage: Stage, inputs: dict, settings: Settings) -> None:
+    """Hand-offs read from files may be older than the one before them (reports/metrics.json
+    is in git): every needed hand-off that names a run must name the first one's run, or the
+    stage would mix two runs. OutOfOrder names the stage to run first."""
+    runs = [(need, inputs[need]["run_id"]) for need in stage.needs if "run_id" in inputs[need]]
+    for need, run_id in runs[1:]:
+        first, expected = runs[0]
+        if run_id != expected:
+            path = settings.handoff(BY_NAME[need].hands_on)
+            raise OutOfOrder(
+                f"{stage.name}: the {need} hand-off ({path}) is of run {run_id}, but the "
+                f"{first} hand-off is of run {expected}; run `pipeline {need}` first"
+            )
+
+
 def run(
     name: str, cfg: Config, settings: Settings, inputs: dict, ctx: RunContext | None = None
 ) -> dict:
@@ -114,6 +129,7 @@ def run(
     missing = [need for need in stage.needs if need not in inputs]
     if missing:
         raise KeyError(f"stage {name} needs the hand-off of {', '.join(missing)}")
+    _same_run(stage, inputs, settings)
     module, _, function = stage.function.partition(":")
     try:
         result = getattr(importlib.import_module(module), function)(

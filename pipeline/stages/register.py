@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError
 from pipeline.context import RunContext
+from pipeline.errors import OutOfOrder
 from pipeline.settings import Settings
 from pipeline.stages.evaluate import current_data, rescore
 
@@ -30,7 +31,8 @@ def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict, 
         scored, mismatch = (None, "") if champion is None else rescore(champion.run_id, data()[1])
         if efficiency and scored:
             scored = {**scored, **_figures(champion.run_id)}
-        decision = policy.decide(cfg.register_, challenger, scored, mismatch)
+        named = {**challenger, "classes": data()[1].classes} if scored else challenger
+        decision = policy.decide(cfg.register_, named, scored, mismatch)
         now = promotion.alias_version(client, name, promotion.CHAMPION)
         if (now and now.version) == (champion and champion.version):
             return decision, champion
@@ -81,6 +83,7 @@ def _decided(client, name: str, version: int, run_id: str, decision, champion, c
     return {
         "model_name": name,
         "version": version,
+        "run_id": run_id,  # which run this hand-off is of: compress checks it is train's
         "aliases": sorted(a for a, v in aliases.items() if int(v) == version),
         "promoted": decision.promote,
         "rule": decision.rule,
@@ -116,7 +119,10 @@ def register_stage(
         run = store.active_run(client, run_id)
         metric = cfg.register_.metric
         if metric not in run.data.metrics:
-            raise RuntimeError(f"run {run_id} has no {metric}; run `pipeline evaluate` first")
+            raise OutOfOrder(
+                f"run {run_id} has no {metric}: it was not evaluated; run `pipeline evaluate` "
+                f"(or `pipeline evaluate --run-id {run_id}`) first"
+            )
         record = lineage.of_run(run_id)
         found = versions.find_version(client, name, run_id)
         private = {k: v for k, v in run.data.tags.items() if k.startswith("privacy.")}

@@ -145,6 +145,7 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
         _save_model(result, ds, Path(folder))
         stopped = str(result.stopped_early).lower()
         tags = {"train.stopped_early": stopped, "train.loader": result.loader}
+        tags["train.last_batch"] = result.last_batch
         guarantee = {f"privacy.{k}": v for k, v in (result.privacy or {}).items()}
         tags |= {k: str(v) for k, v in guarantee.items() if k in PRIVACY_TAGS}
         tracking.end("FINISHED", tags, artifacts=Path(folder), params=guarantee)

@@ -88,6 +88,7 @@ class ResidentBatches:
         self.y = torch.from_numpy(rows.labels).to(device)
         self.batch_size, self.dist, self.poisson = batch_size, dist, poisson
         self.n, self.samples = len(self.y), len(self.y) // dist.world  # per process, equal
+        self.steps, self.merged = _plan(self.n, self.samples, batch_size, poisson)
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in _index_batches(self, generator, self.x.device):
@@ -111,6 +112,7 @@ class StreamingBatches:
         self.rows, self.device, self.memory_format = rows, device, memory_format
         self.batch_size, self.dist, self.poisson = batch_size, dist, poisson
         self.n, self.samples = len(rows), len(rows) // dist.world
+        self.steps, self.merged = _plan(self.n, self.samples, batch_size, poisson)
         self.order: list[np.ndarray] = []
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
         self.loader = DataLoader(
@@ -168,7 +170,18 @@ def _index_batches(batches, generator: torch.Generator, device) -> list[torch.Te
             torch.nonzero(torch.rand(n, device=device, generator=generator) < size / n)[:, 0]
             for _ in range(math.ceil(n / size))
         ]
-    return list(_shard(torch.randperm(n, device=device, generator=generator), batches).split(size))
+    parts = list(_shard(torch.randperm(n, device=device, generator=generator), batches).split(size))
+    return [*parts[:-2], torch.cat(parts[-2:])] if batches.merged else parts
+
+
+def _plan(n: int, samples: int, batch_size: int, poisson: bool) -> tuple[int, bool]:
+    """(optimizer steps per epoch, whether the last batch is merged): an epoch that would end
+    in a batch of one image joins it to the batch before, since batch norm cannot train on
+    one ("Expected more than 1 value per channel")."""
+    if poisson:
+        return math.ceil(n / batch_size), False
+    merged = samples > 1 and samples % batch_size == 1
+    return math.ceil(samples / batch_size) - merged, merged
 
 
 def _shard(order: torch.Tensor, batches) -> torch.Tensor:

@@ -48,6 +48,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     loader: str = "resident"  # how the training rows were fed: resident | stream
+    last_batch: str = "kept"  # "merged": a last batch of one joined the one before it
     steps_per_epoch: int = 0  # optimizer steps per epoch (the schedule's x axis)
     # DP-SGD's guarantee: {"epsilon", "delta", "noise_multiplier", "sample_rate",
     # "max_grad_norm", "accountant"}; None when trained without train.privacy
@@ -247,7 +248,14 @@ class _Loop:
             self.optimizer, self.net = self.private.optimizer, self.private.module
         if cuda and cfg.cuda.compile:
             self.net = torch.compile(self.net)
-        self.steps_per_epoch = -(-batches.samples // cfg.batch_size)
+        self.steps_per_epoch = batches.steps
+        if batches.merged and dist.main:
+            print(
+                f"train: {batches.samples} training images leave a last batch of 1, which batch "
+                f"norm cannot train on: it joins the batch before it ({cfg.batch_size + 1} "
+                "images); the run's tag train.last_batch says so",
+                file=sys.stderr,
+            )
         self.augment = cfg.augment.crop_padding > 0 or cfg.augment.flip
         self.state = LoopState()
 
@@ -279,6 +287,7 @@ class _Loop:
             history,
             stopped_early,
             self.batches.kind,
+            "merged" if self.batches.merged else "kept",
             self.steps_per_epoch,
             self._guarantee(),
         )

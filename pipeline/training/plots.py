@@ -6,25 +6,39 @@ from pathlib import Path
 
 import numpy as np
 
+CONFUSION_CLASSES = 30  # past this many, the plot shows the most confused ones
+
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
+    """Counts `cm` (K, K), true classes in rows, as a labelled grid; with more than 30 classes
+    only the 30 most involved in mistakes (row plus column errors), so the picture stays
+    readable and its cost bounded (the whole matrix is in reports/plots/predictions.csv)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.5 * len(classes)))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(
-        xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true"
-    )
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
-    for (i, j), n in np.ndenumerate(cm):
-        ax.text(
-            j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black"
+    accuracy = np.trace(cm) / max(1, cm.sum())
+    title = f"confusion matrix (accuracy {accuracy:.4f})"
+    shown = np.arange(len(classes))
+    if len(classes) > CONFUSION_CLASSES:
+        errors = cm - np.diag(np.diag(cm))
+        involved = errors.sum(axis=0) + errors.sum(axis=1)
+        shown = np.sort(np.argsort(-involved, kind="stable")[:CONFUSION_CLASSES])
+        title = (
+            f"the {CONFUSION_CLASSES} most confused of {len(classes)} classes\n"
+            f"(accuracy over all {accuracy:.4f})"
         )
-    ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / cm.sum():.4f})")
+    part, names = cm[np.ix_(shown, shown)], [classes[k][:24] for k in shown]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.5 * len(names)))
+    ax.imshow(part, cmap="Blues")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true")
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    for (i, j), n in np.ndenumerate(part):
+        color = "white" if n > part.max() / 2 else "black"
+        ax.text(j, i, str(n), ha="center", va="center", color=color)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -113,7 +113,9 @@ def test_schedule_retries_tags_and_trigger_form(dagbag):
     assert {"dataset", "model", "optimizer", "lr", "schedule", "epochs", "batch_size"} <= set(
         params
     )
-    assert params["optimizer"] == "adamw" and params["epochs"] == 12  # from params.yaml
+    # Empty fields: an untouched form neither overrides a preset nor hides params.yaml's value.
+    assert params["optimizer"] is None and params["epochs"] is None
+    assert "params.yaml's (12)" in params.get_param("epochs").description
     assert "rmsprop" in params.get_param("optimizer").schema["enum"]
     assert params["force_retrain"] is False  # a scheduled run skips unchanged work
 
@@ -141,13 +143,18 @@ def test_trigger_form_choices_match_what_the_config_accepts(dagbag):
         ("optimizer", config.OptimizerName),
         ("schedule", config.ScheduleName),
     ):
-        assert params.get_param(name).schema["enum"] == list(get_args(literal)), name
+        # None: the empty field (params.yaml's value or the preset's)
+        assert params.get_param(name).schema["enum"] == [None, *get_args(literal)], name
     presets = sorted(config.load_config(REPO / "params.yaml").presets)
     assert params.get_param("preset").schema["enum"] == [None, *presets]
     assert params["preset"] is None  # untouched form: plain params.yaml, like a scheduled run
     lr = params.get_param("lr")
     assert lr.resolve("auto") == "auto" and lr.resolve(0.01) == 0.01  # a number, or the test
-    assert lr.schema["type"] == ["number", "string"]  # the form's free field (e2e: screenshot)
+    assert lr.schema["type"] == [
+        "null",
+        "number",
+        "string",
+    ]  # the form's free field (e2e: screenshot)
     for bad in (-1, "fast"):
         with pytest.raises(ParamValidationError):
             lr.resolve(bad)

@@ -52,3 +52,5 @@ def test_the_trigger_forms_lr_field_takes_auto(api_server, tmp_path):
     with sqlite3.connect(project / ".airflow" / "airflow.db") as db:  # what the run will read
         (conf,) = db.execute("SELECT conf FROM dag_run WHERE run_type = 'manual'").fetchone()
     assert json.loads(conf)["lr"] == "auto"
+    # Untouched fields go as null: the preset's or params.yaml's value, never a form default.
+    assert json.loads(conf)["epochs"] is None and json.loads(conf)["optimizer"] is None

@@ -1,5 +1,6 @@
 """End to end on a fresh copy of the project: the Airflow DAG, `dvc repro` and the CLI."""
 
+import ast
 import json
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.data.versioning import recorded_md5
+from pipeline.files import write_json
 from tests.conftest import add_make_files, git, project_env, run
 
 pytestmark = pytest.mark.slow
@@ -186,6 +188,25 @@ def test_cli_refuses_bad_config_unvalidated_and_untracked_data(project):
     assert not (project / ".mlflow").exists() or _status(project) == []
 
 
+def test_stages_called_out_of_order_name_the_stage_to_run_first(from_template):
+    project = from_template("validated")
+    run(["pipeline", "train", "--set", "train.epochs=1"], project)
+    earlier = {"run_id": "0" * 32, "test_accuracy": 0.99}  # as git or an earlier run left it
+    write_json(project / "reports" / "metrics.json", earlier)
+    run_id = json.loads((project / "outputs" / "train.json").read_text())["run_id"]
+    for stage in ("explain", "register"):
+        early = run(["pipeline", stage], project, check=False)
+        assert early.returncode == 1, early.stderr
+        (line,) = early.stderr.strip().splitlines()  # one line, no traceback
+        assert f"but the train hand-off is of run {run_id}; run `pipeline evaluate` first" in line
+    by_id = run(["pipeline", "register", "--run-id", run_id], project, check=False)
+    assert by_id.returncode == 1 and "Traceback" not in by_id.stderr
+    assert f"run `pipeline evaluate` (or `pipeline evaluate --run-id {run_id}`) first" in (
+        by_id.stderr
+    )
+    assert _client(project).search_registered_models() == []  # nothing registered
+
+
 def test_a_misspelled_trigger_conf_key_fails_the_first_task_naming_it(airflow_project):
     # Airflow merges unknown conf keys into the params: the run would succeed on the defaults.
     result = _dag_test(airflow_project, check=False, conf={"learning_rate": 0.1, "epochs": 1})
@@ -194,6 +215,26 @@ def test_a_misspelled_trigger_conf_key_fails_the_first_task_naming_it(airflow_pr
     assert "train_image_classifier takes batch_size, dataset, epochs," in log  # the known ones
     assert "[DAG TEST] starting task_id=validate" not in log
     assert not (airflow_project / ".mlflow").exists() or _status(airflow_project) == []
+
+
+def _resolved(project, conf: dict) -> dict:
+    """The config check_data resolves from params.yaml and a trigger conf (its XCom value)."""
+    out = run(["airflow", "tasks", "test", DAG, "check_data", "-t", json.dumps(conf)], project)
+    (line,) = [x for x in out.stdout.splitlines() if "Returned value was:" in x]
+    return ast.literal_eval(line[line.index("{") : line.rindex("} [") + 1])["config"]
+
+
+def test_a_typed_trigger_value_wins_over_a_preset_even_when_it_equals_params_yaml(
+    airflow_project,
+):
+    # params.yaml trains 12 epochs, the preset 8: a user who types 12 gets 12 ...
+    assert (
+        _resolved(airflow_project, {"preset": "fast-cnn-digits", "epochs": 12})["train"]["epochs"]
+        == 12
+    )
+    # ... and the form's empty fields (the UI sends them as null) leave the preset's 8 alone.
+    untouched = {"preset": "fast-cnn-digits", "epochs": None, "model": None, "lr": None}
+    assert _resolved(airflow_project, untouched)["train"]["epochs"] == 8
 
 
 def test_sweep_dag_logs_child_runs_under_one_parent_and_reports_the_best(airflow_project):

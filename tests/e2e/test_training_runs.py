@@ -6,6 +6,7 @@ import pickle
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,15 @@ def test_lr_auto_trains_with_the_range_tests_lr_and_records_the_number(validated
     assert plots == {"plots/lr_find.png"}
     losses = client.get_metric_history(finder.info.run_id, "smoothed_loss")
     assert len(losses) == int(finder.data.params["steps"]) and len(losses) > 20
+
+
+def test_a_last_batch_of_one_under_batch_norm_joins_the_batch_before_it(validated):
+    # digits: 1438 training images, 1295 after the 10 % validation split = 2 x 647 + 1: batch
+    # size 647 would end each epoch in a batch of one image, which resnet18's norms refuse.
+    args = ["--set", "train.model.name=resnet18", "--set", "train.epochs=1"]
+    result = run(["pipeline", "train", *args, "--set", "train.batch_size=647"], validated)
+    assert "leave a last batch of 1" in result.stderr and "(648 images)" in result.stderr
+    run_id = json.loads((validated / "outputs" / "train.json").read_text())["run_id"]
+    assert _client(validated).get_run(run_id).data.tags["train.last_batch"] == "merged"
+    logged = _client(validated).download_artifacts(run_id, "history.json", str(validated))
+    assert json.loads(Path(logged).read_text())["steps_per_epoch"] == 2  # not 3
