@@ -167,6 +167,31 @@ def test_a_pull_killed_mid_write_leaves_data_as_it_was(project, tmp_path):
     assert not list(project.glob(".data-*"))
 
 
+def test_links_are_followed_once_and_what_they_leave_out_is_listed(project, tmp_path):
+    root = _folder(tmp_path / "imgs", n=6)
+    (root / "cat" / "loop").symlink_to(root / "cat")  # a loop: cat/loop/loop/...
+    (root / "cat" / "dogs").symlink_to(root / "dog")  # another class's images
+    (root / "cat" / "again.jpg").symlink_to(root / "cat" / "0.jpg")  # one image twice
+    (root / "cat" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # dangling
+    outside = _folder(tmp_path / "elsewhere", classes=("more",), n=2) / "more"
+    (root / "dog" / "more").symlink_to(outside)  # photos kept elsewhere: read once, as dog
+    (outside / "back").symlink_to(outside)  # ... with a loop of their own
+    pull = ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(root)]
+    run([*pull, "--set", "data.test_fraction=0.25"], project)
+    meta = read_meta(project / "data")
+    ds = read_dataset(project / "data")
+    counts = np.bincount(np.concatenate([ds.train.labels, ds.test.labels]))
+    assert meta["classes"] == ["cat", "dog"] and counts.tolist() == [6, 8]
+    skipped = {s["path"]: s["reason"] for s in meta["skipped"]}
+    assert set(skipped) == {
+        "cat/loop", "cat/dogs", "cat/again.jpg", "cat/gone.jpg", "dog/more/back"
+    }  # fmt: skip
+    assert "a folder read already (a loop)" in skipped["cat/loop"]
+    assert f"a link to {root / 'dog'}" in skipped["cat/dogs"]
+    assert "dangling link" in skipped["cat/gone.jpg"]
+    assert f"a link to {root / 'cat' / '0.jpg'}" in skipped["cat/again.jpg"]
+
+
 @pytest.mark.slow  # 300 large JPEGs to write first: the full suite, not the inner loop
 def test_ingest_memory_stays_far_below_the_decoded_size(tmp_path):
     """300 photos of 1024x768 decode to 700 MB; written at 32x32 they take 1 MB. The process

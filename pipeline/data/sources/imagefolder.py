@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +42,14 @@ class Listing:
     files: list[str]  # strings, not Paths: a few hundred bytes less per file at 100,000 files
     labels: np.ndarray
     is_test: np.ndarray | None  # the layout's own split; None: split at random
+    left_out: dict[str, str] = field(default_factory=dict)  # {path: why}: links not followed
 
 
 def list_files(root: Path) -> Listing:
     """Every visible file of the class folders, labelled; files beside the class folders too,
-    labelled -1 (they belong to no class: listed as skipped)."""
+    labelled -1 (they belong to no class: listed as skipped). Links are followed once: what
+    they would read twice (a loop, another class's folder, a file of the source) or cannot
+    (a dangling link) is in `left_out` with the reason."""
     if not root.is_dir():
         raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
     folders = _class_folders(root)
@@ -56,6 +59,7 @@ def list_files(root: Path) -> Listing:
             "folders it must hold exactly train/<class>/ and val/<class>/ (val/ becomes the test "
             "split): rename, merge or move the others"
         )
+    walk = _Walk(str(root))
     if set(folders) == set(GIVEN_SPLITS):
         classes = _class_folders(root / "train")
         unknown = sorted(set(_class_folders(root / "val")) - set(classes))
@@ -64,16 +68,16 @@ def list_files(root: Path) -> Listing:
                 f"imagefolder: {root}/val has classes {unknown} that {root}/train does not; "
                 "every validation class needs training images"
             )
-        stray = _visible_files(root)
-        parts = [_files(root / folder, classes) for folder in GIVEN_SPLITS]
+        stray = walk.files(str(root))
+        parts = [_files(walk, root / folder, classes) for folder in GIVEN_SPLITS]
         files = stray + parts[0][0] + parts[1][0]
         labels = np.concatenate([np.full(len(stray), -1), parts[0][1], parts[1][1]])
         is_test = np.repeat([False, False, True], [len(stray), len(parts[0][0]), len(parts[1][0])])
-        listing = Listing(classes, files, labels, is_test)
+        listing = Listing(classes, files, labels, is_test, walk.left_out)
     else:
         classes = folders
-        files, labels = _files(root, classes)
-        listing = Listing(classes, files, labels, None)
+        files, labels = _files(walk, root, classes)
+        listing = Listing(classes, files, labels, None, walk.left_out)
     if not (listing.labels >= 0).any():
         raise DataError(
             f"imagefolder: no files under {root}/<class>/ or {root}/train/<class>/ "
@@ -86,24 +90,63 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(p.name))
 
 
-def _visible_files(folder: Path, recursive: bool = False) -> list[str]:
-    """Files under `folder` (and its sub-folders, as torchvision's ImageFolder takes them),
-    hidden ones and hidden folders left out; sorted, so the order is the same everywhere."""
-    if not recursive:
-        return sorted(str(f) for f in folder.iterdir() if f.is_file() and not hidden(f.name))
-    found = []
-    for parent, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not hidden(d)]
-        found += [os.path.join(parent, n) for n in names if not hidden(n)]
-    return sorted(f for f in found if os.path.isfile(f))
+class _Walk:
+    """The files under a source folder, each folder and file read once by its real path.
+
+    Links are followed (photos kept elsewhere count), except one that leads to a folder read
+    already (a loop), one into the source folder itself (its target is read where it lies, under
+    its own class), and a dangling one: those go to `left_out` {path: reason}."""
+
+    def __init__(self, root: str):
+        self.root, self.seen, self.left_out = root, set(), {}
+
+    def files(self, folder: str, recursive: bool = False) -> list[str]:
+        """Visible files under `folder` (and its sub-folders, as torchvision's ImageFolder
+        takes them), hidden files and folders left out; sorted, the same everywhere."""
+        found = []
+        if not self._enter(folder):
+            return found
+        for parent, dirs, names in os.walk(folder, followlinks=True):
+            visible = [d for d in sorted(dirs) if recursive and not hidden(d)]
+            dirs[:] = [d for d in visible if self._enter(os.path.join(parent, d))]
+            paths = [os.path.join(parent, n) for n in names if not hidden(n)]
+            found += [path for path in paths if self._file(path)]
+        return sorted(found)
+
+    def _enter(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        if real in self.seen:
+            self.left_out[path] = f"a link to {real}: a folder read already (a loop)"
+            return False
+        if os.path.islink(path) and self._inside(real):
+            self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
+            return False
+        self.seen.add(real)
+        return True
+
+    def _file(self, path: str) -> bool:
+        if not os.path.islink(path):
+            return os.path.isfile(path)
+        real = os.path.realpath(path)
+        if not os.path.exists(real):
+            self.left_out[path] = f"a dangling link (to {os.readlink(path)})"
+        elif self._inside(real) or real in self.seen:
+            self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
+        elif os.path.isfile(real):
+            self.seen.add(real)
+            return True
+        return False
+
+    def _inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root + os.sep)
 
 
-def _files(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
-    files = _visible_files(folder)  # beside the class folders: no class, skipped on record
+def _files(walk: _Walk, folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    files = walk.files(str(folder))  # beside the class folders: no class, skipped on record
     labels = [-1] * len(files)
     for label, name in enumerate(classes):
         if (folder / name).is_dir():
-            found = _visible_files(folder / name, recursive=True)
+            found = walk.files(str(folder / name), recursive=True)
             files += found
             labels += [label] * len(found)
     return files, np.array(labels, dtype=np.int64)
@@ -137,8 +180,9 @@ def ingest(root: Path, data: DataConfig, data_dir: Path, recipe: dict) -> dict[s
     with _pool(workers) as pool:
         probes = _probe_all(pool, listing.files, data.max_image_pixels)
         stray = {int(i): "not inside a class folder" for i in np.flatnonzero(listing.labels < 0)}
+        left_out = {_name(root, path): why for path, why in listing.left_out.items()}
         errors = {i: r for i, r in probes.errors.items() if i not in stray}
-        skipped = _bad(root, listing.files, probes.not_images | stray, "skip")
+        skipped = left_out | _bad(root, listing.files, probes.not_images | stray, "skip")
         skipped |= _bad(root, listing.files, errors, data.on_bad_image)
         while True:  # again only when a probed file then failed to decode (a truncated JPEG)
             keep = np.array([_name(root, f) not in skipped for f in listing.files])
