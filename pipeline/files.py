@@ -3,6 +3,7 @@ disk leaves the previous file as it was."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -29,6 +30,10 @@ def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        if disk_full(exc):  # torch.save says "unexpected pos"; name the file that did not fit
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)  # after a failed write: no leftover
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -37,6 +42,15 @@ def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
     finally:
         os.close(dir_fd)
     return path
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or an exception it was raised from is a full disk (ENOSPC)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def write_json(path: Path, payload: dict) -> Path:

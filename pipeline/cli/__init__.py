@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import errno
 import gc
+import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from pipeline import interrupts
 from pipeline.cli.commands import HANDLERS, LOCAL_COMMANDS, PROJECTLESS
 from pipeline.cli.parser import build_parser
 from pipeline.errors import ConfigError, DataError, PermanentError, ValidationFailed
 from pipeline.settings import Settings
+
+# How SQLite and PostgreSQL say their disk is full (from MLflow, sometimes only as text).
+STORE_FULL = ("database or disk is full", "could not extend file")
 
 __all__ = ["build_parser", "entry", "main"]
 
@@ -38,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     # stdout is the command's JSON result: no download bars, no "View run at" lines in it.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow logs a store error with its traceback and raises it: this command reports it
+    # once (one line for the known ones, a disk full, a broken store; else the traceback).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     settings = Settings.from_env()
     if args.command not in PROJECTLESS and not (
         _project_found(settings) or getattr(args, "params", None)
@@ -89,11 +97,11 @@ def _known_failure(exc: Exception, settings: Settings) -> str | None:
 
     if isinstance(exc, RegistryUnavailable):
         return f"error: {exc}"
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = f" writing {exc.filename}" if exc.filename else ""
+    full = _disk_full(exc, settings)
+    if full is not None:
         return (
-            f"error: disk full{where}; nothing half-written was kept. Free space on that disk "
-            "and run the command again"
+            f"error: disk full{full}; nothing half-written was kept. Free space on that disk "
+            "and run the command again (`--resume` continues a training from its checkpoint)"
         )
     store_error = _store_error(exc)
     if store_error:
@@ -102,6 +110,30 @@ def _known_failure(exc: Exception, settings: Settings) -> str | None:
             "restore it from a backup, or move it aside to start an empty store"
         )
     return None
+
+
+def _disk_full(exc: BaseException, settings: Settings) -> str | None:
+    """Where the disk filled up (" writing FILE", " under the MLflow store FOLDER", or ""), when
+    `exc` comes from a full disk; else None. The store's error arrives as text when the
+    recorder process met it, so its words are matched."""
+    chain = list(_chain(exc))
+    full = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    named = [e.filename for e in full if e.filename]
+    if named:
+        return f" writing {named[0]}"
+    if any(words in str(e) for e in chain for words in STORE_FULL):
+        uri = settings.tracking_uri
+        where = (
+            str(Path(uri.removeprefix("sqlite:///")).parent) if uri.startswith("sqlite") else uri
+        )
+        return f" under the MLflow store {where}"
+    return "" if full else None
+
+
+def _chain(exc: BaseException | None):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _store_error(exc: BaseException) -> str | None:

@@ -32,12 +32,14 @@ def materialize(
     if data.download_dir is None:  # this project's cache, wherever the command runs
         data = data.model_copy(update={"download_dir": str(repo_root / ".cache" / "datasets")})
     wanted = recipe(dataset, data)
-    with versioning.data_lock(repo_root):
+    # DVC's lock first: another DVC command holding it fails the pull before data/ is touched,
+    # and no other can take it between swapping data/ and recording it in data.dvc.
+    with versioning.data_lock(repo_root), versioning.locked_repo(repo_root) as repo:
         interrupted = versioning.pending_write(repo_root)
         has_pointer = (repo_root / versioning.POINTER).exists()
         if has_pointer and not data_dir.exists() and not interrupted:
             try:
-                versioning.pull(repo_root)
+                versioning.pull(repo_root, repo=repo)
             except DataError:
                 log(
                     f"data: the tracked version {versioning.recorded_md5(repo_root)} is not in "
@@ -67,7 +69,7 @@ def materialize(
             if not interrupted and _meta_bytes(data_dir) == before:
                 versioning.clear_pending(repo_root)
             raise
-        md5 = versioning.add_and_push(repo_root, data_dir)
+        md5 = versioning.add_and_push(repo_root, data_dir, repo)
         versioning.clear_pending(repo_root)
     if md5 != previous:
         log(f"data: new version {md5} (was {previous}); commit data.dvc to record it")

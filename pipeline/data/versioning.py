@@ -9,8 +9,10 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import os
+import time
 from collections.abc import Callable
-from contextlib import chdir, contextmanager
+from contextlib import ExitStack, chdir, contextmanager, nullcontext
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,7 @@ POINTER = "data.dvc"
 LOCK = ".dvc/tmp/pipeline-data.lock"
 PENDING = ".dvc/tmp/pipeline-data-pending.json"
 CHECKOUT_FIX = "dvc checkout --force data.dvc"
+LOCK_WAIT_ENV = "PIPELINE_DVC_LOCK_WAIT_S"  # how long to wait for another DVC command's lock
 
 
 def pointer(repo_root: Path) -> dict:
@@ -56,6 +59,34 @@ def _repo(repo_root: Path):
             yield repo
         finally:
             repo.close()
+
+
+@contextmanager
+def locked_repo(repo_root: Path):
+    """The DVC repo of `repo_root` with its repository lock held for the block. DVC gives up
+    on a lock another DVC command holds after 3 s; this waits up to PIPELINE_DVC_LOCK_WAIT_S
+    (default 120 s), then raises a DataError naming the lock, before anything was changed."""
+    from dvc.lock import LockError
+    from dvc.repo import lock_repo
+
+    wait = float(os.environ.get(LOCK_WAIT_ENV) or 120)
+    with _repo(repo_root) as repo, ExitStack() as held:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                held.enter_context(lock_repo(repo))
+                break
+            except LockError:
+                if time.monotonic() >= deadline:
+                    raise DataError(
+                        f"another DVC command holds the repository lock "
+                        f"({Path(repo_root) / '.dvc' / 'tmp' / 'lock'}) for more than {wait:g} s; "
+                        "nothing was changed. Run this again when it has finished (if no dvc "
+                        "process runs, the lock is stale: delete it), or wait longer with "
+                        f"{LOCK_WAIT_ENV}"
+                    ) from None
+                time.sleep(0.5)
+        yield repo
 
 
 def differences(repo_root: Path) -> list[str]:
@@ -194,12 +225,12 @@ REGENERATE = (
 )
 
 
-def pull(repo_root: Path, fix: str = REGENERATE) -> None:
+def pull(repo_root: Path, fix: str = REGENERATE, repo=None) -> None:
     """Fetch the data/ of `repo_root`'s data.dvc from its cache or DVC remote; DataError naming
-    the version and `fix` when neither has it."""
+    the version and `fix` when neither has it. `repo`: a `locked_repo` already held."""
     from dvc.exceptions import DvcException
 
-    with _repo(repo_root) as repo:
+    with nullcontext(repo) if repo is not None else locked_repo(repo_root) as repo:
         try:
             repo.pull(targets=[POINTER])
         except DvcException as exc:
@@ -209,9 +240,9 @@ def pull(repo_root: Path, fix: str = REGENERATE) -> None:
             ) from None
 
 
-def add_and_push(repo_root: Path, data_dir: Path) -> str:
-    """Record data/ as the current version in data.dvc and store it in the default remote."""
-    with _repo(repo_root) as repo:
-        repo.add(str(Path(data_dir).resolve().relative_to(Path(repo_root).resolve())))
-        repo.push(targets=[POINTER])
+def add_and_push(repo_root: Path, data_dir: Path, repo) -> str:
+    """Record data/ as the current version in data.dvc and store it in the default remote;
+    `repo`: a `locked_repo` held since before data/ was written."""
+    repo.add(str(Path(data_dir).resolve().relative_to(Path(repo_root).resolve())))
+    repo.push(targets=[POINTER])
     return recorded_md5(repo_root)

@@ -7,6 +7,7 @@ and data.dvc stay as they are. The recorded, already resolved config is used as 
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import chdir
 from dataclasses import replace
@@ -40,16 +41,26 @@ def checkout_version(repo_root: Path, workspace: Path, data: dict) -> None:
         repo = Repo.init(str(workspace), no_scm=True)
         try:
             with repo.config.edit() as conf:
-                conf["remote"] = dict(remotes)  # urls come back absolute, so they still resolve
+                conf["remote"] = {k: _relative(dict(v)) for k, v in remotes.items()}
                 if default:
                     conf["core"]["remote"] = default
-                conf["cache"]["dir"] = cache_dir
+                conf["cache"]["dir"] = os.path.relpath(cache_dir)
         finally:
             repo.close()
     out = {"md5": data["md5"], "hash": "md5", "path": "data"}
     out |= {k: data[v] for k, v in (("size", "bytes"), ("nfiles", "files")) if data.get(v)}
     (workspace / POINTER).write_text(yaml.safe_dump({"outs": [out]}, sort_keys=False))
     versioning.pull(workspace, "it cannot be reproduced from here")
+
+
+def _relative(remote: dict) -> dict:
+    """A remote as the workspace's config writes it: a local folder relative to the workspace
+    (the working directory). DVC's config writer takes ASCII only, and a project under
+    `équipe ML/` shares that part of the path with its workspace."""
+    url = str(remote.get("url", ""))
+    if url and "://" not in url and os.path.isabs(url):
+        remote["url"] = os.path.relpath(url)
+    return remote
 
 
 def reproduce(settings: Settings, ref: str, tolerance: float = 0.0) -> dict:

@@ -13,6 +13,7 @@ identity next opens one (`_end_abandoned`).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -391,6 +392,9 @@ if __name__ == "__main__":
     from multiprocessing.connection import Connection
 
     import mlflow  # noqa: F401  the point: while the trainer imports torch
+
+    # A store error goes back to the trainer, which reports it once (pipeline/cli).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
     _serve(Connection(int(sys.argv[1])))
     sys.stderr.flush()

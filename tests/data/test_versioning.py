@@ -4,11 +4,13 @@ import gzip
 import json
 import shutil
 import signal
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, check_data, materialize
@@ -264,3 +266,73 @@ def test_mnist_as_distributed_is_pulled_and_a_failed_pull_is_not_called_interrup
         (moved / f"{f.name.replace('.idx', '-idx')}.gz").write_bytes(gzip.compress(f.read_bytes()))
     source = tmp_path / "elsewhere"
     assert pull() == md5 and said[-1] == f"data: mnist already at the tracked version {md5}"
+
+
+HOLD_DVC_LOCK = (
+    "import sys, time\n"
+    "from dvc.lock import Lock\n"
+    "lock = Lock(sys.argv[1])\n"
+    "lock.lock()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+    "lock.unlock()\n"
+)
+
+
+def _hold_dvc_lock(project, seconds: float) -> subprocess.Popen:
+    """Another DVC command in the project, holding its repository lock for `seconds`."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_DVC_LOCK, str(project / ".dvc" / "tmp" / "lock"), str(seconds)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_held_dvc_lock_is_waited_for_then_named_and_data_stays_in_step(project, tmp_path):
+    _pull(project)
+    before = {p.name: p.read_bytes() for p in (project / "data").iterdir()}
+    pointer = (project / "data.dvc").read_text()
+    source = tmp_path / "photos"
+    for c, value in (("a", 40), ("b", 200)):
+        (source / c).mkdir(parents=True)
+        for i in range(30):
+            Image.new("L", (8, 8), value + i).save(source / c / f"{i}.png")
+    pull = ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(source)]
+
+    holder = _hold_dvc_lock(project, 30)
+    try:
+        held = run(pull, project, check=False, env={"PIPELINE_DVC_LOCK_WAIT_S": "2"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert held.returncode == 1 and "Traceback" not in held.stderr
+    (line,) = held.stderr.strip().splitlines()
+    assert "another DVC command holds the repository lock" in line
+    assert "PIPELINE_DVC_LOCK_WAIT_S" in line
+    # Nothing was swapped: data/ and data.dvc are the tracked version, nothing left to finish.
+    assert {p.name: p.read_bytes() for p in (project / "data").iterdir()} == before
+    assert (project / "data.dvc").read_text() == pointer
+    assert not (project / PENDING).exists()
+
+    holder = _hold_dvc_lock(project, 4)  # a short command: waited for, then the pull goes on
+    pulled = run(pull, project)
+    holder.wait()
+    assert "new version" in pulled.stderr + pulled.stdout
+    assert read_meta(project / "data")["name"] == "imagefolder"
+
+
+def test_a_held_dvc_lock_is_not_called_a_missing_version(project):
+    _pull(project)
+    shutil.rmtree(project / "data")  # in the local cache: a pull would bring it back
+    holder = _hold_dvc_lock(project, 30)
+    try:
+        held = run(["pipeline", "validate"], project, check=False,
+                   env={"PIPELINE_DVC_LOCK_WAIT_S": "2"})  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert held.returncode == 1
+    assert "another DVC command holds the repository lock" in held.stderr
+    assert "not in the local cache" not in held.stderr
+    run(["pipeline", "validate"], project)  # the lock gone: pulled from the cache

@@ -1,15 +1,20 @@
 """Edges users reach through the CLI: many classes with names MLflow refuses in metric names."""
 
 import csv
+import errno
 import json
+import signal
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.training.scoring import class_key
-from tests.conftest import run
+from tests.conftest import fresh_clone, project_env, run
 
 pytestmark = pytest.mark.slow
 # Folder names are free; MLflow metric names are not (brackets, quotes, colons, '#', '?', ...).
@@ -60,3 +65,94 @@ def test_a_thousand_classes_with_odd_names_train_evaluate_and_register(project, 
     # The confusion matrix stays a picture one can read, not one cell per pair of classes.
     with Image.open(project / "outputs" / "plots" / "confusion_matrix.png") as png:
         assert max(png.size) <= 2000
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB tmpfs, filled on demand (`fill(disk)`), unmounted afterwards: a full disk that
+    never fills the real one (CI runs as root, as mount needs)."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def _fill(disk) -> Path:
+    """Every free byte of `disk` taken by one file; delete it to free the space again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        for size in (65536, 4096, 512, 1):  # down to the last partial block
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def _one_line(result) -> str:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_full_checkpoint_disk_is_one_line_and_resume_works_once_space_is_freed(
+    from_template, small_disk
+):
+    project = from_template("validated")
+    env = {**project_env(project), "PIPELINE_CHECKPOINT_DIR": str(small_disk)}
+    train = ["pipeline", "train", "--set", "train.epochs=4"]
+    proc = subprocess.Popen(train, cwd=project, env=env, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL)  # fmt: skip
+    for line in proc.stderr:
+        if line.startswith("epoch   1/"):  # its checkpoint is on disk: now the disk fills up
+            proc.send_signal(signal.SIGSTOP)
+            filler = _fill(small_disk)
+            proc.send_signal(signal.SIGCONT)
+            break
+    result = subprocess.CompletedProcess(train, proc.wait(timeout=300), "", proc.stderr.read())
+    line = _one_line(result)
+    assert line.startswith("error: disk full writing ") and str(small_disk) in line
+    (checkpoint,) = small_disk.glob("*.pt")
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # the last whole one, kept
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+    (failed,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert failed.info.status == "FAILED"  # not left RUNNING
+
+    filler.unlink()  # space freed
+    resumed = run([*train, "--resume"], project, env={"PIPELINE_CHECKPOINT_DIR": str(small_disk)})
+    assert json.loads(resumed.stdout)["run_id"] == failed.info.run_id  # the same run, continued
+    assert client.get_run(failed.info.run_id).info.status == "FINISHED"
+
+
+def test_a_full_disk_under_the_mlflow_store_is_one_line_not_a_broken_store(
+    from_template, small_disk
+):
+    project = from_template("validated")
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{small_disk}/mlflow.db"}
+    run(["pipeline", "train", "--set", "train.epochs=1"], project, env=store)
+    filler = _fill(small_disk)
+    for stage in (["train", "--set", "train.epochs=1"], ["evaluate"]):
+        line = _one_line(run(["pipeline", *stage], project, check=False, env=store))
+        assert line.startswith("error: disk full") and str(small_disk) in line, line
+        assert "backup" not in line  # the store is whole: nothing to restore
+    filler.unlink()
+    run(["pipeline", "evaluate"], project, env=store)  # space freed: the same store works
+
+
+def test_a_project_path_with_spaces_and_accents_reproduces_a_model(tmp_path):
+    (tmp_path / "équipe ML").mkdir()
+    project = fresh_clone(tmp_path / "équipe ML" / "mon projet")
+    for command in (
+        ["data", "pull"],
+        ["validate"],
+        ["train", "--set", "train.epochs=1"],
+        ["evaluate"],
+        ["register", "--set", "register.floor=0"],
+    ):
+        run(["pipeline", *command], project)
+    # Same data, config and seed on the same machine: the same model again (exit 0).
+    reproduced = run(["pipeline", "reproduce", "image-classifier/1"], project)
+    assert "\nREPRODUCED (tolerance 0)" in reproduced.stdout
