@@ -244,6 +244,55 @@ def run_stages(name: str, pull: list[str], images: int, sets: list[str]) -> dict
     return {"images": images, "splits": meta["splits"], "stages": rows}
 
 
+def class_folder(k: int, per_class: int = 5) -> Path:
+    """`k` class folders of `per_class` 8x8 grayscale PNGs each (a class is a noisy pattern),
+    made once under bench/out: the cost of many classes, not of many pixels."""
+    from PIL import Image
+
+    folder = OUT / f"classes-{k}"
+    if folder.exists():
+        return folder
+    rng = np.random.default_rng(k)
+    for c in range(k):
+        (folder / f"class {c:04d}").mkdir(parents=True)
+        base = rng.integers(0, 256, (8, 8))
+        for i in range(per_class):
+            pixels = np.clip(base + rng.integers(-20, 21, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"class {c:04d}" / f"{i}.png")
+    return folder
+
+
+def class_costs(counts: list[int]) -> dict:
+    """Every stage (explain too) on `k` classes of 5 tiny images, for each `k` of `counts`:
+    seconds and peak RSS; lenet, one epoch."""
+    sets = ["--set=base.dataset=imagefolder", "--set=validate.drift_max_shift=null"]
+    results = {}
+    for k in counts:
+        with tempfile.TemporaryDirectory(prefix=f"scale-classes-{k}-") as tmp:
+            project = scratch_project(Path(tmp))
+            pull = ["--dataset", "imagefolder", "--source-dir", str(class_folder(k))]
+            rows = {"data pull": stage(project, ["data", "pull", *pull, *sets])}
+            rows["validate"] = stage(project, ["validate", *sets])
+            train = ["--set=train.model.name=lenet", "--set=train.epochs=1"]
+            rows["train 1 epoch"] = stage(project, ["train", *sets, *train])
+            for name in ("evaluate", "explain"):
+                rows[name] = stage(project, [name, *sets])
+            rows["register"] = stage(project, ["register", *sets, "--set=register.floor=0"])
+        print(f"classes {k}: {json.dumps(rows)}", file=sys.stderr)
+        results[f"{k:,} classes"] = rows
+    return results
+
+
+def classes_table(results: dict) -> str:
+    stages = list(next(iter(results.values())))
+    lines = ["| classes (5 images each) | " + " | ".join(stages) + " |"]
+    lines.append("|---|" + "---|" * len(stages))
+    for name, rows in results.items():
+        cells = [f"{rows[s]['seconds']:.1f} s, {rows[s]['peak_rss_mb']:,} MB" for s in stages]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def fingerprint_cost(folder: Path, n: int) -> dict:
     """The source fingerprint (list + md5 of every file, what decides whether a pull is a new
     version) against the ingest alone, in one run; the page cache dropped by neither (both read
@@ -325,9 +374,21 @@ def main() -> None:
         help="only the source fingerprint's cost at N photos",
     )
     parser.add_argument(
+        "--classes",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="only the cost of K classes (5 tiny images each) per stage",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="500 photos, no built-in sets: a smoke run"
     )
     args = parser.parse_args()
+    if args.classes:
+        results = class_costs(args.classes)
+        (OUT / "scale-classes.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(classes_table(results))
+        return
     if args.quick:  # bench/out/scale-quick.json; BENCHMARKS.md keeps the real figures
         args.sizes, args.no_builtin = [500], True  # the test split needs 50 rows to validate
     if args.fingerprint:

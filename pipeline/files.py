@@ -4,12 +4,17 @@ disk leaves the previous file as it was."""
 from __future__ import annotations
 
 import errno
+import fcntl
+import glob
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+ABANDONED_AFTER_S = 10  # a temporary file this old and unlocked was left by a killed writer
 
 
 def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Path:
@@ -18,12 +23,15 @@ def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
 
     The temporary name is unique (`.NAME.<random>.tmp`), so writers of the same file at once
     (two commands in one workspace) never rename each other's; the last rename wins whole. A
-    failed write (a full disk) removes its own temporary file; only a SIGKILL leaves one."""
+    failed write (a full disk) removes its own temporary file; one a killed writer left is
+    removed by the next write (a live writer holds a lock on its own)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # O_EXCL: never another writer's file; 0o666 less the umask, as open() would create it
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # released when this process ends, however it ends
     try:
         with open(fd, mode, **({} if "b" in mode else {"newline": ""})) as handle:
             write(handle)
@@ -42,6 +50,24 @@ def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
     finally:
         os.close(dir_fd)
     return path
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Delete the temporary files of `path` whose writer is gone: their lock can be taken, and
+    they are older than a writer needs to take it after creating one."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, or a link: not ours
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - os.fstat(fd).st_mtime > ABANDONED_AFTER_S:
+                tmp.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass  # a writer at work
+        finally:
+            os.close(fd)
 
 
 def disk_full(exc: BaseException | None) -> bool:

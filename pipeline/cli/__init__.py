@@ -7,8 +7,10 @@ import errno
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from pipeline import interrupts
@@ -113,21 +115,31 @@ def _known_failure(exc: Exception, settings: Settings) -> str | None:
 
 
 def _disk_full(exc: BaseException, settings: Settings) -> str | None:
-    """Where the disk filled up (" writing FILE", " under the MLflow store FOLDER", or ""), when
-    `exc` comes from a full disk; else None. The store's error arrives as text when the
-    recorder process met it, so its words are matched."""
+    """Where the disk filled up (" writing FILE", " under the MLflow store FOLDER", " under
+    FOLDER", or ""), when `exc` comes from a full disk; else None. The store's error arrives
+    as text when the recorder process met it, so its words are matched."""
     chain = list(_chain(exc))
     full = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
     named = [e.filename for e in full if e.filename]
     if named:
         return f" writing {named[0]}"
+    uri = settings.tracking_uri
+    store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite") else None
     if any(words in str(e) for e in chain for words in STORE_FULL):
-        uri = settings.tracking_uri
-        where = (
-            str(Path(uri.removeprefix("sqlite:///")).parent) if uri.startswith("sqlite") else uri
-        )
-        return f" under the MLflow store {where}"
-    return "" if full else None
+        return f" under the MLflow store {store or uri}"
+    if not full:
+        return None
+    # A library's write (GX's stores, a temporary file) that did not say which file: the
+    # folders this command writes to whose disk has no room left.
+    candidates = [settings.outputs, settings.checkpoints, settings.reports, settings.root, store]
+    candidates.append(Path(tempfile.gettempdir()))
+    seen, names = set(), []
+    for folder in (c.resolve() for c in candidates if c is not None and c.exists()):
+        device = folder.stat().st_dev
+        if device not in seen and shutil.disk_usage(folder).free < 2**20:
+            seen.add(device)
+            names.append(str(folder))
+    return f" under {', '.join(names)}" if names else ""
 
 
 def _chain(exc: BaseException | None):

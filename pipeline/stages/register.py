@@ -83,7 +83,6 @@ def _decided(client, name: str, version: int, run_id: str, decision, champion, c
     return {
         "model_name": name,
         "version": version,
-        "run_id": run_id,  # which run this hand-off is of: compress checks it is train's
         "aliases": sorted(a for a, v in aliases.items() if int(v) == version),
         "promoted": decision.promote,
         "rule": decision.rule,

@@ -1,11 +1,9 @@
 """Edges users reach through the CLI: many classes with names MLflow refuses in metric names."""
 
 import csv
-import errno
 import json
 import signal
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.training.scoring import class_key
-from tests.conftest import fresh_clone, project_env, run
+from tests.conftest import fill_disk, fresh_clone, project_env, run
 
 pytestmark = pytest.mark.slow
 # Folder names are free; MLflow metric names are not (brackets, quotes, colons, '#', '?', ...).
@@ -67,32 +65,6 @@ def test_a_thousand_classes_with_odd_names_train_evaluate_and_register(project, 
         assert max(png.size) <= 2000
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 24 MB tmpfs, filled on demand (`fill(disk)`), unmounted afterwards: a full disk that
-    never fills the real one (CI runs as root, as mount needs)."""
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
-
-
-def _fill(disk) -> Path:
-    """Every free byte of `disk` taken by one file; delete it to free the space again."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as handle:
-        for size in (65536, 4096, 512, 1):  # down to the last partial block
-            try:
-                while True:
-                    handle.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    return filler
-
-
 def _one_line(result) -> str:
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
@@ -109,7 +81,7 @@ def test_a_full_checkpoint_disk_is_one_line_and_resume_works_once_space_is_freed
     for line in proc.stderr:
         if line.startswith("epoch   1/"):  # its checkpoint is on disk: now the disk fills up
             proc.send_signal(signal.SIGSTOP)
-            filler = _fill(small_disk)
+            filler = fill_disk(small_disk)
             proc.send_signal(signal.SIGCONT)
             break
     result = subprocess.CompletedProcess(train, proc.wait(timeout=300), "", proc.stderr.read())
@@ -133,7 +105,7 @@ def test_a_full_disk_under_the_mlflow_store_is_one_line_not_a_broken_store(
     project = from_template("validated")
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{small_disk}/mlflow.db"}
     run(["pipeline", "train", "--set", "train.epochs=1"], project, env=store)
-    filler = _fill(small_disk)
+    filler = fill_disk(small_disk)
     for stage in (["train", "--set", "train.epochs=1"], ["evaluate"]):
         line = _one_line(run(["pipeline", *stage], project, check=False, env=store))
         assert line.startswith("error: disk full") and str(small_disk) in line, line

@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.data.versioning import pointer
 from pipeline.settings import Settings
 from pipeline.stages.skip import unchanged_stage
-from tests.conftest import run
+from tests.conftest import fill_disk, run
 from tests.templates import copy_project, template, trained_run
 
 pytestmark = pytest.mark.slow
@@ -58,37 +58,39 @@ def test_predict_refuses_inputs_the_model_cannot_score_and_writes_nothing(regist
             str(out),
         ]
         assert message in _fails(cmd, registered), name
-        assert not out.exists() and not (tmp_path / f".{name}.csv.tmp").exists(), name
+        assert not out.exists() and not list(tmp_path.glob(f".{name}.csv.*.tmp")), name
 
     np.save(tmp_path / "good.npy", pixels.astype(np.float32))  # floats on the 0..255 scale: fine
-    stale = tmp_path / ".good.csv.tmp"
+    stale = tmp_path / ".good.csv.5e1f3a9b2c4d.tmp"
     stale.write_text("what a killed predict left")
+    os.utime(stale, (0, 0))  # left long ago: unlocked and old, so the next write removes it
     good = ["pipeline", "predict", "--input", str(tmp_path / "good.npy")]
     run([*good, "--output", str(tmp_path / "good.csv")], registered)
     assert len((tmp_path / "good.csv").read_text().splitlines()) == 7 and not stale.exists()
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(registered, tmp_path):
-    tmp = registered / "outputs" / ".validation.json.tmp"  # write_atomic's temporary: /dev/full
-    before = (registered / "outputs" / "validation.json").read_text()
-    tmp.symlink_to("/dev/full")
-    assert "disk full" in _fails(["pipeline", "validate"], registered)
-    assert (
-        not tmp.is_symlink() and (registered / "outputs" / "validation.json").read_text() == before
-    )
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(registered, small_disk, tmp_path):
+    outputs = registered / "outputs"  # moved onto the small disk, which then fills up
+    shutil.copytree(outputs, small_disk / "outputs")
+    shutil.rmtree(outputs)
+    outputs.symlink_to(small_disk / "outputs")
+    try:
+        before = (outputs / "validation.json").read_text()
+        fill_disk(small_disk)
+        line = _fails(["pipeline", "validate"], registered)
+        assert "disk full" in line and str(small_disk) in line
+        assert (outputs / "validation.json").read_text() == before
+        assert not list(outputs.glob(".validation.json.*.tmp"))
 
-    np.save(tmp_path / "x.npy", np.load(registered / "data" / "test_images.npy")[:3])
-    (tmp_path / ".x.csv.tmp").symlink_to("/dev/full")
-    cmd = [
-        "pipeline",
-        "predict",
-        "--input",
-        str(tmp_path / "x.npy"),
-        "--output",
-        str(tmp_path / "x.csv"),
-    ]
-    assert "disk full" in _fails(cmd, registered)
-    assert not (tmp_path / "x.csv").exists() and not (tmp_path / ".x.csv.tmp").is_symlink()
+        np.save(tmp_path / "x.npy", np.load(registered / "data" / "test_images.npy")[:3])
+        out = small_disk / "x.csv"
+        cmd = ["pipeline", "predict", "--input", str(tmp_path / "x.npy"), "--output", str(out)]
+        assert f"disk full writing {out}" in _fails(cmd, registered)
+        assert not out.exists() and not list(small_disk.glob(".x.csv.*.tmp"))
+    finally:  # the other tests of this module share the project
+        (small_disk / "filler").unlink(missing_ok=True)
+        outputs.unlink()
+        shutil.copytree(small_disk / "outputs", outputs)
 
 
 def test_unknown_model_names_list_the_registered_ones(registered):
