@@ -77,6 +77,11 @@ def stage(args, settings: Settings) -> int:
 
         if cfg.train.privacy.enabled:  # before torchrun starts its processes
             raise ConfigError("train.privacy runs in one process; train without --nproc")
+        if cfg.train.optimizer.lr == "auto":
+            raise ConfigError(
+                "train.optimizer.lr=auto is not run under torchrun; run `pipeline lr-find` and "
+                "set train.optimizer.lr to its suggestion"
+            )
 
         return launch(args.nproc, _train_argv(args))
     needs = graph.BY_NAME[args.command].needs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.context import RunContext
-from pipeline.data import Dataset, check_data, read_dataset
+from pipeline.data import DataError, Dataset, check_data, read_dataset
 from pipeline.settings import Settings
 
 
@@ -36,7 +36,8 @@ def evaluate_stage(
     to the run with the confusion matrix, the learning curves and the lr schedule. The plots
     are written to `plot_dir`, or a folder of their own (sweep trials may run at once in one
     checkout); `series_dir` gets the data behind them as CSV (see `write_series`).
-    Raises DataError when data/ differs from data.dvc, LookupError for a deleted run."""
+    Raises DataError when data/ differs from data.dvc or from the run's data version (other
+    classes or shapes included), LookupError for a deleted run."""
     # DVC's comparison of data/ with data.dvc runs in a child process while torch and MLflow load.
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir, wait=False)
     import mlflow
@@ -48,7 +49,8 @@ def evaluate_stage(
     ds = read_dataset(settings.data_dir, mmap=True)
     store.configure(settings, cfg.tracking.experiment)
     run = store.active_run(mlflow.MlflowClient(), run_id)  # deleted in the UI: say so, once
-    model, _ = weights.load_weights(run_id)
+    model, spec = weights.load_weights(run_id)
+    _own_data(run, spec, ds, data["data_md5"])  # before anything is logged into the run
     preds = inference.predict(model, ds.test.images)
     scores = scoring.metrics(ds.test.labels, preds, ds.classes)
     cm = scoring.confusion(ds.test.labels, preds, len(ds.classes))
@@ -66,6 +68,21 @@ def evaluate_stage(
     # DP-SGD's epsilon beside the scores, so that `dvc exp show` compares the two
     private = {k: float(v) for k, v in run.data.params.items() if k == "privacy.epsilon"}
     return {"run_id": run_id, **scores, **private, "data_md5": data["data_md5"]}
+
+
+def _own_data(run, spec, ds: Dataset, md5: str) -> None:
+    """A run's test scores come from the test split of the data it was trained on: DataError
+    when data/ holds another version (or other classes or image shapes) than the run's."""
+    trained_on = run.data.tags.get("data.md5")
+    mismatch = _mismatch(spec, ds)
+    if (trained_on and trained_on != md5) or mismatch:
+        differs = mismatch or f"trained on data version {trained_on}, data/ holds {md5}"
+        commit = run.data.tags.get("git.commit", "<its commit>")
+        raise DataError(
+            f"run {run.info.run_id} cannot be evaluated on data/ ({differs}): its scores come "
+            f"from its own data version; check that out (`git checkout {commit} -- data.dvc && "
+            "dvc checkout data.dvc`), or train on this one"
+        )
 
 
 def write_series(folder: Path, history: list[dict], scores: dict, classes, labels, preds) -> None:

@@ -266,7 +266,16 @@ class _Loop:
         stopped_early = False
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
             progress.start_epoch(epoch, self.batches.samples)
-            row = self.train_epoch(epoch, progress if progress.enabled else None)
+            try:
+                row = self.train_epoch(epoch, progress if progress.enabled else None)
+            except ValueError as exc:
+                if "Expected more than 1 value per channel" not in str(exc):
+                    raise
+                raise ConfigError(  # a batch of one image reaching a 1x1 batch norm
+                    f"train.batch_size={cfg.batch_size}: {cfg.model.name}'s batch norm cannot "
+                    "train on batches of one image (its last block is 1x1); use "
+                    "train.batch_size >= 2"
+                ) from None
             if self.val is not None:
                 row.update(self.evaluate())
                 stopped_early = self._no_longer_improving(row["val_loss"])

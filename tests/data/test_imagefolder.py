@@ -174,19 +174,25 @@ def test_links_are_followed_once_and_what_they_leave_out_is_listed(project, tmp_
     (root / "cat" / "again.jpg").symlink_to(root / "cat" / "0.jpg")  # one image twice
     (root / "cat" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # dangling
     outside = _folder(tmp_path / "elsewhere", classes=("more",), n=2) / "more"
-    (root / "dog" / "more").symlink_to(outside)  # photos kept elsewhere: read once, as dog
+    (root / "dog" / "more").symlink_to(outside)  # photos kept elsewhere
     (outside / "back").symlink_to(outside)  # ... with a loop of their own
+    (root / "cat" / "more").symlink_to(outside)  # the same photos under a second class: the
+    # first class in name order keeps them, the other's link is left out
+    (root / "kitten").symlink_to(root / "cat")  # a class under a second name
     pull = ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(root)]
     run([*pull, "--set", "data.test_fraction=0.25"], project)
     meta = read_meta(project / "data")
     ds = read_dataset(project / "data")
     counts = np.bincount(np.concatenate([ds.train.labels, ds.test.labels]))
-    assert meta["classes"] == ["cat", "dog"] and counts.tolist() == [6, 8]
+    assert meta["classes"] == ["cat", "dog"] and counts.tolist() == [8, 6]
     skipped = {s["path"]: s["reason"] for s in meta["skipped"]}
     assert set(skipped) == {
-        "cat/loop", "cat/dogs", "cat/again.jpg", "cat/gone.jpg", "dog/more/back"
+        "cat/loop", "cat/dogs", "cat/again.jpg", "cat/gone.jpg", "cat/more/back", "dog/more",
+        "kitten",
     }  # fmt: skip
-    assert "a folder read already (a loop)" in skipped["cat/loop"]
+    assert "a folder read already (a loop" in skipped["cat/loop"]
+    assert "a folder read already (a loop, or linked twice)" in skipped["dog/more"]
+    assert f"a link to {root / 'cat'}: inside the source folder" in skipped["kitten"]
     assert f"a link to {root / 'dog'}" in skipped["cat/dogs"]
     assert "dangling link" in skipped["cat/gone.jpg"]
     assert f"a link to {root / 'cat' / '0.jpg'}" in skipped["cat/again.jpg"]

@@ -128,3 +128,27 @@ def test_a_project_path_with_spaces_and_accents_reproduces_a_model(tmp_path):
     # Same data, config and seed on the same machine: the same model again (exit 0).
     reproduced = run(["pipeline", "reproduce", "image-classifier/1"], project)
     assert "\nREPRODUCED (tolerance 0)" in reproduced.stdout
+
+
+def test_evaluate_refuses_data_the_run_was_not_trained_on_and_logs_nothing(from_template, tmp_path):
+    project = from_template("trained")  # digits: 10 classes "0".."9" of 1x8x8
+    run_id = json.loads((project / "outputs" / "train.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+    before = client.get_run(run_id).data.metrics
+    # Another data version with the same classes and image shape: only its md5 tells them apart.
+    _classes_folder(tmp_path / "photos", [str(k) for k in range(10)], per_class=30)
+    run(["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir",
+         str(tmp_path / "photos")], project)  # fmt: skip
+    refused = run(["pipeline", "evaluate", "--set", "base.dataset=imagefolder"], project,
+                  check=False)  # fmt: skip
+    line = _one_line(refused)
+    assert f"run {run_id} cannot be evaluated on data/ (trained on data version" in line
+    assert client.get_run(run_id).data.metrics == before  # nothing logged into the run
+
+
+def test_torchrun_with_lr_auto_is_refused_before_it_starts(project):
+    refused = run(["pipeline", "train", "--nproc", "2", "--set", "train.optimizer.lr=auto"],
+                  project, check=False)  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "train.optimizer.lr=auto is not run under torchrun" in line

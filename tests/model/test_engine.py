@@ -279,3 +279,23 @@ def test_val_loss_is_the_plain_cross_entropy_whatever_the_label_smoothing(digits
     smoothed = float(F.cross_entropy(logits, torch.from_numpy(labels), label_smoothing=0.2))
     assert result.history[-1]["val_loss"] == pytest.approx(plain, rel=1e-5)
     assert abs(plain - smoothed) > 1e-3  # the two differ, so the check above can fail
+
+
+def test_batch_norm_trains_on_a_last_batch_of_one_and_names_a_batch_size_it_cannot_take(
+    digits,
+):
+    from pipeline.config import ConfigError
+    from pipeline.data.store import Split
+
+    # 65 images, batch 32: the last batch of one joins the one before (batch norm needs two).
+    few = Split(digits.train.images[:65], digits.train.labels[:65])
+    cfg = _cfg(**{"train.val_fraction": 0, "train.epochs": 1, "train.batch_size": 32})
+    result = fit(cfg, few, digits.classes, seed=0)
+    assert result.last_batch == "merged" and result.steps_per_epoch == 2
+    # cnn's batch norm averages over height x width too: one image a batch trains ...
+    eight = Split(digits.train.images[:8], digits.train.labels[:8])
+    ones = {"train.batch_size": 1, "train.epochs": 1, "train.val_fraction": 0}
+    assert fit(_cfg(**ones), eight, digits.classes, seed=0).steps_per_epoch == 8
+    # ... resnet18's last block is 1x1: a one-line config error, not torch's ValueError.
+    with pytest.raises(ConfigError, match="train.batch_size=1: resnet18's batch norm cannot"):
+        fit(_cfg(**ones, **{"train.model.name": "resnet18"}), eight, digits.classes, seed=0)

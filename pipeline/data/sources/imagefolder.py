@@ -52,17 +52,17 @@ def list_files(root: Path) -> Listing:
     (a dangling link) is in `left_out` with the reason."""
     if not root.is_dir():
         raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
-    folders = _class_folders(root)
+    walk = _Walk(str(root))
+    folders = _class_folders(root, walk)
     if folders != list(GIVEN_SPLITS) and any(f.lower() in SPLIT_NAMES for f in folders):
         raise DataError(
             f"imagefolder: {root} holds {', '.join(f'{f}/' for f in folders)}; with split "
             "folders it must hold exactly train/<class>/ and val/<class>/ (val/ becomes the test "
             "split): rename, merge or move the others"
         )
-    walk = _Walk(str(root))
     if set(folders) == set(GIVEN_SPLITS):
-        classes = _class_folders(root / "train")
-        unknown = sorted(set(_class_folders(root / "val")) - set(classes))
+        classes = _class_folders(root / "train", walk)
+        unknown = sorted(set(_class_folders(root / "val", walk)) - set(classes))
         if unknown:
             raise DataError(
                 f"imagefolder: {root}/val has classes {unknown} that {root}/train does not; "
@@ -86,8 +86,13 @@ def list_files(root: Path) -> Listing:
     return listing
 
 
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(p.name))
+def _class_folders(folder: Path, walk: _Walk | None = None) -> list[str]:
+    """The visible folders of `folder`; with `walk`, without links to a folder of the source
+    (a class under two names), which go to its `left_out`."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(p.name))
+    if walk is None:
+        return names
+    return [n for n in names if not walk.linked_inside(str(folder / n))]
 
 
 class _Walk:
@@ -113,13 +118,22 @@ class _Walk:
             found += [path for path in paths if self._file(path)]
         return sorted(found)
 
+    def linked_inside(self, path: str) -> bool:
+        """Whether `path` is a link into the source folder (left out, with the reason)."""
+        real = os.path.realpath(path)
+        if os.path.islink(path) and self._inside(real):
+            self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
+            return True
+        return False
+
     def _enter(self, path: str) -> bool:
         real = os.path.realpath(path)
         if real in self.seen:
-            self.left_out[path] = f"a link to {real}: a folder read already (a loop)"
+            self.left_out[path] = (
+                f"a link to {real}: a folder read already (a loop, or linked twice)"
+            )
             return False
-        if os.path.islink(path) and self._inside(real):
-            self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
+        if self.linked_inside(path):
             return False
         self.seen.add(real)
         return True
