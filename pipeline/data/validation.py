@@ -6,6 +6,7 @@ value, after the Data Docs (HTML) have been written, so nothing downstream train
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -244,46 +245,50 @@ def validate_dataset(
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     gx_root.mkdir(parents=True, exist_ok=True)
-    ctx = gx.get_context(mode="file", project_root_dir=str(gx_root))
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
-    source = ctx.data_sources.add_or_update_pandas(f"{ds.name}-samples")
-    evaluated, drift, failed, definitions, frames = 0, 0, [], [], {}
-    for split in SPLITS:
-        asset = source.get_asset(split) if split in source.get_asset_names() else None
-        asset = asset or source.add_dataframe_asset(name=split)
-        batch = next(
-            (b for b in asset.batch_definitions if b.name == "all"), None
-        ) or asset.add_batch_definition_whole_dataframe("all")
-        suite = ctx.suites.add_or_update(
-            build_suite(f"{ds.name}-{split}", split, ds, declared, cfg, reference)
-        )
-        definitions.append(
-            ctx.validation_definitions.add_or_update(
-                gx.ValidationDefinition(data=batch, suite=suite, name=f"{ds.name}-{split}")
+    # One validation at a time in a GX project: two commands in one workspace would
+    # otherwise save its suites under each other ("has changed since it was saved").
+    with open(gx_root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ctx = gx.get_context(mode="file", project_root_dir=str(gx_root))
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
+        source = ctx.data_sources.add_or_update_pandas(f"{ds.name}-samples")
+        evaluated, drift, failed, definitions, frames = 0, 0, [], [], {}
+        for split in SPLITS:
+            asset = source.get_asset(split) if split in source.get_asset_names() else None
+            asset = asset or source.add_dataframe_asset(name=split)
+            batch = next(
+                (b for b in asset.batch_definitions if b.name == "all"), None
+            ) or asset.add_batch_definition_whole_dataframe("all")
+            suite = ctx.suites.add_or_update(
+                build_suite(f"{ds.name}-{split}", split, ds, declared, cfg, reference)
             )
-        )
-        frames[split] = sample_table(ds, split)
-    for split, definition in zip(SPLITS, definitions, strict=True):
-        checkpoint = ctx.checkpoints.add_or_update(
-            gx.Checkpoint(
-                name=f"{ds.name}-{split}",
-                validation_definitions=[definition],
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            definitions.append(
+                ctx.validation_definitions.add_or_update(
+                    gx.ValidationDefinition(data=batch, suite=suite, name=f"{ds.name}-{split}")
+                )
             )
-        )
-        result = checkpoint.run(batch_parameters={"dataframe": frames[split]})
-        for run in result.run_results.values():
-            for r in run.results:
-                name = r.expectation_config.meta.get("name", r.expectation_config.type)
-                if name.endswith(DRIFT):
-                    drift += 1
-                else:
-                    evaluated += 1
-                if not r.success:
-                    observed = _observed(r.result, r.expectation_config.kwargs)
-                    if name == "every_class_present":
-                        observed = _missing(frames[split], ds.classes, split)
-                    failed.append({"split": split, "name": name, "observed": observed})
+            frames[split] = sample_table(ds, split)
+        for split, definition in zip(SPLITS, definitions, strict=True):
+            checkpoint = ctx.checkpoints.add_or_update(
+                gx.Checkpoint(
+                    name=f"{ds.name}-{split}",
+                    validation_definitions=[definition],
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                )
+            )
+            result = checkpoint.run(batch_parameters={"dataframe": frames[split]})
+            for run in result.run_results.values():
+                for r in run.results:
+                    name = r.expectation_config.meta.get("name", r.expectation_config.type)
+                    if name.endswith(DRIFT):
+                        drift += 1
+                    else:
+                        evaluated += 1
+                    if not r.success:
+                        observed = _observed(r.result, r.expectation_config.kwargs)
+                        if name == "every_class_present":
+                            observed = _missing(frames[split], ds.classes, split)
+                        failed.append({"split": split, "name": name, "observed": observed})
     docs = gx_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     stats = {split: split_stats(frames[split]) for split in SPLITS}
     notes, skipped = [], len(declared.get("skipped", []))

@@ -66,33 +66,48 @@ def configure(settings: Settings, experiment: str) -> str:
 
     from pipeline.errors import PermanentError
 
-    if settings.tracking_uri.startswith("sqlite:///"):
-        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
-            parents=True, exist_ok=True
-        )
     mlflow.set_tracking_uri(settings.tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None and found.lifecycle_stage == "deleted":
+    with _creating(settings):
+        found = mlflow.get_experiment_by_name(experiment)  # a new SQLite store is made here
+        if found is None:
+            exp_id = mlflow.create_experiment(
+                experiment,
+                artifact_location=f"{settings.artifact_root.rstrip('/')}/{experiment}",
+                tags=EXPERIMENT_TAGS,
+            )
+            mlflow.set_experiment(experiment_id=exp_id)
+            return exp_id
+    if found.lifecycle_stage == "deleted":
         raise PermanentError(
             f"the MLflow experiment {experiment!r} was deleted (id {found.experiment_id}, in "
             f"MLflow's trash): restore it with `MLFLOW_TRACKING_URI={settings.tracking_uri} "
             f"mlflow experiments restore --experiment-id {found.experiment_id}` or from the "
             "MLflow UI, or choose another name (--set tracking.experiment=NAME)"
         )
-    if found is not None:
-        exp_id = found.experiment_id
-        if KIND not in found.tags:
-            for key, value in EXPERIMENT_TAGS.items():
-                if key not in found.tags:
-                    mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
-    else:
-        exp_id = mlflow.create_experiment(
-            experiment,
-            artifact_location=f"{settings.artifact_root.rstrip('/')}/{experiment}",
-            tags=EXPERIMENT_TAGS,
-        )
+    exp_id = found.experiment_id
+    if KIND not in found.tags:
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in found.tags:
+                mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+@contextmanager
+def _creating(settings: Settings):
+    """One process at a time making a SQLite store's tables or an experiment: commands started
+    together on a new project would otherwise run MLflow's migrations at once (one fails,
+    another finds a half-made store) or create the experiment twice. A server does its own."""
+    if not settings.tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(settings.tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def new_run(

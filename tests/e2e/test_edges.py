@@ -152,3 +152,18 @@ def test_torchrun_with_lr_auto_is_refused_before_it_starts(project):
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     (line,) = refused.stderr.strip().splitlines()
     assert "train.optimizer.lr=auto is not run under torchrun" in line
+
+
+def test_commands_started_together_on_a_new_project_share_one_store(project):
+    run(["pipeline", "data", "pull"], project)  # no MLflow store yet: the first command makes it
+    procs = [
+        subprocess.Popen(["pipeline", "validate"], cwd=project, env=project_env(project),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+    names = [e.name for e in client.search_experiments()]
+    assert names.count("image-classifier") == 1
