@@ -7,6 +7,13 @@ DAG tasks fail at once, without retries. `RegistryUnavailable` is transient: ret
 from __future__ import annotations
 
 
+def chain(exc: BaseException | None):
+    """`exc`, then the exceptions it was raised from or during, innermost last."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 class PermanentError(RuntimeError):
     """Bad config, bad or untracked data, a diverged run, an untrusted checkpoint."""
 

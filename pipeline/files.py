@@ -11,8 +11,11 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from pipeline.errors import chain
 
 ABANDONED_AFTER_S = 10  # a temporary file this old and unlocked was left by a killed writer
 
@@ -72,11 +75,18 @@ def _remove_abandoned(path: Path) -> None:
 
 def disk_full(exc: BaseException | None) -> bool:
     """Whether `exc` or an exception it was raised from is a full disk (ENOSPC)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain(exc))
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on the file `path` (made if missing, never truncated) for the
+    block: one process at a time, on this machine; released however the process ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline import interrupts
 from pipeline.cli.commands import HANDLERS, LOCAL_COMMANDS, PROJECTLESS
 from pipeline.cli.parser import build_parser
-from pipeline.errors import ConfigError, DataError, PermanentError, ValidationFailed
+from pipeline.errors import ConfigError, DataError, PermanentError, ValidationFailed, chain
 from pipeline.settings import Settings
 
 # How SQLite and PostgreSQL say their disk is full (from MLflow, sometimes only as text).
@@ -118,14 +118,14 @@ def _disk_full(exc: BaseException, settings: Settings) -> str | None:
     """Where the disk filled up (" writing FILE", " under the MLflow store FOLDER", " under
     FOLDER", or ""), when `exc` comes from a full disk; else None. The store's error arrives
     as text when the recorder process met it, so its words are matched."""
-    chain = list(_chain(exc))
-    full = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    causes = list(chain(exc))
+    full = [e for e in causes if isinstance(e, OSError) and e.errno == errno.ENOSPC]
     named = [e.filename for e in full if e.filename]
     if named:
         return f" writing {named[0]}"
     uri = settings.tracking_uri
     store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite") else None
-    if any(words in str(e) for e in chain for words in STORE_FULL):
+    if any(words in str(e) for e in causes for words in STORE_FULL):
         return f" under the MLflow store {store or uri}"
     if not full:
         return None
@@ -142,18 +142,11 @@ def _disk_full(exc: BaseException, settings: Settings) -> str | None:
     return f" under {', '.join(names)}" if names else ""
 
 
-def _chain(exc: BaseException | None):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def _store_error(exc: BaseException) -> str | None:
     """The database error behind an MLflow failure (a corrupt or foreign mlflow.db), if any."""
     from sqlalchemy.exc import DatabaseError
 
-    while exc is not None:
-        if isinstance(exc, DatabaseError):
-            return str(exc.orig or exc).splitlines()[0]
-        exc = exc.__cause__ or exc.__context__
+    for cause in chain(exc):
+        if isinstance(cause, DatabaseError):
+            return str(cause.orig or cause).splitlines()[0]
     return None

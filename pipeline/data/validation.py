@@ -6,7 +6,6 @@ value, after the Data Docs (HTML) have been written, so nothing downstream train
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ import pandas as pd
 
 from pipeline.config import ValidateConfig
 from pipeline.data.store import SPLITS, Dataset, chunks
+from pipeline.files import exclusive
 
 EXPECTED_DTYPE = "uint8"
 INTEGER_DTYPES = [str(np.dtype(t)) for t in np.typecodes["AllInteger"]]
@@ -229,6 +229,58 @@ def build_suite(
     return suite
 
 
+def _run_suites(
+    ds: Dataset, declared: dict, cfg: ValidateConfig, gx_root: Path, reference: dict | None
+) -> tuple[int, int, list[dict], dict]:
+    """Each split's suite through a GX checkpoint in the file project at `gx_root` (Data Docs
+    written): (expectations evaluated, drift ones, failures, the splits' sample tables)."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phone-home from a closed network
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="file", project_root_dir=str(gx_root))
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
+    source = ctx.data_sources.add_or_update_pandas(f"{ds.name}-samples")
+    evaluated, drift, failed, definitions, frames = 0, 0, [], [], {}
+    for split in SPLITS:
+        asset = source.get_asset(split) if split in source.get_asset_names() else None
+        asset = asset or source.add_dataframe_asset(name=split)
+        batch = next(
+            (b for b in asset.batch_definitions if b.name == "all"), None
+        ) or asset.add_batch_definition_whole_dataframe("all")
+        suite = ctx.suites.add_or_update(
+            build_suite(f"{ds.name}-{split}", split, ds, declared, cfg, reference)
+        )
+        definitions.append(
+            ctx.validation_definitions.add_or_update(
+                gx.ValidationDefinition(data=batch, suite=suite, name=f"{ds.name}-{split}")
+            )
+        )
+        frames[split] = sample_table(ds, split)
+    for split, definition in zip(SPLITS, definitions, strict=True):
+        checkpoint = ctx.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=f"{ds.name}-{split}",
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            )
+        )
+        result = checkpoint.run(batch_parameters={"dataframe": frames[split]})
+        for run in result.run_results.values():
+            for r in run.results:
+                name = r.expectation_config.meta.get("name", r.expectation_config.type)
+                if name.endswith(DRIFT):
+                    drift += 1
+                else:
+                    evaluated += 1
+                if not r.success:
+                    observed = _observed(r.result, r.expectation_config.kwargs)
+                    if name == "every_class_present":
+                        observed = _missing(frames[split], ds.classes, split)
+                    failed.append({"split": split, "name": name, "observed": observed})
+    return evaluated, drift, failed, frames
+
+
 def validate_dataset(
     ds: Dataset,
     declared: dict,
@@ -240,55 +292,10 @@ def validate_dataset(
 
     `reference`: the champion's training-data stats for the drift bounds (None: not checked;
     the caller says why)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phone-home from a closed network
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    gx_root.mkdir(parents=True, exist_ok=True)
     # One validation at a time in a GX project: two commands in one workspace would
     # otherwise save its suites under each other ("has changed since it was saved").
-    with open(gx_root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        ctx = gx.get_context(mode="file", project_root_dir=str(gx_root))
-        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
-        source = ctx.data_sources.add_or_update_pandas(f"{ds.name}-samples")
-        evaluated, drift, failed, definitions, frames = 0, 0, [], [], {}
-        for split in SPLITS:
-            asset = source.get_asset(split) if split in source.get_asset_names() else None
-            asset = asset or source.add_dataframe_asset(name=split)
-            batch = next(
-                (b for b in asset.batch_definitions if b.name == "all"), None
-            ) or asset.add_batch_definition_whole_dataframe("all")
-            suite = ctx.suites.add_or_update(
-                build_suite(f"{ds.name}-{split}", split, ds, declared, cfg, reference)
-            )
-            definitions.append(
-                ctx.validation_definitions.add_or_update(
-                    gx.ValidationDefinition(data=batch, suite=suite, name=f"{ds.name}-{split}")
-                )
-            )
-            frames[split] = sample_table(ds, split)
-        for split, definition in zip(SPLITS, definitions, strict=True):
-            checkpoint = ctx.checkpoints.add_or_update(
-                gx.Checkpoint(
-                    name=f"{ds.name}-{split}",
-                    validation_definitions=[definition],
-                    actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-                )
-            )
-            result = checkpoint.run(batch_parameters={"dataframe": frames[split]})
-            for run in result.run_results.values():
-                for r in run.results:
-                    name = r.expectation_config.meta.get("name", r.expectation_config.type)
-                    if name.endswith(DRIFT):
-                        drift += 1
-                    else:
-                        evaluated += 1
-                    if not r.success:
-                        observed = _observed(r.result, r.expectation_config.kwargs)
-                        if name == "every_class_present":
-                            observed = _missing(frames[split], ds.classes, split)
-                        failed.append({"split": split, "name": name, "observed": observed})
+    with exclusive(gx_root / ".lock"):
+        evaluated, drift, failed, frames = _run_suites(ds, declared, cfg, gx_root, reference)
     docs = gx_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     stats = {split: split_stats(frames[split]) for split in SPLITS}
     notes, skipped = [], len(declared.get("skipped", []))

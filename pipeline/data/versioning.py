@@ -6,7 +6,6 @@ data.dvc itself and refuses to go on when they differ.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.store import DataError
-from pipeline.files import write_json
+from pipeline.files import exclusive, write_json
 
 POINTER = "data.dvc"
 # In DVC's own git-ignored scratch folder: a lock for writers of data/, and a marker that says a
@@ -200,10 +199,7 @@ def refuse_differences(repo_root: Path, data_dir: Path, diff: list[str]) -> str:
 @contextmanager
 def data_lock(repo_root: Path):
     """One writer of data/ at a time (DVC's own repo lock fails instead of waiting)."""
-    path = Path(repo_root) / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with exclusive(Path(repo_root) / LOCK):
         yield
 
 

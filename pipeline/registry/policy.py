@@ -166,11 +166,10 @@ def recall_guard(policy, challenger, champion, incompatible):
     if policy.max_recall_drop is None:
         return None
     names = class_keys(challenger.get("classes", []))  # metric key -> the class as named
+    keys = [k.removeprefix("test_recall.") for k in champion if k.startswith("test_recall.")]
     drops = {
-        names.get(key[len("test_recall.") :], key[len("test_recall.") :]): champion[key]
-        - challenger.get(key, 0.0)
-        for key in champion
-        if key.startswith("test_recall.")
+        names.get(k, k): champion[f"test_recall.{k}"] - challenger.get(f"test_recall.{k}", 0.0)
+        for k in keys
     }
     worst = {c: d for c, d in drops.items() if d > policy.max_recall_drop}
     if not worst:

@@ -21,12 +21,9 @@ STATUS_TAG = "registration.status"  # pending until register finished; only comp
 def promotion_lock(settings: Settings, name: str):
     """One registration/promotion of `name` at a time on this machine; across Airflow workers
     the `promotion` pool (one slot) serializes the register tasks."""
-    import fcntl
+    from pipeline.files import exclusive
 
-    path = settings.locks / f"promotion-{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with exclusive(settings.locks / f"promotion-{name}.lock"):
         yield
 
 

@@ -105,8 +105,8 @@ def _same_run(stage: Stage, inputs: dict, settings: Settings) -> None:
     is in git): every needed hand-off that names a run must name the first one's run, or the
     stage would mix two runs. OutOfOrder names the stage to run first."""
     runs = [(need, inputs[need]["run_id"]) for need in stage.needs if "run_id" in inputs[need]]
+    first, expected = runs[0] if runs else (None, None)  # train's, for the stages needing it
     for need, run_id in runs[1:]:
-        first, expected = runs[0]
         if run_id != expected:
             path = settings.handoff(BY_NAME[need].hands_on)
             raise OutOfOrder(

@@ -101,12 +101,10 @@ def _creating(settings: Settings):
     if not settings.tracking_uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from pipeline.files import exclusive
 
     db = Path(settings.tracking_uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(f".{db.name}.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with exclusive(db.with_name(f".{db.name}.lock")):  # makes the store's folder too
         yield
 
 

@@ -86,12 +86,10 @@ def list_files(root: Path) -> Listing:
     return listing
 
 
-def _class_folders(folder: Path, walk: _Walk | None = None) -> list[str]:
-    """The visible folders of `folder`; with `walk`, without links to a folder of the source
-    (a class under two names), which go to its `left_out`."""
+def _class_folders(folder: Path, walk: _Walk) -> list[str]:
+    """The visible folders of `folder`, without links to a folder of the source (a class
+    under two names), which go to the walk's `left_out`."""
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(p.name))
-    if walk is None:
-        return names
     return [n for n in names if not walk.linked_inside(str(folder / n))]
 
 
@@ -144,8 +142,10 @@ class _Walk:
         real = os.path.realpath(path)
         if not os.path.exists(real):
             self.left_out[path] = f"a dangling link (to {os.readlink(path)})"
-        elif self._inside(real) or real in self.seen:
+        elif self._inside(real):
             self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
+        elif real in self.seen:
+            self.left_out[path] = f"a link to {real}: a file read already (linked twice)"
         elif os.path.isfile(real):
             self.seen.add(real)
             return True
