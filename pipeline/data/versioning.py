@@ -25,6 +25,9 @@ POINTER = "data.dvc"
 LOCK = ".dvc/tmp/pipeline-data.lock"
 PENDING = ".dvc/tmp/pipeline-data-pending.json"
 CHECKOUT_FIX = "dvc checkout --force data.dvc"
+# DVC builds its index of data.dvc in a shared SQLite file on first use and commits it in parts;
+# a second process reading it meanwhile sees data/ without its hash ("added: data/").
+INDEX_LOCK = ".dvc/tmp/pipeline-index.lock"
 LOCK_WAIT_ENV = "PIPELINE_DVC_LOCK_WAIT_S"  # how long to wait for another DVC command's lock
 
 
@@ -90,7 +93,7 @@ def locked_repo(repo_root: Path):
 
 def differences(repo_root: Path) -> list[str]:
     """Files of data/ that differ from data.dvc ('modified: data/x.npy'); empty when in sync."""
-    with _repo(repo_root) as repo:
+    with exclusive(Path(repo_root) / INDEX_LOCK), _repo(repo_root) as repo:
         status = repo.data_status(granular=True, untracked_files="no")
     changes = status.get("uncommitted", {})
     return [f"{kind}: {p}" for kind, paths in sorted(changes.items()) for p in paths]
