@@ -1,5 +1,7 @@
 """Score a folder of images (or an .npy file) with a registered model, pinned at the start.
 
+The form's `input` and `output` must lie under PIPELINE_PREDICT_ROOTS (folders separated by ':',
+default the project): whoever can trigger a run reads and writes only there.
 resolve_model turns the reference (default: the champion) into one exact version before any
 scoring, so a promotion during the run cannot mix two models into one output; the version is
 written into the output. Wiring only: pipeline/* is imported inside the task bodies.
@@ -8,7 +10,6 @@ written into the output. Wiring only: pipeline/* is imported inside the task bod
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import dag_support as ds
 import pendulum
@@ -53,17 +54,19 @@ def batch_predict():
 
     @task
     def score(pinned: dict) -> dict:
+        from pipeline.files import confined
         from pipeline.stages.predict import predict_stage
 
         ctx = get_current_context()
         params = ctx["params"]
-        output = Path(params["output"].replace("{run_id}", ctx["run_id"].replace(":", "_")))
+        output = params["output"].replace("{run_id}", ctx["run_id"].replace(":", "_"))
+        roots = ds.predict_roots()
         with ds.permanent_errors():  # unreadable input will not fix itself
             return predict_stage(
                 ds.settings(),
                 f"{pinned['name']}/{pinned['version']}",
-                Path(params["input"]),
-                output,
+                confined(params["input"], roots, "input", ds.PREDICT_ROOTS),
+                confined(output, roots, "output", ds.PREDICT_ROOTS),
             )
 
     score(resolve_model())

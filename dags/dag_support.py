@@ -200,6 +200,16 @@ def settings():
     return replace(Settings.from_env(PROJECT_ROOT), reports_in_git=False)
 
 
+PREDICT_ROOTS = "PIPELINE_PREDICT_ROOTS"
+
+
+def predict_roots() -> list[Path]:
+    """The folders a batch_predict run may read and write (PIPELINE_PREDICT_ROOTS, ':'-separated;
+    default the project): the trigger form's paths must lie under one."""
+    listed = os.environ.get(PREDICT_ROOTS, "").split(os.pathsep)
+    return [Path(p) for p in listed if p.strip()] or [PROJECT_ROOT]
+
+
 def config(resolved: dict | None = None):
     """The config a previous task resolved, or params.yaml as it is now."""
     from pipeline.config import load_config, resolved_config

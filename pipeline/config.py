@@ -231,6 +231,14 @@ class RegisterConfig(_Block):
     """The promotion policy: both models are scored on the challenger's test data."""
 
     model_name: str = Field("image-classifier", min_length=1)
+
+    @field_validator("model_name")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        from pipeline.files import safe_name
+
+        return safe_name(value, "register.model_name")
+
     metric: Literal["test_accuracy", "test_macro_f1"] = "test_accuracy"
     floor: float = Field(0.9, ge=0, le=1)  # a model below this is never champion
     min_improvement: float = Field(0.0, ge=0, le=1)  # over the champion; 0 = ties promote

@@ -51,4 +51,4 @@ class CheckpointError(PermanentError):
 
 
 class RegistryUnavailable(RuntimeError):
-    """MLflow did not answer after its retries; nothing was promoted."""
+    """MLflow did not answer after its retries; a retry of the step finishes what it began."""

@@ -1,5 +1,6 @@
 """Atomic file writes: a reader (or the next stage) never sees half a file, and a crash or a full
-disk leaves the previous file as it was."""
+disk leaves the previous file as it was. Names and paths from outside (a form, a conf, the CLI)
+checked before the project writes where they point."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from pipeline.errors import chain
+from pipeline.errors import ConfigError, chain
 
 ABANDONED_AFTER_S = 10  # a temporary file this old and unlocked was left by a killed writer
 
@@ -92,3 +93,29 @@ def exclusive(path: Path):
 def write_json(path: Path, payload: dict) -> Path:
     text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
     return write_atomic(path, lambda handle: handle.write(text))
+
+
+def safe_name(name: str, what: str) -> str:
+    """`name` when it can name a file of its own (a model name in a lock file's name): not
+    empty, no `/`, `\\`, `:` or control characters (MLflow refuses `/` and `:` in model names
+    too), not `.` or `..`. Else ConfigError naming `what`, before anything is written."""
+    bad = sorted({c for c in name if c in "/\\:" or ord(c) < 32})
+    if not name.strip() or name in (".", "..") or bad:
+        why = f"holds {' '.join(map(repr, bad))}" if bad else "is empty, '.' or '..'"
+        raise ConfigError(
+            f"{what} {name!r} {why}: a model name is one word of a path (e.g. image-classifier); "
+            "no '/', '\\', ':' or control characters"
+        )
+    return name
+
+
+def confined(path: str | Path, roots: list[Path], what: str, setting: str) -> Path:
+    """`path` resolved (links and `..` followed) when it lies under one of `roots`, else
+    ConfigError naming it, the roots and `setting`, the variable that widens them."""
+    resolved = Path(path).expanduser().resolve()
+    if any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+        return resolved
+    raise ConfigError(
+        f"{what} {path} is outside the folders this may use ({', '.join(map(str, roots))}); "
+        f"move it there, or add its folder to {setting} (separated by '{os.pathsep}')"
+    )

@@ -106,6 +106,12 @@ def _known_failure(exc: Exception, settings: Settings) -> str | None:
             "and run the command again (`--resume` continues a training from its checkpoint)"
         )
     store_error = _store_error(exc)
+    if store_error and "database is locked" in store_error:  # transient: never "move it aside"
+        return (
+            f"error: the MLflow store at {settings.tracking_uri} stayed locked by another process "
+            "past SQLite's wait (a long write by another command); this command stopped there. "
+            "Run it again when the other has finished"
+        )
     if store_error:
         return (
             f"error: the MLflow store at {settings.tracking_uri} cannot be read ({store_error}); "

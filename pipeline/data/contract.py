@@ -20,6 +20,10 @@ from pipeline.data.store import chunks
 
 VERSION = 1
 CHUNK = 1024  # images per chunk when checking an array: bounded memory for any N
+# Files sent to a model (predict, the served model) meet a lower pixel limit than ingest's: a
+# 16-megapixel photo; Pillow's own default is 89 MP. An operator's setting, not the data's.
+SERVE_PIXELS_ENV = "PIPELINE_SERVE_MAX_PIXELS"
+SERVE_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ class InputContract:
             f"Takes {c}x{h}x{w} uint8 pixels (or numbers on the 0..255 scale; 0..1 and NaN "
             f"are refused), or image files: EXIF orientation applied, transparency on "
             f"RGB{tuple(self.background or ())}, {self.bit_depth}-bit grayscale scaled to 8 "
-            f"bits, {how}, at most {self.max_pixels / 1e6:.1f} megapixels. "
+            f"bits, {how}, at most {self.max_pixels / 1e6:.1f} megapixels (when served, "
+            f"{self.serve_pixels() / 1e6:.1f}). "
             f"Classes: {some_names(list(self.classes))}."
         )
 
@@ -96,12 +101,33 @@ class InputContract:
         """(width, height), Pillow's order."""
         return self.shape[2], self.shape[1]
 
-    def decode(self, source) -> np.ndarray:
-        """One image file (a path or its bytes) as uint8 C x H x W. Raises images.BadImage (or
-        NotAnImage) saying why it cannot be."""
+    def serve_pixels(self) -> int:
+        """The pixel limit of a file sent to the model: `max_pixels` capped at
+        PIPELINE_SERVE_MAX_PIXELS (default 16,777,216, 4096 x 4096). Checked from the header,
+        so a decompression bomb costs nothing but the refusal."""
+        import os
+
+        cap = os.environ.get(SERVE_PIXELS_ENV) or SERVE_PIXELS
+        try:
+            cap = int(cap)
+        except ValueError:
+            raise ValueError(
+                f"{SERVE_PIXELS_ENV}={cap!r} is not a whole number of pixels"
+            ) from None
+        return min(self.max_pixels, cap)
+
+    def pixel_limit(self, served: bool) -> tuple[int, str]:
+        """(pixels, the setting that sets them) for ingest, or for files `served` to a model."""
+        limit = self.serve_pixels() if served else self.max_pixels
+        return limit, SERVE_PIXELS_ENV if limit < self.max_pixels else images.INGEST_LIMIT
+
+    def decode(self, source, served: bool = False) -> np.ndarray:
+        """One image file (a path or its bytes) as uint8 C x H x W; `served`: sent to the model
+        (predict, serving), under `serve_pixels()` instead of ingest's `max_pixels`. Raises
+        images.BadImage (or NotAnImage) saying why it cannot be."""
         mode = "L" if self.shape[0] == 1 else "RGB"
         target = (mode, self.size, self.resize) if self.resize else None
-        im = images.load(source, self.max_pixels, self.exif, target)
+        im = images.load(source, *self.pixel_limit(served), exif=self.exif, target=target)
         pic = images.to_mode(im, mode, self.bit_depth, self.background)
         if pic.size != self.size:
             if self.resize is None:

@@ -26,6 +26,7 @@ BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # Pillow refuses images over twice its own limit before we could look at them.
 PILLOW_HARD_LIMIT = 2 * 89_478_485
+INGEST_LIMIT = "data.max_image_pixels"
 
 
 class BadImage(Exception):
@@ -61,9 +62,10 @@ class Probe:
     brightest: int = 0  # high-bit images only: their largest value
 
 
-def probe(path: Path | str, max_pixels: int) -> Probe:
-    """Raises NotAnImage for a file that is no image, BadImage for one that cannot be used."""
-    with _opened(path, max_pixels) as im:
+def probe(path: Path | str, max_pixels: int, limit: str = INGEST_LIMIT) -> Probe:
+    """Raises NotAnImage for a file that is no image, BadImage for one that cannot be used
+    (over `max_pixels`, set by the setting named `limit`)."""
+    with _opened(path, max_pixels, limit) as im:
         if im.mode == "F":
             raise BadImage(
                 "a floating-point image has no fixed range to scale into 0..255; save it as "
@@ -86,14 +88,14 @@ def bit_depth(brightest: int) -> int:
     return next(d for d in BIT_DEPTHS if brightest < 2**d)
 
 
-def load(source, max_pixels: int, exif: bool, target=None):
+def load(source, max_pixels: int, limit: str = INGEST_LIMIT, *, exif: bool, target=None):
     """The decoded image (a Pillow image), EXIF orientation applied when `exif`. `target`
     (mode, (width, height) as shown, resize policy) lets a JPEG decode at 1/2, 1/4 or 1/8 scale
-    when the policy does not need more. `source`: a path or the file's bytes.
-    Raises BadImage / NotAnImage."""
+    when the policy does not need more. `source`: a path or the file's bytes. `limit` names
+    the setting of `max_pixels` in the refusal. Raises BadImage / NotAnImage."""
     from PIL import ImageOps
 
-    with _opened(source, max_pixels) as im:
+    with _opened(source, max_pixels, limit) as im:
         if target is not None and im.format == "JPEG":
             mode, want, policy = target
             turned = exif and _orientation(im) in ROTATED
@@ -104,7 +106,7 @@ def load(source, max_pixels: int, exif: bool, target=None):
 
 
 @contextmanager
-def _opened(source, max_pixels: int):
+def _opened(source, max_pixels: int, limit: str = INGEST_LIMIT):
     """`Image.open` with the pixel limit checked from the header, before anything is decoded,
     and Pillow's errors (at open or while reading: a truncated file) turned into BadImage, or
     NotAnImage for a file Pillow does not recognize whose suffix is no image format's."""
@@ -128,9 +130,8 @@ def _opened(source, max_pixels: int):
         w, h = image.size
         if w * h > max_pixels:
             raise BadImage(
-                f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
-                "(data.max_image_pixels): a decompression bomb, or raise the limit if the image "
-                "is genuine"
+                f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} ({limit}): a "
+                "decompression bomb, or raise the limit if the image is genuine"
             )
         try:
             yield image
@@ -158,15 +159,17 @@ def to_mode(im, mode: str, depth: int | None, background: tuple[int, int, int] |
     from PIL import Image
 
     if im.mode in HIGH_BIT_MODES:
-        values = np.asarray(im, dtype=np.int64)
-        brightest = int(values.max(initial=0))
+        low, brightest = im.getextrema()  # from the decoded image: no copy
         depth = depth or bit_depth(brightest)
-        if values.min(initial=0) < 0 or brightest >= 2**depth:
+        if low < 0 or brightest >= 2**depth:
             raise BadImage(
-                f"pixel values {values.min()}..{brightest} do not fit the {depth}-bit depth the "
-                "model was trained on"
+                f"pixel values {low}..{brightest} do not fit the {depth}-bit depth the model "
+                "was trained on"
             )
-        im = Image.fromarray((values >> (depth - 8)).astype(np.uint8), "L")
+        # One int32 working copy (every high-bit mode fits), shifted in place: 4 bytes a pixel
+        values = np.asarray(im, dtype=np.int32)
+        np.right_shift(values, depth - 8, out=values)
+        im = Image.fromarray(values.astype(np.uint8), "L")
     if background is not None and ("A" in im.mode or "transparency" in im.info):
         layer = Image.new("RGBA", im.size, (*background, 255))
         im = Image.alpha_composite(layer, im.convert("RGBA"))

@@ -10,6 +10,7 @@ ones ignored; an image that cannot be decoded fails the run naming it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,10 +58,15 @@ def _folder(folder: Path, contract: InputContract) -> Inputs:
     files, skipped = [], {}
     for path in sorted(folder.rglob("*")):
         name = str(path.relative_to(folder))
-        if any(hidden(part) for part in path.relative_to(folder).parts) or not path.is_file():
+        if any(hidden(part) for part in path.relative_to(folder).parts):
+            continue
+        if path.is_symlink():  # never followed, as at ingest: it could read any file
+            skipped[name] = f"a link (to {os.readlink(path)}): links are never read"
+            continue
+        if not path.is_file():
             continue
         try:
-            probe(path, contract.max_pixels)
+            probe(path, *contract.pixel_limit(served=True))
             files.append(path)
         except NotAnImage as exc:
             skipped[name] = str(exc)
@@ -71,7 +77,7 @@ def _folder(folder: Path, contract: InputContract) -> Inputs:
 
     def read(file: Path) -> np.ndarray:
         try:
-            return contract.decode(file)
+            return contract.decode(file, served=True)
         except BadImage as exc:
             raise DataError(f"cannot read image {file}: {exc}") from None
 

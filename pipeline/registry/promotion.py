@@ -44,12 +44,19 @@ def champion_run(client, name: str):
 
 
 def move_alias(client, name: str, alias: str, version: int, reason: str, by: str) -> None:
-    """Point `alias` at `version` and append the move to the model's alias history."""
+    """Point `alias` at `version` and append the move to the model's alias history, as one
+    retriable step: a retry that finds the alias moved but the move unrecorded (the server was
+    lost in between) writes the missing entry; one that finds both does nothing."""
     current = alias_version(client, name, alias)
-    previous = int(current.version) if current is not None else None
-    if previous == int(version):
-        return
-    client.set_registered_model_alias(name, alias, str(version))
+    last = last_move(client, name, alias)
+    if current is not None and int(current.version) == int(version):
+        if last is not None and last["version"] == int(version):
+            return
+        previous = last["version"] if last is not None else None
+        reason = f"{reason} (recorded by a retry: the alias had moved)"
+    else:
+        previous = int(current.version) if current is not None else None
+        client.set_registered_model_alias(name, alias, str(version))
     event = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "alias": alias,
@@ -64,18 +71,19 @@ def move_alias(client, name: str, alias: str, version: int, reason: str, by: str
 
 
 def crown(client, name: str, version: int, reason: str, by: str) -> None:
-    """Make `version` champion; the one it replaces becomes previous-champion."""
+    """Make `version` champion; the one it replaces becomes previous-champion. A retry after a
+    cut finishes what the first try left (`move_alias`)."""
     current = alias_version(client, name, CHAMPION)
-    if current is not None and int(current.version) == int(version):
-        return
-    if current is not None:
+    if current is not None and int(current.version) != int(version):
         move_alias(client, name, PREVIOUS, int(current.version), f"replaced by v{version}", by)
     move_alias(client, name, CHAMPION, version, reason, by)
 
 
 def rollback(client, name: str, reason: str, by: str) -> tuple[int, int]:
     """champion <- previous-champion (and the other way round, so a rollback can be undone).
-    Returns (from version, to version)."""
+    Returns (from version, to version). A rollback cut between its two moves (both aliases on
+    the old champion) is finished by the retry: the target is where previous-champion
+    pointed before."""
     champion = alias_version(client, name, CHAMPION)
     previous = alias_version(client, name, PREVIOUS)
     if champion is None or previous is None:
@@ -84,9 +92,24 @@ def rollback(client, name: str, reason: str, by: str) -> tuple[int, int]:
             "back from; `pipeline history` shows the alias moves so far"
         )
     old, new = int(champion.version), int(previous.version)
+    if old == new:  # cut after previous-champion moved: where was it before?
+        last = last_move(client, name, PREVIOUS)  # that move's entry, or the one before it
+        new = last and (last["previous"] if last["version"] == old else last["version"])
+        if not new or new == old:
+            raise LookupError(
+                f"{name}'s champion and previous-champion both point at v{old} and the history "
+                "does not say where to roll back to; `pipeline promote NAME/VERSION --force "
+                "--reason ...` sets the champion"
+            )
     move_alias(client, name, PREVIOUS, old, f"rolled back from v{old}", by)
     move_alias(client, name, CHAMPION, new, f"rollback: {reason}", by)
     return old, new
+
+
+def last_move(client, name: str, alias: str) -> dict | None:
+    """The latest recorded move of `alias`, or None."""
+    moves = [e for e in history(client, name) if e.get("alias") == alias]
+    return moves[-1] if moves else None
 
 
 def history(client, name: str) -> list[dict]:

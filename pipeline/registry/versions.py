@@ -21,9 +21,10 @@ STATUS_TAG = "registration.status"  # pending until register finished; only comp
 def promotion_lock(settings: Settings, name: str):
     """One registration/promotion of `name` at a time on this machine; across Airflow workers
     the `promotion` pool (one slot) serializes the register tasks."""
-    from pipeline.files import exclusive
+    from pipeline.files import exclusive, safe_name
 
-    with exclusive(settings.locks / f"promotion-{name}.lock"):
+    # The name comes from the CLI or params.yaml: never a path out of the locks folder.
+    with exclusive(settings.locks / f"promotion-{safe_name(name, 'the model name')}.lock"):
         yield
 
 
@@ -117,9 +118,13 @@ def resolve(client, ref: str):
 
 
 def registered_model(client, name: str):
-    """The registered model `name`, or LookupError naming the ones that exist."""
+    """The registered model `name`, or LookupError naming the ones that exist; ConfigError for
+    a name that is a path (`safe_name`)."""
     from mlflow.exceptions import MlflowException
 
+    from pipeline.files import safe_name
+
+    safe_name(name, "the model name")
     try:
         return client.get_registered_model(name)
     except MlflowException as exc:

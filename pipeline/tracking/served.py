@@ -98,7 +98,7 @@ def _files(encoded: np.ndarray, contract) -> Iterator[np.ndarray]:
         for i, item in enumerate(encoded[start : start + BATCH], start=start):
             try:
                 raw = base64.b64decode(item, validate=True) if isinstance(item, str) else item
-                batch.append(contract.decode(raw))
+                batch.append(contract.decode(raw, served=True))
             except (binascii.Error, ValueError) as exc:
                 reason = "not base64" if isinstance(exc, binascii.Error) else str(exc)
                 raise ValueError(f"{SUBJECT}'s image {i}: {reason}") from None

@@ -90,6 +90,7 @@ def reachable(settings: Settings):
             raise
         raise RegistryUnavailable(
             f"MLflow at {settings.tracking_uri} is unreachable ({text.splitlines()[0][:200]}); "
-            "nothing was promoted. Start it (or fix MLFLOW_TRACKING_URI) and run the step again: "
-            "a retried register finds the version it already created."
+            "the step stopped where the server was lost. Start it (or fix MLFLOW_TRACKING_URI) "
+            "and run the step again: the retry finds what this one did (a version it created, "
+            "an alias it moved) and finishes it, history entry included."
         ) from None

@@ -105,7 +105,23 @@ def _creating(settings: Settings):
 
     db = Path(settings.tracking_uri.removeprefix("sqlite:///"))
     with exclusive(db.with_name(f".{db.name}.lock")):  # makes the store's folder too
+        _not_emptied(settings)
         yield
+
+
+def _not_emptied(settings: Settings) -> None:
+    """An empty file where a SQLite store is expected was a registry once (truncated by a full
+    disk, a bad copy): MLflow would silently make a new, empty one over it. Refuse instead."""
+    from pipeline.errors import PermanentError
+
+    uri = settings.tracking_uri
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is not None and db.is_file() and db.stat().st_size == 0:
+        raise PermanentError(
+            f"the MLflow store {db} is an empty file (0 bytes): its registry and runs are gone, "
+            "and a new store would hide that. Restore it from a backup, or delete the file to "
+            "start a new, empty store"
+        )
 
 
 def new_run(
@@ -210,5 +226,6 @@ def client(settings: Settings):
     import mlflow
     from mlflow import MlflowClient
 
+    _not_emptied(settings)
     mlflow.set_tracking_uri(settings.tracking_uri)
     return MlflowClient()

@@ -168,7 +168,11 @@ def read_weights(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
     """A weights file as the network in eval mode and its spec, chosen by kind: an ONNX file
     (`.onnx`) runs in ONNX Runtime (`runtime.OnnxModel`); a state dict + spec loads with
     `weights_only=True`, so a crafted file cannot run code."""
+    import pickle
+
     import torch
+
+    from pipeline.errors import CheckpointError
 
     if Path(path).suffix == ".onnx":
         from pipeline.training.runtime import OnnxModel
@@ -178,7 +182,17 @@ def read_weights(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
 
     from pipeline.training.models import ModelSpec, rebuild
 
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # PyTorch's text advises weights_only=False: never
+        lines = str(exc).splitlines()  # keep what it found ("... unsupported GLOBAL ...")
+        why = next((line for line in lines if "unsupported" in line.lower()), "")
+        raise CheckpointError(
+            f"refused to load {Path(path).name}: it holds more than tensors and plain values "
+            f"({why.strip() or type(exc).__name__}), so it was altered or is not a weights file "
+            "of this pipeline. Do not load it otherwise; register the run's model again from "
+            "a trusted copy"
+        ) from None
     spec = ModelSpec.from_dict(saved["spec"])
     model = rebuild(spec)
     model.load_state_dict(saved["state_dict"])

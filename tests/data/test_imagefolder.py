@@ -167,35 +167,35 @@ def test_a_pull_killed_mid_write_leaves_data_as_it_was(project, tmp_path):
     assert not list(project.glob(".data-*"))
 
 
-def test_links_are_followed_once_and_what_they_leave_out_is_listed(project, tmp_path):
+def test_links_are_never_followed_and_each_is_listed_with_where_it_points(project, tmp_path):
     root = _folder(tmp_path / "imgs", n=6)
     (root / "cat" / "loop").symlink_to(root / "cat")  # a loop: cat/loop/loop/...
     (root / "cat" / "dogs").symlink_to(root / "dog")  # another class's images
     (root / "cat" / "again.jpg").symlink_to(root / "cat" / "0.jpg")  # one image twice
     (root / "cat" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # dangling
     outside = _folder(tmp_path / "elsewhere", classes=("more",), n=2) / "more"
-    (root / "dog" / "more").symlink_to(outside)  # photos kept elsewhere
-    (outside / "back").symlink_to(outside)  # ... with a loop of their own
-    (root / "cat" / "more").symlink_to(outside)  # the same photos under a second class: the
-    # first class in name order keeps them, the other's link is left out
+    (root / "dog" / "more").symlink_to(outside)  # photos kept elsewhere on the machine
+    (root / "dog" / "secret.jpg").symlink_to(outside / "0.jpg")  # one file from elsewhere
     (root / "kitten").symlink_to(root / "cat")  # a class under a second name
+    (root / "bird").symlink_to(outside)  # a whole class from elsewhere
     pull = ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(root)]
     run([*pull, "--set", "data.test_fraction=0.25"], project)
     meta = read_meta(project / "data")
     ds = read_dataset(project / "data")
     counts = np.bincount(np.concatenate([ds.train.labels, ds.test.labels]))
-    assert meta["classes"] == ["cat", "dog"] and counts.tolist() == [8, 6]
+    assert meta["classes"] == ["cat", "dog"] and counts.tolist() == [6, 6]
     skipped = {s["path"]: s["reason"] for s in meta["skipped"]}
     assert set(skipped) == {
-        "cat/loop", "cat/dogs", "cat/again.jpg", "cat/gone.jpg", "cat/more/back", "dog/more",
-        "kitten",
+        "cat/loop", "cat/dogs", "cat/again.jpg", "cat/gone.jpg", "dog/more", "dog/secret.jpg",
+        "kitten", "bird",
     }  # fmt: skip
-    assert "a folder read already (a loop" in skipped["cat/loop"]
-    assert "a folder read already (a loop, or linked twice)" in skipped["dog/more"]
+    assert f"a link to {root / 'cat'}: inside the source folder" in skipped["cat/loop"]
     assert f"a link to {root / 'cat'}: inside the source folder" in skipped["kitten"]
-    assert f"a link to {root / 'dog'}" in skipped["cat/dogs"]
+    assert f"a link to {root / 'dog'}: inside" in skipped["cat/dogs"]
     assert "dangling link" in skipped["cat/gone.jpg"]
-    assert f"a link to {root / 'cat' / '0.jpg'}" in skipped["cat/again.jpg"]
+    assert f"a link to {root / 'cat' / '0.jpg'}: inside" in skipped["cat/again.jpg"]
+    for name in ("dog/more", "dog/secret.jpg", "bird"):
+        assert "outside the source folder, never read; copy it in (`cp -rL`)" in skipped[name]
 
 
 @pytest.mark.slow  # 300 large JPEGs to write first: the full suite, not the inner loop

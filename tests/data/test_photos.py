@@ -211,8 +211,12 @@ def test_predict_reads_a_folder_the_way_ingest_does(tmp_path):
     root = _folder(tmp_path / "imgs", size=(32, 64), extra=extra)
     ds = _ingest(root, tmp_path / "data", image_size=16, resize="pad")
     contract = InputContract.from_dict(read_meta(tmp_path / "data")["contract"])
+    (root / "a" / "elsewhere.png").symlink_to(root.parent / "secret.png")  # never read
     found = open_inputs(root, contract)
-    assert found.skipped == {"a/README.md": "not an image file (Pillow does not read it)"}
+    assert found.skipped == {
+        "a/README.md": "not an image file (Pillow does not read it)",
+        "a/elsewhere.png": f"a link (to {root.parent / 'secret.png'}): links are never read",
+    }
     scored = np.concatenate(list(found.batches()))
     assert sorted(map(bytes, scored.astype(np.uint8))) == sorted(map(bytes, _images(ds)))
 
@@ -229,3 +233,45 @@ def test_high_bit_images_follow_the_datasets_depth_and_beyond_it_are_refused(tmp
     with pytest.raises(BadImage, match="is 9x8; the model takes 8x8 images and was trained "):
         Image.new("L", (9, 8)).save(tmp_path / "wide.png")
         contract.decode(tmp_path / "wide.png")
+
+
+_PEAK = """
+import resource, sys
+import numpy as np
+from pipeline.data.contract import InputContract
+contract = InputContract((1, 28, 28), ("a", "b"), "squash", 16, (255, 255, 255), True, 89_478_485)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pixels = contract.decode(open(sys.argv[1], "rb").read(), served=True)
+assert pixels.shape == (1, 28, 28) and pixels.max() == 255, pixels.max()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_files_sent_to_a_model_are_bounded_from_the_header_and_high_bits_decode_narrow(
+    tmp_path, monkeypatch
+):
+    import subprocess
+    import sys
+
+    # A 16-bit PNG of 4096 x 4096 (the serving limit) is 0.1 MB on disk, 32 MB decoded.
+    gray = np.zeros((4096, 4096), np.uint16)
+    gray[:2048] = 65535  # the top half white
+    Image.fromarray(gray).save(tmp_path / "big16.png")
+    del gray
+    peak = int(subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "big16.png")],
+                              capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    # The file in Pillow (2 bytes a pixel), its bytes (2), one int32 working copy (4) and the
+    # 8-bit result (1): 9 bytes a pixel; widening to int64 twice cost 21.
+    assert peak < 10 * 4096 * 4096, f"{peak / 2**20:.0f} MiB to decode a 16-MP 16-bit PNG"
+
+    contract = InputContract((1, 8, 8), ("a", "b"), "squash", 16, (255, 255, 255), True, 10**8)
+    _png_header_only(tmp_path / "bomb.png", 6000, 6000)
+    with pytest.raises(BadImage, match=r"6000x6000 is 36,000,000 pixels, over the limit of "
+                       r"16,777,216 \(PIPELINE_SERVE_MAX_PIXELS\)"):  # fmt: skip
+        contract.decode((tmp_path / "bomb.png").read_bytes(), served=True)
+    with pytest.raises(DataError, match=r"bomb\.png: 6000x6000 is 36,000,000 pixels"):
+        open_inputs(tmp_path, contract)  # pipeline predict on a folder: probed, not decoded
+    monkeypatch.setenv("PIPELINE_SERVE_MAX_PIXELS", "1000")
+    assert contract.pixel_limit(served=True) == (1000, "PIPELINE_SERVE_MAX_PIXELS")
+    monkeypatch.setenv("PIPELINE_SERVE_MAX_PIXELS", str(10**9))  # never above the contract's
+    assert contract.pixel_limit(served=True) == (10**8, "data.max_image_pixels")

@@ -218,7 +218,9 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
     task = subprocess.run(
         [str(BIN / "python"), "-c", as_a_task], cwd=project, env=env, capture_output=True, text=True
     )
-    assert "is unreachable" in task.stdout and "nothing was promoted" in task.stdout, task.stderr
+    assert "is unreachable" in task.stdout and "the retry finds what this one" in task.stdout, (
+        task.stderr
+    )
 
     server = start()
     try:
@@ -284,6 +286,12 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
     add_airflow_db(templates, project)
     batch_out = tmp_path / "batch.csv"
     conf = {"input": str(folder), "output": str(batch_out)}
-    log = run(["airflow", "dags", "test", "batch_predict", "-c", json.dumps(conf)], project)
+    dags_test = ["airflow", "dags", "test", "batch_predict", "-c", json.dumps(conf)]
+    refused = run(dags_test, project, check=False)  # tmp_path is outside the project
+    assert f"input {folder} is outside the folders this may use ({project})" in (
+        refused.stdout + refused.stderr
+    )
+    assert not batch_out.exists()
+    log = run(dags_test, project, env={"PIPELINE_PREDICT_ROOTS": f"/nonexistent:{tmp_path}"})
     assert "state=success" in log.stdout + log.stderr
     assert batch_out.read_text().splitlines() == lines  # same model, pinned, same predictions

@@ -48,3 +48,29 @@ def test_files_as_bytes_or_base64_and_json_numbers_become_the_same_pixels():
 def test_what_the_contract_refuses_is_one_line_naming_the_input(values, message):
     with pytest.raises(ValueError, match=message):
         _scored(values)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_tampered_weights_file_is_refused_in_one_line_and_never_runs(tmp_path):
+    import torch
+
+    from pipeline.errors import CheckpointError
+    from pipeline.tracking.weights import read_weights
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "spec": _Payload(marker)}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError) as refused:
+        read_weights(tmp_path / "model.pt")
+    message = str(refused.value)
+    assert "refused to load model.pt: it holds more than tensors" in message
+    assert "unsupported GLOBAL posix.system" in message and "weights_only=False" not in message
+    assert "\n" not in message and not marker.exists()

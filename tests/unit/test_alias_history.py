@@ -76,3 +76,57 @@ def test_the_models_description_shows_the_history_as_a_table_newest_first(client
     assert "rollback: v2 misreads 7s" in rows[0] and "| on-call |" in rows[0]
     assert "better \\| by a lot" in text  # a pipe in a reason does not break the table
     assert rows[-1].split(" | ")[1:4] == ["`champion`", "v1", "-"]
+
+
+class _ServerLost(Exception):
+    pass
+
+
+def _lose_server_after_the_alias_moves(client, monkeypatch):
+    """The next alias move reaches MLflow; its history entry does not (the server died)."""
+    real = client.set_registered_model_alias
+
+    def move_then_die(*args):
+        real(*args)
+        monkeypatch.undo()
+        raise _ServerLost("connection refused")
+
+    monkeypatch.setattr(client, "set_registered_model_alias", move_then_die)
+
+
+def test_a_promotion_cut_between_the_alias_move_and_its_history_is_completed_by_the_retry(
+    client, monkeypatch
+):
+    promotion.crown(client, NAME, 1, "first", "tester")
+    # crown(2) moves previous-champion first: cut after the champion's move itself
+    real_move = promotion.move_alias
+
+    def second_move_dies(client_, name, alias, version, reason, by):
+        if alias == CHAMPION:
+            _lose_server_after_the_alias_moves(client_, monkeypatch)
+        return real_move(client_, name, alias, version, reason, by)
+
+    monkeypatch.setattr(promotion, "move_alias", second_move_dies)
+    with pytest.raises(_ServerLost):
+        promotion.crown(client, NAME, 2, "better", "tester")
+    monkeypatch.undo()
+    assert _aliases(client) == {CHAMPION: 2, PREVIOUS: 1}  # moved, but not yet recorded
+    promotion.crown(client, NAME, 2, "better", "tester")  # the retried register
+    events = [(e["alias"], e["version"], e["previous"]) for e in promotion.history(client, NAME)]
+    assert events == [(CHAMPION, 1, None), (PREVIOUS, 1, None), (CHAMPION, 2, 1)]
+    assert "recorded by a retry" in promotion.history(client, NAME)[-1]["reason"]
+    promotion.crown(client, NAME, 2, "better", "tester")  # a third try adds nothing
+    assert len(promotion.history(client, NAME)) == 3
+
+
+def test_a_rollback_cut_between_its_two_moves_is_finished_by_the_retry(client, monkeypatch):
+    promotion.crown(client, NAME, 1, "first", "tester")
+    promotion.crown(client, NAME, 2, "better", "tester")
+    _lose_server_after_the_alias_moves(client, monkeypatch)  # previous-champion <- 2, then lost
+    with pytest.raises(_ServerLost):
+        promotion.rollback(client, NAME, "v2 misclassifies 7s", "oncall")
+    assert _aliases(client) == {CHAMPION: 2, PREVIOUS: 2}
+    assert promotion.rollback(client, NAME, "v2 misclassifies 7s", "oncall") == (2, 1)
+    assert _aliases(client) == {CHAMPION: 1, PREVIOUS: 2}
+    events = [(e["alias"], e["version"], e["previous"]) for e in promotion.history(client, NAME)]
+    assert events[-2:] == [(PREVIOUS, 2, 1), (CHAMPION, 1, 2)]

@@ -42,14 +42,13 @@ class Listing:
     files: list[str]  # strings, not Paths: a few hundred bytes less per file at 100,000 files
     labels: np.ndarray
     is_test: np.ndarray | None  # the layout's own split; None: split at random
-    left_out: dict[str, str] = field(default_factory=dict)  # {path: why}: links not followed
+    left_out: dict[str, str] = field(default_factory=dict)  # {path: why}: links, never followed
 
 
 def list_files(root: Path) -> Listing:
     """Every visible file of the class folders, labelled; files beside the class folders too,
-    labelled -1 (they belong to no class: listed as skipped). Links are followed once: what
-    they would read twice (a loop, another class's folder, a file of the source) or cannot
-    (a dangling link) is in `left_out` with the reason."""
+    labelled -1 (they belong to no class: listed as skipped). Links are never followed; each
+    is in `left_out` with the reason (`_Walk`)."""
     if not root.is_dir():
         raise DataError(f"imagefolder: {root} is not a folder of class sub-folders")
     walk = _Walk(str(root))
@@ -87,72 +86,49 @@ def list_files(root: Path) -> Listing:
 
 
 def _class_folders(folder: Path, walk: _Walk) -> list[str]:
-    """The visible folders of `folder`, without links to a folder of the source (a class
-    under two names), which go to the walk's `left_out`."""
+    """The visible folders of `folder`, without links (a class under two names, or photos
+    elsewhere), which go to the walk's `left_out`."""
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(p.name))
-    return [n for n in names if not walk.linked_inside(str(folder / n))]
+    return [n for n in names if not walk.linked(str(folder / n))]
 
 
 class _Walk:
-    """The files under a source folder, each folder and file read once by its real path.
-
-    Links are followed (photos kept elsewhere count), except one that leads to a folder read
-    already (a loop), one into the source folder itself (its target is read where it lies, under
-    its own class), and a dangling one: those go to `left_out` {path: reason}."""
+    """The files under a source folder. Links are never followed: a photo folder may come from
+    anyone (an unpacked archive), and a link would read files from elsewhere on the machine
+    into the dataset and its DVC remote. Each link goes to `left_out` {path: reason}: dangling,
+    into the source folder (its target is read where it lies, once), or out of it."""
 
     def __init__(self, root: str):
-        self.root, self.seen, self.left_out = root, set(), {}
+        self.root, self.left_out = root, {}
 
     def files(self, folder: str, recursive: bool = False) -> list[str]:
         """Visible files under `folder` (and its sub-folders, as torchvision's ImageFolder
         takes them), hidden files and folders left out; sorted, the same everywhere."""
         found = []
-        if not self._enter(folder):
+        if self.linked(folder):
             return found
-        for parent, dirs, names in os.walk(folder, followlinks=True):
+        for parent, dirs, names in os.walk(folder):
             visible = [d for d in sorted(dirs) if recursive and not hidden(d)]
-            dirs[:] = [d for d in visible if self._enter(os.path.join(parent, d))]
+            dirs[:] = [d for d in visible if not self.linked(os.path.join(parent, d))]
             paths = [os.path.join(parent, n) for n in names if not hidden(n)]
-            found += [path for path in paths if self._file(path)]
+            found += [path for path in paths if not self.linked(path) and os.path.isfile(path)]
         return sorted(found)
 
-    def linked_inside(self, path: str) -> bool:
-        """Whether `path` is a link into the source folder (left out, with the reason)."""
-        real = os.path.realpath(path)
-        if os.path.islink(path) and self._inside(real):
-            self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
-            return True
-        return False
-
-    def _enter(self, path: str) -> bool:
-        real = os.path.realpath(path)
-        if real in self.seen:
-            self.left_out[path] = (
-                f"a link to {real}: a folder read already (a loop, or linked twice)"
-            )
-            return False
-        if self.linked_inside(path):
-            return False
-        self.seen.add(real)
-        return True
-
-    def _file(self, path: str) -> bool:
+    def linked(self, path: str) -> bool:
+        """Whether `path` is a link (left out, with the reason)."""
         if not os.path.islink(path):
-            return os.path.isfile(path)
+            return False
         real = os.path.realpath(path)
         if not os.path.exists(real):
             self.left_out[path] = f"a dangling link (to {os.readlink(path)})"
-        elif self._inside(real):
+        elif real == self.root or real.startswith(self.root + os.sep):
             self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
-        elif real in self.seen:
-            self.left_out[path] = f"a link to {real}: a file read already (linked twice)"
-        elif os.path.isfile(real):
-            self.seen.add(real)
-            return True
-        return False
-
-    def _inside(self, real: str) -> bool:
-        return real == self.root or real.startswith(self.root + os.sep)
+        else:
+            self.left_out[path] = (
+                f"a link to {real}: outside the source folder, never read; copy it in "
+                "(`cp -rL`) to use it"
+            )
+        return True
 
 
 def _files(walk: _Walk, folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
