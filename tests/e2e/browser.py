@@ -26,8 +26,9 @@ FLAGS = [
 
 
 @contextmanager
-def chromium(profile: Path):
-    """A page in headless Chromium with a fresh user-data-dir."""
+def chromium(profile: Path, login: tuple[str, str] | None = None):
+    """A page in headless Chromium with a fresh user-data-dir; `login`: (user, password)
+    answered to a server's basic-auth challenge (MLflow's)."""
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail(
@@ -43,6 +44,7 @@ def chromium(profile: Path):
             headless=True,
             args=FLAGS,
             viewport={"width": 1400, "height": 1250},
+            http_credentials={"username": login[0], "password": login[1]} if login else None,
         )
         try:
             yield context.new_page()

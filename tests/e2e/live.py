@@ -3,6 +3,7 @@ that stop a training part-way."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -18,10 +19,15 @@ from tests.conftest import BIN, add_make_files, free_port, project_env, run, sto
 MAKE = ["make", "-o", ".venv/.installed"]  # the test's interpreter is the installed .venv
 
 
-def http(method: str, url: str, body=None, token=None):
+def http(method: str, url: str, body=None, token=None, login: tuple[str, str] | None = None):
+    """JSON in and out; `token`: a bearer token (Airflow), `login`: (user, password) for basic
+    auth (MLflow)."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    if login:
+        encoded = base64.b64encode(":".join(login).encode()).decode()
+        headers["Authorization"] = f"Basic {encoded}"
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data, headers, method=method)
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -45,6 +51,11 @@ def services(project: Path, env: dict[str, str] | None = None):
         yield env, run([*MAKE, "up"], project, env=env, timeout=300).stdout
     finally:
         run([*MAKE, "down"], project, env=env, check=False)
+
+
+def mlflow_login(project: Path) -> tuple[str, str]:
+    """The MLflow server's admin login that `make up` generated."""
+    return "admin", (project / ".mlflow-auth" / "admin-password").read_text().strip()
 
 
 class Airflow:

@@ -2,13 +2,16 @@
 when publish_dataset records a new data version; the runs show in the MLflow server; `make up`
 twice is harmless; `make down` stops everything."""
 
+import stat
 import time
+import urllib.error
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import git, run
 from tests.e2e.browser import SCREENSHOTS, airflow_dag, chromium, mlflow_compare
-from tests.e2e.live import MAKE, Airflow, alive, http, services
+from tests.e2e.live import MAKE, Airflow, alive, http, mlflow_login, services
 
 pytestmark = pytest.mark.slow
 DAG = "train_image_classifier"
@@ -28,6 +31,31 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(pr
         passwords = project / ".airflow" / "simple_auth_manager_passwords.json.generated"
         assert f"password: cat {passwords}" in started
         assert airflow.password not in started  # the login is pointed at, never printed
+        login = mlflow_login(project)
+        assert f"user admin, password: cat {project / '.mlflow-auth' / 'admin-password'}" in (
+            started
+        )
+        logs = "".join(p.read_text() for p in (project / ".run").glob("*.log"))
+        assert airflow.password not in logs and login[1] not in logs + started
+        private = [project / ".run", project / ".mlflow-auth", *(project / ".run").iterdir(),
+                   *(project / ".mlflow-auth").iterdir(), project / ".airflow" / "airflow.db",
+                   passwords]  # fmt: skip
+        modes = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in private}
+        assert set(modes.values()) <= {"0o600", "0o700"}, modes
+        mlflow_argv = (project / ".run" / "mlflow.pid").read_text().strip()
+        argv = (Path("/proc") / mlflow_argv / "cmdline").read_bytes().decode()
+        assert "sqlite" not in argv and login[1] not in argv  # stores and secrets: not in ps
+
+        # Nobody gets into the registry without the login: reading or moving the champion.
+        for method, path, body in (
+            ("GET", "registered-models/search", None),
+            ("POST", "registered-models/create", {"name": "intruder"}),
+            ("POST", "registered-models/alias", {"name": "image-classifier",
+                                                 "alias": "champion", "version": "1"}),
+        ):  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                http(method, f"{mlflow}/api/2.0/mlflow/{path}", body)
+            assert refused.value.code == 401, (path, refused.value.code)
 
         airflow.wait_for_dag(DAG)
         airflow("PATCH", f"/dags/{DAG}", {"is_paused": False})  # -> a scheduled run
@@ -37,15 +65,22 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(pr
         states = {r["run_type"]: r["state"] for r in runs}
         assert states == {"scheduled": "success", "manual": "success"}, states
 
-        model = http("GET", f"{mlflow}/api/2.0/mlflow/registered-models/get?name=image-classifier")
+        model = http(
+            "GET", f"{mlflow}/api/2.0/mlflow/registered-models/get?name=image-classifier",
+            login=login,
+        )  # fmt: skip
         aliases = {a["alias"] for a in model["registered_model"]["aliases"]}
         assert {"champion", "challenger"} <= aliases
         experiment = http(
             "GET",
             f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=image-classifier",
+            login=login,
         )["experiment"]["experiment_id"]
         found = http(
-            "POST", f"{mlflow}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment]}
+            "POST",
+            f"{mlflow}/api/2.0/mlflow/runs/search",
+            {"experiment_ids": [experiment]},
+            login=login,
         )["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
         assert {t.get("airflow.run_id") for t in tags} == {r["dag_run_id"] for r in runs}
@@ -70,7 +105,7 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(pr
 
         # Seen in a browser: the two optimizers side by side, the DAG's last run succeeded.
         trained = {r["info"]["run_id"]: r["info"]["run_name"] for r in found}
-        with chromium(tmp_path / "chromium-profile") as page:
+        with chromium(tmp_path / "chromium-profile", login) as page:
             params = mlflow_compare(page, mlflow, experiment, trained)
             state, latest = airflow_dag(page, airflow.url, DAG, airflow.password)
         assert {"sgd", "adamw"} <= set(params.split())

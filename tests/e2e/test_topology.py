@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tests.conftest import free_port
-from tests.e2e.live import Airflow, http, services
+from tests.e2e.live import Airflow, http, mlflow_login, services
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 DAG = "train_image_classifier"
@@ -86,14 +86,22 @@ def test_celery_on_redis_with_postgres_runs_the_dag_to_a_registered_model(
             assert c.fetchone() == ("success",)
 
         # The model, through the MLflow server's registry; its files in the server's store.
-        model = http("GET", f"{mlflow}/api/2.0/mlflow/registered-models/get?name=image-classifier")
+        login = mlflow_login(project)  # the tasks logged in with it, from the environment
+        model = http(
+            "GET", f"{mlflow}/api/2.0/mlflow/registered-models/get?name=image-classifier",
+            login=login,
+        )  # fmt: skip
         aliases = {a["alias"]: a["version"] for a in model["registered_model"]["aliases"]}
         assert aliases["challenger"] == "1"  # one epoch: registered, below the promotion floor
         version = http(
-            "GET", f"{mlflow}/api/2.0/mlflow/model-versions/get?name=image-classifier&version=1"
+            "GET",
+            f"{mlflow}/api/2.0/mlflow/model-versions/get?name=image-classifier&version=1",
+            login=login,
         )["model_version"]
         assert {"key": "registration.status", "value": "complete"} in version["tags"]
-        run = http("GET", f"{mlflow}/api/2.0/mlflow/runs/get?run_id={version['run_id']}")["run"]
+        run = http(
+            "GET", f"{mlflow}/api/2.0/mlflow/runs/get?run_id={version['run_id']}", login=login
+        )["run"]
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["airflow.run_id"] == manual
         assert list(artifact_store.rglob("model_card.md"))

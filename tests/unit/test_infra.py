@@ -46,7 +46,8 @@ def test_compose_has_the_production_topology():
     assert devices[0]["capabilities"] == ["gpu"]
     mlflow = " ".join(services["mlflow"]["command"].split())
     assert "--app-name basic-auth" in mlflow and "--artifacts-destination s3://" in mlflow
-    assert "@postgres:5432/mlflow" in services["mlflow"]["environment"]["BACKEND_URI"]
+    assert "--backend-store-uri" not in mlflow and "PASSWORD" not in mlflow  # never in ps
+    assert "@postgres:5432/mlflow" in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
     # every database the services use is one postgres-init.sql creates (or POSTGRES_DB)
     created = set(re.findall(r"CREATE DATABASE (\w+);", (INFRA / "postgres-init.sql").read_text()))
     assert env["PIPELINE_OPTUNA_STORAGE"].endswith("@postgres:5432/optuna")
