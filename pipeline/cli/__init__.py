@@ -105,6 +105,15 @@ def _known_failure(exc: Exception, settings: Settings) -> str | None:
             f"error: disk full{full}; nothing half-written was kept. Free space on that disk "
             "and run the command again (`--resume` continues a training from its checkpoint)"
         )
+    from pipeline.tracking.server import connection_failure
+
+    if any(connection_failure(e) for e in chain(exc)):  # after MLflow's own bounded retries
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return (
+            f"error: MLflow at {settings.tracking_uri} stopped answering ({first}); this command "
+            "stopped there. Start it (or fix MLFLOW_TRACKING_URI) and run the command again "
+            "(`pipeline train --resume` continues a training from its last checkpoint)"
+        )
     store_error = _store_error(exc)
     if store_error and "database is locked" in store_error:  # transient: never "move it aside"
         return (

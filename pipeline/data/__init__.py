@@ -69,8 +69,9 @@ def materialize(
             if not interrupted and _meta_bytes(data_dir) == before:
                 versioning.clear_pending(repo_root)
             raise
-        md5 = versioning.add_and_push(repo_root, data_dir, repo)
+        md5 = versioning.add(repo_root, data_dir, repo)
         versioning.clear_pending(repo_root)
+        versioning.push(repo_root, repo)
     if md5 != previous:
         log(f"data: new version {md5} (was {previous}); commit data.dvc to record it")
     else:

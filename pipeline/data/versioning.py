@@ -239,9 +239,52 @@ def pull(repo_root: Path, fix: str = REGENERATE, repo=None) -> None:
             ) from None
 
 
-def add_and_push(repo_root: Path, data_dir: Path, repo) -> str:
-    """Record data/ as the current version in data.dvc and store it in the default remote;
-    `repo`: a `locked_repo` held since before data/ was written."""
+def add(repo_root: Path, data_dir: Path, repo) -> str:
+    """Record data/ as the current version in data.dvc (and the local cache); `repo`: a
+    `locked_repo` held since before data/ was written. Returns the version's md5."""
     repo.add(str(Path(data_dir).resolve().relative_to(Path(repo_root).resolve())))
-    repo.push(targets=[POINTER])
     return recorded_md5(repo_root)
+
+
+def push(repo_root: Path, repo) -> None:
+    """Store data.dvc's version in the default DVC remote. A failed upload (a full disk, a
+    remote that refuses) is one DataError naming DVC's first reason and the fix, instead of
+    DVC's line per file and its traceback: the version is recorded and cached already, so
+    `dvc push` alone finishes it."""
+    from dvc.exceptions import UploadError
+
+    with _dvc_errors() as reasons:
+        try:
+            repo.push(targets=[POINTER])
+        except UploadError as exc:
+            first = reasons[0] if reasons else str(exc)
+            raise DataError(
+                f"data version {recorded_md5(repo_root)} is recorded in {POINTER} and the "
+                f"local cache, but storing it in the DVC remote failed ({exc}; the first: "
+                f"{first}). Fix the remote (free space on it) and run `dvc push`"
+            ) from None
+
+
+@contextmanager
+def _dvc_errors():
+    """DVC's ERROR log records during the block (its loggers, as `dvc.logger.setup` names
+    them), kept instead of printed: a list of their causes."""
+    import logging
+
+    reasons: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                cause = record.exc_info[1] if record.exc_info else None
+                reasons.append(str(cause) if cause else record.getMessage())
+
+    loggers = [logging.getLogger(name) for name in ("dvc", "dvc_objects", "dvc_data")]
+    saved = [(log.handlers[:], log.propagate) for log in loggers]
+    for log in loggers:
+        log.handlers, log.propagate = [Keep()], False
+    try:
+        yield reasons
+    finally:
+        for log, (handlers, propagate) in zip(loggers, saved, strict=True):
+            log.handlers, log.propagate = handlers, propagate

@@ -49,6 +49,17 @@ def tag_inputs(client, name: str, version: int, contract: InputContract) -> None
     client.set_model_version_tag(name, str(version), "classes", json.dumps(list(contract.classes)))
 
 
+WEIGHTS_TAG = "weights.sha256"  # what predict and serving check the downloaded file against
+
+
+def tag_weights(client, name: str, version: int, run_id: str) -> None:
+    """The sha256 of the version's weights file, as a tag (`weights.sha256`): the file a
+    prediction later downloads must be this one."""
+    from pipeline.tracking.weights import weights_digest
+
+    client.set_model_version_tag(name, str(version), WEIGHTS_TAG, weights_digest(run_id))
+
+
 def complete(client, name: str, version: int) -> None:
     client.set_model_version_tag(name, str(version), STATUS_TAG, "complete")
 

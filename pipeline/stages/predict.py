@@ -49,13 +49,19 @@ def write(path: Path, names: list[str], probs: np.ndarray, classes: list[str], m
 
 def pin_stage(settings: Settings, ref: str) -> dict:
     """The exact version `ref` (NAME/VERSION, NAME@ALIAS or NAME) is now: {"name", "version",
-    "run_id"}; LookupError when it does not resolve."""
+    "run_id", "weights_sha256"} (the digest is None for a version registered before it was
+    recorded); LookupError when it does not resolve."""
     from pipeline.registry import versions
     from pipeline.tracking import server, store
 
     with server.reachable(settings):
         version = versions.resolve(store.client(settings), ref)
-    return {"name": version.name, "version": int(version.version), "run_id": version.run_id}
+    return {
+        "name": version.name,
+        "version": int(version.version),
+        "run_id": version.run_id,
+        "weights_sha256": version.tags.get(versions.WEIGHTS_TAG),
+    }
 
 
 def predict_stage(settings: Settings, ref: str, inputs: Path, output: Path) -> dict:
@@ -70,7 +76,7 @@ def predict_stage(settings: Settings, ref: str, inputs: Path, output: Path) -> d
         raise DataError(f"{output}: the output must end in .csv or .json")
     pinned = pin_stage(settings, ref)
     with server.reachable(settings):
-        model, spec = weights.load_weights(pinned["run_id"])
+        model, spec = weights.load_weights(pinned["run_id"], sha256=pinned["weights_sha256"])
     found = open_inputs(inputs, spec.input_contract())  # the model's own preprocessing
     probs = np.concatenate([probabilities(model, batch) for batch in found.batches()])
     write(output, found.names, probs, list(spec.classes), pinned)

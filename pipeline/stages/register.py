@@ -132,6 +132,7 @@ def register_stage(
         v = int(version.version)
         spec = write_card(client, name, v, run_id, record)
         versions.tag_inputs(client, name, v, spec.input_contract())
+        versions.tag_weights(client, name, v, run_id)
         promotion.move_alias(client, name, promotion.CHALLENGER, v, "newest candidate", by)
         data = current_data(cfg, settings)
         decision, champion = _gate(cfg, data, client, name, v, run.data.metrics, run_id)

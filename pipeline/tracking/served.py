@@ -1,13 +1,15 @@
 """The MLflow model: a pyfunc that `mlflow models serve`, `mlflow models predict` and
 `mlflow.pyfunc.load_model` run with the same input contract as `pipeline predict`.
 
-Logged from a code file (`mlflow_model.py`) with this package bundled (`code_paths`), never a
-pickled instance. Its artifacts: the weights-only `model.pt` (state dict + spec, the contract
-inside), which it loads, and `contract.json`, the same contract for people and tools.
+Logged with this module as its `loader_module`: MLflow imports it from the installed package and
+calls `_load_pyfunc` with the model's data folder, which holds only data: the weights-only
+`model.pt` (state dict + spec, the contract inside; or `model.onnx`) and `contract.json`, the same
+contract for people and tools. No code travels in the artifact store (models logged before this
+bundled the package and a code file, which the server ran).
 
 Inputs (MLflow's `{"inputs": ...}` JSON, or Python objects):
 - image files, base64 strings (JSON) or bytes: decoded as at ingest (EXIF, transparency, bit
-  depth, resize policy);
+  depth, resize policy), under the serving pixel limit (`InputContract.serve_pixels`);
 - arrays, N x C x H x W (N x H x W for one channel): uint8, or numbers on the 0..255 scale.
 0..1-scaled arrays, NaN/Inf and wrong shapes are refused with `pipeline predict`'s messages (HTTP
 400 when served). Output: one row per input, `prediction` (the class name), `probability`, and
@@ -19,24 +21,36 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterator
+from pathlib import Path
 
-import mlflow
 import numpy as np
 
 from pipeline.data.contract import float_batches
 
 SUBJECT = "the input"  # how messages name what was sent (pipeline predict names the file)
 BATCH = 256
+WEIGHT_FILES = ("model.pt", "model.onnx")
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
+def _load_pyfunc(data_path: str) -> ImageClassifier:
+    """MLflow's hook for a `loader_module`: the model in `data_path`, the folder logged as the
+    model's data (one weights file of `WEIGHT_FILES`, and `contract.json`)."""
+    found = [Path(data_path) / name for name in WEIGHT_FILES if (Path(data_path) / name).exists()]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{data_path} holds no single weights file {WEIGHT_FILES}")
+    return ImageClassifier(found[0])
+
+
+class ImageClassifier:
+    """A registered model as MLflow's pyfunc wrapper calls it: `predict(model_input)`."""
+
+    def __init__(self, weights: Path):
         from pipeline.tracking.weights import read_weights
 
-        self.model, spec = read_weights(context.artifacts["weights"])
+        self.model, spec = read_weights(weights)
         self.contract = spec.input_contract()
 
-    def predict(self, context, model_input: np.ndarray, params=None):
+    def predict(self, model_input, params=None):
         import pandas as pd
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE

@@ -25,7 +25,6 @@ WEIGHTS = "weights/model.pt"
 ONNX_WEIGHTS = "weights/model.onnx"  # the other kind (pipeline/training/runtime.py)
 EXAMPLE = "weights/input_example.npy"  # a few test images for the MLflow model's input example
 CONTRACT = "contract.json"
-CODE_FILE = Path(__file__).with_name("mlflow_model.py")
 
 
 def _save(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
@@ -73,31 +72,29 @@ def weights_path(run_id: str) -> str:
 
 def export_model(run_id: str) -> str:
     """The run's MLflow model URI (its `model_uri` tag), logged first when the run has none: a
-    pyfunc from `mlflow_model.py`, this package bundled, the weights and the contract as its
-    artifacts, the run's example images sent as image files in the input example. Registration
-    calls it, so only models that are registered pay for it. LookupError for a deleted run."""
+    pyfunc whose code is this installed package (`loader_module` `pipeline.tracking.served`),
+    with the weights and the contract as its data, and the run's example images sent as image
+    files in the input example. No code goes into the artifact store, so whatever serves it
+    must have the project installed. Registration calls it, so only models that are registered
+    pay for it. LookupError for a deleted run."""
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    import pipeline
-
     run = mlflow.MlflowClient().get_run(run_id)
     if run.data.tags.get("model_uri"):
         return run.data.tags["model_uri"]
     with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
+        data = Path(tmp) / "model"  # the model's data folder: weights and contract, no code
+        data.mkdir()
         kind = weights_path(run_id)
-        weights = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=kind, dst_path=tmp
-        )
-        described = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=CONTRACT, dst_path=tmp
-        )
+        for path in (kind, CONTRACT):
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=data)
         example = np.load(
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EXAMPLE, dst_path=tmp)
         )
-        classes = json.loads(Path(described).read_text())["classes"]
+        classes = json.loads((data / CONTRACT).read_text())["classes"]
         # Any object: files (base64 strings / bytes) or pixel arrays; the contract checks them
         # with pipeline predict's messages, where a typed signature would answer with MLflow's.
         signature = ModelSignature(
@@ -110,16 +107,11 @@ def export_model(run_id: str) -> str:
                 ]
             ),
         )
-        code = Path(tmp) / "pipeline"
-        shutil.copytree(
-            Path(pipeline.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__")
-        )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(CODE_FILE),
-                artifacts={"weights": weights, "contract": described},
-                code_paths=[str(code)],
+                loader_module="pipeline.tracking.served",
+                data_path=str(data),
                 signature=signature,
                 input_example=np.array([png_base64(image) for image in example], dtype=object),
                 pip_requirements=_requirements(onnx=kind == ONNX_WEIGHTS),
@@ -151,17 +143,49 @@ def _requirements(onnx: bool = False) -> list[str]:
     return [f"{name}=={version(name)}" for name in names]
 
 
-def load_weights(run_id: str, keep: Path | None = None) -> tuple[torch.nn.Module, ModelSpec]:
+def load_weights(
+    run_id: str, keep: Path | None = None, sha256: str | None = None
+) -> tuple[torch.nn.Module, ModelSpec]:
     """The run's network (eval mode) and its spec, of either kind (`read_weights`); the file is
     downloaded into `keep` when given (its size is a model's figure), else a temporary folder.
-    Raises LookupError when the run or its artifacts were deleted."""
+    `sha256`: the digest registered with the version; a file that differs is refused before it
+    is read (CheckpointError). Raises LookupError when the run or its artifacts were deleted."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
         path = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=weights_path(run_id), dst_path=str(keep or tmp)
         )
+        if sha256 is not None and digest(path) != sha256:
+            from pipeline.errors import CheckpointError
+
+            raise CheckpointError(
+                f"refused the weights of run {run_id}: their sha256 is {digest(path)[:16]}..., "
+                f"not the {sha256[:16]}... registered with the version, so the artifact store "
+                "was changed after registration. Restore the run's weights from a backup, or "
+                "serve another version (`pipeline rollback` / `pipeline promote`)"
+            )
         return read_weights(path)
+
+
+def digest(path: str | Path) -> str:
+    """The file's sha256 (hex), read 1 MiB at a time."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def weights_digest(run_id: str) -> str:
+    """The sha256 of the run's weights file (`weights_path`), as registration records it."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp, run_artifacts(run_id, "weights"):
+        return digest(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=weights_path(run_id), dst_path=tmp
+            )
+        )
 
 
 def read_weights(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:

@@ -163,7 +163,7 @@ def test_a_pull_killed_before_dvc_add_is_finished_by_the_next_pull(project):
     killer = (
         "import os, signal, sys\n"
         "from pipeline.data import versioning\n"
-        "versioning.add_and_push = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "versioning.add = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         "from pipeline.cli import main\n"
         "sys.exit(main(['data', 'pull', '--set', 'data.test_fraction=0.5']))\n"
     )

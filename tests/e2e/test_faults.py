@@ -185,3 +185,17 @@ def _printed_fix(stderr: str, project, command: str) -> None:
     name the pipeline's store itself."""
     (printed,) = re.findall(r"`(MLFLOW_TRACKING_URI=\S+ " + re.escape(command) + ")`", stderr)
     run(["bash", "-c", printed], project, env={"MLFLOW_TRACKING_URI": "file:///nonexistent"})
+
+
+def test_a_full_dvc_remote_is_one_line_and_the_version_stays_recorded(project, small_disk):
+    run(["dvc", "remote", "modify", "local", "url", str(small_disk / "remote")], project)
+    fill_disk(small_disk)
+    refused = run(["pipeline", "data", "pull"], project, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    (line,) = [ln for ln in refused.stderr.splitlines() if not ln.startswith(("WARNING", "md5"))]
+    assert "is recorded in data.dvc and the local cache, but storing it in the DVC remote" in line
+    assert "No space left on device" in line and "run `dvc push`" in line
+    (small_disk / "filler").unlink()
+    pushed = run(["dvc", "push"], project)  # the fix the line names finishes it
+    assert "pushed" in pushed.stdout + pushed.stderr
+    assert run(["pipeline", "data", "pull"], project).returncode == 0

@@ -197,8 +197,21 @@ def test_mlflow_server_down_mid_register_then_completed(from_template, tmp_path)
     try:
         run_id = json.loads(pipeline("train", *QUICK).stdout)["run_id"]
         pipeline("evaluate")
+        # The server lost in the middle of a training: one line, once MLflow's retries are spent.
+        long = subprocess.Popen(
+            [str(BIN / "pipeline"), "train", "--set", "train.epochs=200"], cwd=project,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for line in long.stderr:
+            if line.split()[:2] == ["epoch", "2/200"]:
+                break
     finally:
         stop_group(server)
+    _, err = long.communicate(timeout=300)
+    assert long.returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: MLflow at {env['MLFLOW_TRACKING_URI']} stopped answering")
+    assert "--resume" in last
     env["PIPELINE_MLFLOW_WAIT_S"] = "3"
     down = pipeline("register", check=False)  # the CLI waits a bounded time, then says so
     assert down.returncode == 1 and "Traceback" not in down.stderr
@@ -259,7 +272,8 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
         project,
     )
     result = json.loads(out.read_text())
-    assert result["model"] == {"name": NAME, "version": 1, "run_id": a}
+    sha256 = _client(project).get_model_version(NAME, "1").tags["weights.sha256"]
+    assert result["model"] == {"name": NAME, "version": 1, "run_id": a, "weights_sha256": sha256}
     predicted = np.array([int(r["prediction"]) for r in result["predictions"]])
     recorded = _client(project).get_run(a).data.metrics["test_accuracy"]
     assert (predicted == labels).mean() == pytest.approx(recorded)

@@ -2,7 +2,9 @@
 the project's own files, refused in one line before anything is written."""
 
 import sqlite3
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import run
@@ -56,3 +58,33 @@ def test_an_emptied_store_is_refused_and_a_locked_one_is_transient(project):
     assert "stayed locked by another process" in line and "move it aside" not in line
     assert "no registered model" in run(["pipeline", "history", "image-classifier"], project,
                                         check=False).stderr  # fmt: skip
+
+
+def test_the_registered_model_carries_no_code_and_altered_weights_are_refused(
+    from_template, tmp_path
+):
+    from mlflow import MlflowClient
+
+    project = from_template("registered")
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/.mlflow/mlflow.db")
+    version = client.get_model_version("image-classifier", "1")
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    served = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "m")))
+    files = [p.relative_to(served) for p in served.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.suffix in (".py", ".pyc", ".pkl")], files  # no code
+    assert "loader_module: pipeline.tracking.served" in (served / "MLmodel").read_text()
+    model = Path(client.get_run(version.run_id).info.artifact_uri.removeprefix("file://"))
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.uint8))
+    out = tmp_path / "p.json"
+    predict = ["pipeline", "predict", "--input", str(tmp_path / "x.npy"), "--output", str(out)]
+    run(predict, project)  # the registered file: scored
+    weights = model / "weights" / "model.pt"
+    weights.write_bytes(weights.read_bytes() + b"\0")  # the store changed after registration
+    out.unlink()
+    refused = run(predict, project, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "their sha256 is" in refused.stderr and "registered with the version" in refused.stderr
+    assert not out.exists()

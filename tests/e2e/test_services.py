@@ -22,7 +22,9 @@ def _finished(runs: list[dict], count: int) -> bool:
 
 
 @pytest.mark.long
-def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(project, tmp_path):
+def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(
+    project, tmp_path, monkeypatch
+):
     started_at = time.time()
     with services(project) as (ports, started):
         airflow = Airflow(project, ports["AIRFLOW_PORT"])
@@ -84,6 +86,22 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(pr
         )["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
         assert {t.get("airflow.run_id") for t in tags} == {r["dag_run_id"] for r in runs}
+        # The admin's users: an analyst reads the registry but cannot move the champion.
+        from mlflow.server import get_app_client
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login[1])
+        get_app_client("basic-auth", tracking_uri=mlflow).create_user(
+            username="analyst", password="analyst-password-0123"
+        )
+        analyst = ("analyst", "analyst-password-0123")
+        url = f"{mlflow}/api/2.0/mlflow/registered-models"
+        assert http("GET", f"{url}/get?name=image-classifier", login=analyst)["registered_model"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            move = {"name": "image-classifier", "alias": "champion", "version": "1"}
+            http("POST", f"{url}/alias", move, login=analyst)
+        assert refused.value.code == 403
+
         optimizers = {
             p["value"]
             for r in found
