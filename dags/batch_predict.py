@@ -1,7 +1,8 @@
 """Score a folder of images (or an .npy file) with a registered model, pinned at the start.
 
 The form's `input` and `output` must lie under PIPELINE_PREDICT_ROOTS (folders separated by ':',
-default the project): whoever can trigger a run reads and writes only there.
+default the project's inbox/ and outputs/predictions/): whoever can trigger a run reads and writes
+only there, never the pipeline's own records.
 resolve_model turns the reference (default: the champion) into one exact version before any
 scoring, so a promotion during the run cannot mix two models into one output; the version is
 written into the output. Wiring only: pipeline/* is imported inside the task bodies.
@@ -61,12 +62,13 @@ def batch_predict():
         params = ctx["params"]
         output = params["output"].replace("{run_id}", ctx["run_id"].replace(":", "_"))
         roots = ds.predict_roots()
+        here = ds.PROJECT_ROOT  # relative paths are the project's, wherever the worker runs
         with ds.permanent_errors():  # unreadable input will not fix itself
             return predict_stage(
                 ds.settings(),
                 f"{pinned['name']}/{pinned['version']}",
-                confined(params["input"], roots, "input", ds.PREDICT_ROOTS),
-                confined(output, roots, "output", ds.PREDICT_ROOTS),
+                confined(here / params["input"], roots, "input", ds.PREDICT_ROOTS),
+                confined(here / output, roots, "output", ds.PREDICT_ROOTS),
             )
 
     score(resolve_model())

@@ -205,9 +205,11 @@ PREDICT_ROOTS = "PIPELINE_PREDICT_ROOTS"
 
 def predict_roots() -> list[Path]:
     """The folders a batch_predict run may read and write (PIPELINE_PREDICT_ROOTS, ':'-separated;
-    default the project): the trigger form's paths must lie under one."""
+    default the project's inbox/ and outputs/predictions/, never its records): the trigger
+    form's paths must lie under one."""
     listed = os.environ.get(PREDICT_ROOTS, "").split(os.pathsep)
-    return [Path(p) for p in listed if p.strip()] or [PROJECT_ROOT]
+    default = [PROJECT_ROOT / "inbox", PROJECT_ROOT / "outputs" / "predictions"]
+    return [Path(p) for p in listed if p.strip()] or default
 
 
 def config(resolved: dict | None = None):

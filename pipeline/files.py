@@ -95,16 +95,28 @@ def write_json(path: Path, payload: dict) -> Path:
     return write_atomic(path, lambda handle: handle.write(text))
 
 
+MAX_NAME_BYTES = 200  # a lock file's name, "promotion-NAME.lock", stays under 255 bytes
+
+
 def safe_name(name: str, what: str) -> str:
     """`name` when it can name a file of its own (a model name in a lock file's name): not
-    empty, no `/`, `\\`, `:` or control characters (MLflow refuses `/` and `:` in model names
-    too), not `.` or `..`. Else ConfigError naming `what`, before anything is written."""
-    bad = sorted({c for c in name if c in "/\\:" or ord(c) < 32})
-    if not name.strip() or name in (".", "..") or bad:
-        why = f"holds {' '.join(map(repr, bad))}" if bad else "is empty, '.' or '..'"
+    empty, at most MAX_NAME_BYTES in UTF-8, no `/`, `\\`, `:`, control or invisible format
+    characters (a right-to-left override would make a name read as another), not `.` or
+    `..` (MLflow refuses `/` and `:` in model names too). Else ConfigError naming `what`,
+    before anything is written."""
+    import unicodedata
+
+    bad = sorted({c for c in name if c in "/\\:" or unicodedata.category(c) in ("Cc", "Cf")})
+    size = len(name.encode())
+    if not name.strip() or name in (".", "..") or bad or size > MAX_NAME_BYTES:
+        why = (
+            f"holds {' '.join(map(ascii, bad))}" if bad
+            else f"is {size} bytes long (at most {MAX_NAME_BYTES})" if size > MAX_NAME_BYTES
+            else "is empty, '.' or '..'"
+        )  # fmt: skip
         raise ConfigError(
-            f"{what} {name!r} {why}: a model name is one word of a path (e.g. image-classifier); "
-            "no '/', '\\', ':' or control characters"
+            f"{what} {ascii(name) if bad else repr(name[:60])} {why}: a model name is one word "
+            "of a path (e.g. image-classifier); no '/', '\\', ':', control or format characters"
         )
     return name
 

@@ -59,11 +59,15 @@ airflow_login() {
   local passwords="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
   [ -s "$passwords" ] || python -c 'import json, secrets
 print(json.dumps({"admin": secrets.token_urlsafe(12)}))' >"$passwords"
-  chmod 600 "$passwords" "$AIRFLOW_HOME"/*.db 2>/dev/null || true
+  chmod 700 "$AIRFLOW_HOME" && chmod 600 "$passwords" "$AIRFLOW_HOME"/*.db 2>/dev/null || true
 }
 
 mlflow_auth() {
   export MLFLOW_BACKEND_STORE_URI=${MLFLOW_BACKEND_STORE_URI:-$MLFLOW_TRACKING_URI}
+  case $MLFLOW_BACKEND_STORE_URI in  # a SQLite store: its folder the user's alone
+    sqlite:///*) local db=${MLFLOW_BACKEND_STORE_URI#sqlite://}
+      mkdir -p "$(dirname "$db")" && chmod 700 "$(dirname "$db")" ;;
+  esac
   [ "$MLFLOW_AUTH" = none ] && return 0
   mkdir -p "$MLFLOW_AUTH_DIR" && chmod 700 "$MLFLOW_AUTH_DIR"
   secret "$MLFLOW_AUTH_DIR/admin-password"

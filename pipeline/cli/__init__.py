@@ -105,8 +105,11 @@ def _known_failure(exc: Exception, settings: Settings) -> str | None:
             f"error: disk full{full}; nothing half-written was kept. Free space on that disk "
             "and run the command again (`--resume` continues a training from its checkpoint)"
         )
-    from pipeline.tracking.server import connection_failure
+    from pipeline.tracking.server import connection_failure, login_refused
 
+    refused = next(filter(None, (login_refused(e, settings) for e in chain(exc))), None)
+    if refused:
+        return f"error: {refused}"
     if any(connection_failure(e) for e in chain(exc)):  # after MLflow's own bounded retries
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return (

@@ -54,10 +54,12 @@ WEIGHTS_TAG = "weights.sha256"  # what predict and serving check the downloaded 
 
 def tag_weights(client, name: str, version: int, run_id: str) -> None:
     """The sha256 of the version's weights file, as a tag (`weights.sha256`): the file a
-    prediction later downloads must be this one."""
+    prediction later downloads must be this one. Written once: a retried register keeps the
+    digest its first try read."""
     from pipeline.tracking.weights import weights_digest
 
-    client.set_model_version_tag(name, str(version), WEIGHTS_TAG, weights_digest(run_id))
+    if WEIGHTS_TAG not in client.get_model_version(name, str(version)).tags:
+        client.set_model_version_tag(name, str(version), WEIGHTS_TAG, weights_digest(run_id))
 
 
 def complete(client, name: str, version: int) -> None:

@@ -159,13 +159,14 @@ def current_data(cfg: Config, settings: Settings) -> Callable[[], tuple[str, Dat
     return load
 
 
-def rescore(run_id: str, ds: Dataset) -> tuple[dict, str]:
+def rescore(run_id: str, ds: Dataset, sha256: str | None = None) -> tuple[dict, str]:
     """A model's metrics on `ds`'s test split (a fair comparison even when the data changed), or
-    ({}, how it differs) when it was built for other image shapes or classes."""
+    ({}, how it differs) when it was built for other image shapes or classes. `sha256`: the
+    registered digest its weights must have (`load_weights`)."""
     from pipeline.tracking import weights
     from pipeline.training import inference, scoring
 
-    model, spec = weights.load_weights(run_id)
+    model, spec = weights.load_weights(run_id, sha256=sha256)
     mismatch = _mismatch(spec, ds)
     if mismatch:
         return {}, mismatch

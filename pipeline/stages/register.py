@@ -17,7 +17,7 @@ def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict, 
     right before the alias would move, and decide again if another promotion moved it meanwhile.
     With the efficiency option, both models' size figures are taken from their weights.
     Returns (decision, champion)."""
-    from pipeline.registry import policy, promotion
+    from pipeline.registry import policy, promotion, versions
 
     efficiency = cfg.register_.max_accuracy_drop is not None
     challenger = {**challenger, **_privacy(client.get_run(run_id).data.tags)}
@@ -28,7 +28,11 @@ def _gate(cfg: Config, data, client, name: str, version: int, challenger: dict, 
         if champion is not None and int(champion.version) == version:
             reason = f"v{version} is already champion (a retried task)"
             return policy.Decision(True, "already_champion", reason), champion
-        scored, mismatch = (None, "") if champion is None else rescore(champion.run_id, data()[1])
+        scored, mismatch = (
+            (None, "")
+            if champion is None
+            else rescore(champion.run_id, data()[1], champion.tags.get(versions.WEIGHTS_TAG))
+        )
         if efficiency and scored:
             scored = {**scored, **_figures(champion.run_id)}
         named = {**challenger, "classes": data()[1].classes} if scored else challenger
@@ -207,7 +211,8 @@ def promote_stage(
             else:
                 data = current_data(cfg, settings)
                 md5, ds = data()
-                challenger, mismatch = rescore(version.run_id, ds)
+                sha256 = version.tags.get(versions.WEIGHTS_TAG)
+                challenger, mismatch = rescore(version.run_id, ds, sha256)
                 if mismatch:
                     raise LookupError(
                         f"{name} v{v} was built for other inputs or classes than data/ holds "
@@ -226,8 +231,9 @@ def rollback_stage(settings: Settings, name: str, reason: str) -> dict:
     from pipeline.registry import promotion, versions
     from pipeline.tracking import server, store
 
-    with server.reachable(settings), versions.promotion_lock(settings, name):
+    with server.reachable(settings):
         client = store.client(settings)
-        versions.registered_model(client, name)
-        old, new = promotion.rollback(client, name, reason, RunContext().actor())
+        versions.registered_model(client, name)  # before its lock file: only real models get one
+        with versions.promotion_lock(settings, name):
+            old, new = promotion.rollback(client, name, reason, RunContext().actor())
     return {"model_name": name, "champion": new, "previous-champion": old, "reason": reason}

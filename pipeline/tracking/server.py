@@ -75,6 +75,27 @@ def connection_failure(exc: BaseException) -> bool:
     )
 
 
+def login_refused(exc: BaseException, settings: Settings) -> str | None:
+    """What to do when an MLflow client error is the server refusing the login (401) or the
+    action (403); None for other errors. The client sends MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD."""
+    text = str(exc)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if "error code 401" in text or "You are not authenticated" in text:
+        given = f"the login of {user!r} was refused" if user else "no login was given"
+        return (
+            f"MLflow at {settings.tracking_uri} needs a login (401: {given}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`make up`'s admin: user "
+            "admin, password in .mlflow-auth/admin-password)"
+        )
+    if "error code 403" in text or "Permission denied" in text:
+        return (
+            f"MLflow at {settings.tracking_uri} refused this to {user!r} (403: permission "
+            "denied); ask its admin for the permission (docs/operations.md, who can do what)"
+        )
+    return None
+
+
 @contextmanager
 def reachable(settings: Settings):
     """Turn MLflow's connection failures (after its own retries with backoff, see
@@ -86,6 +107,11 @@ def reachable(settings: Settings):
         yield
     except (MlflowException, requests.exceptions.RequestException) as exc:
         text = str(exc)
+        refused = login_refused(exc, settings)
+        if refused:  # a login will not fix itself: no retry
+            from pipeline.errors import PermanentError
+
+            raise PermanentError(refused) from None
         if not connection_failure(exc):
             raise
         raise RegistryUnavailable(

@@ -104,7 +104,8 @@ def _creating(settings: Settings):
     from pipeline.files import exclusive
 
     db = Path(settings.tracking_uri.removeprefix("sqlite:///"))
-    with exclusive(db.with_name(f".{db.name}.lock")):  # makes the store's folder too
+    db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new store: its user's alone
+    with exclusive(db.with_name(f".{db.name}.lock")):
         _not_emptied(settings)
         yield
 

@@ -178,6 +178,8 @@ def test_links_are_never_followed_and_each_is_listed_with_where_it_points(projec
     (root / "dog" / "secret.jpg").symlink_to(outside / "0.jpg")  # one file from elsewhere
     (root / "kitten").symlink_to(root / "cat")  # a class under a second name
     (root / "bird").symlink_to(outside)  # a whole class from elsewhere
+    (root / "dog" / "l1.jpg").symlink_to(root / "dog" / "l2.jpg")  # a loop of two links
+    (root / "dog" / "l2.jpg").symlink_to(root / "dog" / "l1.jpg")
     pull = ["pipeline", "data", "pull", "--dataset", "imagefolder", "--source-dir", str(root)]
     run([*pull, "--set", "data.test_fraction=0.25"], project)
     meta = read_meta(project / "data")
@@ -187,8 +189,9 @@ def test_links_are_never_followed_and_each_is_listed_with_where_it_points(projec
     skipped = {s["path"]: s["reason"] for s in meta["skipped"]}
     assert set(skipped) == {
         "cat/loop", "cat/dogs", "cat/again.jpg", "cat/gone.jpg", "dog/more", "dog/secret.jpg",
-        "kitten", "bird",
+        "kitten", "bird", "dog/l1.jpg", "dog/l2.jpg",
     }  # fmt: skip
+    assert skipped["dog/l1.jpg"] == f"a link loop (to {root / 'dog' / 'l2.jpg'})"
     assert f"a link to {root / 'cat'}: inside the source folder" in skipped["cat/loop"]
     assert f"a link to {root / 'cat'}: inside the source folder" in skipped["kitten"]
     assert f"a link to {root / 'dog'}: inside" in skipped["cat/dogs"]

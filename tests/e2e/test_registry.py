@@ -302,9 +302,19 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
     conf = {"input": str(folder), "output": str(batch_out)}
     dags_test = ["airflow", "dags", "test", "batch_predict", "-c", json.dumps(conf)]
     refused = run(dags_test, project, check=False)  # tmp_path is outside the project
-    assert f"input {folder} is outside the folders this may use ({project})" in (
+    roots = f"{project / 'inbox'}, {project / 'outputs' / 'predictions'}"
+    assert f"input {folder} is outside the folders this may use ({roots})" in (
         refused.stdout + refused.stderr
     )
+    records = {**conf, "input": str(project / "inbox"), "output": "outputs/train.json"}
+    (project / "inbox").mkdir()
+    overwrite = ["airflow", "dags", "test", "batch_predict", "-c", json.dumps(records)]
+    before = (project / "outputs" / "train.json").read_bytes()
+    refused = run(overwrite, project, check=False)
+    assert f"output {project / 'outputs' / 'train.json'} is outside the folders" in (
+        refused.stdout + refused.stderr
+    )
+    assert (project / "outputs" / "train.json").read_bytes() == before  # records untouched
     assert not batch_out.exists()
     log = run(dags_test, project, env={"PIPELINE_PREDICT_ROOTS": f"/nonexistent:{tmp_path}"})
     assert "state=success" in log.stdout + log.stderr

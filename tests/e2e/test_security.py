@@ -88,3 +88,15 @@ def test_the_registered_model_carries_no_code_and_altered_weights_are_refused(
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert "their sha256 is" in refused.stderr and "registered with the version" in refused.stderr
     assert not out.exists()
+    gate = run(["pipeline", "promote", "image-classifier/1"], project, check=False)
+    assert gate.returncode == 1 and "their sha256 is" in gate.stderr  # nor scored by the gate
+
+
+def test_odd_model_names_are_refused_or_work_and_make_no_lock_for_an_unknown_model(project):
+    for name in ("a" * 300, "x\u202ey"):  # too long for a file name; reads as another name
+        refused = run(["pipeline", "rollback", name], project, check=False)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    for name in ("é-modèle", "with space", "-rf"):  # names MLflow takes: simply unknown here
+        unknown = run(["pipeline", "rollback", "--", name], project, check=False)
+        assert unknown.returncode == 1 and "no registered model" in unknown.stderr
+    assert not list((project / "outputs").rglob("*.lock"))

@@ -39,7 +39,9 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(
         )
         logs = "".join(p.read_text() for p in (project / ".run").glob("*.log"))
         assert airflow.password not in logs and login[1] not in logs + started
-        private = [project / ".run", project / ".mlflow-auth", *(project / ".run").iterdir(),
+        private = [project / ".run", project / ".mlflow-auth", project / ".mlflow",
+                   project / ".airflow",
+                   *(project / ".run").iterdir(),
                    *(project / ".mlflow-auth").iterdir(), project / ".airflow" / "airflow.db",
                    passwords]  # fmt: skip
         modes = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in private}
@@ -58,6 +60,11 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(
             with pytest.raises(urllib.error.HTTPError) as refused:
                 http(method, f"{mlflow}/api/2.0/mlflow/{path}", body)
             assert refused.value.code == 401, (path, refused.value.code)
+        anonymous = run(["pipeline", "status"], project, False, env={"MLFLOW_TRACKING_URI": mlflow})
+        assert "needs a login (401: no login was given); set MLFLOW_TRACKING_USERNAME" in (
+            anonymous.stderr
+        )
+        assert anonymous.returncode == 1 and len(anonymous.stderr.strip().splitlines()) == 1
 
         airflow.wait_for_dag(DAG)
         airflow("PATCH", f"/dags/{DAG}", {"is_paused": False})  # -> a scheduled run

@@ -13,6 +13,7 @@ folders (`.DS_Store`, `.ipynb_checkpoints/`, `__MACOSX/`) are ignored.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import sys
@@ -120,7 +121,12 @@ class _Walk:
             return False
         real = os.path.realpath(path)
         if not os.path.exists(real):
-            self.left_out[path] = f"a dangling link (to {os.readlink(path)})"
+            try:
+                os.stat(path)
+                why = "a dangling link"
+            except OSError as exc:  # ELOOP: links that lead back to themselves
+                why = "a link loop" if exc.errno == errno.ELOOP else "a dangling link"
+            self.left_out[path] = f"{why} (to {os.readlink(path)})"
         elif real == self.root or real.startswith(self.root + os.sep):
             self.left_out[path] = f"a link to {real}: inside the source folder, read there once"
         else:
