@@ -59,6 +59,7 @@ bench: $(STAMP)
 	python bench/overhead.py
 	python bench/serving.py > /dev/null
 	python bench/hostile.py 2> /dev/null
+	python bench/hostile_serve.py 2> /dev/null
 	python bench/engine.py > /dev/null
 
 # The bench scripts in their quick modes, so none rots unseen (CI runs it): the project reproduced
@@ -69,6 +70,7 @@ bench-smoke: $(STAMP)
 	python bench/overhead.py --samples 2 > /dev/null
 	python bench/serving.py --repeats 1 --images 64 > /dev/null
 	python bench/hostile.py 2> /dev/null
+	python bench/hostile_serve.py 2> /dev/null
 	python bench/engine.py --quick --out bench/out/engine-quick.json > /dev/null
 	python bench/mnist.py --quick > /dev/null
 	python bench/compress.py --quick > /dev/null
