@@ -102,14 +102,17 @@ def photos(n: int) -> Path:
 
 
 def subset(n: int) -> Path:
-    """A folder of the first `n` photos (symlinks), so each size is its own source."""
+    """A folder of the first `n` photos (hard links: ingest never follows symbolic ones), so
+    each size is its own source."""
     source, folder = photos(n), OUT / f"photos-{n}"
+    if folder.exists() and any(p.is_symlink() for p in folder.glob("class0/*")):
+        shutil.rmtree(folder)  # made by an earlier version of this script
     if not folder.exists():
         for c in range(CLASSES):
             (folder / f"class{c}").mkdir(parents=True)
         for i in range(n):
             name = f"class{i % CLASSES}/{i:06d}.jpg"
-            (folder / name).symlink_to(source / name)
+            os.link(source / name, folder / name)
     return folder
 
 
