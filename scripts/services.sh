@@ -65,7 +65,7 @@ print(json.dumps({"admin": secrets.token_urlsafe(12)}))' >"$passwords"
 mlflow_auth() {
   export MLFLOW_BACKEND_STORE_URI=${MLFLOW_BACKEND_STORE_URI:-$MLFLOW_TRACKING_URI}
   case $MLFLOW_BACKEND_STORE_URI in  # a SQLite store: its folder the user's alone
-    sqlite:///*) local db=${MLFLOW_BACKEND_STORE_URI#sqlite://}
+    sqlite:///*) local db=${MLFLOW_BACKEND_STORE_URI#sqlite:///}
       mkdir -p "$(dirname "$db")" && chmod 700 "$(dirname "$db")" ;;
   esac
   [ "$MLFLOW_AUTH" = none ] && return 0
