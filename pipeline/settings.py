@@ -58,6 +58,12 @@ class Settings:
         return self.reports / "plots"
 
     @property
+    def sqlite_store(self) -> Path | None:
+        """The SQLite file of a `sqlite:///` tracking URI; None for a server or another database."""
+        uri = self.tracking_uri
+        return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+    @property
     def store(self) -> Path:
         """The project's own store folder (git-ignored): the default MLflow store and Optuna's
         SQLite file. Shared by every workspace of the project."""

@@ -142,7 +142,7 @@ def _disk_full(exc: BaseException, settings: Settings) -> str | None:
     if named:
         return f" writing {named[0]}"
     uri = settings.tracking_uri
-    store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite") else None
+    store = settings.sqlite_store.parent if settings.sqlite_store else None
     if any(words in str(e) for e in causes for words in STORE_FULL):
         return f" under the MLflow store {store or uri}"
     if not full:

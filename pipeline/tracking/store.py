@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from pipeline.context import RunContext
 from pipeline.settings import Settings
@@ -98,12 +97,12 @@ def _creating(settings: Settings):
     """One process at a time making a SQLite store's tables or an experiment: commands started
     together on a new project would otherwise run MLflow's migrations at once (one fails,
     another finds a half-made store) or create the experiment twice. A server does its own."""
-    if not settings.tracking_uri.startswith("sqlite:///"):
+    db = settings.sqlite_store
+    if db is None:
         yield
         return
     from pipeline.files import exclusive
 
-    db = Path(settings.tracking_uri.removeprefix("sqlite:///"))
     db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new store: its user's alone
     with exclusive(db.with_name(f".{db.name}.lock")):
         _not_emptied(settings)
@@ -115,8 +114,7 @@ def _not_emptied(settings: Settings) -> None:
     disk, a bad copy): MLflow would silently make a new, empty one over it. Refuse instead."""
     from pipeline.errors import PermanentError
 
-    uri = settings.tracking_uri
-    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    db = settings.sqlite_store
     if db is not None and db.is_file() and db.stat().st_size == 0:
         raise PermanentError(
             f"the MLflow store {db} is an empty file (0 bytes): its registry and runs are gone, "

@@ -156,11 +156,12 @@ def load_weights(
         path = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=weights_path(run_id), dst_path=str(keep or tmp)
         )
-        if sha256 is not None and digest(path) != sha256:
+        found = digest(path) if sha256 is not None else None
+        if found != sha256:
             from pipeline.errors import CheckpointError
 
             raise CheckpointError(
-                f"refused the weights of run {run_id}: their sha256 is {digest(path)[:16]}..., "
+                f"refused the weights of run {run_id}: their sha256 is {found[:16]}..., "
                 f"not the {sha256[:16]}... registered with the version, so the artifact store "
                 "was changed after registration. Restore the run's weights from a backup, or "
                 "serve another version (`pipeline rollback` / `pipeline promote`)"

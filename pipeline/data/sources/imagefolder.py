@@ -105,9 +105,7 @@ class _Walk:
     def files(self, folder: str, recursive: bool = False) -> list[str]:
         """Visible files under `folder` (and its sub-folders, as torchvision's ImageFolder
         takes them), hidden files and folders left out; sorted, the same everywhere."""
-        found = []
-        if self.linked(folder):
-            return found
+        found = []  # `folder`: the source or a class folder, never a link (`_class_folders`)
         for parent, dirs, names in os.walk(folder):
             visible = [d for d in sorted(dirs) if recursive and not hidden(d)]
             dirs[:] = [d for d in visible if not self.linked(os.path.join(parent, d))]
