@@ -14,7 +14,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export GX_ANALYTICS_ENABLED ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/.mlflow/mlflow.db
 
-.PHONY: setup run test test-fast lint repro bench bench-smoke bench-mnist bench-compress bench-privacy bench-scale mlflow-ui up down browser clean
+.PHONY: setup run serve test test-fast lint repro bench bench-smoke bench-mnist bench-compress bench-privacy bench-scale mlflow-ui up down browser clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ run: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	  | sed -E 's/^.*\[DAG TEST\] //; s/ \[airflow.*$$//'
 	@grep -q "state=success" $(AIRFLOW_HOME)/last-run.log || { echo "DAG run failed; see $(AIRFLOW_HOME)/last-run.log"; exit 1; }
 	pipeline summary
+
+# The champion over HTTP, following its alias (docs/serving.md); PORT=8000 by default.
+serve: $(STAMP)
+	pipeline serve --port $(or $(PORT),8000)
 
 # Everything, four workers on the two cores (with two, a third of the cores' time went idle while
 # e2e tests waited on servers and schedulers); `--dist worksteal` with the long tests dealt out
@@ -68,7 +72,7 @@ bench-smoke: $(STAMP)
 	pipeline data pull > /dev/null
 	dvc repro -q
 	python bench/overhead.py --samples 2 > /dev/null
-	python bench/serving.py --repeats 1 --images 64 > /dev/null
+	python bench/serving.py --repeats 1 --images 64 --seconds 1 > /dev/null
 	python bench/hostile.py 2> /dev/null
 	python bench/hostile_serve.py 2> /dev/null
 	python bench/engine.py --quick --out bench/out/engine-quick.json > /dev/null

@@ -391,6 +391,19 @@ class SweepConfig(_Block):
         return self
 
 
+class ServeConfig(_Block):
+    """`pipeline serve`: batching and the limits that bound a request's memory and time."""
+
+    poll_s: float = Field(10.0, gt=0)  # how often the server asks the registry where its alias is
+    max_batch: int = Field(128, ge=1)  # images scored together from concurrent requests
+    max_wait_ms: float = Field(2.0, ge=0)  # wait for requests still being decoded, at most
+    max_images: int = Field(256, ge=1)  # per request; more is refused with 413
+    max_body_mb: float = Field(32.0, gt=0)  # a larger body is refused with 413, unread
+    header_timeout_s: float = Field(10.0, gt=0)  # a connection's request line and headers
+    body_timeout_s: float = Field(30.0, gt=0)  # reading a request's body
+    max_connections: int = Field(128, ge=1)  # more at once are answered 503
+
+
 class TrackingConfig(_Block):
     experiment: str = Field("image-classifier", min_length=1)
 
@@ -405,6 +418,7 @@ class Config(_Block):
     sweep: SweepConfig = SweepConfig()
     compress: CompressConfig = CompressConfig()
     explain: ExplainConfig = ExplainConfig()
+    serve: ServeConfig = ServeConfig()
     presets: dict[str, dict[str, Any]] = {}  # name -> {dotted.key: value}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -444,7 +458,7 @@ class Config(_Block):
             {
                 k: v
                 for k, v in self.to_dict().items()
-                if k not in ("presets", "sweep", "compress", "explain")
+                if k not in ("presets", "sweep", "compress", "explain", "serve")
             }
         )
 

@@ -134,6 +134,25 @@ def predict(args, settings: Settings) -> int:
     return _print(predict_stage(settings, args.model, args.input, args.output))
 
 
+def serve(args, settings: Settings) -> int:
+    import logging
+
+    from pipeline.serving.app import run
+    from pipeline.serving.model import where
+
+    cfg = _config(args, settings)
+    name, _, alias = args.model.partition("@")
+    if "/" in name:
+        raise ConfigError(
+            f"--model {args.model}: serve an alias (NAME@ALIAS), which the server follows; to "
+            "serve one version, give it an alias of its own in the registry"
+        )
+    alias = alias or "champion"
+    where(settings, name, alias)  # one line, before the port opens, when it points nowhere
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run(settings, cfg.serve, name, alias, args.host, args.port)
+
+
 def reproduce(args, settings: Settings) -> int:
     from pipeline.stages.reproduce import describe, reproduce
 
@@ -233,6 +252,7 @@ HANDLERS = {
     "promote": promote,
     "rollback": rollback,
     "predict": predict,
+    "serve": serve,
     "reproduce": reproduce,
     "lineage": lineage,
     "history": history,

@@ -138,6 +138,17 @@ def _model_commands(sub) -> None:
     history = sub.add_parser("history", help="which version held which alias when, and why")
     history.add_argument("model", help="registered model name")
     history.add_argument("--json", action="store_true", help="machine-readable output")
+    serve = sub.add_parser(
+        "serve", help="an HTTP server for a model's alias that follows it (docs/serving.md)"
+    )
+    _common(serve)
+    serve.add_argument(
+        "--model",
+        default="image-classifier@champion",
+        help="NAME@ALIAS, or NAME for its champion; the server follows the alias",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     predict = sub.add_parser("predict", help="score images with a registered model")
     predict.add_argument("--model", default="image-classifier@champion", help=ref_help)
     predict.add_argument(

@@ -143,6 +143,58 @@ class ServedModel:
             return error.code, json.loads(error.read())
 
 
+class PipelineServer:
+    """`pipeline serve` in the project, on a free port, its log in `log`; ready when entered."""
+
+    def __init__(self, project: Path, *args: str):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = project / f"serve-{self.url.rsplit(':', 1)[1]}.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "pipeline"), "serve", "--port", self.url.rsplit(":", 1)[1], *args],
+            cwd=project,
+            env=project_env(project),
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
+            start_new_session=True,
+        )
+
+    def __enter__(self) -> PipelineServer:
+        try:
+            wait_http(f"{self.url}/ready", self.proc)
+        except BaseException:
+            stop_group(self.proc)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_group(self.proc)
+
+    def post(self, body: bytes, content_type="application/json", timeout=120):
+        """(HTTP status, JSON answer, headers) of POST /invocations with `body`."""
+        request = urllib.request.Request(
+            f"{self.url}/invocations", body, {"Content-Type": content_type}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read()), response.headers
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read()), error.headers
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
+            text = response.read().decode()
+        return text if path == "/metrics" else json.loads(text)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when it has not been recorded yet)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as it prints them
+        key = f"{name}{{{want}}}" if want else name
+        for line in self.get("/metrics").splitlines():
+            if line.rsplit(" ", 1)[0] == key:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
 def wait_http(url: str, proc: subprocess.Popen, seconds: int = 90) -> None:
     for _ in range(seconds * 4):
         if proc.poll() is not None:

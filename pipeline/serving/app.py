@@ -1,0 +1,247 @@
+"""The HTTP app of `pipeline serve` (FastAPI on uvicorn).
+
+Routes: `/invocations` (MLflow's scoring protocol, through the model's input contract; the
+answer's `model` and the `X-Model-Version` header name the version that scored it),
+`/health` (alive; `/ping` as MLflow has it), `/ready` (a version is loaded and answered its
+warm-up), `/version`, `/metrics` (Prometheus). Limits: `ServeConfig` (docs/serving.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pipeline.config import ServeConfig
+from pipeline.serving.batcher import Batcher
+from pipeline.serving.metrics import Metrics
+from pipeline.serving.model import Follower, Served, load
+from pipeline.serving.payload import Refused, count, model_input
+from pipeline.settings import Settings
+
+log = logging.getLogger("pipeline.serve")
+MB = 1024 * 1024
+
+
+class State:
+    """What the routes share: the version answering now, the batcher and the metrics."""
+
+    def __init__(self, settings: Settings, cfg: ServeConfig, name: str, alias: str):
+        self.settings, self.cfg, self.name, self.alias = settings, cfg, name, alias
+        self.metrics = Metrics(cfg.max_batch)
+        self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, self.metrics.batch.observe)
+        self.served: Served | None = None
+        self.failure: str | None = None  # why the first load failed: the server then stops
+
+    def switch(self, served: Served) -> None:
+        """Answer with `served` from the next request on (requests already decoding finish
+        with the version they started with)."""
+        if self.served is not None:
+            self.metrics.switches.inc()
+        self.served = served
+        self.metrics.version.set(served.version)
+
+
+def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> FastAPI:
+    state = State(settings, cfg, name, alias)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batching = asyncio.create_task(state.batcher.run())
+        loading = asyncio.create_task(_first_load(state, app))
+        yield
+        for task in (batching, loading):
+            task.cancel()
+        if follower := getattr(app.state, "follower", None):
+            follower.stopped.set()
+
+    app = FastAPI(title="pipeline serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serving = state
+
+    @app.get("/health")
+    @app.get("/ping")
+    async def health():
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.served is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "version": state.served.version}
+
+    @app.get("/version")
+    async def version():
+        if state.served is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return state.served.describe()
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        started = time.perf_counter()
+        try:
+            return await _invocations(state, request)
+        finally:
+            state.metrics.latency.observe(time.perf_counter() - started)
+
+    return app
+
+
+async def _first_load(state: State, app: FastAPI) -> None:
+    try:
+        served = await asyncio.to_thread(load, state.settings, state.name, state.alias)
+    except Exception as exc:  # noqa: BLE001  (named in one line by `pipeline serve`, which exits)
+        state.failure = f"{type(exc).__name__}: {exc}"
+        log.error("could not load %s@%s: %s", state.name, state.alias, exc)
+        app.state.stop()
+        return
+    state.switch(served)
+    log.info("serving %s version %s (@%s)", served.name, served.version, served.alias)
+    follower = Follower(
+        state.settings,
+        lambda: state.served,
+        state.switch,
+        lambda error: state.metrics.follow_failures.labels(error).inc(),
+        state.cfg.poll_s,
+    )
+    app.state.follower = follower
+    follower.start()
+
+
+async def _invocations(state: State, request: Request) -> Response:
+    metrics, served = state.metrics, state.served
+    if served is None:
+        metrics.requests.labels("unready").inc()
+        return _error(503, "the model is still loading; retry when /ready is 200")
+    state.batcher.start_decoding()
+    try:
+        body = await _body(request, int(state.cfg.max_body_mb * MB), state.cfg.body_timeout_s)
+        pixels = await asyncio.to_thread(
+            _pixels, body, request.headers.get("content-type"), served, state.cfg.max_images
+        )
+    except Refused as refused:
+        metrics.requests.labels("refused").inc()
+        metrics.refusals.labels(refused.reason).inc()
+        log.info("refused (%s): %s", refused.reason, refused)
+        return _error(refused.status, str(refused))
+    finally:
+        state.batcher.stop_decoding()
+    try:
+        probs = await state.batcher.score(served, pixels)
+    except Exception as exc:  # noqa: BLE001  (one line to the client, the traceback to the log)
+        log.exception("scoring failed")
+        metrics.requests.labels("failed").inc()
+        metrics.images.labels("failed").inc(len(pixels))
+        return _error(500, f"scoring failed: {type(exc).__name__}")
+    metrics.requests.labels("ok").inc()
+    metrics.images.labels("ok").inc(len(pixels))
+    return JSONResponse(
+        {"predictions": _records(probs, served, metrics), "model": _named(served)},
+        headers={"X-Model-Version": f"{served.name}/{served.version}"},
+    )
+
+
+async def _body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request's body, at most `limit` bytes held. A larger one is read to its end and
+    dropped as it arrives, so the client reads a 413 instead of a reset connection (within
+    `timeout_s`, as every body: else 408)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise Refused(400, "bad_length", "Content-Length is not a whole number")
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError:
+        if size <= limit:
+            raise Refused(
+                408, "body_timeout", f"the body took over {timeout_s:g} s to arrive"
+            ) from None
+    if size > limit:
+        raise Refused(
+            413,
+            "too_large",
+            f"the body is {size / MB:.1f} MiB or more; at most {limit / MB:g} MiB "
+            "(serve.max_body_mb): send fewer images per request",
+        )
+    return b"".join(chunks)
+
+
+def _pixels(body: bytes, content_type: str | None, served: Served, max_images: int) -> np.ndarray:
+    """float32 N x C x H x W of the body through `served`'s input contract."""
+    from pipeline.tracking.served import pixels
+
+    data = model_input(body, content_type)
+    n = count(data)
+    if n > max_images:
+        raise Refused(
+            413,
+            "too_many_images",
+            f"{n} images in one request; at most {max_images} (serve.max_images): split it",
+        )
+    try:
+        return np.concatenate(list(pixels(data, served.contract)))
+    except ValueError as exc:  # the contract's refusals, as `pipeline predict` words them
+        raise Refused(400, "contract", str(exc)) from None
+
+
+def _records(probs: np.ndarray, served: Served, metrics: Metrics) -> list[dict]:
+    from pipeline.tracking.served import rows
+
+    columns = rows(probs, served.contract.classes)
+    for name in columns["prediction"]:
+        metrics.predictions.labels(str(served.version), name).inc()
+    return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+
+def _named(served: Served) -> dict:
+    return {"name": served.name, "version": served.version}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    """MLflow's error shape: {"error_code", "message"}, the code named after the status."""
+    from http import HTTPStatus
+
+    code = HTTPStatus(status).name
+    return JSONResponse({"error_code": code, "message": message}, status_code=status)
+
+
+def run(settings: Settings, cfg: ServeConfig, name: str, alias: str, host: str, port: int) -> int:
+    """Serve `name@alias` on host:port until interrupted (exit 0), or until the first load
+    fails (exit 1, the reason logged in one line)."""
+    import uvicorn
+
+    from pipeline.serving.connections import with_head_timeout
+
+    app = create_app(settings, cfg, name, alias)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            http=with_head_timeout(cfg.header_timeout_s),
+            limit_concurrency=cfg.max_connections,
+            timeout_keep_alive=5,
+            access_log=False,
+            log_config=None,  # the CLI's logging: one line per event
+        )
+    )
+    app.state.stop = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return 1 if app.state.serving.failure else 0

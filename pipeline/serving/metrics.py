@@ -1,0 +1,52 @@
+"""The server's Prometheus metrics, in a registry of its own (`/metrics`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, max_batch: int):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pipeline_serve_requests",
+            "Requests to /invocations by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.images = Counter(
+            "pipeline_serve_images", "Images in requests by outcome", ["outcome"], registry=r
+        )
+        self.refusals = Counter(
+            "pipeline_serve_refusals", "Requests refused (4xx) by reason", ["reason"], registry=r
+        )
+        self.latency = Histogram(
+            "pipeline_serve_request_seconds",
+            "Time from a request's arrival to its answer (/invocations)",
+            buckets=LATENCY_S,
+            registry=r,
+        )
+        sizes = sorted({2**k for k in range(max_batch.bit_length())} | {max_batch})
+        self.batch = Histogram(
+            "pipeline_serve_batch_images", "Images per scored batch", buckets=sizes, registry=r
+        )
+        self.predictions = Counter(
+            "pipeline_serve_predictions", "Predicted classes", ["version", "cls"], registry=r
+        )
+        self.version = Gauge(
+            "pipeline_serve_model_version", "The registered version answering now", registry=r
+        )
+        self.switches = Counter(
+            "pipeline_serve_switches",
+            "Times the server switched to where its alias moved",
+            registry=r,
+        )
+        self.follow_failures = Counter(
+            "pipeline_serve_follow_failures",
+            "Failed checks or loads of the alias's version (the old one kept serving)",
+            ["error"],
+            registry=r,
+        )

@@ -1,0 +1,114 @@
+"""The version a server answers with, and the thread that follows its alias in the registry."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.settings import Settings
+
+log = logging.getLogger("pipeline.serve")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One registered version, loaded and warmed up: what `/version` reports and every answer
+    names. `model` takes float32 N x C x H x W and returns logits (a torch module or ONNX)."""
+
+    name: str
+    version: int
+    alias: str
+    run_id: str
+    data_md5: str | None
+    weights_sha256: str | None
+    model: object = field(repr=False)
+    contract: object = field(repr=False)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "run_id": self.run_id,
+            "data_md5": self.data_md5,
+            "classes": list(self.contract.classes),
+            "input": list(self.contract.shape),
+        }
+
+    def score(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities (N x classes) of float32 N x C x H x W pixels on 0..255."""
+        from pipeline.training.inference import probabilities
+
+        return probabilities(self.model, pixels)
+
+
+def where(settings: Settings, name: str, alias: str) -> int:
+    """The version `name@alias` points at now (LookupError when it points nowhere)."""
+    from pipeline.registry import versions
+    from pipeline.tracking import server, store
+
+    with server.reachable(settings):
+        return int(versions.resolve(store.client(settings), f"{name}@{alias}").version)
+
+
+def load(settings: Settings, name: str, alias: str) -> Served:
+    """`name@alias` as it is now: its weights checked against the digest registered with the
+    version (CheckpointError on a mismatch), loaded, and scored once on a blank image so the
+    first request pays no first-call cost."""
+    from pipeline.registry import versions
+    from pipeline.tracking import server, store, weights
+
+    with server.reachable(settings):
+        client = store.client(settings)
+        version = versions.resolve(client, f"{name}@{alias}")
+        sha256 = version.tags.get(versions.WEIGHTS_TAG)
+        model, spec = weights.load_weights(version.run_id, sha256=sha256)
+        data_md5 = client.get_run(version.run_id).data.tags.get("data.md5")
+    contract = spec.input_contract()
+    served = Served(
+        name, int(version.version), alias, version.run_id, data_md5, sha256, model, contract
+    )
+    served.score(np.zeros((1, *contract.shape), np.float32))
+    return served
+
+
+class Follower(threading.Thread):
+    """Asks the registry every `every_s` seconds where the alias points; when it moved, loads
+    the new version off the request path and hands it to `switch` once it answered its warm-up.
+    A registry that cannot be reached, or a version that fails to load, keeps the one serving
+    (logged once per failure, counted by `failed`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        current: Callable[[], Served],
+        switch: Callable[[Served], None],
+        failed: Callable[[str], None],
+        every_s: float,
+    ):
+        super().__init__(name="alias-follower", daemon=True)
+        self.settings, self.current, self.switch, self.failed = settings, current, switch, failed
+        self.every_s = every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            self.check()
+
+    def check(self) -> None:
+        served = self.current()
+        try:
+            if where(self.settings, served.name, served.alias) == served.version:
+                return
+            new = load(self.settings, served.name, served.alias)
+        except Exception as exc:  # noqa: BLE001  (the server keeps answering with what it has)
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("still serving version %s: %s", served.version, reason)
+            self.failed(type(exc).__name__)
+            return
+        log.info("@%s moved: version %s -> %s", served.alias, served.version, new.version)
+        self.switch(new)
