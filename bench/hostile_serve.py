@@ -1,10 +1,12 @@
-"""What hostile requests do to `mlflow models serve` of the champion: status, answer size, time
-and the server's peak RSS, one request at a time, each followed by a good request.
+"""What hostile requests do to `mlflow models serve` and to `pipeline serve` of the champion:
+status, answer size, time and the server's peak RSS, one request at a time, each followed by a
+good request.
 
-The baseline for a server of our own (issue 39's `pipeline serve`): MLflow's scoring server
-parses the body before the model sees it, so the model's limits (the serving pixel limit, the
-contract's checks) act only on what parses. Run after `make repro` (the project's champion):
-`.venv/bin/python bench/hostile_serve.py` writes bench/out/hostile_serve.json.
+MLflow's scoring server parses the body before the model sees it, so the model's limits (the
+serving pixel limit, the contract's checks) act only on what parses; `pipeline serve` bounds the
+body, the image count and the JSON before that (docs/serving.md). Run after `make repro` (the
+project's champion): `.venv/bin/python bench/hostile_serve.py` writes
+bench/out/hostile_serve.json, one table per server.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -88,30 +91,43 @@ def _post(url: str, body: bytes) -> tuple[int, int, float]:
     return status, size, time.perf_counter() - start
 
 
-def main() -> dict:
-    import socket
+SERVERS = {
+    "mlflow models serve": (
+        ["mlflow", "models", "serve", "-m", "models:/image-classifier@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p"], "/ping",
+    ),
+    "pipeline serve": (["pipeline", "serve", "--port"], "/ready"),
+}  # fmt: skip
+
+
+def hostile(name: str, bodies: dict[str, bytes]) -> dict:
+    """Each body sent to the server `name`, then a good request; its idle RSS first."""
+    import psutil
 
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    command, ready = SERVERS[name]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ROOT}/.mlflow/mlflow.db"}
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/image-classifier@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [str(BIN / command[0]), *command[1:], str(port)], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/invocations"
     good = json.dumps({"inputs": [_png(np.full((8, 8), 200, np.uint8))]}).encode()
     results = {}
     try:
-        for _ in range(120):
+        for _ in range(240):
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=2).close()
                 break
             except OSError:
                 time.sleep(0.5)
         _post(url, good)  # warm-up
-        for name, body in _bodies().items():
+        root = psutil.Process(server.pid)
+        procs = [root, *root.children(recursive=True)]
+        results["idle_mib"] = round(sum(p.memory_info().rss for p in procs) / 2**20)
+        for what, body in bodies.items():
             peak = _Peak(server.pid)
             peak.start()
             time.sleep(0.1)
@@ -119,7 +135,7 @@ def main() -> dict:
             peak.stop.set()
             peak.join()
             after = _post(url, good)[0]
-            results[name] = {
+            results[what] = {
                 "body_mb": round(len(body) / 2**20, 2),
                 "status": status,
                 "answer_kb": round(size / 1024, 1),
@@ -127,11 +143,16 @@ def main() -> dict:
                 "server_peak_mib": round(peak.peak / 2**20),
                 "good_request_after": after,
             }
-            print(f"{name:28} {results[name]}", file=sys.stderr)
+            print(f"{name:20} {what:28} {results[what]}", file=sys.stderr)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
     return results
+
+
+def main() -> dict:
+    bodies = _bodies()
+    return {name: hostile(name, bodies) for name in SERVERS}
 
 
 if __name__ == "__main__":

@@ -226,7 +226,8 @@ def test_serve_refuses_hostile_requests_in_one_line_and_keeps_answering(from_tem
 
 def _connections_that_stall_are_closed(url: str) -> None:
     """An idle connection and a slow request head are closed after serve.header_timeout_s
-    (2 s); a body that stops arriving is answered 408 after serve.body_timeout_s (3 s)."""
+    (2 s), endless headers past 64 KiB; a body that stops arriving is answered 408 after
+    serve.body_timeout_s (3 s)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=20) as idle:
         assert idle.recv(100) == b""  # closed by the server, not the 20 s timeout
@@ -236,6 +237,11 @@ def _connections_that_stall_are_closed(url: str) -> None:
             for _ in range(40):
                 time.sleep(0.5)
                 slow.sendall(b"X-Slow: 1\r\n")
+    with socket.create_connection((host, int(port)), timeout=20) as endless:
+        endless.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        with pytest.raises(OSError):  # closed past 64 KiB of headers, long before the deadline
+            for _ in range(1000):
+                endless.sendall(b"X-Big: " + b"a" * 1000 + b"\r\n")
     with socket.create_connection((host, int(port)), timeout=20) as partial:
         partial.sendall(
             b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
