@@ -61,13 +61,15 @@ def pipeline(project: Path, *args: str) -> tuple[float, dict, str]:
 
 def train_and_score(project: Path, *args: str) -> dict:
     """`pipeline train ARGS` timed, then `pipeline evaluate` (not timed): wall, seconds in
-    epochs, fixed cost and test accuracy."""
+    epochs, fixed cost, test accuracy, and the calibration (ECE before and after, T)."""
     wall, _, said = pipeline(project, "train", *args)
     epochs = sum(float(s) for s in EPOCH.findall(said))
     _, scores, _ = pipeline(project, "evaluate", *args)
+    calibration = ("test_ece", "test_ece_calibrated", "calibration_temperature")
     return {"wall_s": round(wall, 2), "epochs_s": round(epochs, 2),
             "fixed_s": round(wall - epochs, 2),
-            "test_accuracy": scores["test_accuracy"]}  # fmt: skip
+            "test_accuracy": scores["test_accuracy"],
+            **{k: round(scores[k], 4) for k in calibration if k in scores}}  # fmt: skip
 
 
 def tutorial(project: Path, files: Path, epochs: int) -> dict:

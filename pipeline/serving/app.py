@@ -47,6 +47,7 @@ class State:
             self.metrics.switches.inc()
         self.served = served
         self.metrics.version.set(served.version)
+        self.metrics.temperature.set(served.temperature)
 
 
 def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> FastAPI:

@@ -39,6 +39,11 @@ class Metrics:
         self.version = Gauge(
             "pipeline_serve_model_version", "The registered version answering now", registry=r
         )
+        self.temperature = Gauge(
+            "pipeline_serve_calibration_temperature",
+            "The calibration temperature of the version answering now (1: plain softmax)",
+            registry=r,
+        )
         self.switches = Counter(
             "pipeline_serve_switches",
             "Times the server switched to where its alias moved",

@@ -25,6 +25,7 @@ class Served:
     run_id: str
     data_md5: str | None
     weights_sha256: str | None
+    temperature: float  # evaluate's calibration (1: the plain softmax)
     model: object = field(repr=False)
     contract: object = field(repr=False)
 
@@ -35,15 +36,17 @@ class Served:
             "alias": self.alias,
             "run_id": self.run_id,
             "data_md5": self.data_md5,
+            "temperature": self.temperature,
             "classes": list(self.contract.classes),
             "input": list(self.contract.shape),
         }
 
     def score(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities (N x classes) of float32 N x C x H x W pixels on 0..255."""
+        """Calibrated class probabilities (N x classes) of float32 N x C x H x W pixels on
+        0..255."""
         from pipeline.training.inference import probabilities
 
-        return probabilities(self.model, pixels)
+        return probabilities(self.model, pixels, self.temperature)
 
 
 def where(settings: Settings, name: str, alias: str) -> int:
@@ -67,10 +70,19 @@ def load(settings: Settings, name: str, alias: str) -> Served:
         version = versions.resolve(client, f"{name}@{alias}")
         sha256 = version.tags.get(versions.WEIGHTS_TAG)
         model, spec = weights.load_weights(version.run_id, sha256=sha256)
+        temperature = weights.temperature(version.run_id)
         data_md5 = client.get_run(version.run_id).data.tags.get("data.md5")
     contract = spec.input_contract()
     served = Served(
-        name, int(version.version), alias, version.run_id, data_md5, sha256, model, contract
+        name=name,
+        version=int(version.version),
+        alias=alias,
+        run_id=version.run_id,
+        data_md5=data_md5,
+        weights_sha256=sha256,
+        temperature=temperature,
+        model=model,
+        contract=contract,
     )
     served.score(np.zeros((1, *contract.shape), np.float32))
     return served

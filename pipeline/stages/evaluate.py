@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import Config
 from pipeline.context import RunContext
 from pipeline.data import DataError, Dataset, check_data, read_dataset
@@ -51,17 +53,26 @@ def evaluate_stage(
     run = store.active_run(mlflow.MlflowClient(), run_id)  # deleted in the UI: say so, once
     model, spec = weights.load_weights(run_id)
     _own_data(run, spec, ds, data["data_md5"])  # before anything is logged into the run
-    preds = inference.predict(model, ds.test.images)
+    test_logits = inference.logits(model, ds.test.images)
+    preds = test_logits.argmax(1)
     scores = scoring.metrics(ds.test.labels, preds, ds.classes)
     cm = scoring.confusion(ds.test.labels, preds, len(ds.classes))
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")
     trained = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")  # lr: auto resolved
+    private = "privacy.epsilon" in run.data.params
+    calibrated = _calibrate(model, ds, trained, test_logits, private)
+    scores |= {
+        "test_ece": calibrated["before"]["ece"],
+        "test_ece_calibrated": calibrated["after"]["ece"],
+        "calibration_temperature": calibrated["temperature"],
+    }
     # Logged into the finished run without reopening it: a killed evaluate never leaves the
     # training run RUNNING (or FAILED).
     client = mlflow.MlflowClient()
     with _folder(plot_dir) as folder:
         store.log_metrics(client, run_id, scores)
-        for path in _plots(cm, ds.classes, logged, trained, folder):
+        client.log_dict(run_id, calibrated, weights.CALIBRATION)
+        for path in _plots(cm, ds.classes, logged, trained, folder, calibrated):
             client.log_artifact(run_id, str(path), "plots")
     if series_dir is not None:
         write_series(series_dir, logged["history"], scores, ds.classes, ds.test.labels, preds)
@@ -127,15 +138,52 @@ def _folder(path: Path | None):
         yield Path(own)
 
 
-def _plots(cm, classes: list[str], logged: dict, trained: dict, folder: Path) -> list[Path]:
-    """The confusion matrix, the learning curves and the lr of every step (`plot_schedule`: so
-    schedules compare by eye in MLflow); drawn here, where matplotlib is loaded anyway, rather
-    than adding it to training's fixed cost."""
+def _calibrate(model, ds: Dataset, trained: dict, test_logits, private: bool) -> dict:
+    """The temperature fitted on the run's own validation split (the rows its training held out:
+    `train.val_fraction` and `base.seed` of the run's config), and the test split's reliability
+    before and after it (`training.calibration`). Not fitted (T = 1, `fitted_on` says why) when
+    the run held nothing out, trained under DP-SGD (the validation images would be used outside
+    the privacy guarantee), or its validation split does not determine T (no mistakes in it,
+    typically)."""
+    from pipeline.training import calibration, inference
+    from pipeline.training.batches import split_validation
+
+    before = calibration.reliability(calibration.softmax(test_logits), ds.test.labels)
+    fraction = trained["train"]["val_fraction"]
+    record = {"temperature": 1.0, "bins": calibration.BINS, "before": before, "after": before}
+    if private or not fraction:
+        why = "DP-SGD run" if private else "no validation split (train.val_fraction 0)"
+        return record | {"fitted_on": f"not fitted: {why}"}
+    _, val = split_validation(ds.train, fraction, trained["base"]["seed"])
+    val_logits = np.concatenate([inference.logits(model, images) for images, _ in val.chunks()])
+    temperature = calibration.fit_temperature(val_logits, val.labels)
+    if temperature is None:
+        mistakes = int((val_logits.argmax(1) != val.labels).sum())
+        return record | {
+            "fitted_on": f"not fitted: the validation split ({len(val)} images, {mistakes} "
+            "mistakes) does not determine a temperature (its likelihood keeps rising toward a "
+            "bound of the search); more held-out images would"
+        }
+    after = calibration.softmax(test_logits, temperature)
+    return record | {
+        "temperature": temperature,
+        "fitted_on": f"the validation split ({len(val)} images)",
+        "after": calibration.reliability(after, ds.test.labels),
+    }
+
+
+def _plots(
+    cm, classes: list[str], logged: dict, trained: dict, folder: Path, calibrated: dict
+) -> list[Path]:
+    """The confusion matrix, the reliability diagram, the learning curves and the lr of every
+    step (`plot_schedule`: so schedules compare by eye in MLflow); drawn here, where matplotlib
+    is loaded anyway, rather than adding it to training's fixed cost."""
     from pipeline.config import resolved_config
     from pipeline.training import plots
     from pipeline.training.schedules import lr_factor
 
     paths = [plots.plot_confusion(cm, classes, folder / "confusion_matrix.png")]
+    paths.append(plots.plot_reliability(calibrated, folder / "reliability.png"))
     if logged["history"]:  # none for a model made without training (compress: quantize)
         paths.append(plots.plot_learning_curves(logged["history"], folder / "learning_curves.png"))
     spe, t = logged.get("steps_per_epoch"), resolved_config(trained).train

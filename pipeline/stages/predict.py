@@ -77,8 +77,9 @@ def predict_stage(settings: Settings, ref: str, inputs: Path, output: Path) -> d
     pinned = pin_stage(settings, ref)
     with server.reachable(settings):
         model, spec = weights.load_weights(pinned["run_id"], sha256=pinned["weights_sha256"])
+        temperature = weights.temperature(pinned["run_id"])  # calibrated probabilities
     found = open_inputs(inputs, spec.input_contract())  # the model's own preprocessing
-    probs = np.concatenate([probabilities(model, batch) for batch in found.batches()])
+    probs = np.concatenate([probabilities(model, b, temperature) for b in found.batches()])
     write(output, found.names, probs, list(spec.classes), pinned)
     out = {"model": pinned, "inputs": len(found.names), "output": str(output)}
     return {**out, "skipped": found.skipped} if found.skipped else out

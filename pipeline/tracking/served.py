@@ -1,11 +1,13 @@
 """The MLflow model: a pyfunc that `mlflow models serve`, `mlflow models predict` and
-`mlflow.pyfunc.load_model` run with the same input contract as `pipeline predict`.
+`mlflow.pyfunc.load_model` run with the same input contract and calibration as `pipeline
+predict`.
 
 Logged with this module as its `loader_module`: MLflow imports it from the installed package and
 calls `_load_pyfunc` with the model's data folder, which holds only data: the weights-only
-`model.pt` (state dict + spec, the contract inside; or `model.onnx`) and `contract.json`, the same
-contract for people and tools. No code travels in the artifact store (models logged before this
-bundled the package and a code file, which the server ran).
+`model.pt` (state dict + spec, the contract inside; or `model.onnx`), `contract.json`, the same
+contract for people and tools, and `calibration.json` (evaluate's temperature) when the run has
+one. No code travels in the artifact store (models logged before this bundled the package and a
+code file, which the server ran).
 
 Inputs (MLflow's `{"inputs": ...}` JSON, or Python objects):
 - image files, base64 strings (JSON) or bytes: decoded as at ingest (EXIF, transparency, bit
@@ -42,13 +44,22 @@ def _load_pyfunc(data_path: str) -> ImageClassifier:
 
 
 class ImageClassifier:
-    """A registered model as MLflow's pyfunc wrapper calls it: `predict(model_input)`."""
+    """A registered model as MLflow's pyfunc wrapper calls it: `predict(model_input)`. Its
+    probabilities are calibrated by the temperature in the data folder's `calibration.json`
+    (none: the plain softmax, as a model exported before calibration)."""
 
     def __init__(self, weights: Path):
-        from pipeline.tracking.weights import read_weights
+        import json
+
+        from pipeline.tracking.weights import CALIBRATION, read_weights
+        from pipeline.training.calibration import read_temperature
 
         self.model, spec = read_weights(weights)
         self.contract = spec.input_contract()
+        calibration = weights.parent / CALIBRATION
+        self.temperature = (
+            read_temperature(json.loads(calibration.read_text())) if calibration.exists() else 1.0
+        )
 
     def predict(self, model_input, params=None):
         import pandas as pd
@@ -58,7 +69,10 @@ class ImageClassifier:
         from pipeline.training.inference import probabilities
 
         try:
-            probs = [probabilities(self.model, b) for b in pixels(model_input, self.contract)]
+            probs = [
+                probabilities(self.model, b, self.temperature)
+                for b in pixels(model_input, self.contract)
+            ]
         except ValueError as exc:  # the contract's refusals: HTTP 400, the message as it is
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         return pd.DataFrame(rows(np.concatenate(probs), self.contract.classes))

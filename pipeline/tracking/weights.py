@@ -25,6 +25,7 @@ WEIGHTS = "weights/model.pt"
 ONNX_WEIGHTS = "weights/model.onnx"  # the other kind (pipeline/training/runtime.py)
 EXAMPLE = "weights/input_example.npy"  # a few test images for the MLflow model's input example
 CONTRACT = "contract.json"
+CALIBRATION = "calibration.json"  # evaluate's temperature (training/calibration.py)
 
 
 def _save(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
@@ -89,7 +90,8 @@ def export_model(run_id: str) -> str:
         data = Path(tmp) / "model"  # the model's data folder: weights and contract, no code
         data.mkdir()
         kind = weights_path(run_id)
-        for path in (kind, CONTRACT):
+        listed = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id)}
+        for path in (kind, CONTRACT, *({CALIBRATION} & listed)):
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=data)
         example = np.load(
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EXAMPLE, dst_path=tmp)
@@ -187,6 +189,21 @@ def weights_digest(run_id: str) -> str:
                 run_id=run_id, artifact_path=weights_path(run_id), dst_path=tmp
             )
         )
+
+
+def temperature(run_id: str) -> float:
+    """The run's calibration temperature (`calibration.json`, written by evaluate), or 1 for a
+    run without one (evaluated before calibration, or a compressed challenger). ValueError for
+    a value that is no finite number > 0."""
+    import mlflow
+
+    from pipeline.training.calibration import read_temperature
+
+    with run_artifacts(run_id, "calibration"):
+        listed = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id)}
+        if CALIBRATION not in listed:
+            return 1.0
+        return read_temperature(mlflow.artifacts.load_dict(f"runs:/{run_id}/{CALIBRATION}"))
 
 
 def read_weights(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:

@@ -36,6 +36,14 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = BATCH_SIZE) 
     return batched(model, images, lambda logits: logits.argmax(1), batch_size)
 
 
-def probabilities(model: nn.Module, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """Every image's class probabilities (softmax), N x classes."""
-    return batched(model, images, lambda logits: logits.softmax(1), batch_size)
+def probabilities(
+    model: nn.Module, images: np.ndarray, temperature: float = 1.0, batch_size: int = BATCH_SIZE
+) -> np.ndarray:
+    """Every image's class probabilities, N x classes: softmax(logits / temperature), the
+    temperature fitted by evaluate (`training.calibration`; 1: the plain softmax)."""
+    return batched(model, images, lambda logits: (logits / temperature).softmax(1), batch_size)
+
+
+def logits(model: nn.Module, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Every image's logits, N x classes (float32)."""
+    return batched(model, images, lambda out: out.float(), batch_size)

@@ -1,4 +1,5 @@
-"""Plots people would rather look at than read: confusion matrix, learning curves, sweeps."""
+"""Plots people would rather look at than read: confusion matrix, learning curves, sweeps,
+reliability."""
 
 from __future__ import annotations
 
@@ -184,3 +185,37 @@ def _show_image(ax, image: np.ndarray) -> None:
         ax.imshow(np.transpose(image, (1, 2, 0)).astype(np.uint8))
     else:
         ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+
+
+def plot_reliability(calibrated: dict, path: Path) -> Path:
+    """Reliability diagram of evaluate's `calibration.json` record: accuracy against confidence
+    per bin on the test split, before and after temperature scaling; a calibrated model lies on
+    the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after, temperature = (calibrated[k] for k in ("before", "after", "temperature"))
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="calibrated")
+    for curve, label, style in (
+        (before, f"softmax (ECE {before['ece']:.4f})", "o--"),
+        (after, f"T = {temperature:.3f} (ECE {after['ece']:.4f})", "s-"),
+    ):
+        used = [i for i, n in enumerate(curve["count"]) if n]
+        confidence = [curve["confidence"][i] for i in used]
+        accuracy = [curve["accuracy"][i] for i in used]
+        ax.plot(confidence, accuracy, style, label=label, markersize=4)
+    ax.set(
+        title="reliability on the test split",
+        xlabel="confidence (top probability)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

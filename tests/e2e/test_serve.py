@@ -101,21 +101,58 @@ def test_serve_answers_mlflows_payloads_alike_refuses_as_predict_and_counts(from
                 atol=1e-6,
             ), what
 
+        # Calibrated: softmax(logits / T) of the run's own network, T fitted by evaluate, from
+        # both servers (compared above) and from pipeline predict.
+        status, answer, _ = ours.post(bodies["inputs pixels"].encode())
+        served = np.array([[row[f"p_{k}"] for k in range(10)] for row in answer["predictions"]])
+        assert np.allclose(served, _calibrated(project, run_id, pixels), atol=1e-5)
+        np.save(project / "six.npy", pixels)
+        out = project / "six.csv"
+        run(
+            ["pipeline", "predict", "--input", str(project / "six.npy"), "--output", str(out)],
+            project,
+        )
+        predicted = np.loadtxt(out, delimiter=",", skiprows=1, usecols=range(3, 13))
+        assert np.allclose(predicted, served, atol=1e-5)
+
         for bad in (pixels[:3] / 255.0, np.where(pixels[:3] > 100, np.nan, pixels[:3])):
             predict_said = _refusal(project, bad)
             status, answer, _ = ours.post(json.dumps({"inputs": bad.tolist()}).encode())
             assert status == 400 and answer["message"] == f"the input {predict_said}"
 
-        assert ours.metric("pipeline_serve_requests_total", outcome="ok") == len(bodies)
-        assert ours.metric("pipeline_serve_images_total", outcome="ok") == 6 * len(bodies)
+        sent = len(bodies) + 1
+        assert ours.metric("pipeline_serve_requests_total", outcome="ok") == sent
+        assert ours.metric("pipeline_serve_images_total", outcome="ok") == 6 * sent
+        assert ours.metric("pipeline_serve_calibration_temperature") == version["temperature"]
         assert ours.metric("pipeline_serve_refusals_total", reason="contract") == 2
         assert ours.metric("pipeline_serve_model_version") == 1
         counted = sum(
             ours.metric("pipeline_serve_predictions_total", version="1", cls=str(k))
             for k in range(10)
         )
-        assert counted == 6 * len(bodies)
-        assert ours.metric("pipeline_serve_batch_images_count") >= len(bodies)
+        assert counted == 6 * sent
+        assert ours.metric("pipeline_serve_batch_images_count") >= sent
+
+
+def _calibrated(project, run_id: str, pixels: np.ndarray) -> np.ndarray:
+    """softmax(logits / T) of the run's network, read from its artifacts on disk; T from the
+    run's calibration.json, which must have lowered the test split's calibration error."""
+    import torch
+
+    from pipeline.tracking.weights import read_weights
+    from pipeline.training.calibration import softmax
+
+    artifacts = next((project / ".mlflow" / "artifacts").glob(f"*/{run_id}/artifacts"))
+    record = json.loads((artifacts / "calibration.json").read_text())
+    assert record["fitted_on"].startswith("the validation split")
+    assert record["after"]["ece"] < record["before"]["ece"]
+    assert (artifacts / "plots" / "reliability.png").stat().st_size > 10_000
+    card = (artifacts / "model_card.md").read_text()
+    assert f"softmax(logits / {record['temperature']:.4f})" in card
+    net, _ = read_weights(artifacts / "weights" / "model.pt")
+    with torch.no_grad():
+        logits = net(torch.from_numpy(pixels.astype(np.float32))).numpy()
+    return softmax(logits, record["temperature"])
 
 
 def test_serve_follows_the_alias_under_load_without_a_failed_request(from_template):
