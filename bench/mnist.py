@@ -8,6 +8,11 @@
 4. `train.optimizer.lr: auto` against the best lr of a small grid (lenet-mnist otherwise).
 5. The Optuna search against the grid (the sweep DAG's tasks in one process): trial-epochs, the
    chosen trial's validation accuracy and its test accuracy.
+6. "unknown" answers (`serve.abstain`): lenet-mnist registered and served by `pipeline serve`;
+   MNIST's test split sent in requests of 256 images (the sets' coverage, the unknown rate, the
+   accuracy of what it answered), then Fashion-MNIST's 10,000 test images (the share answered
+   "unknown"), from FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist, Debian's
+   `dataset-fashion-mnist`; skipped, with the reason, when absent).
 
 The files come from PIPELINE_MNIST_DIR (the four IDX files as distributed, gzip or not);
 default `../shared/datasets/mnist` beside the checkout when it exists. `--quick` (the smoke,
@@ -20,15 +25,21 @@ NAME` runs one part).
 from __future__ import annotations
 
 import argparse
+import gzip
+import http.client
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import BIN, ROOT, _env, mnist_files, scratch_project  # noqa: E402
@@ -157,14 +168,89 @@ print(json.dumps(out))
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-PARTS = ("seed_vs_tutorial", "lenet", "dag", "lr_auto", "search")
+PARTS = ("seed_vs_tutorial", "lenet", "dag", "lr_auto", "search", "abstain")
+FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
+
+
+def _idx_images(path: Path) -> np.ndarray:
+    """N x 1 x 28 x 28 uint8 from an IDX image file (gzip or not)."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 1, 28, 28)
+
+
+def _served_rows(port: int, pixels: np.ndarray) -> list[dict]:
+    rows = []
+    for start in range(0, len(pixels), 256):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        body = json.dumps({"inputs": pixels[start : start + 256].tolist()})
+        connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()[:300]
+        rows += json.loads(answer.read())["predictions"]
+    return rows
+
+
+def abstain(project: Path, epochs: int) -> dict:
+    scored = train_and_score(project, "--preset", "lenet-mnist", "--set", f"train.epochs={epochs}")
+    _, evaluated, _ = pipeline(project, "evaluate")
+    pipeline(project, "register", "--set", "register.floor=0")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(BIN / "pipeline"), "serve", "--port", str(port), "--set", "serve.abstain=true"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    server = subprocess.Popen(command, cwd=project, env=_env(project), **quiet)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        pixels = np.load(project / "data" / "test_images.npy")
+        labels = np.load(project / "data" / "test_labels.npy")
+        classes = json.loads((project / "data" / "meta.json").read_text())["classes"]
+        rows = _served_rows(port, pixels)
+        truth = [classes[k] for k in labels]
+        covered = [t in r["set"] for r, t in zip(rows, truth, strict=True)]
+        answered = [(r["prediction"], t) for r, t in zip(rows, truth, strict=True)
+                    if r["prediction"] != "unknown"]  # fmt: skip
+        result = {
+            "test_accuracy": scored["test_accuracy"],
+            "evaluate": {k: evaluated.get(k) for k in ("test_coverage", "test_unknown_rate")},
+            "mnist_test": {
+                "images": len(rows),
+                "coverage": round(float(np.mean(covered)), 4),
+                "unknown_rate": round(1 - len(answered) / len(rows), 4),
+                "accuracy_of_answered": round(np.mean([p == t for p, t in answered]), 4),
+            },
+        }
+        files = sorted(FASHION_DIR.glob("t10k-images-idx3-ubyte*"))
+        if not files:
+            result["fashion_mnist_test"] = {"skipped": f"no Fashion-MNIST files in {FASHION_DIR}"}
+            return result
+        fashion = _served_rows(port, _idx_images(files[0]))
+        reasons = [r["abstained"] for r in fashion]
+        result["fashion_mnist_test"] = {
+            "images": len(fashion),
+            "unknown_rate": round(np.mean([r is not None for r in reasons]), 4),
+            **{f"unknown_{why}": round(reasons.count(why) / len(fashion), 4)
+               for why in ("several_classes", "no_class", "out_of_distribution")},
+        }  # fmt: skip
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def write_result(name: str, quick: bool, result: dict) -> None:
-    """bench/out/NAME.json (NAME-quick.json for a smoke), and the same JSON on stdout."""
+    """bench/out/NAME.json (NAME-quick.json for a smoke), and the same JSON on stdout; the parts
+    not run this time (`--only`) are kept from the file as it was."""
     OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}{'-quick' if quick else ''}.json"
+    result = (json.loads(path.read_text()) if path.exists() else {}) | result
     text = json.dumps(result, indent=2)
-    (OUT / f"{name}{'-quick' if quick else ''}.json").write_text(text + "\n")
+    path.write_text(text + "\n")
     print(text)
 
 
@@ -210,6 +296,7 @@ def main() -> None:
             "search": lambda: search(project, 2 if quick else 8, 1 if quick else 2,
                                      {"sweep.optimizers": ["adamw"], "sweep.lrs": [0.005]}
                                      if quick else None),
+            "abstain": lambda: abstain(project, 1 if quick else 3),
         }  # fmt: skip
         for part in parts:
             started = time.perf_counter()

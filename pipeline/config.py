@@ -402,6 +402,9 @@ class ServeConfig(_Block):
     header_timeout_s: float = Field(10.0, gt=0)  # a connection's request line and headers
     body_timeout_s: float = Field(30.0, gt=0)  # reading a request's body
     max_connections: int = Field(128, ge=1)  # more at once are answered 503
+    abstain: bool = False  # answer "unknown" when the prediction is not trustworthy
+    alpha: float = Field(0.05, gt=0, lt=1)  # prediction sets hold the true class >= 1 - alpha
+    ood_rate: float = Field(0.01, gt=0, lt=1)  # in-distribution images flagged as unlike them
 
 
 class TrackingConfig(_Block):

@@ -102,7 +102,7 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
 
 async def _first_load(state: State, app: FastAPI) -> None:
     try:
-        served = await asyncio.to_thread(load, state.settings, state.name, state.alias)
+        served = await asyncio.to_thread(load, state.settings, state.name, state.alias, state.cfg)
     except Exception as exc:  # noqa: BLE001  (named in one line by `pipeline serve`, which exits)
         state.failure = f"{type(exc).__name__}: {exc}"
         log.error("could not load %s@%s: %s", state.name, state.alias, exc)
@@ -112,6 +112,7 @@ async def _first_load(state: State, app: FastAPI) -> None:
     log.info("serving %s version %s (@%s)", served.name, served.version, served.alias)
     follower = Follower(
         state.settings,
+        state.cfg,
         lambda: state.served,
         state.switch,
         lambda error: state.metrics.follow_failures.labels(error).inc(),
@@ -142,7 +143,7 @@ async def _invocations(state: State, request: Request) -> Response:
     finally:
         state.batcher.stop_decoding()
     try:
-        probs = await state.batcher.score(served, pixels)
+        logits = await state.batcher.score(served, pixels)
     except Exception as exc:  # noqa: BLE001  (one line to the client, the traceback to the log)
         log.exception("scoring failed")
         metrics.requests.labels("failed").inc()
@@ -151,7 +152,7 @@ async def _invocations(state: State, request: Request) -> Response:
     metrics.requests.labels("ok").inc()
     metrics.images.labels("ok").inc(len(pixels))
     return JSONResponse(
-        {"predictions": _records(probs, served, metrics), "model": _named(served)},
+        {"predictions": _records(logits, served, metrics), "model": _named(served)},
         headers={"X-Model-Version": f"{served.name}/{served.version}"},
     )
 
@@ -207,10 +208,27 @@ def _pixels(body: bytes, content_type: str | None, served: Served, max_images: i
         raise Refused(400, "contract", str(exc)) from None
 
 
-def _records(probs: np.ndarray, served: Served, metrics: Metrics) -> list[dict]:
+def _records(logits: np.ndarray, served: Served, metrics: Metrics) -> list[dict]:
+    """One row per image: MLflow's columns of calibrated probabilities; with abstention on,
+    `prediction` "unknown" where it abstains, `abstained` (why, or null) and `set` (the
+    conformal prediction set's classes)."""
     from pipeline.tracking.served import rows
+    from pipeline.training.calibration import softmax
+    from pipeline.training.conformal import UNKNOWN
 
+    probs = softmax(logits, served.temperature)
     columns = rows(probs, served.contract.classes)
+    if served.abstainer is not None:
+        sets, reasons = served.abstainer.decide(logits, probs, served.temperature)
+        classes = served.contract.classes
+        columns["prediction"] = [
+            UNKNOWN if why else name
+            for name, why in zip(columns["prediction"], reasons, strict=True)
+        ]
+        columns["abstained"] = reasons
+        columns["set"] = [[c for c, kept in zip(classes, s, strict=True) if kept] for s in sets]
+        for why in filter(None, reasons):
+            metrics.unknown.labels(why).inc()
     for name in columns["prediction"]:
         metrics.predictions.labels(str(served.version), name).inc()
     return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]

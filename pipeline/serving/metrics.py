@@ -36,6 +36,12 @@ class Metrics:
         self.predictions = Counter(
             "pipeline_serve_predictions", "Predicted classes", ["version", "cls"], registry=r
         )
+        self.unknown = Counter(
+            "pipeline_serve_unknown",
+            'Images answered "unknown" (serve.abstain), by reason',
+            ["reason"],
+            registry=r,
+        )
         self.version = Gauge(
             "pipeline_serve_model_version", "The registered version answering now", registry=r
         )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.config import ServeConfig
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.serve")
@@ -28,6 +29,7 @@ class Served:
     temperature: float  # evaluate's calibration (1: the plain softmax)
     model: object = field(repr=False)
     contract: object = field(repr=False)
+    abstainer: object = field(repr=False)  # training.conformal.Abstainer, or None: never abstains
 
     def describe(self) -> dict:
         return {
@@ -37,16 +39,22 @@ class Served:
             "run_id": self.run_id,
             "data_md5": self.data_md5,
             "temperature": self.temperature,
+            "abstain": None
+            if self.abstainer is None
+            else {
+                "alpha": self.abstainer.alpha,
+                "ood_rate": self.abstainer.ood_rate,
+                "held_out_images": len(self.abstainer.scores["energy"]),
+            },
             "classes": list(self.contract.classes),
             "input": list(self.contract.shape),
         }
 
     def score(self, pixels: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities (N x classes) of float32 N x C x H x W pixels on
-        0..255."""
-        from pipeline.training.inference import probabilities
+        """Logits (N x classes, float32) of float32 N x C x H x W pixels on 0..255."""
+        from pipeline.training.inference import logits
 
-        return probabilities(self.model, pixels, self.temperature)
+        return logits(self.model, pixels)
 
 
 def where(settings: Settings, name: str, alias: str) -> int:
@@ -58,10 +66,11 @@ def where(settings: Settings, name: str, alias: str) -> int:
         return int(versions.resolve(store.client(settings), f"{name}@{alias}").version)
 
 
-def load(settings: Settings, name: str, alias: str) -> Served:
+def load(settings: Settings, name: str, alias: str, cfg: ServeConfig) -> Served:
     """`name@alias` as it is now: its weights checked against the digest registered with the
     version (CheckpointError on a mismatch), loaded, and scored once on a blank image so the
-    first request pays no first-call cost."""
+    first request pays no first-call cost; with `cfg.abstain`, its held-out scores too
+    (LookupError for a version evaluated without them, ValueError for too few)."""
     from pipeline.registry import versions
     from pipeline.tracking import server, store, weights
 
@@ -71,6 +80,7 @@ def load(settings: Settings, name: str, alias: str) -> Served:
         sha256 = version.tags.get(versions.WEIGHTS_TAG)
         model, spec = weights.load_weights(version.run_id, sha256=sha256)
         temperature = weights.temperature(version.run_id)
+        abstainer = _abstainer(version, weights.held_out_scores(version.run_id), cfg)
         data_md5 = client.get_run(version.run_id).data.tags.get("data.md5")
     contract = spec.input_contract()
     served = Served(
@@ -83,9 +93,25 @@ def load(settings: Settings, name: str, alias: str) -> Served:
         temperature=temperature,
         model=model,
         contract=contract,
+        abstainer=abstainer,
     )
     served.score(np.zeros((1, *contract.shape), np.float32))
     return served
+
+
+def _abstainer(version, scores: dict | None, cfg: ServeConfig):
+    from pipeline.training.conformal import Abstainer
+
+    if not cfg.abstain:
+        return None
+    if scores is None:
+        raise LookupError(
+            f"{version.name} version {version.version} has no held-out scores to abstain by "
+            f"(run {version.run_id} was evaluated without a validation split, under DP-SGD, or "
+            "before they existed): run `pipeline evaluate --run-id` on it, or serve without "
+            "serve.abstain"
+        )
+    return Abstainer(scores, cfg.alpha, cfg.ood_rate)
 
 
 class Follower(threading.Thread):
@@ -97,6 +123,7 @@ class Follower(threading.Thread):
     def __init__(
         self,
         settings: Settings,
+        cfg: ServeConfig,
         current: Callable[[], Served],
         switch: Callable[[Served], None],
         failed: Callable[[str], None],
@@ -104,7 +131,7 @@ class Follower(threading.Thread):
     ):
         super().__init__(name="alias-follower", daemon=True)
         self.settings, self.current, self.switch, self.failed = settings, current, switch, failed
-        self.every_s = every_s
+        self.cfg, self.every_s = cfg, every_s
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -116,7 +143,7 @@ class Follower(threading.Thread):
         try:
             if where(self.settings, served.name, served.alias) == served.version:
                 return
-            new = load(self.settings, served.name, served.alias)
+            new = load(self.settings, served.name, served.alias, self.cfg)
         except Exception as exc:  # noqa: BLE001  (the server keeps answering with what it has)
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("still serving version %s: %s", served.version, reason)

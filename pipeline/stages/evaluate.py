@@ -59,12 +59,15 @@ def evaluate_stage(
     cm = scoring.confusion(ds.test.labels, preds, len(ds.classes))
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/history.json")
     trained = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")  # lr: auto resolved
-    private = "privacy.epsilon" in run.data.params
-    calibrated = _calibrate(model, ds, trained, test_logits, private)
+    held = _held_out(model, ds, trained, private="privacy.epsilon" in run.data.params)
+    calibrated = _calibrate(held, test_logits, ds.test.labels)
+    temperature = calibrated["temperature"]
+    held_scores, abstention = _conformal(held, temperature, test_logits, ds.test.labels, cfg.serve)
     scores |= {
         "test_ece": calibrated["before"]["ece"],
         "test_ece_calibrated": calibrated["after"]["ece"],
-        "calibration_temperature": calibrated["temperature"],
+        "calibration_temperature": temperature,
+        **abstention,
     }
     # Logged into the finished run without reopening it: a killed evaluate never leaves the
     # training run RUNNING (or FAILED).
@@ -72,6 +75,10 @@ def evaluate_stage(
     with _folder(plot_dir) as folder:
         store.log_metrics(client, run_id, scores)
         client.log_dict(run_id, calibrated, weights.CALIBRATION)
+        if held_scores is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                np.savez(Path(tmp) / weights.CONFORMAL, **held_scores)
+                client.log_artifact(run_id, str(Path(tmp) / weights.CONFORMAL))
         for path in _plots(cm, ds.classes, logged, trained, folder, calibrated):
             client.log_artifact(run_id, str(path), "plots")
     if series_dir is not None:
@@ -138,37 +145,69 @@ def _folder(path: Path | None):
         yield Path(own)
 
 
-def _calibrate(model, ds: Dataset, trained: dict, test_logits, private: bool) -> dict:
-    """The temperature fitted on the run's own validation split (the rows its training held out:
-    `train.val_fraction` and `base.seed` of the run's config), and the test split's reliability
-    before and after it (`training.calibration`). Not fitted (T = 1, `fitted_on` says why) when
-    the run held nothing out, trained under DP-SGD (the validation images would be used outside
-    the privacy guarantee), or its validation split does not determine T (no mistakes in it,
-    typically)."""
-    from pipeline.training import calibration, inference
+def _held_out(model, ds: Dataset, trained: dict, private: bool):
+    """The run's own validation split (the rows its training held out: `train.val_fraction` and
+    `base.seed` of the run's config) as (logits, labels), or why there is none to use: the run
+    held nothing out, or trained under DP-SGD (the images would be used outside the privacy
+    guarantee)."""
+    from pipeline.training import inference
     from pipeline.training.batches import split_validation
 
-    before = calibration.reliability(calibration.softmax(test_logits), ds.test.labels)
-    fraction = trained["train"]["val_fraction"]
+    if private:
+        return "DP-SGD run"
+    if not trained["train"]["val_fraction"]:
+        return "no validation split (train.val_fraction 0)"
+    _, val = split_validation(ds.train, trained["train"]["val_fraction"], trained["base"]["seed"])
+    logits = np.concatenate([inference.logits(model, images) for images, _ in val.chunks()])
+    return logits, val.labels
+
+
+def _calibrate(held, test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
+    """calibration.json: the temperature fitted on the held-out split (`_held_out`) and the test
+    split's reliability before and after it (`training.calibration`). Not fitted (T = 1,
+    `fitted_on` says why) without a held-out split, or when it does not determine T (no
+    mistakes in it, typically)."""
+    from pipeline.training import calibration
+
+    before = calibration.reliability(calibration.softmax(test_logits), test_labels)
     record = {"temperature": 1.0, "bins": calibration.BINS, "before": before, "after": before}
-    if private or not fraction:
-        why = "DP-SGD run" if private else "no validation split (train.val_fraction 0)"
-        return record | {"fitted_on": f"not fitted: {why}"}
-    _, val = split_validation(ds.train, fraction, trained["base"]["seed"])
-    val_logits = np.concatenate([inference.logits(model, images) for images, _ in val.chunks()])
-    temperature = calibration.fit_temperature(val_logits, val.labels)
+    if isinstance(held, str):
+        return record | {"fitted_on": f"not fitted: {held}"}
+    logits, labels = held
+    temperature = calibration.fit_temperature(logits, labels)
     if temperature is None:
-        mistakes = int((val_logits.argmax(1) != val.labels).sum())
+        mistakes = int((logits.argmax(1) != labels).sum())
         return record | {
-            "fitted_on": f"not fitted: the validation split ({len(val)} images, {mistakes} "
+            "fitted_on": f"not fitted: the validation split ({len(labels)} images, {mistakes} "
             "mistakes) does not determine a temperature (its likelihood keeps rising toward a "
             "bound of the search); more held-out images would"
         }
     after = calibration.softmax(test_logits, temperature)
     return record | {
         "temperature": temperature,
-        "fitted_on": f"the validation split ({len(val)} images)",
-        "after": calibration.reliability(after, ds.test.labels),
+        "fitted_on": f"the validation split ({len(labels)} images)",
+        "after": calibration.reliability(after, test_labels),
+    }
+
+
+def _conformal(held, temperature: float, test_logits, test_labels, serve) -> tuple:
+    """(the held-out scores a server abstains by, for conformal.npz, or None without a held-out
+    split; the test split's `test_coverage` of the prediction sets and `test_unknown_rate` at
+    `serve.alpha` and `serve.ood_rate`, or {} when the split is too small for that alpha)."""
+    from pipeline.training import calibration, conformal
+
+    if isinstance(held, str):
+        return None, {}
+    scores = conformal.held_out_scores(*held, temperature)
+    try:
+        abstainer = conformal.Abstainer(scores, serve.alpha, serve.ood_rate)
+    except ValueError:
+        return scores, {}
+    probs = calibration.softmax(test_logits, temperature)
+    sets, reasons = abstainer.decide(test_logits, probs, temperature)
+    return scores, {
+        "test_coverage": float(sets[np.arange(len(test_labels)), test_labels].mean()),
+        "test_unknown_rate": float(np.mean([r is not None for r in reasons])),
     }
 
 

@@ -63,8 +63,8 @@ STAGES = (
     Stage(
         "evaluate",
         "pipeline.stages.evaluate:run",
-        "score the trained model on the test split",
-        (),
+        "score the trained model on the test split; calibrate it on its validation split",
+        ("serve.alpha", "serve.ood_rate"),
         ("train",),
         "reports/metrics.json",
     ),

@@ -26,6 +26,7 @@ ONNX_WEIGHTS = "weights/model.onnx"  # the other kind (pipeline/training/runtime
 EXAMPLE = "weights/input_example.npy"  # a few test images for the MLflow model's input example
 CONTRACT = "contract.json"
 CALIBRATION = "calibration.json"  # evaluate's temperature (training/calibration.py)
+CONFORMAL = "conformal.npz"  # evaluate's held-out scores, to abstain by (training/conformal.py)
 
 
 def _save(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
@@ -204,6 +205,25 @@ def temperature(run_id: str) -> float:
         if CALIBRATION not in listed:
             return 1.0
         return read_temperature(mlflow.artifacts.load_dict(f"runs:/{run_id}/{CALIBRATION}"))
+
+
+def held_out_scores(run_id: str) -> dict | None:
+    """The run's held-out scores for abstaining (`conformal.npz`, written by evaluate:
+    `nonconformity` and `energy`, float arrays of the validation split), or None for a run
+    without them."""
+    import mlflow
+    import numpy as np
+
+    with run_artifacts(run_id, "held-out scores"):
+        listed = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id)}
+        if CONFORMAL not in listed:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=CONFORMAL, dst_path=tmp
+            )
+            with np.load(path, allow_pickle=False) as saved:
+                return {k: saved[k] for k in ("nonconformity", "energy")}
 
 
 def read_weights(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:

@@ -285,3 +285,52 @@ def _connections_that_stall_are_closed(url: str) -> None:
             b"Content-Length: 1000\r\n\r\n{"
         )
         assert partial.recv(200).startswith(b"HTTP/1.1 408 ")
+
+
+def test_serve_abstains_where_the_held_out_scores_say_and_refuses_without_them(from_template):
+    import torch
+
+    from pipeline.tracking.weights import read_weights
+    from pipeline.training.calibration import softmax
+    from pipeline.training.conformal import Abstainer
+
+    project = from_template("registered")
+    run_id = json.loads((project / "outputs" / "train.json").read_text())["run_id"]
+    scored = json.loads((project / "reports" / "metrics.json").read_text())
+    assert scored["test_coverage"] >= 0.95 - 3 * (0.05 * 0.95 / 359) ** 0.5  # 1 - alpha, 3 sd
+    artifacts = next((project / ".mlflow" / "artifacts").glob(f"*/{run_id}/artifacts"))
+    t = json.loads((artifacts / "calibration.json").read_text())["temperature"]
+    with np.load(artifacts / "conformal.npz") as held:
+        abstainer = Abstainer({k: held[k] for k in held.files}, alpha=0.1, ood_rate=0.05)
+    pixels = np.concatenate(
+        [np.load(project / "data" / "test_images.npy")[:40], np.full((2, 1, 8, 8), 255, np.uint8)]
+    )
+    net, _ = read_weights(artifacts / "weights" / "model.pt")
+    with torch.no_grad():
+        logits = net(torch.from_numpy(pixels.astype(np.float32))).numpy()
+    sets, reasons = abstainer.decide(logits, softmax(logits, t), t)
+
+    limits = ["serve.abstain=true", "serve.alpha=0.1", "serve.ood_rate=0.05"]
+    with PipelineServer(project, *(a for limit in limits for a in ("--set", limit))) as server:
+        assert server.get("/version")["abstain"] == {
+            "alpha": 0.1,
+            "ood_rate": 0.05,
+            "held_out_images": len(abstainer.scores["energy"]),
+        }
+        status, answer, _ = server.post(json.dumps({"inputs": pixels.tolist()}).encode())
+        assert status == 200
+        rows = answer["predictions"]
+        classes = [str(k) for k in range(10)]
+        assert [r["abstained"] for r in rows] == reasons
+        assert [r["set"] for r in rows] == [
+            [c for c, k in zip(classes, s, strict=True) if k] for s in sets
+        ]
+        assert [r["prediction"] == "unknown" for r in rows] == [r is not None for r in reasons]
+        assert 0 < reasons.count(None) < len(rows)  # some answered, some not: both paths ran
+        for why in set(filter(None, reasons)):
+            assert server.metric("pipeline_serve_unknown_total", reason=why) == reasons.count(why)
+
+    (artifacts / "conformal.npz").unlink()  # a version evaluated before the held-out scores
+    said = run(["pipeline", "serve", "--port", "1", "--set", limits[0]], project, check=False)
+    assert said.returncode == 1
+    assert "has no held-out scores to abstain by" in said.stderr
