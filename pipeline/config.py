@@ -394,14 +394,15 @@ class SweepConfig(_Block):
 class ServeConfig(_Block):
     """`pipeline serve`: batching and the limits that bound a request's memory and time."""
 
-    poll_s: float = Field(10.0, gt=0)  # how often the server asks the registry where its alias is
+    # Finite, bounded values only: an infinite timeout or wait would turn a protection off.
+    poll_s: float = Field(10.0, gt=0, le=86_400, allow_inf_nan=False)  # registry checks, seconds
     max_batch: int = Field(128, ge=1)  # images scored together from concurrent requests
-    max_wait_ms: float = Field(2.0, ge=0)  # wait for requests still being decoded, at most
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, allow_inf_nan=False)  # for requests decoding
     max_images: int = Field(256, ge=1)  # per request; more is refused with 413
-    max_body_mb: float = Field(32.0, gt=0)  # a larger body is refused with 413, unread
-    header_timeout_s: float = Field(10.0, gt=0)  # a connection's request line and headers
-    body_timeout_s: float = Field(30.0, gt=0)  # reading a request's body
-    max_connections: int = Field(128, ge=1)  # more at once are answered 503
+    max_body_mb: float = Field(32.0, gt=0, le=1024, allow_inf_nan=False)  # 413: read, dropped
+    header_timeout_s: float = Field(10.0, gt=0, le=600, allow_inf_nan=False)  # request head
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)  # reading a body
+    max_in_flight: int = Field(128, ge=1)  # /invocations requests at once; more get 503
     abstain: bool = False  # answer "unknown" when the prediction is not trustworthy
     alpha: float = Field(0.05, gt=0, lt=1)  # prediction sets hold the true class >= 1 - alpha
     ood_rate: float = Field(0.01, gt=0, lt=1)  # in-distribution images flagged as unlike them

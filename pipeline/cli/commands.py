@@ -141,11 +141,11 @@ def serve(args, settings: Settings) -> int:
     from pipeline.serving.model import where
 
     cfg = _config(args, settings)
-    name, _, alias = args.model.partition("@")
-    if "/" in name:
+    name, _, alias = args.model.removeprefix("models:/").partition("@")  # MLflow's URI form too
+    if "/" in name or "@" in alias or "/" in alias:
         raise ConfigError(
-            f"--model {args.model}: serve an alias (NAME@ALIAS), which the server follows; to "
-            "serve one version, give it an alias of its own in the registry"
+            f"--model {args.model}: give NAME@ALIAS (or NAME for its champion), which the server "
+            "follows; to serve one version, give it an alias of its own in the registry"
         )
     alias = alias or "champion"
     where(settings, name, alias)  # one line, before the port opens, when it points nowhere

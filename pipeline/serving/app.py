@@ -15,12 +15,14 @@ import time
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pipeline.config import ServeConfig
 from pipeline.serving.batcher import Batcher
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.model import Follower, Served, load
-from pipeline.serving.payload import Refused, count, model_input
+from pipeline.serving.payload import Refused, check_headers, count, model_input
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.serve")
@@ -39,6 +41,7 @@ class State:
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, self.metrics.batch.observe)
         self.served: Served | None = None
         self.failure: str | None = None  # why the first load failed: the server then stops
+        self.in_flight = 0  # /invocations requests being read, decoded or scored
 
     def switch(self, served: Served) -> None:
         """Answer with `served` from the next request on (requests already decoding finish
@@ -66,12 +69,16 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
     app = FastAPI(title="pipeline serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving = state
 
-    @app.get("/health")
-    @app.get("/ping")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))  # 404, 405: MLflow's shape too
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.api_route("/ping", methods=["GET", "HEAD"])
     async def health():
         return {"status": "alive"}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready():
         if state.served is None:
             return JSONResponse({"status": "loading"}, status_code=503)
@@ -81,7 +88,10 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
     async def version():
         if state.served is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return state.served.describe()
+        follower = getattr(app.state, "follower", None)
+        # null while the last check found the alias where the server is; else why it may not be
+        registry = {"follow_failure": follower.failure if follower else None}
+        return state.served.describe() | registry
 
     @app.get("/metrics")
     async def metrics():
@@ -92,9 +102,22 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
     @app.post("/invocations")
     async def invocations(request: Request):
         started = time.perf_counter()
+        if state.in_flight >= state.cfg.max_in_flight:  # the probes above always answer
+            state.metrics.requests.labels("busy").inc()
+            return _error(503, f"{state.in_flight} requests in progress (serve.max_in_flight)")
+        state.in_flight += 1
         try:
             return await _invocations(state, request)
+        except ClientDisconnect:
+            state.metrics.requests.labels("disconnected").inc()
+            log.info("a client left before its request was read")
+            return Response(status_code=400)  # nobody reads it
+        except Exception as exc:  # noqa: BLE001  (one line to the client, the traceback logged)
+            log.exception("request failed")
+            state.metrics.requests.labels("failed").inc()
+            return _error(500, f"the request failed: {type(exc).__name__}")
         finally:
+            state.in_flight -= 1
             state.metrics.latency.observe(time.perf_counter() - started)
 
     return app
@@ -129,8 +152,10 @@ async def _invocations(state: State, request: Request) -> Response:
         return _error(503, "the model is still loading; retry when /ready is 200")
     state.batcher.start_decoding()
     try:
+        headers = request.headers
+        mime = check_headers(headers.get("content-type"), headers.get("content-encoding"))
         body = await _body(request, int(state.cfg.max_body_mb * MB), state.cfg.body_timeout_s)
-        decode = (body, request.headers.get("content-type"), served, state.cfg.max_images)
+        decode = (body, mime, served, state.cfg.max_images)
         if len(body) <= INLINE_BYTES:
             pixels = _pixels(*decode)
         else:
@@ -144,11 +169,9 @@ async def _invocations(state: State, request: Request) -> Response:
         state.batcher.stop_decoding()
     try:
         logits = await state.batcher.score(served, pixels)
-    except Exception as exc:  # noqa: BLE001  (one line to the client, the traceback to the log)
-        log.exception("scoring failed")
-        metrics.requests.labels("failed").inc()
+    except Exception:
         metrics.images.labels("failed").inc(len(pixels))
-        return _error(500, f"scoring failed: {type(exc).__name__}")
+        raise
     metrics.requests.labels("ok").inc()
     metrics.images.labels("ok").inc(len(pixels))
     return JSONResponse(
@@ -190,11 +213,12 @@ async def _body(request: Request, limit: int, timeout_s: float) -> bytes:
     return b"".join(chunks)
 
 
-def _pixels(body: bytes, content_type: str | None, served: Served, max_images: int) -> np.ndarray:
+def _pixels(body: bytes, mime: str, served: Served, max_images: int) -> np.ndarray:
     """float32 N x C x H x W of the body through `served`'s input contract."""
     from pipeline.tracking.served import pixels
 
-    data = model_input(body, content_type)
+    per_image = int(np.prod(served.contract.shape))
+    data = model_input(body, mime, max_values=max_images * per_image + max_images)
     n = count(data)
     if n > max_images:
         raise Refused(
@@ -248,24 +272,30 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def run(settings: Settings, cfg: ServeConfig, name: str, alias: str, host: str, port: int) -> int:
     """Serve `name@alias` on host:port until interrupted (exit 0), or until the first load
-    fails (exit 1, the reason logged in one line)."""
+    fails (exit 1, the reason logged in one line). ConfigError when the port cannot be had."""
+    import socket
+
     import uvicorn
 
+    from pipeline.errors import ConfigError
     from pipeline.serving.connections import with_head_bounds
 
+    try:  # bound here, so a port in use is one line, not uvicorn's startup failure
+        listening = socket.create_server((host, port))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host"
+        ) from None
     app = create_app(settings, cfg, name, alias)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            host=host,
-            port=port,
             http=with_head_bounds(cfg.header_timeout_s),
-            limit_concurrency=cfg.max_connections,
             timeout_keep_alive=5,
             access_log=False,
             log_config=None,  # the CLI's logging: one line per event
         )
     )
     app.state.stop = lambda: setattr(server, "should_exit", True)
-    server.run()
+    server.run(sockets=[listening])
     return 1 if app.state.serving.failure else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,8 +118,12 @@ def _abstainer(version, scores: dict | None, cfg: ServeConfig):
 class Follower(threading.Thread):
     """Asks the registry every `every_s` seconds where the alias points; when it moved, loads
     the new version off the request path and hands it to `switch` once it answered its warm-up.
-    A registry that cannot be reached, or a version that fails to load, keeps the one serving
-    (logged once per failure, counted by `failed`)."""
+    A registry that cannot be reached, or a version that fails to load, keeps the one serving:
+    each failed check is counted by `failed` and each new failure logged once, `failure` says
+    what is wrong until a check succeeds, and a version that failed to load is tried again
+    only after `RETRY_S` (not downloaded and hashed at every poll)."""
+
+    RETRY_S = 60.0
 
     def __init__(
         self,
@@ -133,6 +138,8 @@ class Follower(threading.Thread):
         self.settings, self.current, self.switch, self.failed = settings, current, switch, failed
         self.cfg, self.every_s = cfg, every_s
         self.stopped = threading.Event()
+        self.failure: str | None = None  # why the served version may not be the alias's
+        self._refused: tuple[int, float] | None = None  # (version, when it failed to load)
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
@@ -141,13 +148,27 @@ class Follower(threading.Thread):
     def check(self) -> None:
         served = self.current()
         try:
-            if where(self.settings, served.name, served.alias) == served.version:
+            version = where(self.settings, served.name, served.alias)
+            if version == served.version:
+                self.failure = None
                 return
-            new = load(self.settings, served.name, served.alias, self.cfg)
+            if self._refused and self._refused[0] == version:
+                if time.monotonic() - self._refused[1] < self.RETRY_S:
+                    return
+            try:
+                new = load(self.settings, served.name, served.alias, self.cfg)
+            except Exception:
+                self._refused = (version, time.monotonic())
+                raise
         except Exception as exc:  # noqa: BLE001  (the server keeps answering with what it has)
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.warning("still serving version %s: %s", served.version, reason)
+            from pipeline.serving.payload import one_line
+
+            reason = one_line(f"{type(exc).__name__}: {exc}", 300)
+            if reason != self.failure:
+                log.warning("still serving version %s: %s", served.version, reason)
             self.failed(type(exc).__name__)
+            self.failure = reason
             return
         log.info("@%s moved: version %s -> %s", served.alias, served.version, new.version)
+        self.failure, self._refused = None, None
         self.switch(new)

@@ -53,7 +53,7 @@ def _refusal(project, array) -> str:
 def test_serve_answers_mlflows_payloads_alike_refuses_as_predict_and_counts(from_template):
     project = from_template("registered")
     said = run(["pipeline", "serve", "--model", f"{NAME}/1"], project, check=False)
-    assert said.returncode == 2 and "serve an alias" in said.stderr
+    assert said.returncode == 2 and "give NAME@ALIAS" in said.stderr
     said = run(["pipeline", "serve", "--model", f"{NAME}@nosuch"], project, check=False)
     assert said.returncode == 1 and said.stderr.strip() == (
         f"error: {NAME} has no alias @nosuch; its aliases: @challenger, @champion"
@@ -208,7 +208,7 @@ def _wait_for_version(server: PipelineServer, version: int, seconds: float = 60)
 def test_serve_refuses_hostile_requests_in_one_line_and_keeps_answering(from_template):
     project = from_template("registered")
     limits = ["serve.max_body_mb=4", "serve.max_images=64", "serve.header_timeout_s=2"]
-    limits.append("serve.body_timeout_s=3")
+    limits += ["serve.body_timeout_s=3", "serve.max_in_flight=3"]
     good = json.dumps({"inputs": [_png(np.full((8, 8), 200, np.uint8))]}).encode()
     bomb = _png(np.zeros((6000, 6000), np.uint8))  # 36 MP: over the served 16.7 MP, 35 KB
     hostile = {
@@ -225,8 +225,11 @@ def test_serve_refuses_hostile_requests_in_one_line_and_keeps_answering(from_tem
         ),
         "JSON nested 100,000 deep": (b'{"inputs": ' + b"[" * 10**5 + b"]" * 10**5 + b"}", 400, ""),
         "a 5,000-digit integer": (b'{"inputs": [[[[' + b"9" * 5000 + b"]]]]}", 400, "digits"),
+        "3 MB of zeros": (b'{"inputs": [' + b"0," * 1_500_000 + b"0]}", 413, "values"),
         "not base64": (json.dumps({"inputs": ["%%%"]}).encode(), 400, "base64"),
+        "a single number": (b'{"inputs": 5}', 400, "shape"),
         "no format key": (b'{"rows": [1]}', 400, "inputs"),
+        "a key echoing itself": (b'{"SECRET' + b"A" * 10**5 + b'": 1}', 400, "1 keys"),
     }
     failures: list = []
     stop = threading.Event()
@@ -254,9 +257,13 @@ def test_serve_refuses_hostile_requests_in_one_line_and_keeps_answering(from_tem
         finally:
             stop.set()
             keeper.join()
+        _busy_and_gone_clients_are_counted(server)
         assert server.metric("pipeline_serve_refusals_total", reason="too_large") == 1
         assert server.metric("pipeline_serve_refusals_total", reason="too_many_images") == 1
-        assert server.metric("pipeline_serve_refusals_total", reason="body_timeout") == 1
+        assert server.metric("pipeline_serve_refusals_total", reason="too_many_values") == 1
+        assert server.metric("pipeline_serve_refusals_total", reason="body_timeout") == 3
+        log = server.log.read_text()
+        assert "Traceback" not in log and "SECRET" not in log
     assert failures == []
     assert peak[0] - idle < 300 * 2**20, f"{(peak[0] - idle) / 2**20:.0f} MiB over idle"
 
@@ -279,12 +286,41 @@ def _connections_that_stall_are_closed(url: str) -> None:
         with pytest.raises(OSError):  # closed past 64 KiB of headers, long before the deadline
             for _ in range(1000):
                 endless.sendall(b"X-Big: " + b"a" * 1000 + b"\r\n")
-    with socket.create_connection((host, int(port)), timeout=20) as partial:
-        partial.sendall(
-            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n{"
-        )
+    with _partial_body(url) as partial:
         assert partial.recv(200).startswith(b"HTTP/1.1 408 ")
+
+
+def _partial_body(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=20)
+    connection.sendall(
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{"
+    )
+    return connection
+
+
+def _busy_and_gone_clients_are_counted(server: PipelineServer) -> None:
+    """Past serve.max_in_flight (3) requests in progress, /invocations answers 503 in MLflow's
+    shape while the probes answer; a client that leaves mid-body is counted, not a traceback;
+    unknown routes are MLflow-shaped 404s."""
+    stalled = [_partial_body(server.url) for _ in range(3)]
+    time.sleep(0.5)
+    status, answer, _ = server.post(b'{"inputs": []}')
+    assert (status, answer["error_code"]) == (503, "SERVICE_UNAVAILABLE")
+    assert server.get("/health") == {"status": "alive"} and server.get("/ready")["version"] == 1
+    head = urllib.request.Request(f"{server.url}/health", method="HEAD")
+    assert urllib.request.urlopen(head, timeout=10).status == 200
+    stalled.pop().close()  # gone mid-body
+    for connection in stalled:
+        assert connection.recv(200).startswith(b"HTTP/1.1 408 ")
+        connection.close()
+    assert server.metric("pipeline_serve_requests_total", outcome="busy") == 1
+    assert server.metric("pipeline_serve_requests_total", outcome="disconnected") == 1
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{server.url}/nowhere", timeout=10)
+    assert missing.value.code == 404
+    assert json.loads(missing.value.read())["error_code"] == "NOT_FOUND"
 
 
 def test_serve_abstains_where_the_held_out_scores_say_and_refuses_without_them(from_template):

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from pipeline.serving.batcher import Batcher
-from pipeline.serving.payload import Refused, count, model_input
+from pipeline.serving.payload import Refused, check_headers, count, model_input
 
 JSON = "application/json"
+MANY = 10**6  # max_values where the test is not about it
 
 
 @pytest.mark.parametrize(
@@ -27,37 +28,74 @@ JSON = "application/json"
     ],
 )
 def test_each_json_format_parses_and_counts_its_images(body, images):
-    assert count(model_input(json.dumps(body).encode(), JSON)) == images
+    assert count(model_input(json.dumps(body).encode(), JSON, MANY)) == images
 
 
-def test_csv_is_read_as_a_data_frame():
-    data = model_input(b"image\naGk=\naGk=\n", "text/csv; charset=utf-8")
+@pytest.mark.parametrize("body", [{"inputs": 5}, {"inputs": True}, {"instances": "aGk="}])
+def test_a_single_value_counts_as_one_image(body):
+    assert count(model_input(json.dumps(body).encode(), JSON, MANY)) == 1
+
+
+def test_csv_is_read_as_a_data_frame_and_needs_its_header_line():
+    data = model_input(b"image\naGk=\naGk=\n", check_headers("text/csv; charset=utf-8", None), MANY)
     assert count(data) == 2 and list(data.columns) == ["image"]
+    image = b"iVBORw0KGgo" + b"A" * 200  # a first line that is an image, not a column name
+    with pytest.raises(Refused, match="add a header line"):
+        model_input(image + b"\n" + image + b"\n", "text/csv", MANY)
+
+
+def test_values_are_counted_before_the_body_is_parsed():
+    body = b'{"inputs": [' + b"0," * 2_000_000 + b"0]}"  # 4 MB of zeros: millions of values
+    with pytest.raises(Refused) as refused:
+        model_input(body, JSON, max_values=256 * 64 + 256)
+    assert (refused.value.status, refused.value.reason) == (413, "too_many_values")
 
 
 @pytest.mark.parametrize(
-    "body, content_type, status, reason, words",
+    "content_type, encoding, words",
     [
-        (b"<a/>", "application/xml", 415, "content_type", "application/json or text/csv"),
-        (b"{}", None, 415, "content_type", "not nothing"),
-        (b"[" * 100_000 + b"]" * 100_000, JSON, 400, "bad_json", "nested too deeply"),
-        (b'{"inputs": [' + b"9" * 5000 + b"]}", JSON, 400, "bad_json", "4300 digits"),
-        (b'{"inputs": "\xff"}', JSON, 400, "bad_json", "utf-8"),
-        (b"[1, 2]", JSON, 400, "bad_format", "it has none"),
-        (b'{"inputs": [1], "instances": [1]}', JSON, 400, "bad_format", "one of inputs"),
-        (b'{"dataframe_split": 7}', JSON, 400, "bad_format", ""),
-        (b"\xff\xfe", "text/csv", 400, "bad_encoding", "UTF-8"),
+        ("application/xml", None, "application/json or text/csv"),
+        (None, None, "not nothing"),
+        ("application/json; charset=latin-1", None, "charset=utf-8"),
+        ("application/json; format=pandas-split", None, "charset=utf-8"),
+        ("application/json", "gzip", "uncompressed"),
     ],
 )
-def test_bodies_that_do_not_parse_are_refused_in_one_short_line(
-    body, content_type, status, reason, words
-):
+def test_media_types_charsets_and_encodings_mlflow_refuses_are_415(content_type, encoding, words):
+    with pytest.raises(Refused, match=words) as refused:
+        check_headers(content_type, encoding)
+    assert refused.value.status == 415
+    assert check_headers("Application/JSON; charset=UTF-8", "identity") == JSON
+
+
+@pytest.mark.parametrize(
+    "body, status, reason, words",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, 400, "bad_json", "nested too deeply"),
+        (b'{"inputs": ' + b"[" * 900 + b"]" * 900 + b"}", 400, "bad_json", "nested too deeply"),
+        (b'{"inputs": [' + b"9" * 5000 + b"]}", 400, "bad_json", "4300 digits"),
+        (b'{"inputs": "\xff"}', 400, "bad_encoding", "not UTF-8 (byte 12)"),
+        (b"[1, 2]", 400, "bad_format", "it is no object"),
+        (b'{"inputs": [1], "instances": [1]}', 400, "bad_format", "2 of them"),
+        (b'{"SECRET_' + b"A" * 10**6 + b'": 1}', 400, "bad_format", "1 keys, 0 of them"),
+        (b'{"dataframe_split": 7}', 400, "bad_format", ""),
+        (
+            b'{"dataframe_split": {"columns": ["c"], "data": [["x"]], "SECRET\\nSECRET": '
+            + b"1" * 3000
+            + b"}}",
+            400,
+            "bad_format",
+            "",
+        ),
+    ],
+)
+def test_bodies_that_do_not_parse_are_refused_in_one_short_line(body, status, reason, words):
     with pytest.raises(Refused) as refused:
-        model_input(body, content_type)
+        model_input(body, JSON, MANY)
     message = str(refused.value)
     assert (refused.value.status, refused.value.reason) == (status, reason)
     assert words in message and "\n" not in message and len(message) < 300
-    assert "9999999999" not in message  # the request is never echoed
+    assert "9999999999" not in message and "AAAAAAAAAA" not in message  # never echoed whole
 
 
 class _Model:
