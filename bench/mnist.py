@@ -77,6 +77,7 @@ def train_and_score(project: Path, *args: str) -> dict:
     epochs = sum(float(s) for s in EPOCH.findall(said))
     _, scores, _ = pipeline(project, "evaluate", *args)
     calibration = ("test_ece", "test_ece_calibrated", "calibration_temperature")
+    calibration += ("test_coverage", "test_unknown_rate")
     return {"wall_s": round(wall, 2), "epochs_s": round(epochs, 2),
             "fixed_s": round(wall - epochs, 2),
             "test_accuracy": scores["test_accuracy"],
@@ -191,13 +192,14 @@ def _served_rows(port: int, pixels: np.ndarray) -> list[dict]:
 
 
 def abstain(project: Path, epochs: int) -> dict:
-    scored = train_and_score(project, "--preset", "lenet-mnist", "--set", f"train.epochs={epochs}")
-    _, evaluated, _ = pipeline(project, "evaluate")
-    pipeline(project, "register", "--set", "register.floor=0")
+    recipe = ("--preset", "lenet-mnist", "--set", f"train.epochs={epochs}")
+    scored = train_and_score(project, *recipe)
+    pipeline(project, "register", *recipe, "--set", "register.floor=0")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [str(BIN / "pipeline"), "serve", "--port", str(port), "--set", "serve.abstain=true"]
+    command = [str(BIN / "pipeline"), "serve", "--port", str(port), "--preset", "lenet-mnist"]
+    command += ["--set", "serve.abstain=true"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     server = subprocess.Popen(command, cwd=project, env=_env(project), **quiet)
     try:
@@ -217,7 +219,7 @@ def abstain(project: Path, epochs: int) -> dict:
                     if r["prediction"] != "unknown"]  # fmt: skip
         result = {
             "test_accuracy": scored["test_accuracy"],
-            "evaluate": {k: evaluated.get(k) for k in ("test_coverage", "test_unknown_rate")},
+            "evaluate": scored,
             "mnist_test": {
                 "images": len(rows),
                 "coverage": round(float(np.mean(covered)), 4),
