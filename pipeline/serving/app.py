@@ -139,7 +139,6 @@ async def _first_load(state: State, app: FastAPI) -> None:
         lambda: state.served,
         state.switch,
         lambda error: state.metrics.follow_failures.labels(error).inc(),
-        state.cfg.poll_s,
     )
     app.state.follower = follower
     follower.start()
@@ -271,8 +270,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def run(settings: Settings, cfg: ServeConfig, name: str, alias: str, host: str, port: int) -> int:
-    """Serve `name@alias` on host:port until interrupted (exit 0), or until the first load
-    fails (exit 1, the reason logged in one line). ConfigError when the port cannot be had."""
+    """Serve `name@alias` on host:port until SIGTERM or SIGINT (a graceful stop; the CLI exits
+    143 or 130), or until the first load fails (1, the reason logged in one line). ConfigError
+    when the address cannot be had."""
     import socket
 
     import uvicorn
@@ -281,7 +281,8 @@ def run(settings: Settings, cfg: ServeConfig, name: str, alias: str, host: str, 
     from pipeline.serving.connections import with_head_bounds
 
     try:  # bound here, so a port in use is one line, not uvicorn's startup failure
-        listening = socket.create_server((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.create_server((host, port), family=family)
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host"

@@ -39,6 +39,7 @@ class Served:
             "alias": self.alias,
             "run_id": self.run_id,
             "data_md5": self.data_md5,
+            "weights_sha256": self.weights_sha256,
             "temperature": self.temperature,
             "abstain": None
             if self.abstainer is None
@@ -116,7 +117,7 @@ def _abstainer(version, scores: dict | None, cfg: ServeConfig):
 
 
 class Follower(threading.Thread):
-    """Asks the registry every `every_s` seconds where the alias points; when it moved, loads
+    """Asks the registry every `cfg.poll_s` seconds where the alias points; when it moved, loads
     the new version off the request path and hands it to `switch` once it answered its warm-up.
     A registry that cannot be reached, or a version that fails to load, keeps the one serving:
     each failed check is counted by `failed` and each new failure logged once, `failure` says
@@ -132,17 +133,16 @@ class Follower(threading.Thread):
         current: Callable[[], Served],
         switch: Callable[[Served], None],
         failed: Callable[[str], None],
-        every_s: float,
     ):
         super().__init__(name="alias-follower", daemon=True)
         self.settings, self.current, self.switch, self.failed = settings, current, switch, failed
-        self.cfg, self.every_s = cfg, every_s
+        self.cfg = cfg
         self.stopped = threading.Event()
         self.failure: str | None = None  # why the served version may not be the alias's
         self._refused: tuple[int, float] | None = None  # (version, when it failed to load)
 
     def run(self) -> None:
-        while not self.stopped.wait(self.every_s):
+        while not self.stopped.wait(self.cfg.poll_s):
             self.check()
 
     def check(self) -> None:
