@@ -134,6 +134,14 @@ def predict(args, settings: Settings) -> int:
     return _print(predict_stage(settings, args.model, args.input, args.output))
 
 
+def _webhook(settings: Settings, url: str, name: str, alias: str) -> None:
+    from pipeline.serving import webhook
+    from pipeline.tracking import server, store
+
+    with server.reachable(settings):
+        webhook.register(store.client(settings), url, name, alias, webhook.secret())
+
+
 def serve(args, settings: Settings) -> int:
     import logging
 
@@ -142,13 +150,15 @@ def serve(args, settings: Settings) -> int:
 
     cfg = _config(args, settings)
     name, _, alias = args.model.removeprefix("models:/").partition("@")  # MLflow's URI form too
-    if "/" in name or "@" in alias or "/" in alias:
+    if "/" in name or "@" in alias or "/" in alias or args.model.endswith("@"):
         raise ConfigError(
             f"--model {args.model}: give NAME@ALIAS (or NAME for its champion), which the server "
             "follows; to serve one version, give it an alias of its own in the registry"
         )
     alias = alias or "champion"
     where(settings, name, alias)  # one line, before the port opens, when it points nowhere
+    if args.webhook_url:
+        _webhook(settings, args.webhook_url, name, alias)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return run(settings, cfg.serve, name, alias, args.host, args.port)
 

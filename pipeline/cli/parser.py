@@ -149,6 +149,11 @@ def _model_commands(sub) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--webhook-url",
+        help="this server's /webhook as the MLflow tracking server reaches it: registers a "
+        "registry webhook (secret: PIPELINE_SERVE_WEBHOOK_SECRET) so alias moves arrive at once",
+    )
     predict = sub.add_parser("predict", help="score images with a registered model")
     predict.add_argument("--model", default="image-classifier@champion", help=ref_help)
     predict.add_argument(

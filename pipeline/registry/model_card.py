@@ -58,7 +58,7 @@ def render(
         "",
         "## Results on the test split",
         f"- accuracy {metrics['test_accuracy']:.4f}, macro-F1 {metrics['test_macro_f1']:.4f}",
-        *_calibration(metrics),
+        *_calibration(metrics, tags),
         "",
         "| class | precision | recall |",
         "|---|---|---|",
@@ -156,22 +156,22 @@ def version_description(name: str, version, run, report: dict, inputs: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def _calibration(metrics: dict) -> list[str]:
+def _calibration(metrics: dict, tags: dict) -> list[str]:
     """The line on calibrated probabilities (evaluate's temperature scaling), if evaluated so."""
     if "calibration_temperature" not in metrics:
         return []
     t, before = metrics["calibration_temperature"], metrics["test_ece"]
-    if t == 1.0:
+    where = tags.get("calibration.fitted_on", "")
+    if where.startswith("not fitted"):
         return [
-            "- probabilities: the plain softmax, not calibrated (no validation split, one "
-            "without mistakes, or a DP-SGD run: `calibration.json` says which); expected "
-            f"calibration error {before:.4f}"
+            f"- probabilities: the plain softmax, {where}; expected calibration error {before:.4f}"
         ]
     return [
         f"- probabilities: calibrated by temperature scaling, softmax(logits / {t:.4f}), the "
-        "temperature fitted on the validation split held out from training; expected "
-        f"calibration error {before:.4f} before, {metrics['test_ece_calibrated']:.4f} after "
-        "(15 bins; reliability diagram `plots/reliability.png`)"
+        f"temperature fitted on {where or 'the validation split'}, held out from training; "
+        f"expected calibration error {before:.4f} before, "
+        f"{metrics['test_ece_calibrated']:.4f} after (15 bins; reliability diagram "
+        "`plots/reliability.png`)"
     ]
 
 

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pipeline.config import ServeConfig
+from pipeline.serving import webhook
 from pipeline.serving.batcher import Batcher
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.model import Follower, Served, load
@@ -30,6 +31,7 @@ MB = 1024 * 1024
 # Bodies up to this size are decoded on the event loop: a thread hop and the lock handoffs
 # between threads cost more than decoding a few small images.
 INLINE_BYTES = 64 * 1024
+WEBHOOK_BYTES = 64 * 1024  # an alias event is a few hundred bytes
 
 
 class State:
@@ -64,7 +66,7 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
         for task in (batching, loading):
             task.cancel()
         if follower := getattr(app.state, "follower", None):
-            follower.stopped.set()
+            follower.stop()
 
     app = FastAPI(title="pipeline serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving = state
@@ -99,11 +101,31 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
 
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if key := webhook.secret():  # MLflow's registry webhooks: follow a move at once
+
+        @app.post("/webhook")
+        async def delivery(request: Request):
+            try:
+                body = await _body(request, WEBHOOK_BYTES, state.cfg.body_timeout_s)
+                event = webhook.verify(key, request.headers, body)
+            except (Refused, webhook.Rejected) as exc:
+                state.metrics.webhooks.labels("rejected").inc()
+                log.info("webhook delivery rejected: %s", exc)
+                return _error(exc.status, str(exc))
+            follower = getattr(app.state, "follower", None)
+            if follower is None or not webhook.concerns(event, state.name, state.alias):
+                state.metrics.webhooks.labels("ignored").inc()
+                return {"status": "ignored"}
+            state.metrics.webhooks.labels("taken").inc()
+            follower.nudge()
+            return {"status": "checking"}
+
     @app.post("/invocations")
     async def invocations(request: Request):
         started = time.perf_counter()
         if state.in_flight >= state.cfg.max_in_flight:  # the probes above always answer
             state.metrics.requests.labels("busy").inc()
+            state.metrics.latency.observe(time.perf_counter() - started)
             return _error(503, f"{state.in_flight} requests in progress (serve.max_in_flight)")
         state.in_flight += 1
         try:
@@ -151,8 +173,11 @@ async def _invocations(state: State, request: Request) -> Response:
         return _error(503, "the model is still loading; retry when /ready is 200")
     state.batcher.start_decoding()
     try:
-        headers = request.headers
-        mime = check_headers(headers.get("content-type"), headers.get("content-encoding"))
+        headers = request.headers  # a header sent twice is read whole: both values count
+        mime = check_headers(
+            ", ".join(headers.getlist("content-type")) or None,
+            ", ".join(headers.getlist("content-encoding")) or None,
+        )
         body = await _body(request, int(state.cfg.max_body_mb * MB), state.cfg.body_timeout_s)
         decode = (body, mime, served, state.cfg.max_images)
         if len(body) <= INLINE_BYTES:
@@ -183,10 +208,7 @@ async def _body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request's body, at most `limit` bytes held. A larger one is read to its end and
     dropped as it arrives, so the client reads a 413 instead of a reset connection (within
     `timeout_s`, as every body: else 408)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and not declared.isdigit():
-        raise Refused(400, "bad_length", "Content-Length is not a whole number")
-    chunks, size = [], 0
+    chunks, size = [], 0  # a malformed Content-Length never gets here: the HTTP parser's 400
 
     async def read() -> None:
         nonlocal size

@@ -55,6 +55,12 @@ class Metrics:
             "Times the server switched to where its alias moved",
             registry=r,
         )
+        self.webhooks = Counter(
+            "pipeline_serve_webhooks",
+            "Registry webhook deliveries: taken (the alias checked at once), ignored, rejected",
+            ["outcome"],
+            registry=r,
+        )
         self.follow_failures = Counter(
             "pipeline_serve_follow_failures",
             "Failed checks or loads of the alias's version (the old one kept serving)",

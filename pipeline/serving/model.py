@@ -108,10 +108,11 @@ def _abstainer(version, scores: dict | None, cfg: ServeConfig):
         return None
     if scores is None:
         raise LookupError(
-            f"{version.name} version {version.version} has no held-out scores to abstain by "
-            f"(run {version.run_id} was evaluated without a validation split, under DP-SGD, or "
-            "before they existed): run `pipeline evaluate --run-id` on it, or serve without "
-            "serve.abstain"
+            f"{version.name} version {version.version} has no held-out scores to abstain by: "
+            f"run {version.run_id} held out no validation split, trained under DP-SGD, or was "
+            "evaluated before they existed (its tag calibration.fitted_on says which; only the "
+            "last is mended, by `pipeline evaluate --run-id`). Serve another version, or "
+            "without serve.abstain"
         )
     return Abstainer(scores, cfg.alpha, cfg.ood_rate)
 
@@ -137,13 +138,26 @@ class Follower(threading.Thread):
         super().__init__(name="alias-follower", daemon=True)
         self.settings, self.current, self.switch, self.failed = settings, current, switch, failed
         self.cfg = cfg
-        self.stopped = threading.Event()
+        self.stopped = False
+        self.wake = threading.Event()  # set by `nudge` or `stop`
         self.failure: str | None = None  # why the served version may not be the alias's
         self._refused: tuple[int, float] | None = None  # (version, when it failed to load)
 
     def run(self) -> None:
-        while not self.stopped.wait(self.cfg.poll_s):
+        while True:
+            self.wake.wait(self.cfg.poll_s)
+            self.wake.clear()
+            if self.stopped:
+                return
             self.check()
+
+    def nudge(self) -> None:
+        """Check now (a registry webhook said the alias moved), not at the next poll."""
+        self.wake.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
 
     def check(self) -> None:
         served = self.current()

@@ -36,33 +36,28 @@ def one_line(text: str, limit: int = 400) -> str:
 
 def check_headers(content_type: str | None, content_encoding: str | None) -> str:
     """The body's media type (`application/json` or `text/csv`), as MLflow's server accepts
-    them: charset UTF-8 only, no compression. Raises Refused (415) for anything else."""
+    them: charset UTF-8 only, no compression. Raises Refused (415) for anything else, naming
+    the header, never repeating it."""
     mime, *parameters = (part.strip() for part in (content_type or "").split(";"))
-    mime = mime.lower()
-    if mime not in ("application/json", "text/csv"):
-        raise Refused(
-            415, "content_type", f"send application/json or text/csv, not {mime or 'nothing'}"
-        )
+    if mime.lower() not in ("application/json", "text/csv"):
+        raise Refused(415, "content_type", "send Content-Type application/json or text/csv")
     for parameter in parameters:
-        key, _, value = parameter.partition("=")
-        if key.strip().lower() != "charset" or value.strip().strip('"').lower() not in (
-            "utf-8",
-            "utf8",
-        ):
+        key, _, value = (part.strip().strip('"').lower() for part in parameter.partition("="))
+        if key != "charset" or value not in ("utf-8", "utf8"):
             raise Refused(
                 415, "content_type", "the only Content-Type parameter taken is charset=utf-8"
             )
     if (content_encoding or "identity").strip().lower() != "identity":
         raise Refused(415, "content_encoding", "send the body uncompressed (no Content-Encoding)")
-    return mime
+    return mime.lower()
 
 
 def model_input(body: bytes, mime: str, max_values: int):
     """What MLflow's scoring server would hand the model for this body (`mime` from
-    `check_headers`): a DataFrame, an array or a list. A JSON body with more than `max_values`
-    values (counted by its commas before it is parsed, so a body of millions of numbers costs
-    no memory) is refused with 413. Raises Refused: 400 for a body that does not parse or names
-    no format."""
+    `check_headers`): a DataFrame, an array or a list. A body with more than `max_values`
+    values (counted by its commas before it is parsed, so millions of numbers or of CSV columns
+    cost no memory or time) is refused with 413. Raises Refused: 400 for a body that does not
+    parse or names no format."""
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc.scoring_server import infer_and_parse_data, parse_csv_input
 
@@ -70,16 +65,16 @@ def model_input(body: bytes, mime: str, max_values: int):
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Refused(400, "bad_encoding", f"the body is not UTF-8 (byte {exc.start})") from None
+    if body.count(b",") >= max_values:
+        raise Refused(
+            413,
+            "too_many_values",
+            f"the body holds more than {max_values:,} values, more than serve.max_images "
+            "images of this model's size: split it",
+        )
     try:
         if mime == "text/csv":
             return _csv(parse_csv_input(io.StringIO(text)))
-        if body.count(b",") >= max_values:
-            raise Refused(
-                413,
-                "too_many_values",
-                f"the body holds more than {max_values:,} values, more than serve.max_images "
-                "images of this model's size: split it",
-            )
         try:
             parsed = json.loads(text)
         except (ValueError, RecursionError) as exc:  # RecursionError: nesting past Python's stack

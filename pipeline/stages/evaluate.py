@@ -75,6 +75,7 @@ def evaluate_stage(
     with _folder(plot_dir) as folder:
         store.log_metrics(client, run_id, scores)
         client.log_dict(run_id, calibrated, weights.CALIBRATION)
+        client.set_tag(run_id, "calibration.fitted_on", calibrated["fitted_on"])
         if held_scores is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 np.savez(Path(tmp) / weights.CONFORMAL, **held_scores)

@@ -65,6 +65,12 @@ class Abstainer:
                 f"least {int(np.ceil(1 / self.alpha - 1))} are needed): raise serve.alpha or "
                 "train.val_fraction"
             )
+        if n * self.ood_rate < 1:
+            raise ValueError(
+                f"{n} held-out images cannot place an energy threshold that flags "
+                f"{self.ood_rate:g} of them (at least {int(np.ceil(1 / self.ood_rate))} are "
+                "needed): raise serve.ood_rate or train.val_fraction"
+            )
 
     def threshold(self) -> float:
         """The energy above which an image is out of distribution."""

@@ -146,13 +146,15 @@ class ServedModel:
 class PipelineServer:
     """`pipeline serve` in the project, on a free port, its log in `log`; ready when entered."""
 
-    def __init__(self, project: Path, *args: str):
+    def __init__(self, project: Path, *args: str, env: dict | None = None):
+        """`args` after `pipeline serve --port P`; "{url}" in them is the server's own URL."""
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = project / f"serve-{self.url.rsplit(':', 1)[1]}.log"
+        args = tuple(a.replace("{url}", self.url) for a in args)
         self.proc = subprocess.Popen(
             [str(BIN / "pipeline"), "serve", "--port", self.url.rsplit(":", 1)[1], *args],
             cwd=project,
-            env=project_env(project),
+            env=env or project_env(project),
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("w"),
             start_new_session=True,

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -19,8 +20,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import run
-from tests.e2e.live import PipelineServer, ServedModel
+from tests.conftest import BIN, free_port, project_env, run, stop_group
+from tests.e2e.live import PipelineServer, ServedModel, wait_http
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
@@ -370,3 +371,51 @@ def test_serve_abstains_where_the_held_out_scores_say_and_refuses_without_them(f
     said = run(["pipeline", "serve", "--port", "1", "--set", limits[0]], project, check=False)
     assert said.returncode == 1
     assert "has no held-out scores to abstain by" in said.stderr
+
+
+def test_serve_follows_a_tracking_servers_webhook_at_once(from_template):
+    """The project's registry behind `mlflow server`, which sends alias webhooks (over http to
+    a local address, as MLFLOW_WEBHOOK_ALLOWED_SCHEMES and ..._ALLOW_PRIVATE_IPS allow): with
+    polling at once an hour, a promotion reaches the server through its webhook; a forged
+    delivery is refused."""
+    project = from_template("registered")
+    port = free_port()
+    env = {
+        **project_env(project),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",  # a test has no certificate
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "PIPELINE_SERVE_WEBHOOK_SECRET": "s3cret",
+    }
+    store = f"sqlite:///{project}/.mlflow/mlflow.db"
+    tracking = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", store, "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", tracking)
+        args = ["--set", "serve.poll_s=3600", "--webhook-url", "{url}/webhook"]
+        with PipelineServer(project, *args, env=env) as server:
+            forged = urllib.request.Request(
+                f"{server.url}/webhook", b"{}", {"Content-Type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(forged, timeout=10)
+            assert refused.value.code == 401
+            for command in (
+                ["train", "--set", "train.epochs=1"],
+                ["evaluate"],
+                ["register", "--set", "register.floor=0", "--set", "register.min_improvement=1"],
+                ["promote", f"{NAME}/2", "--force", "--reason", "webhook test"],
+            ):
+                run(["pipeline", *command], project, env=env)
+            _wait_for_version(server, 2, seconds=30)  # polling would take an hour
+            assert "moved: version 1 -> 2" in server.log.read_text()
+    finally:
+        stop_group(tracking)
+    local = run(["pipeline", "serve", "--webhook-url", "http://x/webhook"], project, check=False)
+    assert (
+        local.returncode == 2 and "webhooks are sent by an MLflow tracking server" in local.stderr
+    )

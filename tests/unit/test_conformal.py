@@ -64,4 +64,11 @@ def test_too_few_held_out_images_for_alpha_are_refused():
     scores = conformal.held_out_scores(logits, labels, 1.0)
     with pytest.raises(ValueError, match="18 held-out images cannot give sets of coverage"):
         conformal.Abstainer(scores, alpha=0.05, ood_rate=0.01)
-    conformal.Abstainer(scores, alpha=0.1, ood_rate=0.01)  # 18 >= 1 / 0.1 - 1
+    conformal.Abstainer(scores, alpha=0.1, ood_rate=0.1)  # 18 >= 1 / 0.1 - 1
+
+
+def test_too_few_held_out_images_for_ood_rate_are_refused():
+    logits, labels = _data(143, seed=8)
+    scores = conformal.held_out_scores(logits, labels, 1.0)
+    with pytest.raises(ValueError, match="143 held-out images cannot place an energy threshold"):
+        conformal.Abstainer(scores, alpha=0.05, ood_rate=0.001)

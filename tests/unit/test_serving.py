@@ -44,10 +44,16 @@ def test_csv_is_read_as_a_data_frame_and_needs_its_header_line():
         model_input(image + b"\n" + image + b"\n", "text/csv", MANY)
 
 
-def test_values_are_counted_before_the_body_is_parsed():
-    body = b'{"inputs": [' + b"0," * 2_000_000 + b"0]}"  # 4 MB of zeros: millions of values
+@pytest.mark.parametrize(
+    "body, mime",
+    [
+        (b'{"inputs": [' + b"0," * 2_000_000 + b"0]}", JSON),  # 4 MB of zeros
+        (b",".join([b"a"] * 2_000_000) + b"\nA\n", "text/csv"),  # 2 million columns
+    ],
+)
+def test_values_are_counted_before_the_body_is_parsed(body, mime):
     with pytest.raises(Refused) as refused:
-        model_input(body, JSON, max_values=256 * 64 + 256)
+        model_input(body, mime, max_values=256 * 64 + 256)
     assert (refused.value.status, refused.value.reason) == (413, "too_many_values")
 
 
@@ -55,7 +61,10 @@ def test_values_are_counted_before_the_body_is_parsed():
     "content_type, encoding, words",
     [
         ("application/xml", None, "application/json or text/csv"),
-        (None, None, "not nothing"),
+        ("application/SECRET", None, "application/json or text/csv"),
+        ("application/json, application/json", None, "application/json or text/csv"),  # twice
+        ("application/json", "identity, br", "uncompressed"),  # two Content-Encoding headers
+        (None, None, "application/json or text/csv"),
         ("application/json; charset=latin-1", None, "charset=utf-8"),
         ("application/json; format=pandas-split", None, "charset=utf-8"),
         ("application/json", "gzip", "uncompressed"),
@@ -64,7 +73,7 @@ def test_values_are_counted_before_the_body_is_parsed():
 def test_media_types_charsets_and_encodings_mlflow_refuses_are_415(content_type, encoding, words):
     with pytest.raises(Refused, match=words) as refused:
         check_headers(content_type, encoding)
-    assert refused.value.status == 415
+    assert refused.value.status == 415 and "SECRET" not in str(refused.value)
     assert check_headers("Application/JSON; charset=UTF-8", "identity") == JSON
 
 
@@ -148,3 +157,39 @@ def test_a_failed_batch_fails_each_of_its_requests_and_the_batcher_goes_on():
     failed, after = asyncio.run(scenario())
     assert [str(f) for f in failed] == ["out of memory", "out of memory"]
     assert after.shape == (2, 1)
+
+
+def test_a_webhook_delivery_signed_as_mlflow_signs_is_taken_and_others_are_not():
+    import time
+
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    from pipeline.serving import webhook
+
+    body = json.dumps(
+        {"entity": "model_version_alias", "action": "created",
+         "data": {"name": "m", "alias": "champion", "version": "2"}}
+    )  # fmt: skip
+    stamp = str(int(time.time()))
+    headers = {
+        "x-mlflow-delivery-id": "d-1",
+        "x-mlflow-timestamp": stamp,
+        "x-mlflow-signature": _generate_hmac_signature("s3cret", "d-1", stamp, body),
+    }
+    event = webhook.verify("s3cret", headers, body.encode())
+    assert webhook.concerns(event, "m", "champion")
+    assert not webhook.concerns(event, "m", "challenger") and not webhook.concerns(
+        event, "n", "champion"
+    )
+    for forged, words in (
+        ({**headers, "x-mlflow-signature": "v1,AAAA"}, "signature"),
+        ({**headers, "x-mlflow-delivery-id": "d-2"}, "signature"),  # the id is signed too
+        ({k: v for k, v in headers.items() if k != "x-mlflow-signature"}, "signature"),
+        ({**headers, "x-mlflow-timestamp": str(int(stamp) - 301)}, "300 s old"),
+        ({**headers, "x-mlflow-timestamp": "soon"}, "Timestamp"),
+    ):
+        with pytest.raises(webhook.Rejected, match=words) as rejected:
+            webhook.verify("s3cret", forged, body.encode())
+        assert rejected.value.status == 401
+    with pytest.raises(webhook.Rejected, match="signature"):
+        webhook.verify("other", headers, body.encode())
