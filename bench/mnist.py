@@ -76,8 +76,8 @@ def train_and_score(project: Path, *args: str) -> dict:
     wall, _, said = pipeline(project, "train", *args)
     epochs = sum(float(s) for s in EPOCH.findall(said))
     _, scores, _ = pipeline(project, "evaluate", *args)
-    calibration = ("test_ece", "test_ece_calibrated", "calibration_temperature")
-    calibration += ("test_coverage", "test_unknown_rate")
+    calibration = ("test_prob_ece", "test_prob_ece_calibrated", "val_temperature")
+    calibration += ("test_set_coverage", "test_unknown_rate")
     return {"wall_s": round(wall, 2), "epochs_s": round(epochs, 2),
             "fixed_s": round(wall - epochs, 2),
             "test_accuracy": scores["test_accuracy"],

@@ -158,9 +158,9 @@ def version_description(name: str, version, run, report: dict, inputs: str) -> s
 
 def _calibration(metrics: dict, tags: dict) -> list[str]:
     """The line on calibrated probabilities (evaluate's temperature scaling), if evaluated so."""
-    if "calibration_temperature" not in metrics:
+    if "val_temperature" not in metrics:
         return []
-    t, before = metrics["calibration_temperature"], metrics["test_ece"]
+    t, before = metrics["val_temperature"], metrics["test_prob_ece"]
     where = tags.get("calibration.fitted_on", "")
     if where.startswith("not fitted"):
         return [
@@ -170,7 +170,7 @@ def _calibration(metrics: dict, tags: dict) -> list[str]:
         f"- probabilities: calibrated by temperature scaling, softmax(logits / {t:.4f}), the "
         f"temperature fitted on {where or 'the validation split'}, held out from training; "
         f"expected calibration error {before:.4f} before, "
-        f"{metrics['test_ece_calibrated']:.4f} after (15 bins; reliability diagram "
+        f"{metrics['test_prob_ece_calibrated']:.4f} after (15 bins; reliability diagram "
         "`plots/reliability.png`)"
     ]
 

@@ -64,9 +64,9 @@ def evaluate_stage(
     temperature = calibrated["temperature"]
     held_scores, abstention = _conformal(held, temperature, test_logits, ds.test.labels, cfg.serve)
     scores |= {
-        "test_ece": calibrated["before"]["ece"],
-        "test_ece_calibrated": calibrated["after"]["ece"],
-        "calibration_temperature": temperature,
+        "test_prob_ece": calibrated["before"]["ece"],
+        "test_prob_ece_calibrated": calibrated["after"]["ece"],
+        "val_temperature": temperature,
         **abstention,
     }
     # Logged into the finished run without reopening it: a killed evaluate never leaves the
@@ -193,7 +193,8 @@ def _calibrate(held, test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
 
 def _conformal(held, temperature: float, test_logits, test_labels, serve) -> tuple:
     """(the held-out scores a server abstains by, for conformal.npz, or None without a held-out
-    split; the test split's `test_coverage` of the prediction sets and `test_unknown_rate` at
+    split; the test split's `test_set_coverage` of the prediction sets and
+    `test_unknown_rate` at
     `serve.alpha` and `serve.ood_rate`, or {} when the split is too small for that alpha)."""
     from pipeline.training import calibration, conformal
 
@@ -207,7 +208,7 @@ def _conformal(held, temperature: float, test_logits, test_labels, serve) -> tup
     probs = calibration.softmax(test_logits, temperature)
     sets, reasons = abstainer.decide(test_logits, probs, temperature)
     return scores, {
-        "test_coverage": float(sets[np.arange(len(test_labels)), test_labels].mean()),
+        "test_set_coverage": float(sets[np.arange(len(test_labels)), test_labels].mean()),
         "test_unknown_rate": float(np.mean([r is not None for r in reasons])),
     }
 

@@ -334,7 +334,7 @@ def test_serve_abstains_where_the_held_out_scores_say_and_refuses_without_them(f
     project = from_template("registered")
     run_id = json.loads((project / "outputs" / "train.json").read_text())["run_id"]
     scored = json.loads((project / "reports" / "metrics.json").read_text())
-    assert scored["test_coverage"] >= 0.95 - 3 * (0.05 * 0.95 / 359) ** 0.5  # 1 - alpha, 3 sd
+    assert scored["test_set_coverage"] >= 0.95 - 3 * (0.05 * 0.95 / 359) ** 0.5  # 1 - alpha, 3 sd
     artifacts = next((project / ".mlflow" / "artifacts").glob(f"*/{run_id}/artifacts"))
     t = json.loads((artifacts / "calibration.json").read_text())["temperature"]
     with np.load(artifacts / "conformal.npz") as held:
