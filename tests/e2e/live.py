@@ -102,7 +102,24 @@ class Airflow:
             time.sleep(5)
 
 
-class ServedModel:
+class _Started:
+    """A server process (`proc`) at `url`: entered once `ready` answers, stopped on exit."""
+
+    ready = "/ping"
+
+    def __enter__(self):
+        try:
+            wait_http(f"{self.url}{self.ready}", self.proc)
+        except BaseException:
+            stop_group(self.proc)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_group(self.proc)
+
+
+class ServedModel(_Started):
     """`mlflow models serve` of `uri` in the project's environment, on a free port."""
 
     def __init__(self, project: Path, uri: str):
@@ -118,17 +135,6 @@ class ServedModel:
             start_new_session=True,
         )
 
-    def __enter__(self) -> ServedModel:
-        try:
-            wait_http(f"{self.url}/ping", self.proc)
-        except BaseException:
-            stop_group(self.proc)
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stop_group(self.proc)
-
     def invocations(self, inputs) -> tuple[int, dict]:
         """(HTTP status, JSON answer) for `{"inputs": inputs}`."""
         request = urllib.request.Request(
@@ -143,8 +149,10 @@ class ServedModel:
             return error.code, json.loads(error.read())
 
 
-class PipelineServer:
+class PipelineServer(_Started):
     """`pipeline serve` in the project, on a free port, its log in `log`; ready when entered."""
+
+    ready = "/ready"  # its /ping answers while the model loads
 
     def __init__(self, project: Path, *args: str, env: dict | None = None):
         """`args` after `pipeline serve --port P`; "{url}" in them is the server's own URL."""
@@ -159,17 +167,6 @@ class PipelineServer:
             stderr=self.log.open("w"),
             start_new_session=True,
         )
-
-    def __enter__(self) -> PipelineServer:
-        try:
-            wait_http(f"{self.url}/ready", self.proc)
-        except BaseException:
-            stop_group(self.proc)
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stop_group(self.proc)
 
     def post(self, body: bytes, content_type="application/json", timeout=120):
         """(HTTP status, JSON answer, headers) of POST /invocations with `body`."""

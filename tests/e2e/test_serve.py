@@ -5,8 +5,6 @@ one line while good ones keep being answered."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import socket
 import subprocess
@@ -18,8 +16,8 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from PIL import Image
 
+from pipeline.tracking.weights import png_base64
 from tests.conftest import BIN, free_port, project_env, run, stop_group
 from tests.e2e.live import PipelineServer, ServedModel, wait_http
 
@@ -28,9 +26,8 @@ NAME = "image-classifier"
 
 
 def _png(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    """One H x W grayscale image as a client sends it (the project's `png_base64`)."""
+    return png_base64(pixels[None])
 
 
 def _post(url: str, body: bytes, content_type="application/json"):
@@ -285,8 +282,9 @@ def _connections_that_stall_are_closed(url: str) -> None:
     with socket.create_connection((host, int(port)), timeout=20) as endless:
         endless.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
         with pytest.raises(OSError):  # closed past 64 KiB of headers, long before the deadline
-            for _ in range(1000):
+            for _ in range(1000):  # paced: loopback buffers could take 1 MB unread
                 endless.sendall(b"X-Big: " + b"a" * 1000 + b"\r\n")
+                time.sleep(0.002)
     with _partial_body(url) as partial:
         assert partial.recv(200).startswith(b"HTTP/1.1 408 ")
 
