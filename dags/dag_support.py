@@ -97,9 +97,10 @@ def permanent_errors():
     """Around a task body. Bad config, bad or untracked data, failed validation, divergence, an
     untrusted checkpoint or a model reference that does not resolve will not fix themselves:
     fail, no retry. SIGTERM or SIGINT stops the body (Airflow's runner alone would let it run
-    on), its MLflow run ends KILLED, and the task fails as terminated, without retry."""
+    on), its MLflow run ends KILLED, and the task fails as terminated, without retry. MLflow
+    refusing the login or this host's name (401/403) fails at once too, saying the fix."""
     from pipeline import interrupts
-    from pipeline.errors import PermanentError
+    from pipeline.errors import PermanentError, mlflow_refusal
 
     try:
         with interrupts.raising_on_signals():
@@ -108,6 +109,11 @@ def permanent_errors():
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
     except interrupts.Interrupted as exc:
         raise AirflowTaskTerminated(str(exc)) from exc
+    except Exception as exc:
+        refused = mlflow_refusal(exc, settings().tracking_uri)
+        if refused:
+            raise AirflowFailException(refused) from exc
+        raise
 
 
 def preset_param(params: dict, default) -> Param:

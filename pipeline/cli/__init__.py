@@ -105,9 +105,10 @@ def _known_failure(exc: Exception, settings: Settings) -> str | None:
             f"error: disk full{full}; nothing half-written was kept. Free space on that disk "
             "and run the command again (`--resume` continues a training from its checkpoint)"
         )
-    from pipeline.tracking.server import connection_failure, login_refused
+    from pipeline.errors import mlflow_refusal
+    from pipeline.tracking.server import connection_failure
 
-    refused = next(filter(None, (login_refused(e, settings) for e in chain(exc))), None)
+    refused = mlflow_refusal(exc, settings.tracking_uri)
     if refused:
         return f"error: {refused}"
     if any(connection_failure(e) for e in chain(exc)):  # after MLflow's own bounded retries

@@ -6,6 +6,7 @@ run's tags (searchable in the MLflow UI) and into the registered model version's
 
 from __future__ import annotations
 
+import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -30,8 +31,9 @@ NOT_CODE = ("dvc.lock", "reports", "params.yaml")
 
 
 def git_state(root: Path) -> tuple[str, bool]:
-    """(commit sha, dirty) of the checkout; ('unknown', True) outside git. Dirty: a tracked file
-    other than `NOT_CODE` differs from the commit."""
+    """(commit sha, dirty) of the checkout. Dirty: a tracked file other than `NOT_CODE` differs
+    from the commit. Outside git: the image's build commit (PIPELINE_GIT_COMMIT, infra/Dockerfile's
+    build argument) as clean, else ('unknown', True)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -43,7 +45,8 @@ def git_state(root: Path) -> tuple[str, bool]:
                       *(f":(exclude){path}" for path in NOT_CODE))  # fmt: skip
         return git("rev-parse", "HEAD"), bool(changed)
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown", True
+        baked = os.environ.get("PIPELINE_GIT_COMMIT", "")
+        return (baked, False) if baked else ("unknown", True)
 
 
 def package_versions() -> dict[str, str]:

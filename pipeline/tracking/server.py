@@ -11,7 +11,7 @@ import urllib.request
 from contextlib import contextmanager
 from datetime import datetime
 
-from pipeline.errors import RegistryUnavailable
+from pipeline.errors import HOST_REFUSED, PermanentError, RegistryUnavailable, mlflow_refusal
 from pipeline.settings import Settings
 
 
@@ -53,10 +53,17 @@ INTERACTIVE_HTTP = {
 
 
 def _unreachable(uri: str) -> str | None:
-    """None when the server answers at all (any HTTP status), else why not."""
+    """None when the server answers at all (any HTTP status), else why not. Asks an API path,
+    not /health: MLflow exempts /health from its Host-header check, so a server that refuses
+    this client's Host header looks healthy there (`host_refused`)."""
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
-    except urllib.error.HTTPError:
+        urllib.request.urlopen(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5
+        ).close()
+    except urllib.error.HTTPError as exc:
+        body = exc.read(200).decode(errors="replace")
+        if exc.code == 403 and HOST_REFUSED in body:
+            raise PermanentError(mlflow_refusal(RuntimeError(body), uri)) from None
         return None
     except (urllib.error.URLError, OSError) as exc:
         return str(getattr(exc, "reason", exc))
@@ -75,27 +82,6 @@ def connection_failure(exc: BaseException) -> bool:
     )
 
 
-def login_refused(exc: BaseException, settings: Settings) -> str | None:
-    """What to do when an MLflow client error is the server refusing the login (401) or the
-    action (403); None for other errors. The client sends MLFLOW_TRACKING_USERNAME and
-    MLFLOW_TRACKING_PASSWORD."""
-    text = str(exc)
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    if "error code 401" in text or "You are not authenticated" in text:
-        given = f"the login of {user!r} was refused" if user else "no login was given"
-        return (
-            f"MLflow at {settings.tracking_uri} needs a login (401: {given}); set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`make up`'s admin: user "
-            "admin, password in .mlflow-auth/admin-password)"
-        )
-    if "error code 403" in text or "Permission denied" in text:
-        return (
-            f"MLflow at {settings.tracking_uri} refused this to {user!r} (403: permission "
-            "denied); ask its admin for the permission (docs/operations.md, who can do what)"
-        )
-    return None
-
-
 @contextmanager
 def reachable(settings: Settings):
     """Turn MLflow's connection failures (after its own retries with backoff, see
@@ -107,10 +93,8 @@ def reachable(settings: Settings):
         yield
     except (MlflowException, requests.exceptions.RequestException) as exc:
         text = str(exc)
-        refused = login_refused(exc, settings)
-        if refused:  # a login will not fix itself: no retry
-            from pipeline.errors import PermanentError
-
+        refused = mlflow_refusal(exc, settings.tracking_uri)
+        if refused:  # a login or host name will not fix itself: no retry
             raise PermanentError(refused) from None
         if not connection_failure(exc):
             raise

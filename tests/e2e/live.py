@@ -149,6 +149,25 @@ class ServedModel(_Started):
             return error.code, json.loads(error.read())
 
 
+class MlflowServer(_Started):
+    """`mlflow server` on `store` (a backend store URI) in the project's environment plus `env`,
+    on a free port; `args` go after its own (`--artifacts-destination ...`)."""
+
+    ready = "/health"
+
+    def __init__(self, project: Path, store: str, *args: str, env: dict | None = None):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        # no job runner: nothing to drain when it stops
+        self.env = {**project_env(project), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.env |= env or {}
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--workers", "1",
+             "--port", self.url.rsplit(":", 1)[1], "--backend-store-uri", store, *args],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+
 class PipelineServer(_Started):
     """`pipeline serve` in the project, on a free port, its log in `log`; ready when entered."""
 

@@ -3,14 +3,11 @@ pipeline prints lands on the training runs with their scores, a run's charts sta
 scores, and the registered model and its version explain themselves. Screenshots land in
 outputs/screenshots/ (docs/images/ keeps copies)."""
 
-import subprocess
-
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import BIN, free_port, project_env, stop_group
 from tests.e2e.browser import SCREENSHOTS, chromium
-from tests.e2e.live import wait_http
+from tests.e2e.live import MlflowServer
 
 pytestmark = pytest.mark.slow
 MODEL = "image-classifier"
@@ -20,17 +17,9 @@ MODEL = "image-classifier"
 def mlflow_ui(from_template):
     """(UI address, client, project) for a project with a trained, registered champion."""
     project = from_template("registered")
-    port, uri = free_port(), f"sqlite:///{project}/.mlflow/mlflow.db"
-    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", uri, "--workers", "1"]  # fmt: skip
-    env = {**project_env(project), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}", MlflowClient(tracking_uri=uri), project
-    finally:
-        stop_group(proc)
+    uri = f"sqlite:///{project}/.mlflow/mlflow.db"
+    with MlflowServer(project, uri) as server:
+        yield server.url, MlflowClient(tracking_uri=uri), project
 
 
 def _close_assistant(page) -> None:

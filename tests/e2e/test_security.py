@@ -100,3 +100,37 @@ def test_odd_model_names_are_refused_or_work_and_make_no_lock_for_an_unknown_mod
         unknown = run(["pipeline", "rollback", "--", name], project, check=False)
         assert unknown.returncode == 1 and "no registered model" in unknown.stderr
     assert not list((project / "outputs").rglob("*.lock"))
+
+
+def test_an_mlflow_server_that_refuses_this_host_name_says_which_name_to_allow(
+    project, tmp_path, monkeypatch
+):
+    """MLflow 3's DNS-rebinding guard answers 403 to a Host header it was not told to allow,
+    and /health is exempt: the workers of a deployment reach it by a name like `mlflow:5000`.
+    The CLI and a DAG task fail at once, naming the flag and the host, instead of retrying."""
+    import sys
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import REPO
+    from tests.e2e.live import MlflowServer
+
+    allowed = {"MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow:5000"}  # not the name this client uses
+    with MlflowServer(project, f"sqlite:///{tmp_path}/mlflow.db", env=allowed) as server:
+        env = {**server.env, "MLFLOW_TRACKING_URI": server.url}
+        host = server.url.removeprefix("http://")
+        said = run(["pipeline", "status"], project, env=env, check=False)
+        assert said.returncode == 1, said.stderr
+        assert f"refused the Host header '{host}'" in said.stderr
+        assert f"--allowed-hosts {host}" in said.stderr and "Traceback" not in said.stderr
+        # a task meets it inside MLflow's client (no probe first): one line, no retry
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("PIPELINE_ROOT", str(project))
+        monkeypatch.syspath_prepend(str(REPO / "dags"))
+        sys.modules.pop("dag_support", None)
+        import dag_support
+        from airflow.sdk.exceptions import AirflowFailException
+
+        with pytest.raises(AirflowFailException, match=f"--allowed-hosts {host}"):
+            with dag_support.permanent_errors():
+                MlflowClient(server.url).search_experiments()

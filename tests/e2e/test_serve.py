@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -18,8 +17,8 @@ import pytest
 import yaml
 
 from pipeline.tracking.weights import png_base64
-from tests.conftest import BIN, free_port, project_env, run, stop_group
-from tests.e2e.live import PipelineServer, ServedModel, wait_http
+from tests.conftest import run
+from tests.e2e.live import MlflowServer, PipelineServer, ServedModel
 
 pytestmark = pytest.mark.slow
 NAME = "image-classifier"
@@ -377,23 +376,14 @@ def test_serve_follows_a_tracking_servers_webhook_at_once(from_template):
     polling at once an hour, a promotion reaches the server through its webhook; a forged
     delivery is refused."""
     project = from_template("registered")
-    port = free_port()
-    env = {
-        **project_env(project),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+    sends = {
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",  # a test has no certificate
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "PIPELINE_SERVE_WEBHOOK_SECRET": "s3cret",
     }
     store = f"sqlite:///{project}/.mlflow/mlflow.db"
-    tracking = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", store, "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", tracking)
+    with MlflowServer(project, store, env=sends) as tracking:
+        env = {**tracking.env, "MLFLOW_TRACKING_URI": tracking.url}
         args = ["--set", "serve.poll_s=3600", "--webhook-url", "{url}/webhook"]
         with PipelineServer(project, *args, env=env) as server:
             forged = urllib.request.Request(
@@ -411,8 +401,6 @@ def test_serve_follows_a_tracking_servers_webhook_at_once(from_template):
                 run(["pipeline", *command], project, env=env)
             _wait_for_version(server, 2, seconds=30)  # polling would take an hour
             assert "moved: version 1 -> 2" in server.log.read_text()
-    finally:
-        stop_group(tracking)
     local = run(["pipeline", "serve", "--webhook-url", "http://x/webhook"], project, check=False)
     assert (
         local.returncode == 2 and "webhooks are sent by an MLflow tracking server" in local.stderr

@@ -112,3 +112,81 @@ def test_kubernetes_runs_the_train_task_on_a_gpu_node():
     wiring = (REPO / "dags" / "dag_support.py").read_text()  # GPU_TASK: train and sweep trials
     assert "infra/helm/gpu-pod-template.yaml" in wiring
     assert "COPY infra/helm ./infra/helm" in (INFRA / "Dockerfile").read_text()  # in the image
+
+
+def _helm() -> dict:
+    return yaml.safe_load((INFRA / "helm" / "values.yaml").read_text())
+
+
+def test_the_image_meets_other_hosts_at_an_s3_dvc_remote_not_a_local_path():
+    from configobj import ConfigObj  # what DVC reads its config with
+
+    assert "COPY infra/dvc-config .dvc/config" in (INFRA / "Dockerfile").read_text()
+    config = ConfigObj(str(INFRA / "dvc-config"))
+    default = config["core"]["remote"]
+    assert config[f'remote "{default}"']["url"].startswith("s3://")
+    assert config["core"]["no_scm"] == "true"  # the image holds no .git
+    # the bucket is one compose creates, the endpoint comes from the environment
+    bucket = config[f'remote "{default}"']["url"].removeprefix("s3://").split("/")[0]
+    services = _compose()["services"]
+    assert f"s3/{bucket}" in services["minio-buckets"]["entrypoint"]
+    assert services["airflow-worker"]["environment"]["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+
+
+def test_the_mlflow_server_answers_the_host_name_the_workers_use():
+    from urllib.parse import urlsplit
+
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    services = _compose()["services"]
+    worker_uri = services["airflow-worker"]["environment"]["MLFLOW_TRACKING_URI"]
+    host = urlsplit(worker_uri).netloc  # what requests sends as the Host header
+    given = services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    default = re.fullmatch(r"\$\{MLFLOW_ALLOWED_HOSTS:-(.+)\}", given).group(1)
+    example = dict(
+        line.split("=", 1)
+        for line in (INFRA / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for allowed in (default, example["MLFLOW_ALLOWED_HOSTS"]):
+        hosts = [h.strip() for h in allowed.split(",")]
+        assert is_allowed_host_header(hosts, host), (host, allowed)
+        assert is_allowed_host_header(hosts, "localhost:5000")  # the published port
+    helm = _helm()
+    helm_uri = next(e["value"] for e in helm["env"] if e["name"] == "MLFLOW_TRACKING_URI")
+    text = (INFRA / "helm" / "values.yaml").read_text()
+    assert f"naming {urlsplit(helm_uri).netloc}" in text  # the external server's instruction
+
+
+def test_every_host_signs_alike_and_task_logs_outlive_their_worker():
+    env = _compose()["services"]["airflow-worker"]["environment"]
+    assert env["AIRFLOW__API__SECRET_KEY"] == "${AIRFLOW_API_SECRET_KEY}"
+    assert env["AIRFLOW__LOGGING__REMOTE_LOGGING"] == "True"
+    bucket = env["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"].removeprefix("s3://").split("/")[0]
+    assert f"s3/{bucket}" in _compose()["services"]["minio-buckets"]["entrypoint"]
+    conn = env["AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID"]
+    assert f"AIRFLOW_CONN_{conn.upper()}" in env
+    helm = _helm()
+    assert helm["config"]["logging"]["remote_logging"] == "True"
+    assert helm["config"]["logging"]["remote_log_conn_id"] == conn
+    assert f"AIRFLOW_CONN_{conn.upper()}" in {e["name"] for e in helm["env"]}
+    assert "AIRFLOW__API__SECRET_KEY" in {s["envName"] for s in helm["secret"]}
+    # the handler's provider is in the image's extra
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"apache-airflow-providers-amazon' in pyproject.split("deploy = [")[1].split("]")[0]
+
+
+def test_no_service_shares_a_disk_with_another():
+    for name, service in _compose()["services"].items():
+        for volume in service.get("volumes", []):
+            # a service's own named volume is its disk; one named by two services is shared
+            users = [
+                other
+                for other, s in _compose()["services"].items()
+                if any(v.split(":")[0] == volume.split(":")[0] for v in s.get("volumes", []))
+            ]
+            assert users == [name], (volume, users)
+    helm = _helm()
+    assert "extraVolumes" not in helm["workers"]
+    pod = yaml.safe_load((INFRA / "helm" / "gpu-pod-template.yaml").read_text())
+    assert "volumes" not in pod["spec"]
