@@ -207,6 +207,50 @@ def tracking_overhead(cfg, split: Split, rounds: int) -> dict:
     }
 
 
+def checkpoint_upload_overhead(cfg, split: Split, rounds: int) -> dict:
+    """Median epoch seconds of a tracked fit writing its checkpoint every epoch, with the
+    train stage's upload of each checkpoint to the MLflow run (the recorder's background
+    thread) vs without. The checkpoints of the bigger `cnn` model make the upload visible."""
+    import mlflow
+
+    from pipeline.tracking.recorder import Recorder, log_epoch
+
+    store = tempfile.mkdtemp(prefix="bench-mlflow-")
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    artifacts = (Path(store) / "artifacts").as_uri()  # not ./mlruns
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("checkpoints", artifacts))
+    classes = [str(i) for i in range(10)]
+    path = Path(store) / "checkpoint.pt"
+
+    def epochs(upload: bool) -> list[float]:
+        with mlflow.start_run() as run:
+            recorder = Recorder()  # in-process: its upload thread is the one a sweep uses
+            recorder.client, recorder.run_id = mlflow.MlflowClient(), run.info.run_id
+
+            def logged(row):
+                log_epoch(recorder.client, recorder.run_id, row)
+                if upload:
+                    recorder.checkpoint(path)
+
+            result = fit(cfg.train, split, classes, 0, on_epoch=logged, checkpoint_path=path)
+            if recorder.uploads is not None:
+                recorder.uploads.shutdown(wait=True)
+        return [row["epoch_seconds"] for row in result.history][1:]
+
+    on, off = [], []
+    for i in range(rounds):
+        for upload in (True, False) if i % 2 else (False, True):
+            (on if upload else off).extend(epochs(upload))
+    on_med, off_med = statistics.median(on), statistics.median(off)
+    size = path.stat().st_size / 1e6
+    return {
+        "uploaded_epoch_s": on_med,
+        "local_only_epoch_s": off_med,
+        "overhead": on_med / off_med - 1,
+        "checkpoint_mb": size,
+    }
+
+
 def time_to_accuracy_digits(seeds: range) -> dict:
     from pipeline.config import DataConfig
     from pipeline.data.sources import load_source
@@ -293,6 +337,15 @@ def cpu_set(quick: bool) -> dict:
             "per-epoch metrics + system metrics",
             **tracking_overhead(seed, data, rounds),
         },
+        "checkpoint_upload_overhead": {
+            "setup": "cnn, MNIST-shaped 4,000 images, 3 epochs, checkpoint every epoch, "
+            "MLflow on SQLite; epoch time with each checkpoint uploaded to the run vs not",
+            **checkpoint_upload_overhead(
+                config(**{"train.model.name": "cnn", "train.epochs": 3}),
+                mnist_shaped(4_000),
+                rounds,
+            ),
+        },
         "time_to_985_digits": time_to_accuracy_digits(range(1 if quick else 5)),
         "peak_rss_mb_mnist_shaped": peak_rss_mb(),
     }
@@ -375,6 +428,12 @@ def render_markdown(r: dict, command: str) -> str:
             "MLflow tracking overhead (goal <= 3 %)",
             f"{100 * r['tracking_overhead']['overhead']:+.1f} %",
             r["tracking_overhead"]["setup"],
+        ),
+        (
+            "checkpoint upload to the MLflow run, epoch time (goal: no slower)",
+            f"{100 * r['checkpoint_upload_overhead']['overhead']:+.1f} % "
+            f"({r['checkpoint_upload_overhead']['checkpoint_mb']:.1f} MB a checkpoint)",
+            r["checkpoint_upload_overhead"]["setup"],
         ),
         (
             "time to 98.5 % test accuracy on digits (goal <= 2 s), median",

@@ -209,8 +209,15 @@ def history(args, settings: Settings) -> int:
 
 def status(args, settings: Settings) -> int:
     from pipeline.registry.versions import model_status
-    from pipeline.tracking import store
+    from pipeline.tracking import orphans, store
 
+    if args.running:
+        runs = orphans.running(store.client(settings))
+        if args.json:
+            print(json.dumps(runs, indent=2))
+            return 0
+        print(display.running(runs))
+        return 0
     models = model_status(store.client(settings))
     if args.json:
         return _print(models)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from pipeline.tracking.store import ui_path
 
 MLFLOW_UI_HINT = "make mlflow-ui   (or: .venv/bin/mlflow ui --backend-store-uri {uri})"
@@ -37,6 +39,36 @@ def status(models: list[dict]) -> str:
                 f"  v{v['version']:<3} {aliases:<30} test_accuracy {acc}  "
                 f"data {v['dataset']}@{v['data_md5']}  run {v['run_id']}{made}"
             )
+    return "\n".join(lines)
+
+
+VERDICTS = {
+    "alive": "its process lives",
+    "gone": "no live process: its process is gone from this host",
+    "silent": "no live process heard: likely lost with its host",
+    "heard": "on another host, heard of recently",
+}
+
+
+def running(runs: list[dict]) -> str:
+    """The RUNNING runs (`orphans.running`), each with its owner and verdict."""
+    if not runs:
+        return "no MLflow run is RUNNING"
+    now = time.time()
+    lines = [f"{len(runs)} MLflow run(s) RUNNING:"]
+    for r in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started_ms"] / 1000))
+        owner = f"process {r['pid']} on {r['host']}" if r["host"] else "no recorded process"
+        ago = max(0, round(now - r["heard_ms"] / 1000))
+        lines.append(
+            f"  {r['run_id']}  {r['name']}  {owner}  started {started}, last heard {ago} s ago: "
+            f"{VERDICTS[r['verdict']]}"
+        )
+    if any(r["verdict"] in ("gone", "silent") for r in runs):
+        lines.append(
+            "The next try of the same training ends such a run KILLED: the DAG task's retry, "
+            "or `pipeline train --resume` with the same params on the host that ran it."
+        )
     return "\n".join(lines)
 
 

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_commands(sub)
     status = sub.add_parser("status", help="registered models, versions, aliases, metrics")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--running",
+        action="store_true",
+        help="the MLflow runs still RUNNING, with their process and whether it lives",
+    )
     sub.add_parser("summary", help="what the latest run produced (used by `make run`)")
     sub.add_parser("choices", help="the datasets, models, optimizers, schedules, sweep strategies")
     return parser

@@ -49,14 +49,15 @@ def train_stage(
     `on_epoch` stopped it; {} in a torchrun worker: only rank 0 touches MLflow and files).
     SIGTERM or SIGINT (`interrupts.Interrupted`, any KeyboardInterrupt) ends the run KILLED and
     re-raises; a run of the same identity that a killed process left RUNNING is ended KILLED
-    when the next one starts. Every epoch is checkpointed. With `ctx.resume`, a checkpoint of
-    the same params, data, orchestrator run and `ctx.scope` continues where it stopped, logging
-    into the same MLflow run. `on_epoch(row)` sees each epoch after it is logged; raising
-    `Pruned` ends the run as KILLED, tagged with the epoch it stopped at. `recipe(dataset)`
-    gives more arguments for the engine's `fit` (a `loss` hook, a `start` model: the compress
-    stage); its identity goes in `ctx.scope`. With train.privacy, each epoch's `epsilon` is a
-    metric and the final guarantee (`privacy.epsilon`, `privacy.delta`, the noise multiplier,
-    ...) run params and tags. Raises DataError for
+    when the next one starts. Every epoch is checkpointed, locally and (off the training thread)
+    into the MLflow run. With `ctx.resume`, a checkpoint of the same params, data, orchestrator
+    run and `ctx.scope` continues where it stopped, logging into the same MLflow run: the local
+    one, else the one an earlier try uploaded from another host. `on_epoch(row)` sees each
+    epoch after it is logged; raising `Pruned` ends the run as KILLED, tagged with the epoch it
+    stopped at. `recipe(dataset)` gives more arguments for the engine's `fit` (a `loss` hook, a
+    `start` model: the compress stage); its identity goes in `ctx.scope`. With train.privacy,
+    each epoch's `epsilon` is a metric and the final guarantee (`privacy.epsilon`,
+    `privacy.delta`, the noise multiplier, ...) run params and tags. Raises DataError for
     untracked or unvalidated data, TrainingDiverged when the loss stays NaN/Inf.
     """
     ctx = ctx or RunContext()
@@ -87,6 +88,9 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
         ctx = ctx.with_(tags=lr_tags)
     ckpt_path = settings.checkpoints / f"{identity}.pt"
     state = None
+    if ctx.resume and not ckpt_path.exists() and distributed.context().main:
+        # an earlier try on another host: its checkpoint went to its MLflow run
+        recorder.fetch_checkpoint(settings, cfg.tracking.experiment, identity, ckpt_path)
     if ckpt_path.exists():
         if ctx.resume:
             state = checkpoint.load(ckpt_path)
@@ -112,6 +116,7 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
 
     def report(row: dict) -> None:
         tracking.epoch(row)
+        tracking.checkpoint(ckpt_path)  # written just before; uploaded off this thread
         if on_epoch is not None:
             on_epoch(row)
 
@@ -130,7 +135,8 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
             **more,
         )
     except Pruned as stop:
-        tracking.end("KILLED", {"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)})
+        pruned = {"sweep.pruned": "true", "sweep.pruned_at_epoch": str(stop.epoch)}
+        tracking.end("KILLED", pruned, keep_checkpoint=False)  # a pruned trial never resumes
         ckpt_path.unlink(missing_ok=True)
         return {"run_id": tracking.run_id, "pruned": True, "data_md5": data["data_md5"]}
     except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM as `interrupts.Interrupted`

@@ -8,7 +8,12 @@ same calls: `open`, `check`, `run_id`, `epoch`, then `end` (or `abort` on a fail
 
 A parent that vanishes without `end` (SIGKILL, OOM) closes or resets the child's pipe: the child
 ends the run KILLED and says why. A run left RUNNING when both went is ended when the same training
-identity next opens one (`_end_abandoned`).
+identity next opens one (`orphans.end_abandoned`), on this host or, for a later try of the same
+orchestrator run, on any.
+
+Each epoch's checkpoint is also uploaded to the run (`checkpoint`, off the training thread), so a
+retry on a host that shares no disk with this one resumes it (`fetch_checkpoint`); the upload is
+deleted once the run is FINISHED with its model.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import interrupts
 from pipeline.config import Config
 from pipeline.context import RunContext
 from pipeline.settings import Settings
+from pipeline.tracking import orphans
 
 SYSTEM_METRICS_INTERVAL_S = 2.0
 
@@ -108,6 +113,8 @@ class Recorder(_Recording):
     nvidia-ml-py, every few seconds) from the run's creation to its end."""
 
     run_id: str
+    uploads = None  # the checkpoint uploads' thread, once there is one
+    uploaded: int | None = None  # the mtime of the checkpoint uploaded last
 
     def open(self, opening: Opening) -> None:
         from mlflow import MlflowClient
@@ -129,20 +136,47 @@ class Recorder(_Recording):
     def epoch(self, row: dict) -> None:
         log_epoch(self.client, self.run_id, row)
 
+    def checkpoint(self, path: Path) -> None:
+        """Upload the checkpoint at `path` to the run, in the background (a thread here; the
+        child's own loop in `Child`): an epoch never waits for it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.uploads is None:
+            self.uploads = ThreadPoolExecutor(1, "checkpoint-upload")
+        self.uploads.submit(self._upload, path)
+
+    def _upload(self, path: Path) -> None:
+        """The file as it is now (a later epoch's when it was replaced meanwhile: renames are
+        atomic); skipped when unchanged since the last upload. A failure is said and left to
+        the next epoch: the local copy still resumes on this host."""
+        try:
+            stamp = path.stat().st_mtime_ns
+            if stamp != self.uploaded:
+                self.client.log_artifact(self.run_id, str(path), CHECKPOINT_FOLDER)
+                self.uploaded = stamp
+        except Exception as exc:
+            print(f"note: checkpoint not uploaded to MLflow this epoch ({exc})", file=sys.stderr)
+
     def end(
         self,
         status: str,
         tags: dict | None = None,
         artifacts: Path | None = None,
         params: dict | None = None,
+        keep_checkpoint: bool | None = None,
     ) -> None:
         """Log the files under `artifacts` (paths kept), set `tags` and `params` (what is known
         only at the end, such as DP-SGD's epsilon), stop the sampler (its last samples logged)
-        and close the run as `status`."""
+        and close the run as `status`. The uploaded checkpoint is deleted unless
+        `keep_checkpoint` (default: unless the run did not finish, so a retry can resume)."""
         from mlflow.entities import Param, RunTag
 
+        if self.uploads is not None:
+            self.uploads.shutdown(wait=True)
         if artifacts is not None:
             self.client.log_artifacts(self.run_id, str(artifacts))
+        if not (status != "FINISHED" if keep_checkpoint is None else keep_checkpoint):
+            _delete_checkpoint(self.client, self.run_id)  # the logged model is the durable copy
         if tags or params:
             self.client.log_batch(
                 self.run_id,
@@ -193,15 +227,19 @@ class Child(_Recording):
         self.check()
         self._send(("epoch", row))
 
+    def checkpoint(self, path: Path) -> None:
+        self._send(("checkpoint", path))
+
     def end(
         self,
         status: str,
         tags: dict | None = None,
         artifacts: Path | None = None,
         params: dict | None = None,
+        keep_checkpoint: bool | None = None,
     ) -> None:
         if not self._unopened:
-            self._send(("end", status, tags, artifacts, params))
+            self._send(("end", status, tags, artifacts, params, keep_checkpoint))
             self._reply("ended")
         self.close()
 
@@ -273,6 +311,9 @@ def _serve(conn) -> None:
             if message[0] == "epoch":
                 recorder.epoch(message[1])
                 continue
+            if message[0] == "checkpoint":
+                recorder._upload(message[1])  # this process is the background here
+                continue
             recorder.end(*message[1:])
             reply = ("ended", None)
         except BaseException as exc:
@@ -296,14 +337,9 @@ def _tell(conn, kind: str, value) -> bool:
 
 
 def _trainer_gone(recorder: Recorder, opening: Opening) -> None:
-    why = _left_by(opening.owner["pid"], opening.owner["host"])
+    why = orphans.left_by(opening.owner["pid"], opening.owner["host"])
     recorder.abort("KILLED", {"train.interrupted": why})
     print(f"note: MLflow run {recorder.run_id} ended KILLED: {why}", file=sys.stderr)
-
-
-def _left_by(pid: str, host: str) -> str:
-    """The `train.interrupted` tag of a run whose trainer died without closing it."""
-    return f"process {pid} on {host} ended without closing it"
 
 
 def _open_run(client, experiment: str, o: Opening) -> str:
@@ -326,7 +362,7 @@ def _open_run(client, experiment: str, o: Opening) -> str:
         **o.ctx.tags,  # e.g. mlflow.parentRunId for a sweep trial, reproduce.of
     }
     run_id = o.resume["mlflow_run_id"] if o.resume else None
-    _end_abandoned(client, experiment, o.identity, keep=run_id)
+    orphans.end_abandoned(client, experiment, o.identity, o.ctx, keep=run_id)
     if run_id is not None and _run_exists(client, run_id):
         client.update_run(run_id, "RUNNING")  # ended KILLED when its trainer was killed
         if "train.interrupted" in client.get_run(run_id).data.tags:  # it runs again now; the
@@ -356,19 +392,49 @@ def _open_run(client, experiment: str, o: Opening) -> str:
     return run_id
 
 
-def _end_abandoned(client, experiment: str, identity: str, keep: str | None) -> None:
-    """Runs of this identity left RUNNING by a process that no longer exists (SIGKILL, OOM):
-    ended KILLED, saying so; `keep` is the run a resume reopens."""
-    query = f"tags.`train.identity` = '{identity}' and attributes.status = 'RUNNING'"
-    for left in client.search_runs([experiment], query):
-        tags = left.data.tags
-        if left.info.run_id != keep and interrupts.gone(
-            tags.get("train.host"), tags.get("train.pid")
-        ):
-            why = _left_by(tags["train.pid"], tags["train.host"])
-            client.set_tag(left.info.run_id, "train.interrupted", why)
-            client.set_terminated(left.info.run_id, "KILLED")
-            print(f"note: MLflow run {left.info.run_id} ended KILLED: {why}", file=sys.stderr)
+CHECKPOINT_FOLDER = "checkpoint"  # the run's artifact folder of its last epoch checkpoint
+
+
+def fetch_checkpoint(settings: Settings, experiment: str, identity: str, path: Path) -> bool:
+    """Download the checkpoint an earlier try of this training `identity` uploaded (on any host)
+    to `path`; False when none has. The newest unfinished run of the identity wins."""
+    import shutil
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.files import write_atomic
+    from pipeline.tracking import store
+
+    experiment_id = store.configure(settings, experiment)
+    client = MlflowClient()
+    query = f"tags.`train.identity` = '{identity}' and attributes.status != 'FINISHED'"
+    for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                got = client.download_artifacts(
+                    run.info.run_id, f"{CHECKPOINT_FOLDER}/{identity}.pt", folder
+                )
+            except (MlflowException, OSError):  # this try died before its first upload
+                continue
+            with open(got, "rb") as source:
+                write_atomic(path, lambda out: shutil.copyfileobj(source, out), mode="wb")
+        print(f"checkpoint of run {run.info.run_id} fetched from MLflow", file=sys.stderr)
+        return True
+    return False
+
+
+def _delete_checkpoint(client, run_id: str) -> None:
+    from mlflow import get_tracking_uri
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        uri = client.get_run(run_id).info.artifact_uri
+        repo = get_artifact_repository(uri, tracking_uri=get_tracking_uri())
+        repo.delete_artifacts(CHECKPOINT_FOLDER)
+    except Exception as exc:  # the run is finished either way; the upload is only space
+        print(f"note: the run's uploaded checkpoint was not deleted ({exc})", file=sys.stderr)
 
 
 def _run_exists(client, run_id: str) -> bool:

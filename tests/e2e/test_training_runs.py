@@ -86,6 +86,8 @@ def test_a_run_left_running_by_sigkill_is_ended_killed_when_the_next_one_starts(
     _kill_after_epoch(validated, 2, recorder_too=True)  # nobody left to close the run
     (left,) = _runs(validated)
     assert left.info.status == "RUNNING"
+    listed = run(["pipeline", "status", "--running"], validated).stdout
+    assert left.info.run_id in listed and "no live process: its process is gone" in listed
     again = run(["pipeline", "train", *SMALL], validated)  # the same identity, no --resume
     ended = _client(validated).get_run(left.info.run_id)
     assert ended.info.status == "KILLED" and "ended without closing it" in again.stderr
@@ -123,9 +125,12 @@ def test_a_trainer_gone_before_hearing_from_its_recorder_leaves_the_run_ended_ki
     )
 
 
+@pytest.mark.parametrize("where", ["same host", "another host"])
 def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_one(
-    validated, tmp_path
+    validated, tmp_path, where
 ):
+    """On another host (a checkpoint folder that holds nothing, as on a worker that shares no
+    disk) the resume starts from the checkpoint the killed try uploaded to its MLflow run."""
     project = validated
     _kill_after_epoch(project, 3)
     (killed,) = _runs(project)
@@ -133,18 +138,29 @@ def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_
     assert killed.info.status == "KILLED" and killed.info.end_time is not None
     assert killed.data.tags["train.interrupted"].endswith("ended without closing it")
     assert len(list((project / "outputs" / "checkpoints").glob("*.pt"))) == 1
+    (uploaded,) = _client(project).list_artifacts(killed.info.run_id, "checkpoint")
+    got = _client(project).download_artifacts(killed.info.run_id, uploaded.path, str(tmp_path))
+    # the upload trails the local file by the epoch a kill may interrupt, never more
+    uploaded_epoch = torch.load(got, weights_only=True)["epoch"]
+    assert uploaded_epoch >= 2
 
-    resumed = run(["pipeline", "train", "--resume", *SMALL], project)
+    elsewhere = {"PIPELINE_CHECKPOINT_DIR": str(tmp_path / "empty")} if where != "same host" else {}
+    resumed = run(["pipeline", "train", "--resume", *SMALL], project, env=elsewhere)
     assert f"resuming MLflow run {killed.info.run_id} after epoch" in resumed.stderr
+    fetched = f"checkpoint of run {killed.info.run_id} fetched from MLflow"
+    assert (fetched in resumed.stderr) == (where != "same host")
     assert "epoch   1/20" not in resumed.stderr and "epoch  20/20" in resumed.stderr
     client = _client(project)
     (after,) = _runs(project)  # no second run
     assert after.info.run_id == killed.info.run_id and after.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(after.info.run_id, "train_loss"))
     assert steps == list(range(1, 21))  # every epoch logged exactly once
-    assert int(after.data.tags["train.resumed_from_epoch"]) >= 3
+    resumed_from = int(after.data.tags["train.resumed_from_epoch"])
+    assert resumed_from == uploaded_epoch if elsewhere else resumed_from >= 3
     assert "train.interrupted" not in after.data.tags  # FINISHED, not "interrupted"
-    assert not list((project / "outputs" / "checkpoints").glob("*.pt"))  # cleaned up
+    checkpoints = tmp_path / "empty" if elsewhere else project / "outputs" / "checkpoints"
+    assert not list(checkpoints.glob("*.pt"))  # cleaned up, here
+    assert not client.list_artifacts(after.info.run_id, "checkpoint")  # and in the run
 
     run(["pipeline", "train", *SMALL], project)  # the same params, uninterrupted
     fresh = next(r for r in _runs(project) if r.info.run_id != after.info.run_id)
@@ -154,6 +170,48 @@ def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_
         assert torch.equal(a[name], b[name]), name
     for key in ("val_loss", "val_accuracy", "train_loss"):
         assert after.data.metrics.get(key) == client.get_run(fresh.info.run_id).data.metrics[key]
+
+
+def test_a_later_try_ends_the_run_an_earlier_try_left_running_on_another_host(
+    validated, monkeypatch
+):
+    """A lost worker cannot close its run, and no process on this host can tell whether it
+    lives: a later try of the same orchestrator run knows the earlier one is over."""
+    from pipeline.config import load_config
+    from pipeline.context import RunContext
+    from pipeline.settings import Settings
+    from pipeline.stages.train import _training_identity, train_stage
+    from pipeline.tracking import store
+
+    for key, value in project_env(validated).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.from_env(validated)
+    cfg = load_config(settings.params, {"train.epochs": 1})
+    validation = json.loads((settings.outputs / "validation.json").read_text())
+    ids = {"dag_id": "train_image_classifier", "run_id": "manual__1"}
+    first, second = (RunContext("airflow", {**ids, "try_number": n}) for n in (1, 2))
+    identity = _training_identity(cfg, validation["data_md5"], first)
+    lost = {"train.identity": identity, "train.host": "worker-a", "train.pid": "4242"}
+    experiment = store.configure(settings, cfg.tracking.experiment)
+    client = _client(validated)
+    an_hour_ago = int((time.time() - 3600) * 1000)
+    left = client.create_run(experiment, an_hour_ago, {**lost, **first.run_tags()}).info.run_id
+    other = client.create_run(experiment, tags={**lost, **second.run_tags()}).info.run_id
+    (listed,) = [
+        r
+        for r in json.loads(run(["pipeline", "status", "--running", "--json"], validated).stdout)
+        if r["run_id"] == left
+    ]
+    assert (listed["host"], listed["pid"], listed["verdict"]) == ("worker-a", "4242", "silent")
+
+    trained = train_stage(cfg, settings, validation, second.with_(resume=True))
+    ended = client.get_run(left)
+    assert ended.info.status == "KILLED"
+    assert (
+        ended.data.tags["train.interrupted"] == "process 4242 on worker-a ended without closing it"
+    )
+    assert client.get_run(other).info.status == "RUNNING"  # the same try's: maybe alive
+    assert client.get_run(trained["run_id"]).info.status == "FINISHED"
 
 
 class _Exploit:
