@@ -21,8 +21,10 @@ from airflow.sdk import Asset, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTerminated
 
 PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[1])
-# Updated by publish_dataset when it records a new data version; the training DAG runs on it.
-DATA = Asset(name="pipeline-data", uri=(PROJECT_ROOT / "data.dvc").as_uri())
+# Updated by publish_dataset when it records a new data version (its event hands on the version's
+# data.dvc entry); the training DAG runs on it. Named, not a path: every host's checkout may
+# lie elsewhere, and the scheduler and the workers must name the same Asset.
+DATA = Asset(name="pipeline-data")
 PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
 GPU_POOL = "gpu"  # slots = GPUs on the worker (1 on CPU): one training per device
 # What every training task (train, each sweep trial) runs with: a GPU slot, hours of time, and
@@ -168,24 +170,30 @@ def choice(key: str, default, **schema) -> Param:
 
 
 def context(**changes):
-    """The stages' RunContext of this task: which DAG, which run, which try."""
+    """The stages' RunContext of this task: which DAG, which run, which try; the next task may
+    run on another worker."""
     from pipeline.context import RunContext
 
     ctx = get_current_context()
     ids = {"dag_id": ctx["dag"].dag_id, "run_id": ctx["run_id"], "try_number": ctx["ti"].try_number}
-    return RunContext(origin="airflow", ids=ids, **changes)
+    return RunContext(origin="airflow", ids=ids, remote_handoffs=True, **changes)
 
 
 def stage_task(**task_kwargs):
     """@task for a task that runs pipeline code. The body is `body(cfg, settings, ctx, ...)`: it
     gets the config resolved by the run's first task (from the first argument's "config"), the
     settings and the RunContext; the task's own arguments are `checked` and the body's others.
-    PermanentError and LookupError fail it without retries (`permanent_errors`)."""
+    Where `checked` has "pinned" (the run's data version, `pinned_data`), data/ is checked out
+    to it first. PermanentError and LookupError fail it without retries (`permanent_errors`)."""
 
     def decorate(body):
         @functools.wraps(body)
         def run(checked: dict, *args, **kwargs):
             with permanent_errors():
+                if "pinned" in checked:  # this worker may hold another version, or none
+                    from pipeline.stages.validate import checkout_stage
+
+                    checkout_stage(settings(), checked["pinned"])
                 return body(config(checked["config"]), settings(), context(), *args, **kwargs)
 
         # Airflow reads the task's arguments from the signature: `checked`, then the body's own.
@@ -195,6 +203,23 @@ def stage_task(**task_kwargs):
         return task(**task_kwargs)(run)
 
     return decorate
+
+
+def pinned_data() -> dict:
+    """For a DAG's first task (declared with `inlets=[DATA]`): the data version this run works
+    on, checked out here; later tasks get it in `checked["pinned"]`. The version of the Asset
+    event that triggered the run, else of the newest one (a scheduled run: whatever worker
+    published it), else this checkout's data.dvc."""
+    from pipeline.stages.validate import checkout_stage, pinned_version
+
+    context = get_current_context()
+    triggering = (context.get("triggering_asset_events") or {}).get(DATA) or []
+    newest = list(context["inlet_events"][DATA].ascending(False).limit(1))
+    published = [event.extra or {} for event in (triggering or newest)]
+    with permanent_errors():
+        pinned = pinned_version(settings(), published)
+        checkout_stage(settings(), pinned)
+    return pinned
 
 
 def settings():

@@ -59,7 +59,8 @@ def publish_dataset():
         md5 = published["data_md5"]
         if md5 == published["previous"]:
             raise AirflowSkipException(f"data unchanged ({md5}): no new version, no Asset event")
-        event = {"data_md5": md5, "dataset": cfg.base.dataset}
+        # the version's data.dvc entry: the triggered run checks it out on every worker
+        event = {"data_md5": md5, "dataset": cfg.base.dataset, "pointer": published["pointer"]}
         get_current_context()["outlet_events"][ds.DATA].extra = event
         return published
 

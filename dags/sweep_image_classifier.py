@@ -74,17 +74,18 @@ PARAMS = ds.params_yaml()
     },
 )
 def sweep_image_classifier():
-    @task(multiple_outputs=True)  # the trials take its "validation" alone
+    @task(multiple_outputs=True, inlets=[ds.DATA])  # the trials take its "validation" alone
     def validate() -> dict:
         """Apply the form to params.yaml, check data/ holds that dataset as data.dvc records it,
         and run the validation gate once for all trials."""
         from pipeline.stages.validate import check_data_stage, validate_stage
 
         cfg = ds.form_config(PARAM_KEYS)
+        pinned = ds.pinned_data()  # every trial, on any worker, trains on this version
         with ds.permanent_errors():
             check_data_stage(cfg, ds.settings())
             validation = validate_stage(cfg, ds.settings(), ds.context())
-        return {"config": cfg.to_dict(), "validation": validation}
+        return {"config": cfg.to_dict(), "validation": validation, "pinned": pinned}
 
     @ds.stage_task()
     def start_sweep(cfg, settings, ctx) -> dict:

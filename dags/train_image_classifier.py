@@ -82,15 +82,17 @@ EMPTY = {name: ds.empty_note(PARAMS, key) for name, key in PARAM_KEYS.items()}
     },
 )
 def train_image_classifier():
-    @task
+    @task(inlets=[ds.DATA])
     def check_data() -> dict:
-        """Resolve params.yaml + run params; check data/ is present and matches data.dvc."""
+        """Resolve params.yaml + run params; pin the data version (the publishing event's, else
+        data.dvc's) that every task of this run checks out, on whatever worker it runs."""
         from pipeline.stages.validate import check_data_stage
 
         cfg = ds.form_config(PARAM_KEYS)
+        pinned = ds.pinned_data()
         with ds.permanent_errors():
             data = check_data_stage(cfg, ds.settings())
-        return {"config": cfg.to_dict(), **data}
+        return {"config": cfg.to_dict(), **data, "pinned": pinned}
 
     @ds.stage_task()
     def validate(cfg, settings, ctx) -> dict:

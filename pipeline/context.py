@@ -16,6 +16,8 @@ class RunContext:
     scope: keeps calls that may run at once apart (their checkpoints), e.g. a sweep worker.
     resume: continue an interrupted training of the same identity from its checkpoint.
     tags: extra tags for the MLflow run a stage opens (a sweep trial's parent run).
+    remote_handoffs: the next stage may run on a host that shares no disk with this one (a DAG's
+        tasks): files it needs go through MLflow, never the workspace.
     """
 
     origin: str = "cli"
@@ -23,6 +25,7 @@ class RunContext:
     scope: str = ""
     resume: bool = False
     tags: dict = field(default_factory=dict)
+    remote_handoffs: bool = False
 
     def run_tags(self) -> dict[str, str]:
         """The origin's ids as tags (`airflow.dag_id`, ...), plus `tags`."""

@@ -24,6 +24,7 @@ class Settings:
     optuna_storage: str = ""  # Optuna studies (a relational DB); "": SQLite beside MLflow's
     shared: Path | None = None  # the project whose store and locks a workspace uses; None: root
     reports_in_git: bool = True  # False: reports/ goes to outputs/ (a DAG's shared checkout)
+    registry_lock: str = ""  # PostgreSQL URL of the promotion lock; "": a file in the project
 
     @property
     def code(self) -> Path:
@@ -95,6 +96,8 @@ class Settings:
         Defaults: MLflow on SQLite in the project's `.mlflow/` (git-ignored).
         MLFLOW_TRACKING_URI and MLFLOW_ARTIFACT_ROOT point a deployment elsewhere;
         PIPELINE_MLFLOW_WAIT_S bounds how long the CLI waits for an MLflow server that is down.
+        The promotion lock lives where the registry does: PIPELINE_REGISTRY_LOCK_URI (the
+        PostgreSQL database of an MLflow server), else the tracking URI when it is PostgreSQL.
         """
         experiment = bool(os.environ.get("DVC_EXP_NAME"))
         if root is None:
@@ -104,13 +107,16 @@ class Settings:
         project = os.environ.get("DVC_ROOT") if experiment else None
         shared = Path(project).resolve() if project else None
         store = (shared or root) / ".mlflow"
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}/mlflow.db"
+        in_postgres = tracking if tracking.startswith("postgresql") else ""
         return cls(
             root=root,
-            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}/mlflow.db",
+            tracking_uri=tracking,
             artifact_root=os.environ.get("MLFLOW_ARTIFACT_ROOT") or (store / "artifacts").as_uri(),
             mlflow_wait_s=float(os.environ.get("PIPELINE_MLFLOW_WAIT_S") or 60),
             optuna_storage=os.environ.get("PIPELINE_OPTUNA_STORAGE", ""),
             shared=shared if shared != root else None,
+            registry_lock=os.environ.get("PIPELINE_REGISTRY_LOCK_URI") or in_postgres,
         )
 
 

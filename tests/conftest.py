@@ -162,11 +162,12 @@ def templates(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def from_template(templates, tmp_path):
-    """`from_template(name)`: a copy of a session-built project (tests/templates.py RECIPES)."""
+    """`from_template(name)`: a copy of a session-built project (tests/templates.py RECIPES);
+    `folder` names a second copy's (another workspace, as on another host)."""
     from tests.templates import copy_project, template
 
-    def copy(name: str) -> Path:
-        return copy_project(template(templates, name), tmp_path / "project")
+    def copy(name: str, folder: str = "project") -> Path:
+        return copy_project(template(templates, name), tmp_path / folder)
 
     return copy
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.store import DataError
-from pipeline.files import exclusive, write_json
+from pipeline.files import exclusive, write_atomic, write_json
 
 POINTER = "data.dvc"
 # In DVC's own git-ignored scratch folder: a lock for writers of data/, and a marker that says a
@@ -237,6 +237,25 @@ def pull(repo_root: Path, fix: str = REGENERATE, repo=None) -> None:
                 f"data version {recorded_md5(repo_root)} is not in the local cache or the DVC "
                 f"remote ({exc}); {fix}"
             ) from None
+
+
+def checkout(repo_root: Path, pinned: dict) -> bool:
+    """Make data/ hold the version `pinned` (a data.dvc entry, `pointer`) from the cache or the
+    DVC remote, whatever this workspace recorded: data.dvc is rewritten to it and data/ pulled,
+    under the repository lock. True when it changed; nothing when data.dvc pins it already.
+    DataError naming the version when no store has it (data.dvc then stays as it was)."""
+    if pointer(repo_root)["md5"] == pinned["md5"]:
+        return False
+    path = Path(repo_root) / POINTER
+    with locked_repo(repo_root) as repo:
+        before = path.read_text()
+        write_atomic(path, lambda out: yaml.safe_dump({"outs": [pinned]}, out, sort_keys=False))
+        try:
+            pull(repo_root, "`dvc push` it from the machine that published it", repo=repo)
+        except DataError:
+            path.write_text(before)
+            raise
+    return True
 
 
 def add(repo_root: Path, data_dir: Path, repo) -> str:

@@ -17,15 +17,58 @@ if TYPE_CHECKING:
 STATUS_TAG = "registration.status"  # pending until register finished; only complete ones promote
 
 
+LOCK_WAIT_S = 600  # a promotion rescoring a big champion takes minutes
+
+
 @contextmanager
 def promotion_lock(settings: Settings, name: str):
-    """One registration/promotion of `name` at a time on this machine; across Airflow workers
-    the `promotion` pool (one slot) serializes the register tasks."""
+    """One alias move of `name` at a time (register, compress, promote, rollback), held where
+    the registry lives: a PostgreSQL advisory lock in `settings.registry_lock` (a deployment:
+    every machine that moves aliases takes the same one), else a file lock in the project (the
+    SQLite default: one machine). Waits up to LOCK_WAIT_S, saying so, then RuntimeError."""
     from pipeline.files import exclusive, safe_name
 
     # The name comes from the CLI or params.yaml: never a path out of the locks folder.
-    with exclusive(settings.locks / f"promotion-{safe_name(name, 'the model name')}.lock"):
+    safe = safe_name(name, "the model name")
+    if settings.registry_lock:
+        with _advisory_lock(settings.registry_lock, f"promotion:{name}"):
+            yield
+        return
+    with exclusive(settings.locks / f"promotion-{safe}.lock"):
         yield
+
+
+@contextmanager
+def _advisory_lock(url: str, key: str):
+    """PostgreSQL's session advisory lock on `key` (hashed to 64 bits) in the database at `url`
+    (an SQLAlchemy URL, `postgresql+psycopg2://...` too); released when the block ends or the
+    process dies (its connection closes)."""
+    import hashlib
+    import re
+    import sys
+
+    import psycopg2
+
+    number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+    connection = psycopg2.connect(re.sub(r"^postgresql\+\w+://", "postgresql://", url))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", (number,))
+            if not cursor.fetchone()[0]:
+                held = f"waiting for the registry lock ({key}): another alias move holds it"
+                print(held, file=sys.stderr, flush=True)
+                cursor.execute("SET lock_timeout = %s", (f"{LOCK_WAIT_S}s",))
+                try:
+                    cursor.execute("SELECT pg_advisory_lock(%s)", (number,))
+                except psycopg2.errors.LockNotAvailable:
+                    raise RuntimeError(
+                        f"the registry lock ({key}) stayed held for {LOCK_WAIT_S} s by another "
+                        "alias move; run this again when it has finished"
+                    ) from None
+        yield
+    finally:
+        connection.close()
 
 
 def create_version(client, name: str, run, tags: dict):

@@ -16,6 +16,28 @@ def check_data_stage(cfg: Config, settings: Settings) -> dict:
     return check_data(cfg.base.dataset, settings.root, settings.data_dir)
 
 
+def pinned_version(settings: Settings, published: list[dict]) -> dict:
+    """The data version a DAG run works on, as a data.dvc entry ({"md5", "size", ...}): the
+    newest of `published` (the extras of the Asset events that triggered the run, where
+    publish_dataset hands on its "pointer"), else this workspace's data.dvc."""
+    from pipeline.data.versioning import pointer
+
+    handed = [e["pointer"] for e in published if isinstance(e.get("pointer"), dict)]
+    return handed[-1] if handed else pointer(settings.root)
+
+
+def checkout_stage(settings: Settings, pinned: dict) -> dict:
+    """Make this workspace's data/ the `pinned` version (from the DVC remote when it holds
+    another), so every task of a run reads the version the run started with, on any host.
+    {"data_md5", "changed"}; DataError when no store has it."""
+    from pipeline.data.versioning import checkout
+
+    changed = checkout(settings.root, pinned)
+    if changed:
+        print(f"data: checked out {pinned['md5']}, the version this run pinned")
+    return {"data_md5": pinned["md5"], "changed": changed}
+
+
 def run(cfg: Config, settings: Settings, inputs: dict, ctx: RunContext) -> dict:
     """The graph's validate stage (it needs no earlier hand-off)."""
     return validate_stage(cfg, settings, ctx)
@@ -25,7 +47,9 @@ def validate_stage(cfg: Config, settings: Settings, ctx: RunContext | None = Non
     """Validate data/ (which must match data.dvc); the report as a dict with "success",
     "failed", "stats", "docs", "data_md5" and "dataset". Raises `ValidationFailed` on any
     failure, which is also put on record in MLflow: a FAILED run with the summary and the Data
-    Docs. Raises DataError when data/ is missing or untracked."""
+    Docs. With `ctx.remote_handoffs` (a DAG's task: train may run on another host) a pass is put
+    on record too, as a FINISHED run, and "docs_run" names it: train copies the Data Docs from
+    there, not from this workspace. Raises DataError when data/ is missing or untracked."""
     from pipeline.data.validation import validate_dataset
     from pipeline.errors import ValidationFailed
 
@@ -45,10 +69,13 @@ def validate_stage(cfg: Config, settings: Settings, ctx: RunContext | None = Non
         "data_md5": data["data_md5"],
         "dataset": ds.name,
     }
+    ctx = ctx or RunContext()
     if not report.success:
         failed = {**result, "notes": [*result["notes"], drift]}
-        _record_failed_validation(cfg, settings, failed, ctx or RunContext())
+        _record_validation(cfg, settings, failed, ctx)
         raise ValidationFailed(report, handoff=result)
+    if ctx.remote_handoffs:
+        result["docs_run"] = _record_validation(cfg, settings, result, ctx)
     return result
 
 
@@ -80,7 +107,9 @@ def _drift_reference(cfg: Config, settings: Settings, dataset: str) -> tuple[dic
     return reference, f"drift checked against {where}'s training data"
 
 
-def _record_failed_validation(cfg: Config, settings: Settings, result: dict, ctx) -> None:
+def _record_validation(cfg: Config, settings: Settings, result: dict, ctx) -> str:
+    """The validation as an MLflow run (FAILED or FINISHED) with its report and Data Docs
+    (`data_docs/`); its id."""
     import mlflow
 
     from pipeline.data.validation import summary
@@ -93,12 +122,15 @@ def _record_failed_validation(cfg: Config, settings: Settings, result: dict, ctx
         "git.commit": lineage.git_state(settings.code)[0],
         "params.hash": cfg.params_hash(),
     }
-    name = f"validation-failed-{result['dataset']}"
-    mlflow.start_run(run_id=store.new_run(settings, cfg.tracking.experiment, ctx, name, tags))
+    outcome = "passed" if result["success"] else "failed"
+    name = f"validation-{outcome}-{result['dataset']}"
+    run_id = store.new_run(settings, cfg.tracking.experiment, ctx, name, tags)
+    mlflow.start_run(run_id=run_id)
     try:
         mlflow.log_dict(result, "validation.json")
         docs = settings.root / result["docs"]
         if docs.is_file():
             mlflow.log_artifacts(str(docs.parent), "data_docs")
     finally:
-        mlflow.end_run(status="FAILED")
+        mlflow.end_run(status="FINISHED" if result["success"] else "FAILED")
+    return run_id

@@ -380,9 +380,7 @@ def _open_run(client, experiment: str, o: Opening) -> str:
         for start in range(0, len(params), 100):  # MLflow takes 100 params a batch
             client.log_batch(run_id, params=params[start : start + 100])
         client.log_dict(run_id, cfg.to_dict(), "config.json")
-        docs = settings.root / o.validation.get("docs", "")  # relative to the workspace
-        if docs.is_file():
-            client.log_artifacts(run_id, str(docs.parent), "data_docs")
+        _log_data_docs(client, run_id, settings, o.validation)
     client.log_dict(run_id, record, lineage.ARTIFACT)  # again on resume: the try moved on
     if o.resume:  # epochs a killed process checkpointed but never got to log
         logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
@@ -390,6 +388,24 @@ def _open_run(client, experiment: str, o: Opening) -> str:
             if row["epoch"] not in logged:
                 log_epoch(client, run_id, row)
     return run_id
+
+
+def _log_data_docs(client, run_id: str, settings: Settings, validation: dict) -> None:
+    """The validation's Data Docs into the run (`data_docs/`): from its MLflow run when it was
+    recorded on another host ("docs_run"), else from this workspace; a FINISHED run without
+    them says why."""
+    import tempfile
+
+    if validation.get("docs_run"):
+        with tempfile.TemporaryDirectory() as folder:
+            got = client.download_artifacts(validation["docs_run"], "data_docs", folder)
+            client.log_artifacts(run_id, got, "data_docs")
+        return
+    docs = settings.root / validation.get("docs", "")  # relative to the workspace
+    if docs.is_file():
+        client.log_artifacts(run_id, str(docs.parent), "data_docs")
+    else:
+        print(f"note: no Data Docs at {docs}; the run has none", file=sys.stderr)
 
 
 CHECKPOINT_FOLDER = "checkpoint"  # the run's artifact folder of its last epoch checkpoint

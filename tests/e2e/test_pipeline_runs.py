@@ -70,6 +70,17 @@ def test_make_run_takes_digits_to_a_champion_and_keeps_exactly_one(project):
     assert len(history) == 12
     explained = {a.path for a in _client(project).list_artifacts(v1["run_id"], "explain")}
     assert {"explain/summary.json", "explain/class_means.png"} <= explained  # the explain task
+    # validate's Data Docs reach the training run through MLflow (train may run elsewhere)
+    (checked,) = _client(project).search_runs(
+        [run_.info.experiment_id],
+        f"tags.`airflow.run_id` = '{tags['airflow.run_id']}' and attributes.status = 'FINISHED'"
+        " and attributes.run_name = 'validation-passed-digits'",
+    )
+    docs = {a.path for a in _client(project).list_artifacts(v1["run_id"], "data_docs")}
+    assert "data_docs/index.html" in docs
+    assert docs == {
+        a.path for a in _client(project).list_artifacts(checked.info.run_id, "data_docs")
+    }
     card = open(_client(project).download_artifacts(v1["run_id"], "model_card.md")).read()
     assert "## Explanations" in card and "`integrated_gradients` (" in card  # before register
 

@@ -319,3 +319,68 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
     log = run(dags_test, project, env={"PIPELINE_PREDICT_ROOTS": f"/nonexistent:{tmp_path}"})
     assert "state=success" in log.stdout + log.stderr
     assert batch_out.read_text().splitlines() == lines  # same model, pinned, same predictions
+
+
+@pytest.mark.long
+def test_promotions_from_two_workspaces_take_one_lock_in_the_registrys_database(
+    from_template, new_database, tmp_path
+):
+    """Two workspaces that share nothing but a PostgreSQL-backed MLflow server: an alias move
+    in one waits while the other holds the registry's lock (a PostgreSQL advisory lock, not a
+    file), and two registrations raced at once leave one champion and a history in which each
+    move names the version the one before it left."""
+    from pipeline.registry.versions import promotion_lock
+    from pipeline.settings import Settings
+    from tests.e2e.live import MlflowServer
+
+    store = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{new_database('mlflow')}"
+    a, b = from_template("validated"), from_template("validated", "elsewhere")
+    artifacts = ["--artifacts-destination", str(tmp_path / "artifacts")]
+    with MlflowServer(a, store, *artifacts) as server:
+        env = {"MLFLOW_TRACKING_URI": server.url, "PIPELINE_REGISTRY_LOCK_URI": store}
+        for project in (a, b):
+            run(["pipeline", "train", *QUICK], project, env=env)
+            run(["pipeline", "evaluate"], project, env=env)
+
+        def pipeline(project, *args):
+            return subprocess.Popen(
+                [str(BIN / "pipeline"), *args],
+                cwd=project,
+                env={**project_env(project), **env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+        def coherent(history: list[dict]) -> int:
+            """The champion the history ends on; each move names the one before it."""
+            moves = [e for e in history if e["alias"] == "champion"]
+            for before, after in zip(moves, moves[1:], strict=False):
+                assert after["previous"] == before["version"], history
+            return moves[-1]["version"]
+
+        def champion() -> int:
+            history = run(["pipeline", "history", NAME, "--json"], a, env=env).stdout
+            held = [v for v in (1, 2) if "champion" in client.get_model_version(NAME, v).aliases]
+            assert held == [coherent(json.loads(history))]
+            return held[0]
+
+        raced = [pipeline(p, "register", *LOW_FLOOR) for p in (a, b)]
+        results = [json.loads(p.communicate(timeout=600)[0]) for p in raced]
+        assert [p.returncode for p in raced] == [0, 0]
+        assert sorted(r["version"] for r in results) == [1, 2]
+        client = MlflowClient(tracking_uri=server.url)
+        other = 3 - champion()
+
+        # Held by a third party (no file of a's or b's): a promotion waits for it.
+        third = Settings.from_env(tmp_path)
+        third = Settings(**{**third.__dict__, "registry_lock": store})
+        with promotion_lock(third, NAME):
+            waiting = pipeline(b, "promote", f"{NAME}/{other}", "--force", "--reason", "by hand")
+            said = ""
+            while "waiting for the registry lock" not in said:
+                said += waiting.stderr.readline()
+                assert waiting.poll() is None, said
+        out, err = waiting.communicate(timeout=300)
+        assert waiting.returncode == 0, err[-2000:]
+        assert champion() == other

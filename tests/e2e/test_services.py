@@ -8,6 +8,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import git, run
 from tests.e2e.browser import SCREENSHOTS, airflow_dag, chromium, mlflow_compare
@@ -93,6 +94,10 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(
         )["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
         assert {t.get("airflow.run_id") for t in tags} == {r["dag_run_id"] for r in runs}
+        # each DAG run put its passed validation on record, for train on any worker
+        checks = [r for r in found if r["info"]["run_name"] == "validation-passed-digits"]
+        assert len(checks) == len(runs)
+        found = [r for r in found if r not in checks]
         # The admin's users: an analyst reads the registry but cannot move the champion.
         from mlflow.server import get_app_client
 
@@ -126,6 +131,17 @@ def test_scheduled_and_rest_triggered_runs_show_in_mlflow_then_down_stops_all(
         )
         assert [r["state"] for r in runs if r["run_type"] == "asset_triggered"] == ["success"]
         assert "test_fraction" not in (project / "data.dvc").read_text()  # only the md5 changed
+        # the triggered run trained on the version the publish event handed on
+        (triggered,) = [r["dag_run_id"] for r in runs if r["run_type"] == "asset_triggered"]
+        published = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+        trained_on = http(
+            "POST",
+            f"{mlflow}/api/2.0/mlflow/runs/search",
+            {"experiment_ids": [experiment], "filter": f"tags.`airflow.run_id` = '{triggered}'"},
+            login=login,
+        )["runs"]
+        md5s = {t["value"] for r in trained_on for t in r["data"]["tags"] if t["key"] == "data.md5"}
+        assert md5s == {published}
         assert git(project, "status", "--porcelain").strip() == "M data.dvc"  # left to commit
 
         # Seen in a browser: the two optimizers side by side, the DAG's last run succeeded.

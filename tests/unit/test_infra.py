@@ -176,6 +176,14 @@ def test_every_host_signs_alike_and_task_logs_outlive_their_worker():
     assert '"apache-airflow-providers-amazon' in pyproject.split("deploy = [")[1].split("]")[0]
 
 
+def test_alias_moves_from_every_host_lock_in_the_registrys_database():
+    services = _compose()["services"]
+    lock = services["airflow-worker"]["environment"]["PIPELINE_REGISTRY_LOCK_URI"]
+    backend = services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert lock.startswith("postgresql://") and lock.rsplit("@", 1)[1] == backend.rsplit("@", 1)[1]
+    assert "PIPELINE_REGISTRY_LOCK_URI" in {s["envName"] for s in _helm()["secret"]}
+
+
 def test_no_service_shares_a_disk_with_another():
     for name, service in _compose()["services"].items():
         for volume in service.get("volumes", []):
