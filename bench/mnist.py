@@ -13,6 +13,8 @@
    accuracy of what it answered), then Fashion-MNIST's 10,000 test images (the share answered
    "unknown"), from FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist, Debian's
    `dataset-fashion-mnist`; skipped, with the reason, when absent).
+7. Two machines (`pipeline train --nnodes 2 --nproc 1`, both on this host, gloo over loopback)
+   against one process: images/s and test accuracy.
 
 The files come from PIPELINE_MNIST_DIR (the four IDX files as distributed, gzip or not);
 default `../shared/datasets/mnist` beside the checkout when it exists. `--quick` (the smoke,
@@ -169,7 +171,39 @@ print(json.dumps(out))
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-PARTS = ("seed_vs_tutorial", "lenet", "dag", "lr_auto", "search", "abstain")
+def nodes(project: Path, epochs: int) -> dict:
+    """lenet-mnist as one process, then as two machines of one process each (two `pipeline
+    train --nnodes 2` meeting at a c10d rendezvous on loopback, gloo): images/s (the epochs'
+    median, all ranks together) and test accuracy of each, and their ratio."""
+    recipe = ["--preset", "lenet-mnist", "--set", f"train.epochs={epochs}"]
+    speed = re.compile(r"^epoch +\d+/\d+ .* ([\d,]+) img/s", re.M)
+
+    def score(said: str) -> dict:
+        rates = [float(r.replace(",", "")) for r in speed.findall(said)]
+        _, scores, _ = pipeline(project, "evaluate", *recipe)
+        return {"images_per_s": statistics.median(rates), "test_accuracy": scores["test_accuracy"]}
+
+    one = score(pipeline(project, "train", *recipe)[2])
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    endpoint = f"127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    two = ["train", "--nnodes", "2", "--nproc", "1", "--rdzv-endpoint", endpoint,
+           "--rdzv-id", "bench", *recipe]  # fmt: skip
+    machines = [
+        subprocess.Popen([str(BIN / "pipeline"), *two], cwd=project, env=_env(project),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    said = "".join(m.communicate(timeout=1800)[1] for m in machines)
+    if any(m.returncode for m in machines):
+        raise RuntimeError(f"the two-machine training failed:\n{said[-3000:]}")
+    both = score(said)
+    return {"one_process": one, "two_machines": both, "epochs": epochs,
+            "images_per_s_ratio": round(both["images_per_s"] / one["images_per_s"], 3)}  # fmt: skip
+
+
+PARTS = ("seed_vs_tutorial", "lenet", "dag", "lr_auto", "search", "abstain", "nodes")
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 
 
@@ -299,6 +333,7 @@ def main() -> None:
                                      {"sweep.optimizers": ["adamw"], "sweep.lrs": [0.005]}
                                      if quick else None),
             "abstain": lambda: abstain(project, 1 if quick else 3),
+            "nodes": lambda: nodes(project, 1 if quick else 3),
         }  # fmt: skip
         for part in parts:
             started = time.perf_counter()

@@ -30,9 +30,12 @@ def _config(args: argparse.Namespace, settings: Settings) -> Config:
     return load_config(args.params or settings.params, overrides)
 
 
-def _handoff(settings: Settings, stage: str) -> dict:
-    """What stage `stage` handed on (its `hands_on` file); OutOfOrder when it has not run."""
+def _handoff(settings: Settings, stage: str, missing: dict | None = None) -> dict:
+    """What stage `stage` handed on (its `hands_on` file); `missing` when it has not run here,
+    or OutOfOrder when none is given."""
     path = settings.handoff(graph.BY_NAME[stage].hands_on)
+    if not path.exists() and missing is not None:
+        return missing
     if not path.exists():
         raise OutOfOrder(f"{path} not found; run `pipeline {stage}` first")
     return json.loads(path.read_text())
@@ -72,23 +75,17 @@ def stage(args, settings: Settings) -> int:
     the workspace (or the run of --run-id, the model of --model), its result is printed and
     handed on."""
     cfg = _config(args, settings)
-    if getattr(args, "nproc", 1) > 1:
+    if getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1:
         from pipeline.training.distributed import launch
 
-        if cfg.train.privacy.enabled:  # before torchrun starts its processes
-            raise ConfigError("train.privacy runs in one process; train without --nproc")
-        if cfg.train.optimizer.lr == "auto":
-            raise ConfigError(
-                "train.optimizer.lr=auto is not run under torchrun; run `pipeline lr-find` and "
-                "set train.optimizer.lr to its suggestion"
-            )
-
-        return launch(args.nproc, _train_argv(args))
+        return launch(_nodes(args, cfg), _train_argv(args))
     needs = graph.BY_NAME[args.command].needs
     if getattr(args, "model", None):
         inputs = {need: {"model": args.model} for need in needs}
     elif getattr(args, "run_id", None):
         inputs = {need: {"run_id": args.run_id} for need in needs}
+    elif "RANK" in os.environ:  # under torchrun: the machine that holds them shares them
+        inputs = {need: _handoff(settings, need, missing={}) for need in needs}
     else:
         inputs = {need: _handoff(settings, need) for need in needs}
     ctx = _context(resume=getattr(args, "resume", False))
@@ -101,6 +98,27 @@ def lr_find(args, settings: Settings) -> int:
 
     validation = _handoff(settings, "validate")
     return _print(lr_find_stage(_config(args, settings), settings, validation))
+
+
+def _nodes(args: argparse.Namespace, cfg):
+    """Where `pipeline train --nproc/--nnodes` runs; ConfigError for what torchrun cannot."""
+    from pipeline.training.distributed import Nodes
+
+    if cfg.train.privacy.enabled:  # before torchrun starts its processes
+        raise ConfigError("train.privacy runs in one process; train without --nproc/--nnodes")
+    if cfg.train.optimizer.lr == "auto":
+        raise ConfigError(
+            "train.optimizer.lr=auto is not run under torchrun; run `pipeline lr-find` and "
+            "set train.optimizer.lr to its suggestion"
+        )
+    if args.nnodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
+        raise ConfigError(
+            f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (on one of the machines, "
+            "reachable from all) and --rdzv-id (the same on every machine of this training)"
+        )
+    if args.nproc < 1 or args.nnodes < 1:
+        raise ConfigError("--nproc and --nnodes are at least 1")
+    return Nodes(args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.join_timeout)
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:

@@ -79,6 +79,18 @@ def _train_options(train: argparse.ArgumentParser) -> None:
         default=1,
         help="data-parallel processes on this machine (torchrun; one per GPU, gloo on CPU)",
     )
+    nodes = train.add_argument_group(
+        "several machines", "run the same command on each; they meet at torchrun's rendezvous"
+    )
+    nodes.add_argument("--nnodes", type=int, default=1, help="machines in the training")
+    nodes.add_argument("--rdzv-endpoint", default="", help="HOST:PORT on one of the machines")
+    nodes.add_argument("--rdzv-id", default="", help="the same id on every machine of one run")
+    nodes.add_argument(
+        "--join-timeout",
+        type=int,
+        default=600,
+        help="seconds to wait for every machine to join (then a clear failure)",
+    )
 
 
 def _run_id_option(parser) -> None:

@@ -66,11 +66,19 @@ def train_stage(
 
 
 def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
+    from pipeline.training import distributed
+
+    dist = distributed.context()
+    if dist.enabled:  # the other machines have no hand-off of rank 0's workspace
+        from pipeline.training.engine import pick_device
+
+        distributed.init(dist, pick_device(cfg.train.device, dist.local_rank))
+        validation = distributed.first(validation, dist) or {}
     # DVC's comparison of data/ with data.dvc runs in a child process while torch loads.
     data = check_validated(
         cfg.base.dataset, settings.root, settings.data_dir, validation, wait=False
     )
-    from pipeline.training import checkpoint, distributed
+    from pipeline.training import checkpoint
     from pipeline.training.engine import fit
 
     ds = read_dataset(settings.data_dir, mmap=True)
@@ -88,28 +96,30 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
         ctx = ctx.with_(tags=lr_tags)
     ckpt_path = settings.checkpoints / f"{identity}.pt"
     state = None
-    if ctx.resume and not ckpt_path.exists() and distributed.context().main:
-        # an earlier try on another host: its checkpoint went to its MLflow run
-        recorder.fetch_checkpoint(settings, cfg.tracking.experiment, identity, ckpt_path)
-    if ckpt_path.exists():
-        if ctx.resume:
-            state = checkpoint.load(ckpt_path)
-        elif distributed.context().main:
-            print(
-                f"note: {ckpt_path} holds an interrupted run of these params and data; "
-                "`pipeline train --resume` continues it. Starting a new run.",
-                file=sys.stderr,
-            )
+    if dist.main:  # the other ranks start from rank 0's checkpoint, whatever their disk holds
+        if ctx.resume and not ckpt_path.exists():
+            # an earlier try on another host: its checkpoint went to its MLflow run
+            recorder.fetch_checkpoint(settings, cfg.tracking.experiment, identity, ckpt_path)
+        if ckpt_path.exists():
+            if ctx.resume:
+                state = checkpoint.load(ckpt_path)
+            else:
+                print(
+                    f"note: {ckpt_path} holds an interrupted run of these params and data; "
+                    "`pipeline train --resume` continues it. Starting a new run.",
+                    file=sys.stderr,
+                )
+    state = distributed.share(state, dist)
     data["wait"]()  # never train on data/ that differs from data.dvc
     more = recipe(ds) if recipe is not None else {}
-    if not distributed.context().main:
+    if not dist.main:
         fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state, contract=ds.contract,
             **more)  # fmt: skip
         return {}
     resume = {k: state[k] for k in ("mlflow_run_id", "epoch", "history")} if state else None
     tracking.open(recorder.Opening(
         cfg, given, settings, validation, ctx, ds.name, identity, _device_name(cfg),
-        distributed.context().world, interrupts.owner(), resume,
+        dist.world, interrupts.owner(), resume,
     ))  # fmt: skip
 
     tracking.check()  # an opening that failed already (a deleted experiment) stops us here

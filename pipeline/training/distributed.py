@@ -1,7 +1,11 @@
 """Data-parallel training under torchrun: who am I, and the few collectives the engine needs.
 
-`pipeline train --nproc N` re-launches itself through `torch.distributed.run`; each process then
-sees RANK / WORLD_SIZE / LOCAL_RANK. Only rank 0 logs to MLflow and writes checkpoints.
+`pipeline train --nproc P` re-launches itself through `torch.distributed.run` on this machine;
+with `--nnodes N --rdzv-endpoint HOST:PORT --rdzv-id ID` the same command on each of N machines
+meets at torchrun's c10d rendezvous. Each process then sees RANK / WORLD_SIZE / LOCAL_RANK. Only
+rank 0 reads checkpoints, logs to MLflow and writes checkpoints; the other ranks get its state
+(`share`), and every rank the hand-off of whichever machine holds it (`first`), so no machine
+needs a file of another's.
 """
 
 from __future__ import annotations
@@ -56,16 +60,85 @@ def barrier(dist: Dist) -> None:
         torch_dist.barrier()
 
 
-def launch(nproc: int, cli_args: list[str]) -> int:
-    """Run `pipeline <cli_args>` in `nproc` processes on this machine; returns the exit code."""
+def share(value, dist: Dist):
+    """Rank 0's `value` on every rank (any picklable object: a checkpoint's state); `value`
+    itself outside torchrun."""
+    if not dist.enabled:
+        return value
+    box = [value if dist.main else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first(value, dist: Dist):
+    """The `value` of the lowest rank that has one (not None or empty) on every rank: a
+    hand-off that only the machine which made it holds, whichever rank it got."""
+    if not dist.enabled:
+        return value
+    everyone = [None] * dist.world
+    torch_dist.all_gather_object(everyone, value or None)
+    return next((v for v in everyone if v), value)
+
+
+def agree(fingerprint: tuple, what: str, dist: Dist) -> None:
+    """Raise on every rank unless all ranks hold the same `fingerprint` of `what`."""
+    if not dist.enabled:
+        return
+    everyone = [None] * dist.world
+    torch_dist.all_gather_object(everyone, fingerprint)
+    if any(f != everyone[0] for f in everyone):
+        from pipeline.errors import CheckpointError
+
+        seen = ", ".join(f"rank {r}: {f}" for r, f in enumerate(everyone))
+        raise CheckpointError(f"the ranks disagree on {what} ({seen}); nothing was trained")
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Where the processes of one training run: `nproc` on each of `nnodes` machines, which
+    meet at torchrun's c10d rendezvous `endpoint` (HOST:PORT, on one of them) under `run_id`."""
+
+    nproc: int = 1
+    nnodes: int = 1
+    endpoint: str = ""
+    run_id: str = ""
+    join_timeout_s: int = 600  # how long the first machine waits for the others
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes == 1 and not self.endpoint:
+            return ["--standalone", f"--nproc-per-node={self.nproc}"]
+        return [
+            f"--nnodes={self.nnodes}",
+            f"--nproc-per-node={self.nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}",
+            f"--rdzv-conf=join_timeout={self.join_timeout_s}",
+            "--max-restarts=0",  # a lost rank fails the run; the retry resumes it
+        ]
+
+
+def launch(nodes: Nodes, cli_args: list[str]) -> int:
+    """Run `pipeline <cli_args>` in `nodes.nproc` processes here, meeting the other machines'
+    when `nodes.nnodes` > 1; returns the exit code (non-zero also when too few machines came
+    before the join timeout)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
+        *nodes.torchrun_args(),
         "-m",
         "pipeline.cli",
         *cli_args,
     ]
-    return subprocess.call(cmd)
+    code = subprocess.call(cmd)
+    if code and nodes.nnodes > 1:
+        print(
+            f"error: the {nodes.nnodes}-machine training at {nodes.endpoint} (rendezvous "
+            f"{nodes.run_id}) failed with exit code {code}: a rank failed (its error is above), "
+            f"or not all {nodes.nnodes} machines joined within {nodes.join_timeout_s} s. Run "
+            "the same command on every machine, with the same --rdzv-id, and a rendezvous "
+            "endpoint every machine reaches (docs/training.md, Multi-node)",
+            file=sys.stderr,
+        )
+    return code

@@ -262,6 +262,8 @@ class _Loop:
     def run(self, on_epoch, checkpoint_path, resume, extra) -> FitResult:
         if resume is not None:
             self._restore(resume)
+        # every rank from the same epoch and step, or none trains (never a silent restart)
+        distributed.agree((self.state.epoch, self.state.step), "the epoch to resume", self.dist)
         cfg, progress = self.cfg, Progress(self.cfg.epochs, enabled=self.dist.main)
         stopped_early = False
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):

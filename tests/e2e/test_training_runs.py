@@ -258,6 +258,86 @@ def test_torchrun_two_processes_train_one_run_logged_by_rank_zero(validated):
     assert sorted(m.step for m in history) == [1, 2, 3]
 
 
+def _two_machines(a: Path, b: Path, rdzv: str, *args: str, kill_after: int = 0) -> list[str]:
+    """`pipeline train --nnodes 2` run in workspaces `a` and `b` (as on two machines: `b` has
+    no hand-off of `a`'s, each its own checkpoint folder) meeting at a c10d rendezvous, with one
+    MLflow store; `kill_after`: SIGKILL both machines' processes once an epoch is reported. What
+    each said on stderr."""
+    import subprocess
+    import threading
+
+    from tests.conftest import BIN, free_port
+
+    command = [str(BIN / "pipeline"), "train", "--nnodes", "2", "--nproc", "1",
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", rdzv,
+               "--join-timeout", "120", *args]  # fmt: skip
+    tracking = {"MLFLOW_TRACKING_URI": f"sqlite:///{a}/.mlflow/mlflow.db"}
+    said, reported = [[], []], threading.Event()
+    procs = [
+        subprocess.Popen(command, cwd=p, env={**project_env(p), **tracking}, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        for p in (a, b)
+    ]  # fmt: skip
+
+    def read(i: int) -> None:
+        for line in procs[i].stderr:
+            said[i].append(line)
+            if kill_after and line.startswith(f"epoch {kill_after:>3}/"):
+                reported.set()
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in (0, 1)]
+    for reader in readers:
+        reader.start()
+    if kill_after:
+        import psutil
+
+        assert reported.wait(300), "".join(said[0] + said[1])[-3000:]
+        for proc in procs:  # torchrun's workers leave their launcher's process group
+            tree = psutil.Process(proc.pid)
+            for each in [tree, *tree.children(recursive=True)]:
+                each.kill()
+    for proc, reader in zip(procs, readers, strict=True):
+        proc.wait(timeout=300)
+        reader.join()
+    text = ["".join(s) for s in said]
+    if not kill_after:
+        assert [p.returncode for p in procs] == [0, 0], (text[0] + text[1])[-3000:]
+    return text
+
+
+def test_two_machines_train_one_run_and_resume_it_in_step(validated, from_template, tmp_path):
+    """Two workspaces that share no file, as two machines: only one holds validate's hand-off,
+    each its own checkpoints. They train one MLflow run; killed together mid-run and started
+    again with --resume (rank 0 may now be the other machine, which then takes the checkpoint
+    from the run), they continue it from one epoch, to the weights of an uninterrupted run."""
+    a, b = validated, from_template("validated", "node-b")
+    (b / "outputs" / "validation.json").unlink()  # validated on a only
+    recipe = ["--set", "train.model.name=cnn", "--set", "train.epochs=6"]
+    _two_machines(a, b, "whole", *recipe)
+    (whole,) = _runs(a)
+    assert whole.data.tags["train.processes"] == "2" and whole.info.status == "FINISHED"
+
+    _two_machines(a, b, "killed", *recipe, kill_after=3)
+    killed = next(r for r in _runs(a) if r.info.run_id != whole.info.run_id)
+    said = _two_machines(a, b, "resumed", "--resume", *recipe)
+    assert sum(f"resuming MLflow run {killed.info.run_id}" in s for s in said) == 1, said
+    assert not any("epoch   1/6" in s for s in said)
+    (after,) = [r for r in _runs(a) if r.info.run_id != whole.info.run_id]  # no third run
+    assert after.info.run_id == killed.info.run_id and after.info.status == "FINISHED"
+    client = _client(a)
+    steps = sorted(m.step for m in client.get_metric_history(after.info.run_id, "train_loss"))
+    assert steps == list(range(1, 7))  # every epoch logged exactly once
+    assert int(after.data.tags["train.resumed_from_epoch"]) >= 1
+    ours = _weights(client, after.info.run_id, tmp_path / "a")
+    theirs = _weights(client, whole.info.run_id, tmp_path / "b")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_multi_machine_training_without_its_rendezvous_is_refused(validated):
+    said = run(["pipeline", "train", "--nnodes", "2"], validated, check=False)
+    assert said.returncode == 2 and "needs --rdzv-endpoint HOST:PORT" in said.stderr
+
+
 def test_lr_auto_trains_with_the_range_tests_lr_and_records_the_number(validated, tmp_path):
     auto = ["--set", "train.optimizer.lr=auto", "--set", "train.epochs=2"]
     found = json.loads(run(["pipeline", "lr-find"], validated).stdout)
