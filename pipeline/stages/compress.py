@@ -156,7 +156,6 @@ def efficiency_keys() -> tuple[str, ...]:
 def _teacher_network(teacher: Teacher, dataset):
     """The teacher's PyTorch network and spec; ConfigError for an ONNX teacher (no gradients,
     no channels to remove) and LookupError for one built for other inputs than data/."""
-    from pipeline.stages.evaluate import _mismatch
     from pipeline.tracking import weights
     from pipeline.training.runtime import OnnxModel
 
@@ -167,9 +166,8 @@ def _teacher_network(teacher: Teacher, dataset):
             f"the teacher {teacher.model or teacher.run_id} is an int8 ONNX model: distill, "
             f"prune and quantize need a PyTorch one; set compress.teacher={made_from}"
         )
-    mismatch = _mismatch(spec, dataset) if dataset is not None else ""
-    if mismatch:
-        raise LookupError(f"the teacher was built for other data than data/ holds ({mismatch})")
+    if dataset is not None:
+        spec.require_fits(dataset, f"the teacher {teacher.model or teacher.run_id}")
     return model, spec
 
 

@@ -1,11 +1,9 @@
-"""evaluate: score a run's model on the test split; rescore a model on the current data."""
+"""evaluate: score a run's model on the test split of the data it was trained on."""
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +91,7 @@ def _own_data(run, spec, ds: Dataset, md5: str) -> None:
     """A run's test scores come from the test split of the data it was trained on: DataError
     when data/ holds another version (or other classes or image shapes) than the run's."""
     trained_on = run.data.tags.get("data.md5")
-    mismatch = _mismatch(spec, ds)
+    mismatch = spec.mismatch(ds)
     if (trained_on and trained_on != md5) or mismatch:
         differs = mismatch or f"trained on data version {trained_on}, data/ holds {md5}"
         commit = run.data.tags.get("git.commit", "<its commit>")
@@ -234,48 +232,3 @@ def _plots(
         ]
         paths.append(plots.plot_schedule(lrs, spe, folder / "lr_schedule.png"))
     return paths
-
-
-def current_data(cfg: Config, settings: Settings) -> Callable[[], tuple[str, Dataset]]:
-    """(data md5, dataset) of data/, checked against data.dvc on the first call only: a promotion
-    scores two models on it, or none."""
-
-    @cache
-    def load() -> tuple[str, Dataset]:
-        md5 = check_data(cfg.base.dataset, settings.root, settings.data_dir)["data_md5"]
-        return md5, read_dataset(settings.data_dir, mmap=True)
-
-    return load
-
-
-def rescore(run_id: str, ds: Dataset, sha256: str | None = None) -> tuple[dict, str]:
-    """A model's metrics on `ds`'s test split (a fair comparison even when the data changed), or
-    ({}, how it differs) when it was built for other image shapes or classes. `sha256`: the
-    registered digest its weights must have (`load_weights`)."""
-    from pipeline.tracking import weights
-    from pipeline.training import inference, scoring
-
-    model, spec = weights.load_weights(run_id, sha256=sha256)
-    mismatch = _mismatch(spec, ds)
-    if mismatch:
-        return {}, mismatch
-    scores = scoring.metrics(ds.test.labels, inference.predict(model, ds.test.images), ds.classes)
-    return scores, ""
-
-
-def _mismatch(spec, ds) -> str:
-    """How a model's inputs and classes differ from the dataset's; '' when they match."""
-
-    def classes(names: list[str]) -> str:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        return f"{len(names)} classes [{shown}]"
-
-    def shape(dims) -> str:
-        return "x".join(str(d) for d in dims)
-
-    parts = []
-    if list(spec.classes) != list(ds.classes):
-        parts.append(f"model: {classes(list(spec.classes))}, data: {classes(ds.classes)}")
-    if list(spec.shape) != list(ds.shape):
-        parts.append(f"model input {shape(spec.shape)}, data {shape(ds.shape)}")
-    return "; ".join(parts)

@@ -65,7 +65,6 @@ def explain_stage(
     import mlflow
 
     from pipeline.registry import versions
-    from pipeline.stages.evaluate import _mismatch
     from pipeline.tracking import store, weights
     from pipeline.training import inference
 
@@ -77,12 +76,7 @@ def explain_stage(
     store.active_run(client, run_id)
     ds = read_dataset(settings.data_dir, mmap=True)
     net, spec = weights.load_weights(run_id)
-    mismatch = _mismatch(spec, ds)
-    if mismatch:
-        raise LookupError(
-            f"the model of run {run_id} was built for other inputs or classes than data/ holds "
-            f"({mismatch}); check out its data version first (`pipeline lineage`)"
-        )
+    spec.require_fits(ds, f"the model of run {run_id}")
     methods, skipped = usable(e.methods, net)
     side = min(spec.shape[1:])
     if e.patch is not None and e.patch >= side:

@@ -114,6 +114,17 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+CHECK_OUT_ITS_DATA = "check out its data version first (`pipeline lineage`)"
+
+
+def built_for_other(whose: str, mismatch: str, fix: str = CHECK_OUT_ITS_DATA) -> LookupError:
+    """The one refusal of a model (`whose`: "the teacher", "image-classifier v3") that takes
+    other inputs or classes than data/ holds (`mismatch`: `ModelSpec.mismatch`), with `fix`."""
+    return LookupError(
+        f"{whose} was built for other inputs or classes than data/ holds ({mismatch}); {fix}"
+    )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything but the weights: what `rebuild` needs, and what a caller of the model must
@@ -144,6 +155,30 @@ class ModelSpec:
             raw.get("layers"),
             raw.get("norm"),
         )
+
+    def mismatch(self, data) -> str:
+        """How this model's inputs and classes differ from `data`'s (a Dataset: `classes`,
+        `shape`); '' when they match."""
+
+        def classes(names: list[str]) -> str:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            return f"{len(names)} classes [{shown}]"
+
+        def shape(dims) -> str:
+            return "x".join(str(d) for d in dims)
+
+        parts = []
+        if list(self.classes) != list(data.classes):
+            parts.append(f"model: {classes(list(self.classes))}, data: {classes(data.classes)}")
+        if list(self.shape) != list(data.shape):
+            parts.append(f"model input {shape(self.shape)}, data {shape(data.shape)}")
+        return "; ".join(parts)
+
+    def require_fits(self, data, whose: str, fix: str = CHECK_OUT_ITS_DATA) -> None:
+        """LookupError (`built_for_other`) unless this model takes `data`'s inputs and classes."""
+        mismatch = self.mismatch(data)
+        if mismatch:
+            raise built_for_other(whose, mismatch, fix)
 
     def input_contract(self):
         """How inputs become this model's pixels (data.contract.InputContract); a model saved

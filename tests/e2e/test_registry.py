@@ -139,6 +139,13 @@ def test_a_model_for_other_classes_takes_champion_only_when_forced(from_template
     forced = ["pipeline", "promote", f"{NAME}/2", "--force", "--reason", "new task: pets"]
     assert json.loads(run([*forced, *other], project).stdout)["rule"] == "forced"
     assert _aliases(client)["champion"] == 2 and _aliases(client)["previous-champion"] == 1
+    # back to v1 through the policy, on the pets: refused in the one line every stage says
+    said = run(["pipeline", "promote", f"{NAME}/1", *other], project, check=False)
+    assert said.returncode == 1 and said.stderr.count("\n") == 1, said.stderr
+    assert f"{NAME} v1 was built for other inputs or classes than data/ holds (model: 10 " in (
+        said.stderr
+    )
+    assert "check out its data version first (`pipeline lineage`), or --force" in said.stderr
 
 
 @pytest.mark.long
