@@ -61,8 +61,8 @@ def mlflow_login(project: Path) -> tuple[str, str]:
 class Airflow:
     """The Airflow REST API of a running api-server, logged in as the generated admin."""
 
-    def __init__(self, project: Path, port: str):
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, project: Path, port: str, host: str = "127.0.0.1"):
+        self.url = f"http://{host}:{port}"
         passwords = project / ".airflow" / "simple_auth_manager_passwords.json.generated"
         self.password = json.loads(passwords.read_text())["admin"]
         login = {"username": "admin", "password": self.password}
