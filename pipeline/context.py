@@ -42,6 +42,11 @@ class RunContext:
             return "cli"
         return "/".join(str(v) for k, v in self.ids.items() if k != "try_number")
 
+    @property
+    def first_try(self) -> bool:
+        """The orchestrator's first try of this attempt: nothing of it can be resumed yet."""
+        return self.ids.get("try_number") == 1
+
     def actor(self) -> str:
         """Who or what moved an alias: the orchestrator's run and try, or the user at the host."""
         if self.ids:

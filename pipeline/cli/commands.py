@@ -75,10 +75,12 @@ def stage(args, settings: Settings) -> int:
     the workspace (or the run of --run-id, the model of --model), its result is printed and
     handed on."""
     cfg = _config(args, settings)
-    if getattr(args, "nproc", 1) > 1 or getattr(args, "nnodes", 1) > 1:
-        from pipeline.training.distributed import launch
+    if args.command == "train" and "RANK" not in os.environ:
+        nodes = _nodes(args, cfg)
+        if nodes is not None:
+            from pipeline.training.distributed import launch
 
-        return launch(_nodes(args, cfg), _train_argv(args))
+            return launch(nodes, _train_argv(args))
     needs = graph.BY_NAME[args.command].needs
     if getattr(args, "model", None):
         inputs = {need: {"model": args.model} for need in needs}
@@ -101,9 +103,17 @@ def lr_find(args, settings: Settings) -> int:
 
 
 def _nodes(args: argparse.Namespace, cfg):
-    """Where `pipeline train --nproc/--nnodes` runs; ConfigError for what torchrun cannot."""
+    """Where `pipeline train --nproc/--nnodes` runs (None: in this process); ConfigError for
+    what torchrun cannot."""
     from pipeline.training.distributed import Nodes
 
+    if args.nproc < 1 or args.nnodes < 1 or args.join_timeout < 1:
+        raise ConfigError("--nproc, --nnodes and --join-timeout are at least 1")
+    if args.nnodes == 1 and (args.rdzv_endpoint or args.rdzv_id):
+        raise ConfigError("--rdzv-endpoint and --rdzv-id name a rendezvous of several "
+                          "machines: give --nnodes too")  # fmt: skip
+    if args.nproc == 1 and args.nnodes == 1:
+        return None
     if cfg.train.privacy.enabled:  # before torchrun starts its processes
         raise ConfigError("train.privacy runs in one process; train without --nproc/--nnodes")
     if cfg.train.optimizer.lr == "auto":
@@ -116,8 +126,6 @@ def _nodes(args: argparse.Namespace, cfg):
             f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (on one of the machines, "
             "reachable from all) and --rdzv-id (the same on every machine of this training)"
         )
-    if args.nproc < 1 or args.nnodes < 1:
-        raise ConfigError("--nproc and --nnodes are at least 1")
     return Nodes(args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.join_timeout)
 
 

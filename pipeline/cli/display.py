@@ -47,6 +47,7 @@ VERDICTS = {
     "gone": "no live process: its process is gone from this host",
     "silent": "no live process heard: likely lost with its host",
     "heard": "on another host, heard of recently",
+    "unknown": "no process recorded (not a training run)",
 }
 
 

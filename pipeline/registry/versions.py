@@ -4,6 +4,7 @@ from a reference, listed with their status; the promotion lock."""
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,13 @@ def promotion_lock(settings: Settings, name: str):
         with _advisory_lock(settings.registry_lock, f"promotion:{name}"):
             yield
         return
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        print(
+            "note: alias moves are serialized on this machine only (a file lock); set "
+            "PIPELINE_REGISTRY_LOCK_URI to the registry's PostgreSQL database to serialize "
+            "them across machines",
+            file=sys.stderr,
+        )
     with exclusive(settings.locks / f"promotion-{safe}.lock"):
         yield
 
@@ -45,12 +53,27 @@ def _advisory_lock(url: str, key: str):
     process dies (its connection closes)."""
     import hashlib
     import re
-    import sys
 
     import psycopg2
 
+    from pipeline.errors import ConfigError
+
     number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
-    connection = psycopg2.connect(re.sub(r"^postgresql\+\w+://", "postgresql://", url))
+    dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+    shown = re.sub(r"//[^@/]*@", "//***@", dsn)  # never the password in a message
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            f"PIPELINE_REGISTRY_LOCK_URI is {shown!r}: the promotion lock needs a PostgreSQL "
+            "URL (postgresql://USER:PASSWORD@HOST:5432/DB, the registry's database)"
+        )
+    try:
+        connection = psycopg2.connect(dsn, connect_timeout=10)
+    except psycopg2.Error as exc:
+        raise ConfigError(
+            f"the promotion lock's database (PIPELINE_REGISTRY_LOCK_URI {shown}) cannot be "
+            f"reached: {str(exc).strip().splitlines()[-1]}; fix the URL or start the database. "
+            "Nothing was changed"
+        ) from None
     try:
         connection.autocommit = True
         with connection.cursor() as cursor:

@@ -74,6 +74,8 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
 
         distributed.init(dist, pick_device(cfg.train.device, dist.local_rank))
         validation = distributed.first(validation, dist) or {}
+        # every machine must train the same recipe (its params.yaml and --set are its own)
+        distributed.agree((cfg.params_hash(),), "the training params (params hash)", dist)
     # DVC's comparison of data/ with data.dvc runs in a child process while torch loads.
     data = check_validated(
         cfg.base.dataset, settings.root, settings.data_dir, validation, wait=False
@@ -97,9 +99,9 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
     ckpt_path = settings.checkpoints / f"{identity}.pt"
     state = None
     if dist.main:  # the other ranks start from rank 0's checkpoint, whatever their disk holds
-        if ctx.resume and not ckpt_path.exists():
-            # an earlier try on another host: its checkpoint went to its MLflow run
-            recorder.fetch_checkpoint(settings, cfg.tracking.experiment, identity, ckpt_path)
+        if ctx.resume and not ctx.first_try:
+            # a leftover of a run that finished elsewhere, or an earlier try on another host
+            recorder.settle_checkpoint(settings, cfg.tracking.experiment, identity, ckpt_path)
         if ckpt_path.exists():
             if ctx.resume:
                 state = checkpoint.load(ckpt_path)
@@ -115,7 +117,8 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
     if not dist.main:
         fit(cfg.train, ds.train, ds.classes, cfg.base.seed, resume=state, contract=ds.contract,
             **more)  # fmt: skip
-        return {}
+        finished = distributed.share(None, dist)  # rank 0's result, once its run is logged
+        return finished if dist.local_rank == 0 else {}  # one hand-off per machine
     resume = {k: state[k] for k in ("mlflow_run_id", "epoch", "history")} if state else None
     tracking.open(recorder.Opening(
         cfg, given, settings, validation, ctx, ds.name, identity, _device_name(cfg),
@@ -166,7 +169,8 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
         tags |= {k: str(v) for k, v in guarantee.items() if k in PRIVACY_TAGS}
         tracking.end("FINISHED", tags, artifacts=Path(folder), params=guarantee)
         ckpt_path.unlink(missing_ok=True)  # the logged model is the durable copy now
-    return {"run_id": tracking.run_id, "data_md5": data["data_md5"]}
+    finished = {"run_id": tracking.run_id, "data_md5": data["data_md5"]}
+    return distributed.share(finished, dist)  # every machine hands on the run it trained
 
 
 def _resolve_lr(cfg: Config, settings: Settings, validation: dict, ctx: RunContext, identity):

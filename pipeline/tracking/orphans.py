@@ -16,7 +16,8 @@ from pipeline import interrupts
 from pipeline.context import RunContext
 
 SILENT_S = 120  # a run unheard of this long, on a host that cannot be checked, is likely lost
-HEARTBEAT = "system/cpu_utilization_percentage"  # MLflow's sampler logs it every few seconds
+# MLflow's sampler logs the first every few seconds; the epochs log the second
+HEARTBEATS = ("system/cpu_utilization_percentage", "system/epoch_seconds")
 
 
 def left_by(pid: str, host: str) -> str:
@@ -51,9 +52,10 @@ def earlier_try(tags: dict, ctx: RunContext) -> bool:
 
 def running(client, now_ms: int | None = None) -> list[dict]:
     """Every RUNNING run of every experiment, newest first, with its owner, when it was last
-    heard of and a verdict: "alive" or "gone" (checked, on this host), "silent" (another host,
-    unheard for SILENT_S: likely lost; a retry or `mlflow runs` can end it) or "heard" (another
-    host, recently). Times in ms since the epoch."""
+    heard of and a verdict: "alive" or "gone" (checked, on this host: a live pid could be
+    another process that reused it), "silent" (another host, unheard for SILENT_S: likely lost),
+    "heard" (another host, recently) or "unknown" (no process recorded: not a training run).
+    Times in ms since the epoch."""
     now_ms = now_ms or int(time.time() * 1000)
     experiments = [e.experiment_id for e in client.search_experiments()]
     found = []
@@ -62,11 +64,13 @@ def running(client, now_ms: int | None = None) -> list[dict]:
     ):
         tags, info = run.data.tags, run.info
         host, pid = tags.get("train.host", ""), tags.get("train.pid", "")
-        beats = client.get_metric_history(info.run_id, HEARTBEAT)
+        beats = [m for key in HEARTBEATS for m in client.get_metric_history(info.run_id, key)]
         heard = max([info.start_time, *(m.timestamp for m in beats)])
-        if interrupts.gone(host, pid):
+        if not (host and pid.isdigit()):
+            verdict = "unknown"
+        elif interrupts.gone(host, pid):
             verdict = "gone"
-        elif host == interrupts.owner()["host"] and pid.isdigit():
+        elif host == interrupts.owner()["host"]:
             verdict = "alive"
         else:
             verdict = "silent" if now_ms - heard > SILENT_S * 1000 else "heard"

@@ -12,8 +12,8 @@ identity next opens one (`orphans.end_abandoned`), on this host or, for a later 
 orchestrator run, on any.
 
 Each epoch's checkpoint is also uploaded to the run (`checkpoint`, off the training thread), so a
-retry on a host that shares no disk with this one resumes it (`fetch_checkpoint`); the upload is
-deleted once the run is FINISHED with its model.
+retry on a host that shares no disk with this one resumes it (`settle_checkpoint`); the upload is
+deleted once the run is FINISHED with its model, or a new run of the same training replaces it.
 """
 
 from __future__ import annotations
@@ -376,6 +376,7 @@ def _open_run(client, experiment: str, o: Opening) -> str:
             f"{o.dataset}-{t.model.name}-{t.optimizer.name}-{t.schedule.name}-lr{t.optimizer.lr:g}"
         )
         run_id = store.new_run(settings, cfg.tracking.experiment, o.ctx, name, tags)
+        _supersede(client, experiment, o.identity, keep=run_id)
         params = [Param(k, str(v)) for k, v in cfg.flat().items()]
         for start in range(0, len(params), 100):  # MLflow takes 100 params a batch
             client.log_batch(run_id, params=params[start : start + 100])
@@ -411,9 +412,11 @@ def _log_data_docs(client, run_id: str, settings: Settings, validation: dict) ->
 CHECKPOINT_FOLDER = "checkpoint"  # the run's artifact folder of its last epoch checkpoint
 
 
-def fetch_checkpoint(settings: Settings, experiment: str, identity: str, path: Path) -> bool:
-    """Download the checkpoint an earlier try of this training `identity` uploaded (on any host)
-    to `path`; False when none has. The newest unfinished run of the identity wins."""
+def settle_checkpoint(settings: Settings, experiment: str, identity: str, path: Path) -> None:
+    """Before a resume of training `identity`: a local checkpoint whose run has FINISHED since
+    (on another machine) is a leftover, removed; with none left, the checkpoint the newest
+    unfinished run of the identity uploaded (from any host) is downloaded to `path`. Says
+    which, or that there is nothing to resume."""
     import shutil
     import tempfile
 
@@ -425,6 +428,15 @@ def fetch_checkpoint(settings: Settings, experiment: str, identity: str, path: P
 
     experiment_id = store.configure(settings, experiment)
     client = MlflowClient()
+    if path.exists():
+        from pipeline.training import checkpoint
+
+        run_id = checkpoint.load(path).get("mlflow_run_id")
+        if not run_id or not _finished(client, run_id):
+            return
+        path.unlink()
+        print(f"note: {path} was left by run {run_id}, which has finished; removed",
+              file=sys.stderr)  # fmt: skip
     query = f"tags.`train.identity` = '{identity}' and attributes.status != 'FINISHED'"
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
         with tempfile.TemporaryDirectory() as folder:
@@ -437,8 +449,26 @@ def fetch_checkpoint(settings: Settings, experiment: str, identity: str, path: P
             with open(got, "rb") as source:
                 write_atomic(path, lambda out: shutil.copyfileobj(source, out), mode="wb")
         print(f"checkpoint of run {run.info.run_id} fetched from MLflow", file=sys.stderr)
+        return
+    print("note: no checkpoint of these params and data to resume: a new run", file=sys.stderr)
+
+
+def _finished(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.status == "FINISHED"
+    except MlflowException:  # deleted: nothing to resume into either
         return True
-    return False
+
+
+def _supersede(client, experiment: str, identity: str, keep: str) -> None:
+    """A new run of training `identity` replaces the unfinished ones before it: their uploaded
+    checkpoints are deleted, so a later resume never brings one of them back."""
+    query = f"tags.`train.identity` = '{identity}' and attributes.status != 'FINISHED'"
+    for run in client.search_runs([experiment], query):
+        if run.info.run_id != keep and client.list_artifacts(run.info.run_id, CHECKPOINT_FOLDER):
+            _delete_checkpoint(client, run.info.run_id)
 
 
 def _delete_checkpoint(client, run_id: str) -> None:

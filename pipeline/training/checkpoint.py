@@ -31,7 +31,7 @@ def load(path: Path) -> dict:
         raise CheckpointError(
             f"refusing checkpoint {path}: it is not a plain tensor checkpoint written by this "
             f"pipeline ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "delete it to train from scratch"
+            "train without --resume to start a new run"
         ) from None
 
 

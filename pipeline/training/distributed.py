@@ -135,10 +135,11 @@ def launch(nodes: Nodes, cli_args: list[str]) -> int:
     if code and nodes.nnodes > 1:
         print(
             f"error: the {nodes.nnodes}-machine training at {nodes.endpoint} (rendezvous "
-            f"{nodes.run_id}) failed with exit code {code}: a rank failed (its error is above), "
-            f"or not all {nodes.nnodes} machines joined within {nodes.join_timeout_s} s. Run "
-            "the same command on every machine, with the same --rdzv-id, and a rendezvous "
-            "endpoint every machine reaches (docs/training.md, Multi-node)",
+            f"{nodes.run_id}) failed with exit code {code}: a rank failed (its error is above, "
+            f"or on another machine), the endpoint was unreachable, or not all {nodes.nnodes} "
+            f"machines joined within {nodes.join_timeout_s} s. Run the same command on every "
+            "machine, with the same --rdzv-id, and an endpoint every machine reaches "
+            "(docs/training.md, Several machines)",
             file=sys.stderr,
         )
     return code

@@ -134,3 +134,21 @@ def test_an_mlflow_server_that_refuses_this_host_name_says_which_name_to_allow(
         with pytest.raises(AirflowFailException, match=f"--allowed-hosts {host}"):
             with dag_support.permanent_errors():
                 MlflowClient(server.url).search_experiments()
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("mysql://admin:s3cret@db/registry", "the promotion lock needs a PostgreSQL URL"),
+        ("postgresql://admin:s3cret@127.0.0.1:1/registry", "cannot be reached"),
+    ],
+)
+def test_a_registry_lock_that_cannot_be_used_is_one_line_naming_the_setting(
+    from_template, url, says
+):
+    project = from_template("registered")
+    env = {"PIPELINE_REGISTRY_LOCK_URI": url}
+    said = run(["pipeline", "rollback", "image-classifier"], project, env=env, check=False)
+    assert said.returncode == 2 and said.stderr.count("\n") == 1, said.stderr
+    assert "PIPELINE_REGISTRY_LOCK_URI" in said.stderr and says in said.stderr
+    assert "s3cret" not in said.stderr  # never the password

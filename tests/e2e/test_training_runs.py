@@ -88,9 +88,11 @@ def test_a_run_left_running_by_sigkill_is_ended_killed_when_the_next_one_starts(
     assert left.info.status == "RUNNING"
     listed = run(["pipeline", "status", "--running"], validated).stdout
     assert left.info.run_id in listed and "no live process: its process is gone" in listed
+    uploaded = _client(validated).list_artifacts(left.info.run_id, "checkpoint")
     again = run(["pipeline", "train", *SMALL], validated)  # the same identity, no --resume
     ended = _client(validated).get_run(left.info.run_id)
     assert ended.info.status == "KILLED" and "ended without closing it" in again.stderr
+    assert uploaded and not _client(validated).list_artifacts(left.info.run_id, "checkpoint")
     assert ended.data.tags["train.interrupted"].startswith("process ")
 
 
@@ -161,9 +163,19 @@ def test_killed_training_resumes_into_the_same_run_and_matches_an_uninterrupted_
     checkpoints = tmp_path / "empty" if elsewhere else project / "outputs" / "checkpoints"
     assert not list(checkpoints.glob("*.pt"))  # cleaned up, here
     assert not client.list_artifacts(after.info.run_id, "checkpoint")  # and in the run
+    if elsewhere:  # the first host's checkpoint is a leftover of a run finished elsewhere
+        again = run(["pipeline", "train", "--resume", *SMALL], project)
+        assert f"was left by run {after.info.run_id}, which has finished; removed" in (again.stderr)
+        assert "no checkpoint of these params and data to resume: a new run" in again.stderr
+        assert json.loads(again.stdout)["run_id"] != after.info.run_id
+        kept = client.get_metric_history(after.info.run_id, "train_loss")
+        assert sorted(m.step for m in kept) == list(range(1, 21))  # never trained into again
+        (fresh,) = [r for r in _runs(project) if r.info.run_id != after.info.run_id]
+        after = client.get_run(after.info.run_id)
 
-    run(["pipeline", "train", *SMALL], project)  # the same params, uninterrupted
-    fresh = next(r for r in _runs(project) if r.info.run_id != after.info.run_id)
+    if not elsewhere:
+        run(["pipeline", "train", *SMALL], project)  # the same params, uninterrupted
+        fresh = next(r for r in _runs(project) if r.info.run_id != after.info.run_id)
     a = _weights(client, after.info.run_id, tmp_path / "a")
     b = _weights(client, fresh.info.run_id, tmp_path / "b")
     for name in a:
@@ -258,7 +270,9 @@ def test_torchrun_two_processes_train_one_run_logged_by_rank_zero(validated):
     assert sorted(m.step for m in history) == [1, 2, 3]
 
 
-def _two_machines(a: Path, b: Path, rdzv: str, *args: str, kill_after: int = 0) -> list[str]:
+def _two_machines(
+    a: Path, b: Path, rdzv: str, *args: str, kill_after: int = 0, b_too: tuple = (), ok=True
+) -> list[str]:
     """`pipeline train --nnodes 2` run in workspaces `a` and `b` (as on two machines: `b` has
     no hand-off of `a`'s, each its own checkpoint folder) meeting at a c10d rendezvous, with one
     MLflow store; `kill_after`: SIGKILL both machines' processes once an epoch is reported. What
@@ -274,9 +288,9 @@ def _two_machines(a: Path, b: Path, rdzv: str, *args: str, kill_after: int = 0) 
     tracking = {"MLFLOW_TRACKING_URI": f"sqlite:///{a}/.mlflow/mlflow.db"}
     said, reported = [[], []], threading.Event()
     procs = [
-        subprocess.Popen(command, cwd=p, env={**project_env(p), **tracking}, text=True,
+        subprocess.Popen([*command, *more], cwd=p, env={**project_env(p), **tracking}, text=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        for p in (a, b)
+        for p, more in ((a, ()), (b, b_too))
     ]  # fmt: skip
 
     def read(i: int) -> None:
@@ -300,7 +314,7 @@ def _two_machines(a: Path, b: Path, rdzv: str, *args: str, kill_after: int = 0) 
         proc.wait(timeout=300)
         reader.join()
     text = ["".join(s) for s in said]
-    if not kill_after:
+    if not kill_after and ok:
         assert [p.returncode for p in procs] == [0, 0], (text[0] + text[1])[-3000:]
     return text
 
@@ -316,6 +330,9 @@ def test_two_machines_train_one_run_and_resume_it_in_step(validated, from_templa
     _two_machines(a, b, "whole", *recipe)
     (whole,) = _runs(a)
     assert whole.data.tags["train.processes"] == "2" and whole.info.status == "FINISHED"
+    for workspace in (a, b):  # each machine hands on the run, whichever was rank 0
+        handed = json.loads((workspace / "outputs" / "train.json").read_text())
+        assert handed["run_id"] == whole.info.run_id
 
     _two_machines(a, b, "killed", *recipe, kill_after=3)
     killed = next(r for r in _runs(a) if r.info.run_id != whole.info.run_id)
@@ -333,9 +350,27 @@ def test_two_machines_train_one_run_and_resume_it_in_step(validated, from_templa
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_multi_machine_training_without_its_rendezvous_is_refused(validated):
-    said = run(["pipeline", "train", "--nnodes", "2"], validated, check=False)
-    assert said.returncode == 2 and "needs --rdzv-endpoint HOST:PORT" in said.stderr
+def test_machines_that_would_train_different_recipes_train_nothing(validated, from_template):
+    a, b = validated, from_template("validated", "node-b")
+    said = _two_machines(a, b, "mixed", "--set", "train.epochs=2",
+                         b_too=("--set", "train.optimizer.lr=0.01"), ok=False)  # fmt: skip
+    assert "the ranks disagree on the training params (params hash)" in "".join(said)
+    assert not [r for r in _runs(a) if r.info.status == "FINISHED"]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--nnodes", "2"], "needs --rdzv-endpoint HOST:PORT"),
+        (["--nproc", "0"], "--nproc, --nnodes and --join-timeout are at least 1"),
+        (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-id", "x", "--join-timeout", "0"],
+         "--nproc, --nnodes and --join-timeout are at least 1"),
+        (["--rdzv-id", "x"], "give --nnodes too"),
+    ],
+)  # fmt: skip
+def test_a_multi_machine_training_without_its_rendezvous_is_refused(validated, args, says):
+    said = run(["pipeline", "train", *args], validated, check=False)
+    assert said.returncode == 2 and says in said.stderr, said.stderr
 
 
 def test_lr_auto_trains_with_the_range_tests_lr_and_records_the_number(validated, tmp_path):
