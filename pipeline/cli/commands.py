@@ -110,8 +110,9 @@ def _nodes(args: argparse.Namespace, cfg):
     if args.nproc < 1 or args.nnodes < 1 or args.join_timeout < 1:
         raise ConfigError("--nproc, --nnodes and --join-timeout are at least 1")
     if args.nnodes == 1 and (args.rdzv_endpoint or args.rdzv_id):
-        raise ConfigError("--rdzv-endpoint and --rdzv-id name a rendezvous of several "
-                          "machines: give --nnodes too")  # fmt: skip
+        raise ConfigError(
+            "--rdzv-endpoint and --rdzv-id name a rendezvous of several machines: give --nnodes too"
+        )
     if args.nproc == 1 and args.nnodes == 1:
         return None
     if cfg.train.privacy.enabled:  # before torchrun starts its processes

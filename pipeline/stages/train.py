@@ -46,7 +46,8 @@ def train_stage(
     """Train on validated, tracked data and log everything to an MLflow run.
 
     Returns {"run_id", "data_md5"} ({"run_id", "pruned": True, "data_md5"} when
-    `on_epoch` stopped it; {} in a torchrun worker: only rank 0 touches MLflow and files).
+    `on_epoch` stopped it). Under torchrun only rank 0 touches MLflow and checkpoints; the first
+    process of every other machine returns rank 0's result too (its hand-off), the others {}.
     SIGTERM or SIGINT (`interrupts.Interrupted`, any KeyboardInterrupt) ends the run KILLED and
     re-raises; a run of the same identity that a killed process left RUNNING is ended KILLED
     when the next one starts. Every epoch is checkpointed, locally and (off the training thread)

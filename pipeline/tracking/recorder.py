@@ -435,8 +435,8 @@ def settle_checkpoint(settings: Settings, experiment: str, identity: str, path: 
         if not run_id or not _finished(client, run_id):
             return
         path.unlink()
-        print(f"note: {path} was left by run {run_id}, which has finished; removed",
-              file=sys.stderr)  # fmt: skip
+        left = f"note: {path} was left by run {run_id}, which has finished; removed"
+        print(left, file=sys.stderr)
     query = f"tags.`train.identity` = '{identity}' and attributes.status != 'FINISHED'"
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
         with tempfile.TemporaryDirectory() as folder:

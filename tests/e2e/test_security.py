@@ -127,13 +127,19 @@ def test_an_mlflow_server_that_refuses_this_host_name_says_which_name_to_allow(
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         monkeypatch.setenv("PIPELINE_ROOT", str(project))
         monkeypatch.syspath_prepend(str(REPO / "dags"))
-        sys.modules.pop("dag_support", None)
-        import dag_support
-        from airflow.sdk.exceptions import AirflowFailException
+        # this project's dag_support, then the one other tests of this process imported
+        saved = sys.modules.pop("dag_support", None)
+        try:
+            import dag_support
+            from airflow.sdk.exceptions import AirflowFailException
 
-        with pytest.raises(AirflowFailException, match=f"--allowed-hosts {host}"):
-            with dag_support.permanent_errors():
-                MlflowClient(server.url).search_experiments()
+            with pytest.raises(AirflowFailException, match=f"--allowed-hosts {host}"):
+                with dag_support.permanent_errors():
+                    MlflowClient(server.url).search_experiments()
+        finally:
+            sys.modules.pop("dag_support", None)
+            if saved is not None:
+                sys.modules["dag_support"] = saved
 
 
 @pytest.mark.parametrize(
