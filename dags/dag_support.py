@@ -190,11 +190,12 @@ def stage_task(**task_kwargs):
         @functools.wraps(body)
         def run(checked: dict, *args, **kwargs):
             with permanent_errors():
+                here = settings()
                 if "pinned" in checked:  # this worker may hold another version, or none
                     from pipeline.stages.validate import checkout_stage
 
-                    checkout_stage(settings(), checked["pinned"])
-                return body(config(checked["config"]), settings(), context(), *args, **kwargs)
+                    checkout_stage(here, checked["pinned"])
+                return body(config(checked["config"]), here, context(), *args, **kwargs)
 
         # Airflow reads the task's arguments from the signature: `checked`, then the body's own.
         own = list(inspect.signature(body).parameters.values())[3:]

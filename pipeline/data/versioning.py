@@ -253,7 +253,7 @@ def checkout(repo_root: Path, pinned: dict) -> bool:
         try:
             pull(repo_root, "`dvc push` it from the machine that published it", repo=repo)
         except DataError:
-            path.write_text(before)
+            write_atomic(path, lambda out: out.write(before))
             raise
     return True
 

@@ -102,8 +102,10 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
     if dist.main:  # the other ranks start from rank 0's checkpoint, whatever their disk holds
         if ctx.resume and not ctx.first_try:
             # a leftover of a run that finished elsewhere, or an earlier try on another host
-            recorder.settle_checkpoint(settings, cfg.tracking.experiment, identity, ckpt_path)
-        if ckpt_path.exists():
+            state = recorder.settle_checkpoint(
+                settings, cfg.tracking.experiment, identity, ckpt_path
+            )
+        elif ckpt_path.exists():
             if ctx.resume:
                 state = checkpoint.load(ckpt_path)
             else:

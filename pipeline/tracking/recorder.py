@@ -175,8 +175,9 @@ class Recorder(_Recording):
             self.uploads.shutdown(wait=True)
         if artifacts is not None:
             self.client.log_artifacts(self.run_id, str(artifacts))
-        if not (status != "FINISHED" if keep_checkpoint is None else keep_checkpoint):
-            _delete_checkpoint(self.client, self.run_id)  # the logged model is the durable copy
+        keep = status != "FINISHED" if keep_checkpoint is None else keep_checkpoint
+        if not keep:  # the logged model is the durable copy
+            _delete_checkpoint(self.client, self.run_id)
         if tags or params:
             self.client.log_batch(
                 self.run_id,
@@ -412,11 +413,11 @@ def _log_data_docs(client, run_id: str, settings: Settings, validation: dict) ->
 CHECKPOINT_FOLDER = "checkpoint"  # the run's artifact folder of its last epoch checkpoint
 
 
-def settle_checkpoint(settings: Settings, experiment: str, identity: str, path: Path) -> None:
-    """Before a resume of training `identity`: a local checkpoint whose run has FINISHED since
-    (on another machine) is a leftover, removed; with none left, the checkpoint the newest
-    unfinished run of the identity uploaded (from any host) is downloaded to `path`. Says
-    which, or that there is nothing to resume."""
+def settle_checkpoint(settings: Settings, experiment: str, identity: str, path: Path):
+    """The state to resume training `identity` from (`checkpoint.load`), or None. A local
+    checkpoint whose run has FINISHED since (on another machine) is a leftover, removed; with
+    none left, the checkpoint the newest unfinished run of the identity uploaded (from any host)
+    is downloaded to `path`. Says which, or that there is nothing to resume."""
     import shutil
     import tempfile
 
@@ -425,18 +426,19 @@ def settle_checkpoint(settings: Settings, experiment: str, identity: str, path: 
 
     from pipeline.files import write_atomic
     from pipeline.tracking import store
+    from pipeline.training import checkpoint
 
     experiment_id = store.configure(settings, experiment)
     client = MlflowClient()
     if path.exists():
-        from pipeline.training import checkpoint
-
-        run_id = checkpoint.load(path).get("mlflow_run_id")
-        if not run_id or not _finished(client, run_id):
-            return
+        state = checkpoint.load(path)
+        run_id = state.get("mlflow_run_id")
+        if not run_id or _reopenable(client, run_id):
+            return state
         path.unlink()
-        left = f"note: {path} was left by run {run_id}, which has finished; removed"
-        print(left, file=sys.stderr)
+        print(
+            f"note: {path} was left by run {run_id}, which has finished; removed", file=sys.stderr
+        )
     query = f"tags.`train.identity` = '{identity}' and attributes.status != 'FINISHED'"
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
         with tempfile.TemporaryDirectory() as folder:
@@ -449,17 +451,21 @@ def settle_checkpoint(settings: Settings, experiment: str, identity: str, path: 
             with open(got, "rb") as source:
                 write_atomic(path, lambda out: shutil.copyfileobj(source, out), mode="wb")
         print(f"checkpoint of run {run.info.run_id} fetched from MLflow", file=sys.stderr)
-        return
+        return checkpoint.load(path)
     print("note: no checkpoint of these params and data to resume: a new run", file=sys.stderr)
+    return None
 
 
-def _finished(client, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
+def _reopenable(client, run_id: str) -> bool:
+    """A run a resume may log into: it exists, is not deleted and has not FINISHED."""
+    from pipeline.tracking.store import run_or_none
 
-    try:
-        return client.get_run(run_id).info.status == "FINISHED"
-    except MlflowException:  # deleted: nothing to resume into either
-        return True
+    run = run_or_none(client, run_id)
+    return (
+        run is not None
+        and run.info.lifecycle_stage != "deleted"
+        and (run.info.status != "FINISHED")
+    )
 
 
 def _supersede(client, experiment: str, identity: str, keep: str) -> None:
