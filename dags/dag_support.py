@@ -26,16 +26,25 @@ PROJECT_ROOT = Path(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().
 # lie elsewhere, and the scheduler and the workers must name the same Asset.
 DATA = Asset(name="pipeline-data")
 PROMOTION_POOL = "promotion"  # one slot: `airflow pools set promotion 1 ...` (make run does it)
-GPU_POOL = "gpu"  # slots = GPUs on the worker (1 on CPU): one training per device
-# What every training task (train, each sweep trial) runs with: a GPU slot, hours of time, and
-# under the KubernetesExecutor (others ignore it) a pod on a GPU node.
+GPU_POOL = "gpu"  # slots = GPUs of the training workers (1 on CPU): one training per device
+# The Celery queue the training hosts' workers serve (Airflow's default queue when unset).
+TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "")
+# What every training task (train and train_peer, each sweep trial, compress) runs with: a GPU
+# slot, hours of time, the training queue, and under the KubernetesExecutor (which ignores
+# queues) a pod on a GPU node.
 GPU_TASK = {
     "pool": GPU_POOL,
     "execution_timeout": timedelta(hours=6),
     "executor_config": {
         "pod_template_file": str(PROJECT_ROOT / "infra/helm/gpu-pod-template.yaml")
     },
+    **({"queue": TRAIN_QUEUE} if TRAIN_QUEUE else {}),
 }
+
+# Training on several machines (the form's `nodes`): the train task is the first machine and
+# opens the rendezvous; `train_peer`, mapped over the others, joins it, each a training task.
+JOIN_TIMEOUT_S = int(os.environ.get("PIPELINE_JOIN_TIMEOUT_S") or 600)
+RENDEZVOUS = "rendezvous"  # the XCom key under which train publishes where to meet
 
 
 def alert(context) -> None:
@@ -250,3 +259,74 @@ def config(resolved: dict | None = None):
 
     with permanent_errors():
         return resolved_config(resolved) if resolved else load_config(settings().params)
+
+
+def training_nodes(cfg) -> dict:
+    """The form's `nodes` x `nproc_per_node`, for the run's first task: {"nnodes", "nproc"}.
+    A recipe torchrun does not run fails here."""
+    params = get_current_context()["params"]
+    nnodes, nproc = params.get("nodes") or 1, params.get("nproc_per_node") or 1
+    if nnodes * nproc > 1:
+        from pipeline.stages.nodes import require_distributable
+
+        with permanent_errors():
+            require_distributable(cfg)
+    return {"nnodes": nnodes, "nproc": nproc}
+
+
+def _too_few(nnodes: int) -> str:
+    queue = TRAIN_QUEUE or "the default queue"
+    return (
+        f". Each machine is a train or train_peer task of this run, on {queue} with a slot of "
+        f"pool {GPU_POOL}: run {nnodes} workers on that queue, one per machine "
+        f"(--concurrency 1), and give the pool {nnodes} slots (infra/README.md, Training on "
+        "several machines)"
+    )
+
+
+def lead_training(cfg, settings, ctx, validation: dict, nodes: dict) -> dict:
+    """The train task on several machines: open a rendezvous on this worker (its address and a
+    free port, an id naming this DAG run and try), publish it for the `train_peer` tasks, and
+    train as one of the machines; returns the train stage's result (rank 0's)."""
+    from dataclasses import asdict
+
+    from pipeline.stages.nodes import machines, rendezvous, train_on_nodes
+
+    ti = get_current_context()["ti"]
+    meeting = {
+        **rendezvous(f"{ctx.attempt()}.try{ti.try_number}"),
+        "context": asdict(ctx),  # every machine's rank 0 records this try, whichever it is
+    }
+    ti.xcom_push(RENDEZVOUS, meeting)
+    here = machines(nodes, meeting, is_host=True, join_timeout_s=JOIN_TIMEOUT_S)
+    try:
+        return train_on_nodes(cfg, settings, validation, ctx, here, _too_few(nodes["nnodes"]))
+    finally:
+        ti.xcom_push(RENDEZVOUS, {})  # closed: a peer's retry waits for the next try's
+
+
+def join_training(cfg, settings, validation: dict, nodes: dict, node: int) -> dict:
+    """A train_peer task: wait (up to JOIN_TIMEOUT_S) for the rendezvous the train task of
+    this run opens, then train as one of its machines with the train task's context. A
+    rendezvous that closed before this machine came (an earlier try's) is left for the next."""
+    import time
+
+    from pipeline.context import RunContext
+    from pipeline.stages.nodes import NodesDidNotMeet, machines, train_on_nodes
+
+    ti, deadline, missed = get_current_context()["ti"], time.monotonic() + JOIN_TIMEOUT_S, None
+    while time.monotonic() < deadline:
+        meeting = ti.xcom_pull(task_ids="train", key=RENDEZVOUS, map_indexes=-1)
+        if not meeting or meeting == missed:
+            time.sleep(2)
+            continue
+        here = machines(nodes, meeting, is_host=False, join_timeout_s=JOIN_TIMEOUT_S)
+        ctx = RunContext(**meeting["context"])
+        try:
+            return train_on_nodes(cfg, settings, validation, ctx, here, _too_few(nodes["nnodes"]))
+        except NodesDidNotMeet:
+            missed = meeting
+    raise AirflowFailException(
+        f"machine {node}: no rendezvous of this run's train task to join within "
+        f"{JOIN_TIMEOUT_S} s (PIPELINE_JOIN_TIMEOUT_S){_too_few(nodes['nnodes'])}"
+    )

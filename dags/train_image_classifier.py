@@ -74,6 +74,16 @@ EMPTY = {name: ds.empty_note(PARAMS, key) for name, key in PARAM_KEYS.items()}
         "batch_size": ds.form_param(
             None, type="integer", minimum=1, description=EMPTY["batch_size"]
         ),
+        "nodes": Param(
+            1,
+            type="integer",
+            minimum=1,
+            description="machines to train on, each a worker of the training queue "
+            "(infra/README.md, Training on several machines)",
+        ),
+        "nproc_per_node": Param(
+            1, type="integer", minimum=1, description="training processes per machine (GPUs)"
+        ),
         "force_retrain": Param(
             False,
             type="boolean",
@@ -92,7 +102,8 @@ def train_image_classifier():
         pinned = ds.pinned_data()
         with ds.permanent_errors():
             data = check_data_stage(cfg, ds.settings())
-        return {"config": cfg.to_dict(), **data, "pinned": pinned}
+        nodes = ds.training_nodes(cfg)
+        return {"config": cfg.to_dict(), **data, "pinned": pinned, "nodes": nodes}
 
     @ds.stage_task()
     def validate(cfg, settings, ctx) -> dict:
@@ -117,13 +128,28 @@ def train_image_classifier():
         return decision
 
     @ds.stage_task(**ds.GPU_TASK)
-    def train(cfg, settings, ctx, validation: dict, _decision: dict) -> dict:
-        """Train on the validated data version, logging to MLflow with lineage tags.
+    def train(cfg, settings, ctx, validation: dict, _decision: dict, nodes: dict) -> dict:
+        """Train on the validated data version, logging to MLflow with lineage tags; on several
+        machines (`nodes`), this task is the first and opens their rendezvous.
 
         A retry resumes from this DAG run's last epoch checkpoint, into the same MLflow run."""
         from pipeline.stages import graph
 
-        return graph.run("train", cfg, settings, {"validate": validation}, ctx.with_(resume=True))
+        ctx = ctx.with_(resume=True)
+        if nodes["nnodes"] * nodes["nproc"] == 1:
+            return graph.run("train", cfg, settings, {"validate": validation}, ctx)
+        return ds.lead_training(cfg, settings, ctx, validation, nodes)
+
+    @task
+    def peer_nodes(nodes: dict) -> list[int]:
+        """The machines after the first of a training on several: one train_peer each."""
+        return list(range(1, nodes["nnodes"]))
+
+    @ds.stage_task(**ds.GPU_TASK)
+    def train_peer(cfg, settings, ctx, validation: dict, nodes: dict, node: int) -> dict:
+        """Machine `node` (1..nodes-1) of a training on several machines: joins the rendezvous
+        the train task opened (none: a run on one machine maps no peer)."""
+        return ds.join_training(cfg, settings, validation, nodes, node)
 
     @ds.stage_task()
     def evaluate(cfg, settings, ctx, trained: dict) -> dict:
@@ -162,7 +188,10 @@ def train_image_classifier():
 
     checked = check_data()
     validation = validate(checked)
-    trained = train(checked, validation, skip_if_unchanged(checked, validation))
+    decision = skip_if_unchanged(checked, validation)
+    trained = train(checked, validation, decision, checked["nodes"])
+    peers = train_peer.partial(checked=checked, validation=validation, nodes=checked["nodes"])
+    peers.expand(node=decision >> peer_nodes(checked["nodes"]))
     evaluated = evaluate(checked, trained)
     registered = register(checked, trained, evaluated, explain(checked, trained, evaluated))
     compress(checked, validation, trained, registered)

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+_PATHS = ("root", "code_root", "shared")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -25,6 +27,16 @@ class Settings:
     shared: Path | None = None  # the project whose store and locks a workspace uses; None: root
     reports_in_git: bool = True  # False: reports/ goes to outputs/ (a DAG's shared checkout)
     registry_lock: str = ""  # PostgreSQL URL of the promotion lock; "": a file in the project
+
+    def to_json(self) -> dict:
+        """These settings as JSON values, for a process that cannot read them from its
+        environment (`from_json` restores them)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, fields: dict) -> Settings:
+        paths = {k: Path(v) for k, v in fields.items() if k in _PATHS and v is not None}
+        return cls(**{**fields, **paths})
 
     @property
     def code(self) -> Path:

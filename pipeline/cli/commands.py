@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from pipeline.cli import display
 from pipeline.config import Config, load_config, parse_overrides
@@ -80,7 +81,15 @@ def stage(args, settings: Settings) -> int:
         if nodes is not None:
             from pipeline.training.distributed import launch
 
-            return launch(nodes, _train_argv(args))
+            code = launch(nodes, "pipeline.cli", _train_argv(args))
+            if code and nodes.nnodes > 1:
+                print(
+                    f"error: {nodes.failure(code)}. Run the same command on every machine, with "
+                    "the same --rdzv-id, and an endpoint every machine reaches "
+                    "(docs/training.md, Several machines)",
+                    file=sys.stderr,
+                )
+            return code
     needs = graph.BY_NAME[args.command].needs
     if getattr(args, "model", None):
         inputs = {need: {"model": args.model} for need in needs}
@@ -105,6 +114,7 @@ def lr_find(args, settings: Settings) -> int:
 def _nodes(args: argparse.Namespace, cfg):
     """Where `pipeline train --nproc/--nnodes` runs (None: in this process); ConfigError for
     what torchrun cannot."""
+    from pipeline.stages.nodes import require_distributable
     from pipeline.training.distributed import Nodes
 
     if args.nproc < 1 or args.nnodes < 1 or args.join_timeout < 1:
@@ -115,13 +125,7 @@ def _nodes(args: argparse.Namespace, cfg):
         )
     if args.nproc == 1 and args.nnodes == 1:
         return None
-    if cfg.train.privacy.enabled:  # before torchrun starts its processes
-        raise ConfigError("train.privacy runs in one process; train without --nproc/--nnodes")
-    if cfg.train.optimizer.lr == "auto":
-        raise ConfigError(
-            "train.optimizer.lr=auto is not run under torchrun; run `pipeline lr-find` and "
-            "set train.optimizer.lr to its suggestion"
-        )
+    require_distributable(cfg)  # before torchrun starts its processes
     if args.nnodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
         raise ConfigError(
             f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (on one of the machines, "

@@ -11,8 +11,7 @@ needs a file of another's.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -96,50 +95,74 @@ def agree(fingerprint: tuple, what: str, dist: Dist) -> None:
 @dataclass(frozen=True)
 class Nodes:
     """Where the processes of one training run: `nproc` on each of `nnodes` machines, which
-    meet at torchrun's c10d rendezvous `endpoint` (HOST:PORT, on one of them) under `run_id`."""
+    meet at torchrun's c10d rendezvous `endpoint` (HOST:PORT, on one of them) under `run_id`.
+    `is_host`: whether this machine serves the rendezvous store (None: torchrun decides by
+    whether the endpoint names this machine)."""
 
     nproc: int = 1
     nnodes: int = 1
     endpoint: str = ""
     run_id: str = ""
     join_timeout_s: int = 600  # how long the first machine waits for the others
+    is_host: bool | None = None
 
     def torchrun_args(self) -> list[str]:
         if self.nnodes == 1 and not self.endpoint:
             return ["--standalone", f"--nproc-per-node={self.nproc}"]
+        conf = f"join_timeout={self.join_timeout_s}"
+        if self.is_host is not None:
+            conf += f",is_host={str(self.is_host).lower()}"
         return [
             f"--nnodes={self.nnodes}",
             f"--nproc-per-node={self.nproc}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={self.endpoint}",
             f"--rdzv-id={self.run_id}",
-            f"--rdzv-conf=join_timeout={self.join_timeout_s}",
+            f"--rdzv-conf={conf}",
             "--max-restarts=0",  # a lost rank fails the run; the retry resumes it
         ]
 
-
-def launch(nodes: Nodes, cli_args: list[str]) -> int:
-    """Run `pipeline <cli_args>` in `nodes.nproc` processes here, meeting the other machines'
-    when `nodes.nnodes` > 1; returns the exit code (non-zero also when too few machines came
-    before the join timeout)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *nodes.torchrun_args(),
-        "-m",
-        "pipeline.cli",
-        *cli_args,
-    ]
-    code = subprocess.call(cmd)
-    if code and nodes.nnodes > 1:
-        print(
-            f"error: the {nodes.nnodes}-machine training at {nodes.endpoint} (rendezvous "
-            f"{nodes.run_id}) failed with exit code {code}: a rank failed (its error is above, "
-            f"or on another machine), the endpoint was unreachable, or not all {nodes.nnodes} "
-            f"machines joined within {nodes.join_timeout_s} s. Run the same command on every "
-            "machine, with the same --rdzv-id, and an endpoint every machine reaches "
-            "(docs/training.md, Several machines)",
-            file=sys.stderr,
+    def failure(self, code: int, met: bool = True) -> str:
+        """Why a training on these machines failed with exit code `code`, after the machines
+        `met` at the rendezvous or before."""
+        where = f"the {self.nnodes}-machine training at {self.endpoint} (rendezvous {self.run_id})"
+        if not met:
+            return (
+                f"{where} did not start: not all {self.nnodes} machines joined within "
+                f"{self.join_timeout_s} s, or the endpoint was unreachable"
+            )
+        return (
+            f"{where} failed with exit code {code}: a rank failed (its error is above, or on "
+            "another machine) or a machine was lost"
         )
-    return code
+
+
+def launch(nodes: Nodes, module: str, args: list[str]) -> int:
+    """Run `python -m <module> <args>` in `nodes.nproc` processes here under torchrun, meeting the
+    other machines' when `nodes.nnodes` > 1; returns the exit code (non-zero also when too few
+    machines came before the join timeout). Interrupted here (SIGTERM, Ctrl-C), it stops
+    torchrun, which stops its processes."""
+    from pipeline import children
+
+    agent = children.python(
+        ["-m", "torch.distributed.run", *nodes.torchrun_args(), "-m", module, *args]
+    )
+    try:
+        return agent.wait()
+    finally:
+        if agent.poll() is None:
+            agent.terminate()
+            agent.wait()
+
+
+def this_machine() -> str:
+    """The address the other machines reach this one at: PIPELINE_NODE_ADDRESS (a pod's IP
+    under Kubernetes), else the host name (which they must resolve)."""
+    return os.environ.get("PIPELINE_NODE_ADDRESS") or socket.gethostname()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the rendezvous store binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]

@@ -94,7 +94,13 @@ def test_data_is_checked_first_and_unchanged_work_is_skipped_before_training(dag
     from pipeline.stages import graph
 
     dag = dagbag.dags[DAG_ID]
-    assert set(dag.task_ids) == {"check_data", "skip_if_unchanged", *graph.BY_NAME}
+    assert set(dag.task_ids) == {
+        "check_data",
+        "skip_if_unchanged",
+        "peer_nodes",
+        "train_peer",
+        *graph.BY_NAME,
+    }
     for stage in graph.STAGES:
         assert "check_data" in _ancestors(dag, stage.name)
     assert _ancestors(dag, "skip_if_unchanged") == {"check_data", "validate"}

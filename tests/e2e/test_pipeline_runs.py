@@ -318,3 +318,17 @@ def test_airflow_dags_test_interrupted_in_training_ends_the_run_killed(airflow_p
     assert trained.info.status == "KILLED", rest[-3000:]
     assert trained.data.tags["train.interrupted"] == f"interrupted by {signal.Signals(sig).name}"
     assert "epoch  30/30" not in rest
+
+
+def test_training_on_more_machines_than_come_fails_once_saying_what_to_start(airflow_project):
+    """`airflow dags test` runs one task at a time: the train task's rendezvous for 2 machines
+    (or the peer waiting for it) sees one, and the run fails without retrying, naming the fix."""
+    env = {**project_env(airflow_project), "PIPELINE_JOIN_TIMEOUT_S": "15"}
+    result = _dag_test(airflow_project, check=False, conf={"nodes": 2, "epochs": 1}, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "run 2 workers on that queue, one per machine" in log, log[-5000:]
+    assert "give the pool 2 slots" in log
+    assert "[DAG TEST] starting task_id=evaluate" not in log
+    # no retry: waiting again brings no more machines
+    assert "AirflowFailException: NodesDidNotMeet: the 2-machine training at" in log

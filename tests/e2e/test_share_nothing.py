@@ -4,7 +4,8 @@ api-server, scheduler, dag-processor and triggerer) and two Celery workers, each
 clone and nothing else (tests/e2e/hosts.py builds them with Linux namespaces). The clones take
 infra/dvc-config as their DVC config, as the image does. The training DAG runs through the REST
 API; a worker is lost during `train` and the retry resumes on the other in the same MLflow run; a
-publish on one worker trains the new version on every task; two workers train as two machines."""
+publish on one worker trains the new version on every task; a run with nodes=2 trains on both
+workers as two machines, and resumes in step after one machine's ranks are killed."""
 
 import json
 import os
@@ -48,6 +49,8 @@ SHARED = {
     "MLFLOW_ARTIFACT_ROOT": "mlflow-artifacts:/",
     "PIPELINE_REGISTRY_LOCK_URI": "postgresql://postgres@postgres:5432/mlflow",
     "PIPELINE_SCHEDULE": "none",
+    "PIPELINE_TRAIN_QUEUE": "training",  # the tasks of training on several machines
+    "GPU_SLOTS": "2",  # airflow-init's gpu pool: one slot per training machine
     "GX_ANALYTICS_ENABLED": "false",
 }
 
@@ -190,7 +193,9 @@ def _control_services(hosts: Hosts, clone: Path, scratch: Path) -> None:
 
 
 def _worker(hosts: Hosts, name: str, clone: Path):
-    command = [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1"]
+    """A Celery worker serving the default queue and the training queue, one task at a time."""
+    queues = ["--queues", f"default,{SHARED['PIPELINE_TRAIN_QUEUE']}"]
+    command = [str(BIN / "airflow"), "celery", "worker", *queues, "--concurrency", "1"]
     return hosts.start(name, command, _env(clone), clone, clone / f"worker-{name}.log")
 
 
@@ -225,7 +230,7 @@ def test_the_shipped_topology_runs_across_hosts_that_share_no_disk(tmp_path):
             client = MlflowClient(f"http://{CONTROL_IP}:5000")
             _lose_a_worker_during_train(hosts, airflow, client, clones, workers)
             _publish_on_one_worker_trains_it_everywhere(hosts, airflow, client, clones)
-            _two_workers_train_as_two_machines(hosts, client, clones)
+            _two_workers_train_as_two_machines(hosts, airflow, client, clones)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -330,38 +335,61 @@ def _publish_on_one_worker_trains_it_everywhere(hosts, airflow, client, clones) 
     assert recorded == {md5}  # validation and training alike
 
 
-def _two_workers_train_as_two_machines(hosts, client, clones) -> None:
-    """`pipeline train --nnodes 2` on both workers, meeting at w1's rendezvous: one run."""
-    version = ["--set", "data.test_fraction=0.25"]  # both on the published version
-    for name in ("w1", "w2"):
-        said = hosts.run(
-            name, ["pipeline", "data", "pull", *version], _env(clones[name]), clones[name]
-        )
-        assert said.returncode == 0, said.stderr[-3000:]
-    said = hosts.run("w1", ["pipeline", "validate"], _env(clones["w1"]), clones["w1"])
-    assert said.returncode == 0, said.stderr[-3000:]
-    command = [
-        "pipeline",
-        "train",
-        "--nnodes",
-        "2",
-        "--nproc",
-        "1",
-        "--rdzv-endpoint",
-        "w1:29400",
-        "--rdzv-id",
-        "two-hosts",
-        "--join-timeout",
-        "120",
-        "--set",
-        "train.epochs=2",
+def _two_workers_train_as_two_machines(hosts, airflow, client, clones) -> None:
+    """A run with nodes=2: train on one worker opens the rendezvous, train_peer on the other
+    joins it, one MLflow run. The peer's ranks killed after an epoch fail both tasks; their
+    retries meet again and resume that run in step, every epoch logged once."""
+    import psutil
+
+    epochs = 4
+    conf = {"model": "cnn", "epochs": epochs, "nodes": 2}
+    dag_run = airflow.trigger(DAG, conf)["dag_run_id"]
+    peer_path = f"/dags/{DAG}/dagRuns/{dag_run}/taskInstances/train_peer/0"
+
+    def both_running():
+        tasks = _task(airflow, dag_run, "train"), airflow("GET", peer_path)
+        return all(t["state"] == "running" for t in tasks) and tasks
+
+    leader, peer = _wait("train and train_peer running", both_running, 600)
+    assert {leader["hostname"], peer["hostname"]} == {"w1", "w2"}
+
+    def logged_epochs() -> int:
+        runs = [r for r in _runs_of(client, dag_run) if "train.identity" in r.data.tags]
+        return len(client.get_metric_history(runs[0].info.run_id, "train_loss")) if runs else 0
+
+    _wait("an epoch logged", lambda: logged_epochs() >= 1, 300, 0.2)
+    ranks = [
+        p
+        for p in psutil.process_iter(["cmdline", "cwd"])
+        if "pipeline.stages.nodes" in (p.info["cmdline"] or [])
+        and p.info["cwd"] == str(clones[peer["hostname"]])
     ]
-    logs = {name: clones[name] / "two-machines.log" for name in ("w1", "w2")}
-    procs = [hosts.start(n, command, _env(clones[n]), clones[n], logs[n]) for n in ("w1", "w2")]
-    for proc in procs:
-        proc.wait(timeout=600)
-    said = {n: logs[n].read_text()[-3000:] for n in logs}
-    assert [p.returncode for p in procs] == [0, 0], said
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    both = client.search_runs(experiments, "tags.`train.processes` = '2'")
-    assert len(both) == 1 and both[0].info.status == "FINISHED", said
+    assert ranks, "no rank of the peer's training found"
+    for rank in ranks:
+        rank.kill()
+    killed_at, done_before = time.time(), logged_epochs()
+    finished = airflow.wait_for_runs(
+        DAG,
+        lambda runs: any(
+            r["dag_run_id"] == dag_run and r["state"] in ("success", "failed") for r in runs
+        ),
+        900,
+    )
+    tasks = _task(airflow, dag_run, "train"), airflow("GET", peer_path)
+    assert [r["state"] for r in finished if r["dag_run_id"] == dag_run] == ["success"], tasks
+    assert [t["try_number"] for t in tasks] == [2, 2], tasks  # both failed once, together
+    (trained,) = [r for r in _runs_of(client, dag_run) if "train.identity" in r.data.tags]
+    assert trained.info.status == "FINISHED" and trained.data.tags["train.processes"] == "2"
+    resumed_from = int(trained.data.tags["train.resumed_from_epoch"])
+    assert resumed_from >= 1
+    steps = sorted(m.step for m in client.get_metric_history(trained.info.run_id, "train_loss"))
+    assert steps == list(range(1, epochs + 1))  # in step: no epoch lost or logged twice
+    history = client.get_metric_history(trained.info.run_id, "system/epoch_seconds")
+    first_resumed = min(m.timestamp for m in history if m.step == resumed_from + 1) / 1000
+    print(
+        f"2 machines: {peer['hostname']}'s ranks killed after epoch {done_before}; both tasks "
+        f"retried and resumed after epoch {resumed_from} (redone: {done_before - resumed_from}); "
+        f"the first resumed epoch was logged {first_resumed - killed_at:.0f} s after the kill"
+    )
+    running = client.search_runs([trained.info.experiment_id], "attributes.status = 'RUNNING'")
+    assert running == []

@@ -405,3 +405,42 @@ def test_a_last_batch_of_one_under_batch_norm_joins_the_batch_before_it(validate
     assert _client(validated).get_run(run_id).data.tags["train.last_batch"] == "merged"
     logged = _client(validated).download_artifacts(run_id, "history.json", str(validated))
     assert json.loads(Path(logged).read_text())["steps_per_epoch"] == 2  # not 3
+
+
+_ON_NODES = """
+import json, sys
+from pipeline.config import load_config
+from pipeline.context import RunContext
+from pipeline.settings import Settings
+from pipeline.stages.nodes import train_on_nodes
+from pipeline.training.distributed import Nodes
+
+settings = Settings.from_env()
+cfg = load_config(settings.params, {"train.model.name": "mlp", "train.epochs": 2})
+validation = json.loads((settings.outputs / "validation.json").read_text())
+validation |= json.loads(sys.argv[1])
+ctx = RunContext(origin="airflow", ids={"dag_id": "d", "run_id": "r", "try_number": 1})
+try:
+    print(json.dumps(train_on_nodes(cfg, settings, validation, ctx, Nodes(nproc=2))))
+except Exception as exc:
+    print(json.dumps({"raised": type(exc).__name__, "message": str(exc)}))
+"""
+
+
+def test_a_dag_tasks_training_on_nodes_hands_on_rank_zeros_run_and_its_permanent_errors(
+    validated,
+):
+    """What the DAG's train and train_peer tasks call: the config, hand-off and RunContext
+    reach every torchrun process, rank 0's result comes back, and a rank's permanent error
+    comes back as one (the task then fails without retries), not as a torchrun exit code."""
+    project = validated
+    trained = json.loads(run(["python", "-c", _ON_NODES, "{}"], project).stdout)
+    (only,) = _runs(project)
+    assert trained["run_id"] == only.info.run_id and only.info.status == "FINISHED"
+    assert only.data.tags["train.processes"] == "2"
+    assert only.data.tags["airflow.dag_id"] == "d" and only.data.tags["airflow.run_id"] == "r"
+    wrong = json.dumps({"data_md5": "0" * 32})
+    refused = json.loads(run(["python", "-c", _ON_NODES, wrong], project).stdout)
+    assert refused["raised"] == "PermanentError", refused
+    assert refused["message"].startswith("DataError: ") and "0" * 32 in refused["message"]
+    assert len(_runs(project)) == 1  # nothing trained on the unvalidated version

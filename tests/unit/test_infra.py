@@ -101,6 +101,17 @@ def test_image_dag_folder_and_pools_agree_with_the_dags():
     assert all(f"airflow pools set {p} " in init for p in pools)
 
 
+def test_a_worker_serves_the_queue_the_training_tasks_go_to():
+    """A run on several machines puts train and train_peer on PIPELINE_TRAIN_QUEUE: with no
+    worker on it they would wait until the join timeout."""
+    services = _compose()["services"]
+    queue = services["airflow-scheduler"]["environment"]["PIPELINE_TRAIN_QUEUE"]
+    worker = services["airflow-worker"]
+    assert worker["environment"]["PIPELINE_TRAIN_QUEUE"] == queue
+    served = worker["command"].split("--queues", 1)[1].split()[0].split(",")
+    assert queue in served and "default" in served  # and every other task's
+
+
 def test_kubernetes_runs_the_train_task_on_a_gpu_node():
     helm = yaml.safe_load((INFRA / "helm" / "values.yaml").read_text())
     assert helm["executor"] == "KubernetesExecutor"
@@ -111,6 +122,9 @@ def test_kubernetes_runs_the_train_task_on_a_gpu_node():
     assert pod["spec"]["nodeSelector"]
     wiring = (REPO / "dags" / "dag_support.py").read_text()  # GPU_TASK: train and sweep trials
     assert "infra/helm/gpu-pod-template.yaml" in wiring
+    # a training on several machines meets at the first pod's IP: pods resolve no host names
+    (address,) = [e for e in container["env"] if e["name"] == "PIPELINE_NODE_ADDRESS"]
+    assert address["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert "COPY infra/helm ./infra/helm" in (INFRA / "Dockerfile").read_text()  # in the image
 
 
