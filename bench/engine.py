@@ -213,7 +213,7 @@ def checkpoint_upload_overhead(cfg, split: Split, rounds: int) -> dict:
     thread) vs without. The checkpoints of the bigger `cnn` model make the upload visible."""
     import mlflow
 
-    from pipeline.tracking.recorder import Recorder, log_epoch
+    from pipeline.tracking.recorder import Recorder
 
     store = tempfile.mkdtemp(prefix="bench-mlflow-")
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
@@ -228,9 +228,7 @@ def checkpoint_upload_overhead(cfg, split: Split, rounds: int) -> dict:
             recorder.client, recorder.run_id = mlflow.MlflowClient(), run.info.run_id
 
             def logged(row):
-                log_epoch(recorder.client, recorder.run_id, row)
-                if upload:
-                    recorder.checkpoint(path)
+                recorder.epoch(row, path if upload else None)
 
             result = fit(cfg.train, split, classes, 0, on_epoch=logged, checkpoint_path=path)
             if recorder.uploads is not None:

@@ -50,11 +50,11 @@ def train_stage(
     process of every other machine returns rank 0's result too (its hand-off), the others {}.
     SIGTERM or SIGINT (`interrupts.Interrupted`, any KeyboardInterrupt) ends the run KILLED and
     re-raises; a run of the same identity that a killed process left RUNNING is ended KILLED
-    when the next one starts. Every epoch is checkpointed, locally and (off the training thread)
-    into the MLflow run. With `ctx.resume`, a checkpoint of the same params, data, orchestrator
-    run and `ctx.scope` continues where it stopped, logging into the same MLflow run: the local
-    one, else the one an earlier try uploaded from another host. `on_epoch(row)` sees each
-    epoch after it is logged; raising `Pruned` ends the run as KILLED, tagged with the epoch it
+    when the next one starts. Every epoch is checkpointed, locally and (off the training thread,
+    before its metrics) into the MLflow run. With `ctx.resume`, a checkpoint of the same params,
+    data, orchestrator run and `ctx.scope` continues where it stopped, logging into the same
+    MLflow run: the local one, else the one an earlier try uploaded from another host.
+    `on_epoch(row)` sees each epoch after it went to the recorder; raising `Pruned` ends the run as KILLED, tagged with the epoch it
     stopped at. `recipe(dataset)` gives more arguments for the engine's `fit` (a `loss` hook, a
     `start` model: the compress stage); its identity goes in `ctx.scope`. With train.privacy,
     each epoch's `epsilon` is a metric and the final guarantee (`privacy.epsilon`,
@@ -131,8 +131,7 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
     tracking.check()  # an opening that failed already (a deleted experiment) stops us here
 
     def report(row: dict) -> None:
-        tracking.epoch(row)
-        tracking.checkpoint(ckpt_path)  # written just before; uploaded off this thread
+        tracking.epoch(row, ckpt_path)  # its checkpoint, written just before: uploaded first
         if on_epoch is not None:
             on_epoch(row)
 

@@ -11,9 +11,10 @@ ends the run KILLED and says why. A run left RUNNING when both went is ended whe
 identity next opens one (`orphans.end_abandoned`), on this host or, for a later try of the same
 orchestrator run, on any.
 
-Each epoch's checkpoint is also uploaded to the run (`checkpoint`, off the training thread), so a
-retry on a host that shares no disk with this one resumes it (`settle_checkpoint`); the upload is
-deleted once the run is FINISHED with its model, or a new run of the same training replaces it.
+Each epoch's checkpoint is also uploaded to the run (`epoch`, off the training thread, before
+that epoch's metrics), so a retry on a host that shares no disk with this one resumes it
+(`settle_checkpoint`) with no epoch logged twice; the upload is deleted once the run is FINISHED
+with its model, or a new run of the same training replaces it.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ class Recorder(_Recording):
     nvidia-ml-py, every few seconds) from the run's creation to its end."""
 
     run_id: str
-    uploads = None  # the checkpoint uploads' thread, once there is one
+    uploads = None  # the thread of epochs with checkpoints, once there is one
     uploaded: int | None = None  # the mtime of the checkpoint uploaded last
+    failed: BaseException | None = None  # what that thread met logging an epoch
 
     def open(self, opening: Opening) -> None:
         from mlflow import MlflowClient
@@ -131,19 +133,30 @@ class Recorder(_Recording):
         self.monitor.start()
 
     def check(self) -> None:
-        """Nothing to wait for in-process (`Child.check` raises what its process met)."""
+        """Raise what logging an earlier epoch met (`Child.check`: what its process met)."""
+        if self.failed is not None:
+            raise self.failed
 
-    def epoch(self, row: dict) -> None:
-        log_epoch(self.client, self.run_id, row)
-
-    def checkpoint(self, path: Path) -> None:
-        """Upload the checkpoint at `path` to the run, in the background (a thread here; the
-        child's own loop in `Child`): an epoch never waits for it."""
+    def epoch(self, row: dict, checkpoint: Path | None = None) -> None:
+        """Log one epoch's metrics. With the `checkpoint` just written for it, upload that
+        first, both in the background (a thread here; the child's own loop in `Child`): an
+        epoch never waits for them, and an epoch in the run means its checkpoint is there too,
+        so a retry that resumes from it on another host never logs an epoch twice."""
         from concurrent.futures import ThreadPoolExecutor
 
+        self.check()
+        if checkpoint is None:
+            return log_epoch(self.client, self.run_id, row)
         if self.uploads is None:
             self.uploads = ThreadPoolExecutor(1, "checkpoint-upload")
-        self.uploads.submit(self._upload, path)
+        self.uploads.submit(self._record, row, checkpoint)
+
+    def _record(self, row: dict, checkpoint: Path) -> None:
+        self._upload(checkpoint)
+        try:
+            log_epoch(self.client, self.run_id, row)
+        except BaseException as exc:  # raised in the trainer by the next epoch or the end
+            self.failed = exc
 
     def _upload(self, path: Path) -> None:
         """The file as it is now (a later epoch's when it was replaced meanwhile: renames are
@@ -173,6 +186,7 @@ class Recorder(_Recording):
 
         if self.uploads is not None:
             self.uploads.shutdown(wait=True)
+            self.check()
         if artifacts is not None:
             self.client.log_artifacts(self.run_id, str(artifacts))
         keep = status != "FINISHED" if keep_checkpoint is None else keep_checkpoint
@@ -224,12 +238,9 @@ class Child(_Recording):
         while self.conn.poll():
             self._take(self._recv())
 
-    def epoch(self, row: dict) -> None:
+    def epoch(self, row: dict, checkpoint: Path | None = None) -> None:
         self.check()
-        self._send(("epoch", row))
-
-    def checkpoint(self, path: Path) -> None:
-        self._send(("checkpoint", path))
+        self._send(("epoch", row, checkpoint))
 
     def end(
         self,
@@ -309,11 +320,11 @@ def _serve(conn) -> None:
         except (EOFError, OSError):
             return _trainer_gone(recorder, opening)
         try:
-            if message[0] == "epoch":
-                recorder.epoch(message[1])
-                continue
-            if message[0] == "checkpoint":
-                recorder._upload(message[1])  # this process is the background here
+            if message[0] == "epoch":  # this process is the background here
+                _, row, checkpoint = message
+                if checkpoint is not None:
+                    recorder._upload(checkpoint)  # first: see Recorder.epoch
+                recorder.epoch(row)
                 continue
             recorder.end(*message[1:])
             reply = ("ended", None)
