@@ -43,7 +43,6 @@ GPU_TASK = {
 
 # Training on several machines (the form's `nodes`): the train task is the first machine and
 # opens the rendezvous; `train_peer`, mapped over the others, joins it, each a training task.
-JOIN_TIMEOUT_S = int(os.environ.get("PIPELINE_JOIN_TIMEOUT_S") or 600)
 RENDEZVOUS = "rendezvous"  # the XCom key under which train publishes where to meet
 
 
@@ -269,9 +268,22 @@ def training_nodes(cfg) -> dict:
     if nnodes * nproc > 1:
         from pipeline.stages.nodes import require_distributable
 
+        join_timeout_s()  # a bad value fails now, not after validation
         with permanent_errors():
             require_distributable(cfg)
     return {"nnodes": nnodes, "nproc": nproc}
+
+
+def join_timeout_s() -> int:
+    """How long the machines of a training wait for each other: PIPELINE_JOIN_TIMEOUT_S (600 s);
+    a value that is not a positive whole number fails the task, naming it."""
+    given = os.environ.get("PIPELINE_JOIN_TIMEOUT_S") or "600"
+    if not given.isdigit() or int(given) < 1:
+        raise AirflowFailException(
+            f"PIPELINE_JOIN_TIMEOUT_S={given!r}: give the seconds the machines of a training wait "
+            "for each other as a whole number >= 1 (default 600)"
+        )
+    return int(given)
 
 
 def _too_few(nnodes: int) -> str:
@@ -287,9 +299,11 @@ def _too_few(nnodes: int) -> str:
 def lead_training(cfg, settings, ctx, validation: dict, nodes: dict) -> dict:
     """The train task on several machines: open a rendezvous on this worker (its address and a
     free port, an id naming this DAG run and try), publish it for the `train_peer` tasks, and
-    train as one of the machines; returns the train stage's result (rank 0's)."""
+    train as one of the machines; returns the train stage's result (rank 0's). Ending, it
+    closes the rendezvous: for the next try, or for good (the peers then stop at once)."""
     from dataclasses import asdict
 
+    from pipeline.errors import PermanentError
     from pipeline.stages.nodes import machines, rendezvous, train_on_nodes
 
     ti = get_current_context()["ti"]
@@ -297,30 +311,41 @@ def lead_training(cfg, settings, ctx, validation: dict, nodes: dict) -> dict:
         **rendezvous(f"{ctx.attempt()}.try{ti.try_number}"),
         "context": asdict(ctx),  # every machine's rank 0 records this try, whichever it is
     }
+    here = machines(nodes, meeting, is_host=True, join_timeout_s=join_timeout_s())
     ti.xcom_push(RENDEZVOUS, meeting)
-    here = machines(nodes, meeting, is_host=True, join_timeout_s=JOIN_TIMEOUT_S)
+    closed: dict = {}  # a peer's retry waits for the next try's
     try:
         return train_on_nodes(cfg, settings, validation, ctx, here, _too_few(nodes["nnodes"]))
+    except Exception as exc:
+        if isinstance(exc, PermanentError) or ti.try_number > ti.task.retries:
+            closed = {"gave_up": f"{type(exc).__name__}: {exc}"}
+        raise
     finally:
-        ti.xcom_push(RENDEZVOUS, {})  # closed: a peer's retry waits for the next try's
+        ti.xcom_push(RENDEZVOUS, closed)
 
 
 def join_training(cfg, settings, validation: dict, nodes: dict, node: int) -> dict:
-    """A train_peer task: wait (up to JOIN_TIMEOUT_S) for the rendezvous the train task of
+    """A train_peer task: wait (up to `join_timeout_s`) for the rendezvous the train task of
     this run opens, then train as one of its machines with the train task's context. A
-    rendezvous that closed before this machine came (an earlier try's) is left for the next."""
+    rendezvous that closed before this machine came (an earlier try's) is left for the next;
+    when the train task gave up for good, this one is skipped (the run failed already)."""
     import time
+
+    from airflow.sdk.exceptions import AirflowSkipException
 
     from pipeline.context import RunContext
     from pipeline.stages.nodes import NodesDidNotMeet, machines, train_on_nodes
 
-    ti, deadline, missed = get_current_context()["ti"], time.monotonic() + JOIN_TIMEOUT_S, None
+    ti, waited, missed = get_current_context()["ti"], join_timeout_s(), None
+    deadline = time.monotonic() + waited
     while time.monotonic() < deadline:
         meeting = ti.xcom_pull(task_ids="train", key=RENDEZVOUS, map_indexes=-1)
+        if meeting and "gave_up" in meeting:
+            raise AirflowSkipException(f"the train task gave up: {meeting['gave_up']}")
         if not meeting or meeting == missed:
             time.sleep(2)
             continue
-        here = machines(nodes, meeting, is_host=False, join_timeout_s=JOIN_TIMEOUT_S)
+        here = machines(nodes, meeting, is_host=False, join_timeout_s=waited)
         ctx = RunContext(**meeting["context"])
         try:
             return train_on_nodes(cfg, settings, validation, ctx, here, _too_few(nodes["nnodes"]))
@@ -328,5 +353,5 @@ def join_training(cfg, settings, validation: dict, nodes: dict, node: int) -> di
             missed = meeting
     raise AirflowFailException(
         f"machine {node}: no rendezvous of this run's train task to join within "
-        f"{JOIN_TIMEOUT_S} s (PIPELINE_JOIN_TIMEOUT_S){_too_few(nodes['nnodes'])}"
+        f"{waited} s (PIPELINE_JOIN_TIMEOUT_S){_too_few(nodes['nnodes'])}"
     )

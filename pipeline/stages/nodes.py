@@ -74,8 +74,8 @@ def train_on_nodes(
     """Train stage `cfg` on `nodes` (a `distributed.Nodes`: this machine's processes, and the
     rendezvous of all machines) and return its result, rank 0's, on every machine. Raises the
     ranks' PermanentError (as PermanentError, same message); NodesDidNotMeet when no process
-    started here, else NodesFailed, naming the rendezvous, `hint` appended (what the caller can
-    do about too few machines)."""
+    started here (`hint` appended: what the caller can do about too few machines), else
+    NodesFailed, naming the rendezvous."""
     from pipeline.training.distributed import launch
 
     require_distributable(cfg)
@@ -96,7 +96,9 @@ def train_on_nodes(
     if error:
         raise PermanentError(error)
     if code or not result:
-        raise (NodesFailed if met else NodesDidNotMeet)(f"{nodes.failure(code, met)}{hint}")
+        if met:
+            raise NodesFailed(nodes.failure(code, met))
+        raise NodesDidNotMeet(f"{nodes.failure(code, met)}{hint}")
     return result
 
 

@@ -54,12 +54,13 @@ def train_stage(
     before its metrics) into the MLflow run. With `ctx.resume`, a checkpoint of the same params,
     data, orchestrator run and `ctx.scope` continues where it stopped, logging into the same
     MLflow run: the local one, else the one an earlier try uploaded from another host.
-    `on_epoch(row)` sees each epoch after it went to the recorder; raising `Pruned` ends the run as KILLED, tagged with the epoch it
-    stopped at. `recipe(dataset)` gives more arguments for the engine's `fit` (a `loss` hook, a
-    `start` model: the compress stage); its identity goes in `ctx.scope`. With train.privacy,
-    each epoch's `epsilon` is a metric and the final guarantee (`privacy.epsilon`,
-    `privacy.delta`, the noise multiplier, ...) run params and tags. Raises DataError for
-    untracked or unvalidated data, TrainingDiverged when the loss stays NaN/Inf.
+    `on_epoch(row)` sees each epoch after it went to the recorder; raising `Pruned` ends the
+    run as KILLED, tagged with the epoch it stopped at. `recipe(dataset)` gives more arguments
+    for the engine's `fit` (a `loss` hook, a `start` model: the compress stage); its identity
+    goes in `ctx.scope`. With train.privacy, each epoch's `epsilon` is a metric and the final
+    guarantee (`privacy.epsilon`, `privacy.delta`, the noise multiplier, ...) run params and
+    tags. Raises DataError for untracked or unvalidated data, TrainingDiverged when the loss
+    stays NaN/Inf.
     """
     ctx = ctx or RunContext()
     with recorder.begin() as tracking:  # a child process imports MLflow meanwhile
@@ -75,8 +76,10 @@ def _train(cfg, settings, validation, ctx, on_epoch, recipe, tracking) -> dict:
 
         distributed.init(dist, pick_device(cfg.train.device, dist.local_rank))
         validation = distributed.first(validation, dist) or {}
-        # every machine must train the same recipe (its params.yaml and --set are its own)
-        distributed.agree((cfg.params_hash(),), "the training params (params hash)", dist)
+        # every machine must train the same recipe (its params.yaml and --set are its own), and
+        # resume or not alike: rank 0 alone decides, so a --resume elsewhere would be dropped
+        what = "the training params (params hash) and --resume"
+        distributed.agree((cfg.params_hash(), ctx.resume), what, dist)
     # DVC's comparison of data/ with data.dvc runs in a child process while torch loads.
     data = check_validated(
         cfg.base.dataset, settings.root, settings.data_dir, validation, wait=False

@@ -122,18 +122,18 @@ class Nodes:
             "--max-restarts=0",  # a lost rank fails the run; the retry resumes it
         ]
 
-    def failure(self, code: int, met: bool = True) -> str:
-        """Why a training on these machines failed with exit code `code`, after the machines
-        `met` at the rendezvous or before."""
+    def failure(self, code: int, met: bool | None = None) -> str:
+        """Why a training on these machines failed with exit code `code`: after the machines
+        `met` at the rendezvous, before, or (None) either."""
         where = f"the {self.nnodes}-machine training at {self.endpoint} (rendezvous {self.run_id})"
-        if not met:
-            return (
-                f"{where} did not start: not all {self.nnodes} machines joined within "
-                f"{self.join_timeout_s} s, or the endpoint was unreachable"
-            )
+        late = f"not all {self.nnodes} machines joined within {self.join_timeout_s} s"
+        if met is False:
+            return f"{where} did not start: {late}, or the endpoint was unreachable"
+        lost = "a rank failed (its error is above, or on another machine) or a machine was lost"
+        if met:
+            return f"{where} failed with exit code {code}: {lost}"
         return (
-            f"{where} failed with exit code {code}: a rank failed (its error is above, or on "
-            "another machine) or a machine was lost"
+            f"{where} failed with exit code {code}: {late}, the endpoint was unreachable, or {lost}"
         )
 
 

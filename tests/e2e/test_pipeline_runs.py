@@ -330,5 +330,8 @@ def test_training_on_more_machines_than_come_fails_once_saying_what_to_start(air
     assert "run 2 workers on that queue, one per machine" in log, log[-5000:]
     assert "give the pool 2 slots" in log
     assert "[DAG TEST] starting task_id=evaluate" not in log
-    # no retry: waiting again brings no more machines
+    # no retry: waiting again brings no more machines; the peer then stops at once, skipped,
+    # and the run alerts once
     assert "AirflowFailException: NodesDidNotMeet: the 2-machine training at" in log
+    assert "the train task gave up: NodesDidNotMeet" in log
+    assert log.count("ALERT train_image_classifier.") == 1

@@ -350,12 +350,28 @@ def test_two_machines_train_one_run_and_resume_it_in_step(validated, from_templa
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_machines_that_would_train_different_recipes_train_nothing(validated, from_template):
+@pytest.mark.parametrize(
+    "b_too", [("--set", "train.optimizer.lr=0.01"), ("--resume",)], ids=["recipe", "resume"]
+)
+def test_machines_that_would_train_different_recipes_train_nothing(validated, from_template, b_too):
+    """Each machine's params.yaml, --set and --resume are its own: rank 0 alone would decide,
+    dropping the others' silently, so the ranks refuse to train unless they agree."""
     a, b = validated, from_template("validated", "node-b")
-    said = _two_machines(a, b, "mixed", "--set", "train.epochs=2",
-                         b_too=("--set", "train.optimizer.lr=0.01"), ok=False)  # fmt: skip
-    assert "the ranks disagree on the training params (params hash)" in "".join(said)
+    said = _two_machines(a, b, "mixed", "--set", "train.epochs=2", b_too=b_too, ok=False)
+    assert "the ranks disagree on the training params (params hash) and --resume" in "".join(said)
     assert not [r for r in _runs(a) if r.info.status == "FINISHED"]
+
+
+def test_a_machine_alone_at_its_rendezvous_fails_after_the_join_timeout_saying_so(validated):
+    from tests.conftest import free_port
+
+    rendezvous = ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "alone"]
+    command = ["pipeline", "train", "--nnodes", "2", *rendezvous, "--join-timeout", "5"]
+    said = run(command, validated, check=False)
+    assert said.returncode != 0
+    assert "not all 2 machines joined within 5 s" in said.stderr, said.stderr[-3000:]
+    assert "Run the same command on every machine, with the same --rdzv-id" in said.stderr
+    assert _runs(validated) == []
 
 
 @pytest.mark.parametrize(
