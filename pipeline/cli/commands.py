@@ -187,11 +187,17 @@ def serve(args, settings: Settings) -> int:
             "follows; to serve one version, give it an alias of its own in the registry"
         )
     alias = alias or "champion"
+    if args.shadow and (args.shadow == alias or not args.shadow.replace("-", "").isalnum()):
+        raise ConfigError(
+            f"--shadow {args.shadow}: give another alias of {name} than the one served "
+            "(e.g. challenger); it may point nowhere yet"
+        )
     where(settings, name, alias)  # one line, before the port opens, when it points nowhere
     if args.webhook_url:
-        _webhook(settings, args.webhook_url, name, alias)
+        for followed in filter(None, (alias, args.shadow)):
+            _webhook(settings, args.webhook_url, name, followed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return run(settings, cfg.serve, name, alias, args.host, args.port)
+    return run(settings, cfg.serve, (name, alias), (args.host, args.port), args.shadow)
 
 
 def reproduce(args, settings: Settings) -> int:

@@ -171,6 +171,13 @@ def _model_commands(sub) -> None:
         help="this server's /webhook as the MLflow tracking server reaches it: registers a "
         "registry webhook (secret: PIPELINE_SERVE_WEBHOOK_SECRET) so alias moves arrive at once",
     )
+    serve.add_argument(
+        "--shadow",
+        metavar="ALIAS",
+        default="",
+        help="another alias of the model (e.g. challenger) that scores each request too, off "
+        "the response path; agreement with the answers is a metric",
+    )
     predict = sub.add_parser("predict", help="score images with a registered model")
     predict.add_argument("--model", default="image-classifier@champion", help=ref_help)
     predict.add_argument(

@@ -24,6 +24,7 @@ from pipeline.serving.batcher import Batcher
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.model import Follower, Served, load
 from pipeline.serving.payload import Refused, check_headers, count, model_input
+from pipeline.serving.shadow import Shadow
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.serve")
@@ -37,9 +38,12 @@ WEBHOOK_BYTES = 64 * 1024  # an alias event is a few hundred bytes
 class State:
     """What the routes share: the version answering now, the batcher and the metrics."""
 
-    def __init__(self, settings: Settings, cfg: ServeConfig, name: str, alias: str):
+    def __init__(
+        self, settings: Settings, cfg: ServeConfig, name: str, alias: str, shadow: str = ""
+    ):
         self.settings, self.cfg, self.name, self.alias = settings, cfg, name, alias
         self.metrics = Metrics(cfg.max_batch)
+        self.shadow = Shadow(shadow, self.metrics) if shadow else None
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, self.metrics.batch.observe)
         self.served: Served | None = None
         self.failure: str | None = None  # why the first load failed: the server then stops
@@ -55,8 +59,12 @@ class State:
         self.metrics.temperature.set(served.temperature)
 
 
-def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> FastAPI:
-    state = State(settings, cfg, name, alias)
+def create_app(
+    settings: Settings, cfg: ServeConfig, name: str, alias: str, shadow: str = ""
+) -> FastAPI:
+    """The app serving `name@alias`; with `shadow` (an alias), that version scores each request
+    too, off the response path (`serving.shadow`)."""
+    state = State(settings, cfg, name, alias, shadow)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -65,7 +73,7 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
         yield
         for task in (batching, loading):
             task.cancel()
-        if follower := getattr(app.state, "follower", None):
+        for follower in getattr(app.state, "followers", ()):
             follower.stop()
 
     app = FastAPI(title="pipeline serve", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -90,9 +98,16 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
     async def version():
         if state.served is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        follower = getattr(app.state, "follower", None)
+        followers = getattr(app.state, "followers", [None, None])
         # null while the last check found the alias where the server is; else why it may not be
-        registry = {"follow_failure": follower.failure if follower else None}
+        registry = {"follow_failure": followers[0].failure if followers[0] else None}
+        if state.shadow is not None:
+            shadow = state.shadow.served
+            registry["shadow"] = {
+                "alias": state.shadow.alias,
+                "version": shadow.version if shadow else None,
+                "follow_failure": followers[1].failure if len(followers) > 1 else None,
+            }
         return state.served.describe() | registry
 
     @app.get("/metrics")
@@ -112,12 +127,14 @@ def create_app(settings: Settings, cfg: ServeConfig, name: str, alias: str) -> F
                 state.metrics.webhooks.labels("rejected").inc()
                 log.info("webhook delivery rejected: %s", exc)
                 return _error(exc.status, str(exc))
-            follower = getattr(app.state, "follower", None)
-            if follower is None or not webhook.concerns(event, state.name, state.alias):
+            followers = getattr(app.state, "followers", [])
+            moved = [f for f in followers if webhook.concerns(event, f.name, f.alias)]
+            if not moved:
                 state.metrics.webhooks.labels("ignored").inc()
                 return {"status": "ignored"}
             state.metrics.webhooks.labels("taken").inc()
-            follower.nudge()
+            for follower in moved:
+                follower.nudge()
             return {"status": "checking"}
 
     @app.post("/invocations")
@@ -155,15 +172,33 @@ async def _first_load(state: State, app: FastAPI) -> None:
         return
     state.switch(served)
     log.info("serving %s version %s (@%s)", served.name, served.version, served.alias)
-    follower = Follower(
-        state.settings,
-        state.cfg,
-        lambda: state.served,
-        state.switch,
-        lambda error: state.metrics.follow_failures.labels(error).inc(),
-    )
-    app.state.follower = follower
-    follower.start()
+    failed = state.metrics.follow_failures.labels
+    followers = [
+        Follower(
+            state.settings,
+            state.cfg,
+            (state.name, state.alias),
+            lambda: state.served,
+            state.switch,
+            lambda error: failed(error).inc(),
+        )
+    ]
+    if (shadow := state.shadow) is not None:  # loaded at its first check, off the requests
+        shadow.start()
+        followers.append(
+            Follower(
+                state.settings,
+                state.cfg,
+                (state.name, shadow.alias),
+                lambda: shadow.served,
+                shadow.switch,
+                lambda error: failed(f"shadow {error}").inc(),
+            )
+        )
+        followers[1].nudge()
+    app.state.followers = followers
+    for follower in followers:
+        follower.start()
 
 
 async def _invocations(state: State, request: Request) -> Response:
@@ -198,6 +233,8 @@ async def _invocations(state: State, request: Request) -> Response:
         raise
     metrics.requests.labels("ok").inc()
     metrics.images.labels("ok").inc(len(pixels))
+    if state.shadow is not None:
+        state.shadow.offer(pixels, served, logits)
     return JSONResponse(
         {"predictions": _records(logits, served, metrics), "model": _named(served)},
         headers={"X-Model-Version": f"{served.name}/{served.version}"},
@@ -291,15 +328,24 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
-def run(settings: Settings, cfg: ServeConfig, name: str, alias: str, host: str, port: int) -> int:
-    """Serve `name@alias` on host:port until SIGTERM or SIGINT (a graceful stop; the CLI exits
-    143 or 130), or until the first load fails (1, the reason logged in one line). ConfigError
-    when the address cannot be had."""
+def run(
+    settings: Settings,
+    cfg: ServeConfig,
+    target: tuple[str, str],
+    address: tuple[str, int],
+    shadow: str = "",
+) -> int:
+    """Serve `target` (name, alias) on `address` (host, port) until SIGTERM or SIGINT (a
+    graceful stop; the CLI exits 143 or 130), or until the first load fails (1, the reason
+    logged in one line); with `shadow`, that alias scores each request too. ConfigError when the
+    address cannot be had."""
     import socket
 
     import uvicorn
 
     from pipeline.errors import ConfigError
+
+    (name, alias), (host, port) = target, address
     from pipeline.serving.connections import with_head_bounds
 
     try:  # bound here, so a port in use is one line, not uvicorn's startup failure
@@ -309,7 +355,7 @@ def run(settings: Settings, cfg: ServeConfig, name: str, alias: str, host: str, 
         raise ConfigError(
             f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host"
         ) from None
-    app = create_app(settings, cfg, name, alias)
+    app = create_app(settings, cfg, name, alias, shadow)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

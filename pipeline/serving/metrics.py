@@ -61,6 +61,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.shadow = Counter(
+            "pipeline_serve_shadow_images",
+            "Images the shadow model (--shadow) scored too, by outcome: agree or disagree with "
+            "the answer's class, unscored (no shadow version, another input shape), dropped",
+            ["outcome"],
+            registry=r,
+        )
+        self.shadow_version = Gauge(
+            "pipeline_serve_shadow_version",
+            "The shadow's registered version (--shadow)",
+            registry=r,
+        )
         self.follow_failures = Counter(
             "pipeline_serve_follow_failures",
             "Failed checks or loads of the alias's version (the old one kept serving)",

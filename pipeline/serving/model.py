@@ -118,8 +118,9 @@ def _abstainer(version, scores: dict | None, cfg: ServeConfig):
 
 
 class Follower(threading.Thread):
-    """Asks the registry every `cfg.poll_s` seconds where the alias points; when it moved, loads
-    the new version off the request path and hands it to `switch` once it answered its warm-up.
+    """Asks the registry every `cfg.poll_s` seconds where `name@alias` points; when it moved
+    from `current()` (None: nothing loaded yet), loads the new version off the request path and
+    hands it to `switch` once it answered its warm-up.
     A registry that cannot be reached, or a version that fails to load, keeps the one serving:
     each failed check is counted by `failed` and each new failure logged once, `failure` says
     what is wrong until a check succeeds, and a version that failed to load is tried again
@@ -131,13 +132,14 @@ class Follower(threading.Thread):
         self,
         settings: Settings,
         cfg: ServeConfig,
-        current: Callable[[], Served],
+        target: tuple[str, str],
+        current: Callable[[], Served | None],
         switch: Callable[[Served], None],
         failed: Callable[[str], None],
     ):
-        super().__init__(name="alias-follower", daemon=True)
+        super().__init__(name=f"follow-{target[1]}", daemon=True)
         self.settings, self.current, self.switch, self.failed = settings, current, switch, failed
-        self.cfg = cfg
+        self.cfg, (self.name, self.alias) = cfg, target
         self.stopped = False
         self.wake = threading.Event()  # set by `nudge` or `stop`
         self.failure: str | None = None  # why the served version may not be the alias's
@@ -161,16 +163,17 @@ class Follower(threading.Thread):
 
     def check(self) -> None:
         served = self.current()
+        had = served.version if served is not None else None
         try:
-            version = where(self.settings, served.name, served.alias)
-            if version == served.version:
+            version = where(self.settings, self.name, self.alias)
+            if version == had:
                 self.failure = None
                 return
             if self._refused and self._refused[0] == version:
                 if time.monotonic() - self._refused[1] < self.RETRY_S:
                     return
             try:
-                new = load(self.settings, served.name, served.alias, self.cfg)
+                new = load(self.settings, self.name, self.alias, self.cfg)
             except Exception:
                 self._refused = (version, time.monotonic())
                 raise
@@ -179,10 +182,10 @@ class Follower(threading.Thread):
 
             reason = one_line(f"{type(exc).__name__}: {exc}", 300)
             if reason != self.failure:
-                log.warning("still serving version %s: %s", served.version, reason)
+                log.warning("@%s: still on version %s: %s", self.alias, had, reason)
             self.failed(type(exc).__name__)
             self.failure = reason
             return
-        log.info("@%s moved: version %s -> %s", served.alias, served.version, new.version)
+        log.info("@%s moved: version %s -> %s", self.alias, had, new.version)
         self.failure, self._refused = None, None
         self.switch(new)

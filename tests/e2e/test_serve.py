@@ -405,3 +405,64 @@ def test_serve_follows_a_tracking_servers_webhook_at_once(from_template):
     assert (
         local.returncode == 2 and "webhooks are sent by an MLflow tracking server" in local.stderr
     )
+
+
+def _shadow_counts(server: PipelineServer, images: int, seconds: float = 60) -> dict:
+    """The shadow's per-outcome image counts once it has taken `images` in all."""
+    outcomes = ("agree", "disagree", "unscored", "dropped")
+    deadline = time.monotonic() + seconds
+    while True:
+        counts = {
+            o: server.metric("pipeline_serve_shadow_images_total", outcome=o) for o in outcomes
+        }
+        if sum(counts.values()) >= images or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
+
+
+def test_serve_shadows_another_alias_counting_agreement_without_touching_the_answers(
+    from_template,
+):
+    """`--shadow challenger` scores every request with the challenger too: the answers stay the
+    champion's, and the agree/disagree counts are those of `pipeline predict` run with each."""
+    project = from_template("registered")  # version 1: champion and challenger
+    said = run(["pipeline", "serve", "--shadow", "champion"], project, check=False)
+    assert said.returncode == 2 and "give another alias of image-classifier" in said.stderr
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    body = json.dumps({"inputs": pixels.tolist()}).encode()
+    with PipelineServer(project, "--shadow", "challenger", "--set", "serve.poll_s=0.5") as server:
+        deadline = time.monotonic() + 60
+        while server.get("/version")["shadow"]["version"] != 1:
+            assert time.monotonic() < deadline, server.get("/version")
+            time.sleep(0.2)
+        status, answer, _ = server.post(body)
+        assert status == 200 and answer["model"]["version"] == 1
+        itself = {"agree": 24, "disagree": 0, "unscored": 0, "dropped": 0}
+        assert _shadow_counts(server, 24) == itself  # version 1 against itself: all agree
+
+        for command in (
+            ["train", "--set", "train.epochs=1"],
+            ["evaluate"],
+            ["register", "--set", "register.floor=0", "--set", "register.min_improvement=1"],
+        ):
+            run(["pipeline", *command], project)  # version 2: challenger only
+        deadline = time.monotonic() + 60
+        while server.get("/version")["shadow"]["version"] != 2:
+            assert time.monotonic() < deadline, server.get("/version")
+            time.sleep(0.2)
+        status, answer, headers = server.post(body)
+        assert status == 200 and headers["X-Model-Version"] == f"{NAME}/1"
+        counts = _shadow_counts(server, 48)
+        assert server.metric("pipeline_serve_shadow_version") == 2
+
+    np.save(project / "shadowed.npy", pixels)
+    predicted = {}
+    for version in (1, 2):
+        out = project / f"v{version}.json"
+        args = ["--model", f"{NAME}/{version}", "--input", str(project / "shadowed.npy")]
+        run(["pipeline", "predict", *args, "--output", str(out)], project)
+        rows = json.loads(out.read_text())["predictions"]
+        predicted[version] = [row["prediction"] for row in rows]
+    assert [row["prediction"] for row in answer["predictions"]] == predicted[1]
+    agree = sum(a == b for a, b in zip(predicted[1], predicted[2], strict=True))
+    assert counts == {"agree": 24 + agree, "disagree": 24 - agree, "unscored": 0, "dropped": 0}
