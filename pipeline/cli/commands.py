@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from pipeline.cli import display
@@ -187,7 +188,7 @@ def serve(args, settings: Settings) -> int:
             "follows; to serve one version, give it an alias of its own in the registry"
         )
     alias = alias or "champion"
-    if args.shadow and (args.shadow == alias or not args.shadow.replace("-", "").isalnum()):
+    if args.shadow and (args.shadow == alias or not re.fullmatch(r"[\w-]+", args.shadow)):
         raise ConfigError(
             f"--shadow {args.shadow}: give another alias of {name} than the one served "
             "(e.g. challenger); it may point nowhere yet"

@@ -68,8 +68,8 @@ import os, signal, sys
 from pipeline import interrupts
 from pipeline.tracking import recorder
 logged = recorder.Recorder.epoch
-def dying(self, row):
-    logged(self, row)
+def dying(self, row, checkpoint=None):
+    logged(self, row, checkpoint)
     if row["epoch"] == 2:
         os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 recorder.Recorder.epoch = dying if sys.argv[1].startswith("SIG") else logged
