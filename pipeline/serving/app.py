@@ -106,7 +106,7 @@ def create_app(
             registry["shadow"] = {
                 "alias": state.shadow.alias,
                 "version": shadow.version if shadow else None,
-                "follow_failure": followers[1].failure if len(followers) > 1 else None,
+                "follow_failure": followers[1].failure if followers[1:] and followers[1] else None,
             }
         return state.served.describe() | registry
 

@@ -60,7 +60,8 @@ def test_queued_and_temp_experiments_run_apart_register_challengers_and_compare(
     # experiment. The second and third differ.
     run(["dvc", "exp", "run", "--queue", "-n", "q-same", "-S", "base.seed=42"], project)
     run(["dvc", "exp", "run", "--queue", "-n", "q-lr", "-S", "train.optimizer.lr=0.05"], project)
-    run(["dvc", "queue", "start", "-j", "1"], project)
+    # a hang guard only: under make test's four workers on two cores it once took over 600 s
+    run(["dvc", "queue", "start", "-j", "1"], project, timeout=1500)
     status = _wait_for_queue(project)
     assert status.count("Success") == 2, status
     run(["dvc", "exp", "run", "--temp", "-n", "t-adam", "-S", "train.optimizer.name=adam"], project)
