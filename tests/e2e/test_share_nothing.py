@@ -208,6 +208,24 @@ def _runs_of(client: MlflowClient, dag_run: str) -> list:
     return client.search_runs(experiments, f"tags.`airflow.run_id` = '{dag_run}'")
 
 
+def _logged_epochs(client: MlflowClient, dag_run: str) -> int:
+    """Epochs the training run of `dag_run` has logged so far."""
+    runs = [r for r in _runs_of(client, dag_run) if "train.identity" in r.data.tags]
+    return len(client.get_metric_history(runs[0].info.run_id, "train_loss")) if runs else 0
+
+
+def _finished(airflow: Airflow, dag_run: str) -> str:
+    """The state `dag_run` ended in (success or failed)."""
+    runs = airflow.wait_for_runs(
+        DAG,
+        lambda runs: any(
+            r["dag_run_id"] == dag_run and r["state"] in ("success", "failed") for r in runs
+        ),
+        900,
+    )
+    return next(r["state"] for r in runs if r["dag_run_id"] == dag_run)
+
+
 def test_the_shipped_topology_runs_across_hosts_that_share_no_disk(tmp_path):
     if os.geteuid() != 0:
         pytest.fail("building hosts needs root (network namespaces); CI runs as root")
@@ -253,21 +271,10 @@ def _lose_a_worker_during_train(hosts, airflow, client, clones, workers) -> None
     lost = train["hostname"]
     assert lost in ("w1", "w2"), train
 
-    def logged_epochs() -> int:
-        runs = [r for r in _runs_of(client, dag_run) if "train.identity" in r.data.tags]
-        return len(client.get_metric_history(runs[0].info.run_id, "train_loss")) if runs else 0
-
-    _wait("two epochs logged", lambda: logged_epochs() >= 2, 300, 0.2)
+    _wait("two epochs logged", lambda: _logged_epochs(client, dag_run) >= 2, 300, 0.2)
     hosts.lose(lost)
-    lost_at, done_before = time.monotonic(), logged_epochs()
-    finished = airflow.wait_for_runs(
-        DAG,
-        lambda runs: any(
-            r["dag_run_id"] == dag_run and r["state"] in ("success", "failed") for r in runs
-        ),
-        900,
-    )
-    state = next(r["state"] for r in finished if r["dag_run_id"] == dag_run)
+    lost_at, done_before = time.monotonic(), _logged_epochs(client, dag_run)
+    state = _finished(airflow, dag_run)
     retried = _task(airflow, dag_run, "train")
     assert state == "success", (state, retried)
     survivor = {"w1": "w2", "w2": "w1"}[lost]
@@ -353,11 +360,7 @@ def _two_workers_train_as_two_machines(hosts, airflow, client, clones) -> None:
     leader, peer = _wait("train and train_peer running", both_running, 600)
     assert {leader["hostname"], peer["hostname"]} == {"w1", "w2"}
 
-    def logged_epochs() -> int:
-        runs = [r for r in _runs_of(client, dag_run) if "train.identity" in r.data.tags]
-        return len(client.get_metric_history(runs[0].info.run_id, "train_loss")) if runs else 0
-
-    _wait("an epoch logged", lambda: logged_epochs() >= 1, 300, 0.2)
+    _wait("an epoch logged", lambda: _logged_epochs(client, dag_run) >= 1, 300, 0.2)
     ranks = [
         p
         for p in psutil.process_iter(["cmdline", "cwd"])
@@ -367,16 +370,10 @@ def _two_workers_train_as_two_machines(hosts, airflow, client, clones) -> None:
     assert ranks, "no rank of the peer's training found"
     for rank in ranks:
         rank.kill()
-    killed_at, done_before = time.time(), logged_epochs()
-    finished = airflow.wait_for_runs(
-        DAG,
-        lambda runs: any(
-            r["dag_run_id"] == dag_run and r["state"] in ("success", "failed") for r in runs
-        ),
-        900,
-    )
+    killed_at, done_before = time.time(), _logged_epochs(client, dag_run)
+    state = _finished(airflow, dag_run)
     tasks = _task(airflow, dag_run, "train"), airflow("GET", peer_path)
-    assert [r["state"] for r in finished if r["dag_run_id"] == dag_run] == ["success"], tasks
+    assert state == "success", tasks
     assert [t["try_number"] for t in tasks] == [2, 2], tasks  # both failed once, together
     (trained,) = [r for r in _runs_of(client, dag_run) if "train.identity" in r.data.tags]
     assert trained.info.status == "FINISHED" and trained.data.tags["train.processes"] == "2"
