@@ -8,8 +8,9 @@ a DataFrame; for files, the decoding too). Each is timed on the test split as ui
 the pyfunc also on the same images as base64 PNG files, at batch 1 and batch 256; medians of
 `--repeats` passes, microseconds per image, and the ratio to the bare network.
 
-Over HTTP (`--seconds` per cell): both servers of the champion, one base64 PNG test image per
-request from 1, 8 and 32 client threads (keep-alive connections), images/s and latency
+Over HTTP (`--seconds` per cell): both servers of the champion (ours also with 2 workers),
+one base64 PNG test image per request from 1, 8 and 32 client threads (keep-alive
+connections), images/s and latency
 percentiles; the served images/s at 32 against the bare network's batch-256 images/s; and an
 alias flip under load at 8 threads (in a copy of the registry, the champion moved to a second
 version of the same run): failed requests and seconds from the move to the first answer of the
@@ -58,21 +59,31 @@ def _free_port() -> int:
 
 
 def _start(command: list[str], port: int, env: dict) -> subprocess.Popen:
-    """The server, once it answers: /ready for ours (its /ping answers while it loads)."""
+    """The server, once it answers: /ready for ours (its /ping answers while it loads); with
+    --workers N, once N workers report their version in /metrics."""
     ready = "/ready" if "pipeline" in command[0] else "/ping"
+    workers = int(command[command.index("--workers") + 1]) if "--workers" in command else 1
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     server = subprocess.Popen(command, env=env, start_new_session=True, cwd=ROOT, **quiet)
     for _ in range(240):
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             connection.request("GET", ready)
-            if connection.getresponse().status == 200:
+            answer = connection.getresponse()
+            answer.read()
+            if answer.status == 200 and (workers == 1 or _workers_serving(connection) == workers):
                 return server
         except OSError:
             pass
         time.sleep(0.5)
     os.killpg(server.pid, 15)
     raise RuntimeError(f"{command[:3]} did not start")
+
+
+def _workers_serving(connection: http.client.HTTPConnection) -> int:
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    return text.count("pipeline_serve_model_version{pid=")
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -134,6 +145,7 @@ def _servers() -> dict[str, list[str]]:
     return {
         "mlflow models serve": [str(BIN / "mlflow"), "models", "serve", "-m", model, *local],
         "pipeline serve": [str(BIN / "pipeline"), "serve", "--port"],
+        "pipeline serve --workers 2": [str(BIN / "pipeline"), "serve", "--workers", "2", "--port"],
     }
 
 
@@ -151,7 +163,10 @@ def http_load(body: bytes, seconds: float, bare_batch_256: float) -> dict:
         finally:
             _stop(server)
     ours, theirs = table["pipeline serve"], table["mlflow models serve"]
+    two = table["pipeline serve --workers 2"]["concurrency_32"]["images_per_s"]
     table["ratios"] = {
+        "two_workers_over_one_at_32": round(two / ours["concurrency_32"]["images_per_s"], 2),
+        "two_workers_at_32_over_bare_batch_256": round(two / bare_batch_256, 3),
         "pipeline_over_mlflow_at_32": round(
             ours["concurrency_32"]["images_per_s"] / theirs["concurrency_32"]["images_per_s"], 2
         ),

@@ -406,6 +406,7 @@ class ServeConfig(_Block):
     abstain: bool = False  # answer "unknown" when the prediction is not trustworthy
     alpha: float = Field(0.05, gt=0, lt=1)  # prediction sets hold the true class >= 1 - alpha
     ood_rate: float = Field(0.01, gt=0, lt=1)  # in-distribution images flagged as unlike them
+    workers: int = Field(1, ge=1, le=64)  # processes, each with its model, batcher and limits
 
 
 class TrackingConfig(_Block):

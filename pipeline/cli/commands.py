@@ -175,11 +175,11 @@ def _webhook(settings: Settings, url: str, name: str, alias: str) -> None:
 
 
 def serve(args, settings: Settings) -> int:
-    import logging
-
     from pipeline.serving.app import run
     from pipeline.serving.model import where
 
+    if args.workers is not None:  # checked as the param is
+        args.overrides = [*(args.overrides or []), f"serve.workers={args.workers}"]
     cfg = _config(args, settings)
     name, _, alias = args.model.removeprefix("models:/").partition("@")  # MLflow's URI form too
     if "/" in name or "@" in alias or "/" in alias or args.model.endswith("@"):
@@ -197,7 +197,6 @@ def serve(args, settings: Settings) -> int:
     if args.webhook_url:
         for followed in filter(None, (alias, args.shadow)):
             _webhook(settings, args.webhook_url, name, followed)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return run(settings, cfg.serve, (name, alias), (args.host, args.port), args.shadow)
 
 

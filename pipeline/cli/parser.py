@@ -178,6 +178,13 @@ def _model_commands(sub) -> None:
         help="another alias of the model (e.g. challenger) that scores each request too, off "
         "the response path; agreement with the answers is a metric",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes on the one port (serve.workers; default 1), each with its own "
+        "model and batcher",
+    )
     predict = sub.add_parser("predict", help="score images with a registered model")
     predict.add_argument("--model", default="image-classifier@champion", help=ref_help)
     predict.add_argument(

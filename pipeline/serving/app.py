@@ -3,16 +3,23 @@
 Routes: `/invocations` (MLflow's scoring protocol, through the model's input contract; the
 answer's `model` and the `X-Model-Version` header name the version that scored it),
 `/health` (alive; `/ping` as MLflow has it), `/ready` (a version is loaded and answered its
-warm-up), `/version`, `/metrics` (Prometheus). Limits: `ServeConfig` (docs/serving.md)."""
+warm-up), `/version`, `/metrics` (Prometheus). Limits: `ServeConfig` (docs/serving.md).
+With `serve.workers` > 1, uvicorn's supervisor runs that many worker processes on one socket
+(each with its model, batcher, followers and limits); see `run`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import signal
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import uvicorn
+import uvicorn.supervisors
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from pipeline.config import ServeConfig
 from pipeline.serving import webhook
 from pipeline.serving.batcher import Batcher
-from pipeline.serving.metrics import Metrics
+from pipeline.serving.metrics import Metrics, exposition
 from pipeline.serving.model import Follower, Served, load
 from pipeline.serving.payload import Refused, check_headers, count, model_input
 from pipeline.serving.shadow import Shadow
@@ -39,9 +46,15 @@ class State:
     """What the routes share: the version answering now, the batcher and the metrics."""
 
     def __init__(
-        self, settings: Settings, cfg: ServeConfig, name: str, alias: str, shadow: str = ""
+        self,
+        settings: Settings,
+        cfg: ServeConfig,
+        target: tuple[str, str],
+        shadow: str = "",
+        shared: str | None = None,
     ):
-        self.settings, self.cfg, self.name, self.alias = settings, cfg, name, alias
+        self.settings, self.cfg, (self.name, self.alias) = settings, cfg, target
+        self.shared = shared  # the workers' folder (metrics, nudges); None: the only process
         self.metrics = Metrics(cfg.max_batch)
         self.shadow = Shadow(shadow, self.metrics) if shadow else None
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, self.metrics.batch.observe)
@@ -60,18 +73,28 @@ class State:
 
 
 def create_app(
-    settings: Settings, cfg: ServeConfig, name: str, alias: str, shadow: str = ""
+    settings: Settings,
+    cfg: ServeConfig,
+    target: tuple[str, str],
+    shadow: str = "",
+    shared: str | None = None,
+    first: Served | None = None,
 ) -> FastAPI:
-    """The app serving `name@alias`; with `shadow` (an alias), that version scores each request
-    too, off the response path (`serving.shadow`)."""
-    state = State(settings, cfg, name, alias, shadow)
+    """The app serving `target` (name, alias); with `shadow` (an alias), that version scores
+    each request too, off the response path (`serving.shadow`). `shared`: the folder of the
+    server's worker processes; `first`: the version already loaded, else it loads in the
+    background while `/ready` says 503."""
+    state = State(settings, cfg, target, shadow, shared)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batching = asyncio.create_task(state.batcher.run())
-        loading = asyncio.create_task(_first_load(state, app))
+        tasks = [asyncio.create_task(state.batcher.run())]
+        if first is None:
+            tasks.append(asyncio.create_task(_first_load(state, app)))
+        else:
+            _serve_first(state, app, first)
         yield
-        for task in (batching, loading):
+        for task in tasks:
             task.cancel()
         for follower in getattr(app.state, "followers", ()):
             follower.stop()
@@ -112,9 +135,9 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(state.metrics, shared), media_type=CONTENT_TYPE_LATEST)
 
     if key := webhook.secret():  # MLflow's registry webhooks: follow a move at once
 
@@ -170,9 +193,18 @@ async def _first_load(state: State, app: FastAPI) -> None:
         log.error("could not load %s@%s: %s", state.name, state.alias, exc)
         app.state.stop()
         return
+    _serve_first(state, app, served)
+
+
+def _serve_first(state: State, app: FastAPI, served: Served) -> None:
+    """Answer with `served` and start following the alias (and the shadow's)."""
     state.switch(served)
     log.info("serving %s version %s (@%s)", served.name, served.version, served.alias)
     failed = state.metrics.follow_failures.labels
+
+    def nudges(alias: str) -> Path | None:  # where the workers pass a webhook's nudge on
+        return Path(state.shared, f"nudge-{alias}") if state.shared else None
+
     followers = [
         Follower(
             state.settings,
@@ -181,6 +213,7 @@ async def _first_load(state: State, app: FastAPI) -> None:
             lambda: state.served,
             state.switch,
             lambda error: failed(error).inc(),
+            nudges(state.alias),
         )
     ]
     if (shadow := state.shadow) is not None:  # loaded at its first check, off the requests
@@ -193,6 +226,7 @@ async def _first_load(state: State, app: FastAPI) -> None:
                 lambda: shadow.served,
                 shadow.switch,
                 lambda error: failed(f"shadow {error}").inc(),
+                nudges(shadow.alias),
             )
         )
         followers[1].nudge()
@@ -338,16 +372,14 @@ def run(
     """Serve `target` (name, alias) on `address` (host, port) until SIGTERM or SIGINT (a
     graceful stop; the CLI exits 143 or 130), or until the first load fails (1, the reason
     logged in one line); with `shadow`, that alias scores each request too. ConfigError when the
-    address cannot be had."""
+    address cannot be had. With `cfg.workers` > 1, see `_supervise`."""
     import socket
 
-    import uvicorn
-
     from pipeline.errors import ConfigError
-
-    (name, alias), (host, port) = target, address
     from pipeline.serving.connections import with_head_bounds
 
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    host, port = address
     try:  # bound here, so a port in use is one line, not uvicorn's startup failure
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listening = socket.create_server((host, port), family=family)
@@ -355,16 +387,88 @@ def run(
         raise ConfigError(
             f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host"
         ) from None
-    app = create_app(settings, cfg, name, alias, shadow)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            http=with_head_bounds(cfg.header_timeout_s),
-            timeout_keep_alive=5,
-            access_log=False,
-            log_config=None,  # the CLI's logging: one line per event
-        )
-    )
+    # keep-alive idle 5 s; one log line per event, none per request
+    common = {"timeout_keep_alive": 5, "access_log": False, "log_config": None}
+    if cfg.workers > 1:
+        return _supervise((settings, cfg, target, shadow), common, listening)
+    app = create_app(settings, cfg, target, shadow)
+    config = uvicorn.Config(app, http=with_head_bounds(cfg.header_timeout_s), **common)
+    server = uvicorn.Server(config)
     app.state.stop = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[listening])
     return 1 if app.state.serving.failure else 0
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def _supervise(job: tuple, common: dict, listening) -> int:
+    """Run `cfg.workers` worker processes on `listening` under uvicorn's supervisor, which
+    replaces a worker that dies (SIGHUP: replaces each in turn, SIGTTIN/SIGTTOU: one more or
+    fewer). Their metrics meet in a temporary folder, removed at the end. A worker that cannot
+    load the alias's version stops the server (1)."""
+    import os
+    import shutil
+    import tempfile
+
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors.multiprocess import SIGNALS
+
+    shared = tempfile.mkdtemp(prefix="pipeline-serve-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared  # each worker's prometheus_client reads it
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        config = _WorkerConfig((*job, shared), workers=job[1].workers, **common)
+        supervisor = _Supervisor(config, sockets=[listening])
+        supervisor.run()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(shared, ignore_errors=True)
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+        return 1
+    if supervisor.stopped_by is not None:  # the CLI's exit status, as one process gives it
+        signal.raise_signal(supervisor.stopped_by)
+    return 0
+
+
+class _WorkerConfig(uvicorn.Config):
+    """uvicorn's config as each worker process receives it (pickled). The app and the bounded
+    protocol cannot be pickled, so `load`, in the worker, builds them. It loads the alias's
+    version first, before the worker accepts a connection (so a worker never answers
+    "loading"), and exits with uvicorn's STARTUP_FAILURE, which stops the server, when it
+    cannot."""
+
+    def __init__(self, job: tuple, **kwargs):
+        super().__init__(app="pipeline.serving.app:create_app", **kwargs)  # replaced in `load`
+        self.job = job
+
+    def load(self) -> None:
+        from uvicorn.config import STARTUP_FAILURE
+
+        from pipeline.serving.connections import with_head_bounds
+
+        settings, cfg, (name, alias), shadow, shared = self.job
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        try:
+            first = load(settings, name, alias, cfg)
+        except Exception as exc:  # noqa: BLE001  (one line; the supervisor then stops)
+            log.error("could not load %s@%s: %s", name, alias, exc)
+            sys.exit(STARTUP_FAILURE)
+        self.app = create_app(settings, cfg, (name, alias), shadow, shared, first)
+        self.http = with_head_bounds(cfg.header_timeout_s)
+        super().load()
+
+
+class _Supervisor(uvicorn.supervisors.Multiprocess):
+    """uvicorn's supervisor of worker processes, remembering the signal that stopped it."""
+
+    stopped_by: int | None = None
+
+    def handle_int(self) -> None:
+        self.stopped_by = signal.SIGINT
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self.stopped_by = signal.SIGTERM
+        super().handle_term()

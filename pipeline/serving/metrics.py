@@ -1,4 +1,7 @@
-"""The server's Prometheus metrics, in a registry of its own (`/metrics`)."""
+"""The server's Prometheus metrics, in a registry of its own (`/metrics`). With several worker
+processes (`serve.workers`) prometheus_client keeps them in files of a shared folder
+(`PROMETHEUS_MULTIPROC_DIR`) and `/metrics` sums the workers' counts; the gauges of what a worker
+serves are shown per worker (a `pid` label)."""
 
 from __future__ import annotations
 
@@ -43,11 +46,15 @@ class Metrics:
             registry=r,
         )
         self.version = Gauge(
-            "pipeline_serve_model_version", "The registered version answering now", registry=r
+            "pipeline_serve_model_version",
+            "The registered version answering now",
+            multiprocess_mode="liveall",
+            registry=r,
         )
         self.temperature = Gauge(
             "pipeline_serve_calibration_temperature",
             "The calibration temperature of the version answering now (1: plain softmax)",
+            multiprocess_mode="liveall",
             registry=r,
         )
         self.switches = Counter(
@@ -71,6 +78,7 @@ class Metrics:
         self.shadow_version = Gauge(
             "pipeline_serve_shadow_version",
             "The shadow's registered version (--shadow)",
+            multiprocess_mode="liveall",
             registry=r,
         )
         self.follow_failures = Counter(
@@ -79,3 +87,25 @@ class Metrics:
             ["error"],
             registry=r,
         )
+
+
+def exposition(metrics: Metrics, shared: str | None) -> bytes:
+    """The text of `/metrics`: this process's `metrics`, or with `shared` (the workers' folder,
+    `PROMETHEUS_MULTIPROC_DIR`) the sum over every worker, the per-worker gauges of workers that
+    have exited dropped (uvicorn replaces a worker that dies)."""
+    import os
+    from pathlib import Path
+
+    from prometheus_client import generate_latest, multiprocess
+
+    if shared is None:
+        return generate_latest(metrics.registry)
+    for path in Path(shared).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, shared)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, shared)
+    return generate_latest(registry)

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -124,9 +125,12 @@ class Follower(threading.Thread):
     A registry that cannot be reached, or a version that fails to load, keeps the one serving:
     each failed check is counted by `failed` and each new failure logged once, `failure` says
     what is wrong until a check succeeds, and a version that failed to load is tried again
-    only after `RETRY_S` (not downloaded and hashed at every poll)."""
+    only after `RETRY_S` (not downloaded and hashed at every poll).
+    With `nudges` (a file the worker processes of one server share), a nudge is passed on to
+    the other workers' followers of the alias, which look at the file every `NUDGE_S`."""
 
     RETRY_S = 60.0
+    NUDGE_S = 0.25
 
     def __init__(
         self,
@@ -136,8 +140,10 @@ class Follower(threading.Thread):
         current: Callable[[], Served | None],
         switch: Callable[[Served], None],
         failed: Callable[[str], None],
+        nudges: Path | None = None,
     ):
         super().__init__(name=f"follow-{target[1]}", daemon=True)
+        self.nudges, self._nudged = nudges, _mtime(nudges)
         self.settings, self.current, self.switch, self.failed = settings, current, switch, failed
         self.cfg, (self.name, self.alias) = cfg, target
         self.stopped = False
@@ -146,16 +152,31 @@ class Follower(threading.Thread):
         self._refused: tuple[int, float] | None = None  # (version, when it failed to load)
 
     def run(self) -> None:
+        due = time.monotonic() + self.cfg.poll_s
         while True:
-            self.wake.wait(self.cfg.poll_s)
-            self.wake.clear()
+            wait = due - time.monotonic()
+            self.wake.wait(max(0.0, min(wait, self.NUDGE_S) if self.nudges else wait))
             if self.stopped:
                 return
-            self.check()
+            if self.wake.is_set() or time.monotonic() >= due or self._passed_on():
+                self.wake.clear()
+                self.check()
+                due = time.monotonic() + self.cfg.poll_s
 
     def nudge(self) -> None:
-        """Check now (a registry webhook said the alias moved), not at the next poll."""
+        """Check now (a registry webhook said the alias moved), not at the next poll; tell the
+        other workers' followers too."""
+        if self.nudges is not None:
+            self.nudges.touch()
+            self._nudged = _mtime(self.nudges)
         self.wake.set()
+
+    def _passed_on(self) -> bool:
+        """Whether another worker was nudged since this follower last looked."""
+        if self.nudges is None or (now := _mtime(self.nudges)) == self._nudged:
+            return False
+        self._nudged = now
+        return True
 
     def stop(self) -> None:
         self.stopped = True
@@ -189,3 +210,10 @@ class Follower(threading.Thread):
         log.info("@%s moved: version %s -> %s", self.alias, had, new.version)
         self.failure, self._refused = None, None
         self.switch(new)
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except FileNotFoundError:
+        return None

@@ -6,6 +6,7 @@ one line while good ones keep being answered."""
 from __future__ import annotations
 
 import json
+import pathlib
 import socket
 import threading
 import time
@@ -365,16 +366,39 @@ def test_serve_abstains_where_the_held_out_scores_say_and_refuses_without_them(f
             assert server.metric("pipeline_serve_unknown_total", reason=why) == reasons.count(why)
 
     (artifacts / "conformal.npz").unlink()  # a version evaluated before the held-out scores
-    said = run(["pipeline", "serve", "--port", "1", "--set", limits[0]], project, check=False)
-    assert said.returncode == 1
-    assert "has no held-out scores to abstain by" in said.stderr
+    for workers in ("1", "2"):  # each worker fails to load it: the server stops, not retries
+        args = ["--port", "1", "--set", limits[0], "--workers", workers]
+        said = run(["pipeline", "serve", *args], project, check=False)
+        assert said.returncode == 1
+        assert "has no held-out scores to abstain by" in said.stderr
 
 
-def test_serve_follows_a_tracking_servers_webhook_at_once(from_template):
+def _versions(server: PipelineServer) -> dict[str, float]:
+    """The version each worker process answers with: pid -> version (/metrics)."""
+    prefix = "pipeline_serve_model_version{pid="
+    lines = server.get("/metrics").splitlines()
+    return {
+        line[len(prefix) + 1 :].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(prefix)
+    }
+
+
+def _until(condition, what, seconds: float = 60):
+    deadline = time.monotonic() + seconds
+    while not (found := condition()):
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.2)
+    return found
+
+
+def test_serve_workers_follow_a_tracking_servers_webhook_at_once(from_template):
     """The project's registry behind `mlflow server`, which sends alias webhooks (over http to
-    a local address, as MLFLOW_WEBHOOK_ALLOWED_SCHEMES and ..._ALLOW_PRIVATE_IPS allow): with
-    polling at once an hour, a promotion reaches the server through its webhook; a forged
-    delivery is refused."""
+    a local address, as MLFLOW_WEBHOOK_ALLOWED_SCHEMES and ..._ALLOW_PRIVATE_IPS allow), served
+    by two worker processes on one port: with polling once an hour, a promotion reaches both
+    through the webhook that one of them takes; a forged delivery is refused; /metrics sums
+    both; a worker killed is replaced, on the alias's version; SIGTERM stops them all (143) and
+    removes their metrics folder; a version that cannot be loaded stops the server (1)."""
     project = from_template("registered")
     sends = {
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
@@ -382,10 +406,13 @@ def test_serve_follows_a_tracking_servers_webhook_at_once(from_template):
         "PIPELINE_SERVE_WEBHOOK_SECRET": "s3cret",
     }
     store = f"sqlite:///{project}/.mlflow/mlflow.db"
+    image = json.dumps({"inputs": [np.zeros((8, 8), np.uint8).tolist()]}).encode()
     with MlflowServer(project, store, env=sends) as tracking:
         env = {**tracking.env, "MLFLOW_TRACKING_URI": tracking.url}
-        args = ["--set", "serve.poll_s=3600", "--webhook-url", "{url}/webhook"]
+        args = ["--set", "serve.poll_s=3600", "--webhook-url", "{url}/webhook", "--workers", "2"]
         with PipelineServer(project, *args, env=env) as server:
+            _until(lambda: len(_versions(server)) == 2, lambda: _versions(server))
+            assert set(_versions(server).values()) == {1.0}
             forged = urllib.request.Request(
                 f"{server.url}/webhook", b"{}", {"Content-Type": "application/json"}
             )
@@ -399,12 +426,36 @@ def test_serve_follows_a_tracking_servers_webhook_at_once(from_template):
                 ["promote", f"{NAME}/2", "--force", "--reason", "webhook test"],
             ):
                 run(["pipeline", *command], project, env=env)
-            _wait_for_version(server, 2, seconds=30)  # polling would take an hour
-            assert "moved: version 1 -> 2" in server.log.read_text()
+            # polling would take an hour: each worker took the move from the one webhook
+            _until(lambda: set(_versions(server).values()) == {2.0}, lambda: _versions(server))
+            assert server.log.read_text().count("moved: version 1 -> 2") == 2
+            assert server.metric("pipeline_serve_webhooks_total", outcome="taken") == 1
+
+            answers = [server.post(image) for _ in range(12)]
+            assert {(s, a["model"]["version"]) for s, a, _ in answers} == {(200, 2)}
+            assert server.metric("pipeline_serve_requests_total", outcome="ok") == 12
+
+            workers = psutil.Process(server.proc.pid).children()
+            served = [w for w in workers if str(w.pid) in _versions(server)]
+            shared = served[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
+            served[0].kill()
+            _until(
+                lambda: str(served[0].pid) not in _versions(server) and len(_versions(server)) == 2,
+                lambda: _versions(server),
+            )
+            assert set(_versions(server).values()) == {2.0}  # the replacement: the alias's
+            assert server.post(image)[0] == 200
+            assert server.metric("pipeline_serve_requests_total", outcome="ok") == 13
+            server.proc.terminate()  # the parent only: it stops its workers
+            assert server.proc.wait(60) == 143
+            assert not any(w.is_running() for w in served[1:])
+            assert not pathlib.Path(shared).exists()
     local = run(["pipeline", "serve", "--webhook-url", "http://x/webhook"], project, check=False)
     assert (
         local.returncode == 2 and "webhooks are sent by an MLflow tracking server" in local.stderr
     )
+    said = run(["pipeline", "serve", "--workers", "0"], project, check=False)
+    assert said.returncode == 2 and "serve.workers" in said.stderr
 
 
 def _shadow_counts(server: PipelineServer, images: int, seconds: float = 60) -> dict:
