@@ -8,11 +8,11 @@ a DataFrame; for files, the decoding too). Each is timed on the test split as ui
 the pyfunc also on the same images as base64 PNG files, at batch 1 and batch 256; medians of
 `--repeats` passes, microseconds per image, and the ratio to the bare network.
 
-Over HTTP (`--seconds` per cell): both servers of the champion (ours also with 2 workers),
-one base64 PNG test image per request from 1, 8 and 32 client threads (keep-alive
-connections), images/s and latency
-percentiles; the served images/s at 32 against the bare network's batch-256 images/s; and an
-alias flip under load at 8 threads (in a copy of the registry, the champion moved to a second
+Over HTTP (`--seconds` per cell): both servers of the champion (ours also with 2 workers, and
+without its prediction log), one base64 PNG test image per request from 1, 8 and 32 client
+threads (keep-alive connections), images/s and latency percentiles; the served images/s at 32
+against the bare network's batch-256 images/s, and with the log on against off; and an alias
+flip under load at 8 threads (in a copy of the registry, the champion moved to a second
 version of the same run): failed requests and seconds from the move to the first answer of the
 new version. `.venv/bin/python bench/serving.py` writes bench/out/serving.json.
 """
@@ -146,6 +146,9 @@ def _servers() -> dict[str, list[str]]:
         "mlflow models serve": [str(BIN / "mlflow"), "models", "serve", "-m", model, *local],
         "pipeline serve": [str(BIN / "pipeline"), "serve", "--port"],
         "pipeline serve --workers 2": [str(BIN / "pipeline"), "serve", "--workers", "2", "--port"],
+        "pipeline serve, no prediction log": [
+            *(str(BIN / "pipeline"), "serve", "--set", "monitor.log=false", "--port"),
+        ],
     }
 
 
@@ -164,7 +167,9 @@ def http_load(body: bytes, seconds: float, bare_batch_256: float) -> dict:
             _stop(server)
     ours, theirs = table["pipeline serve"], table["mlflow models serve"]
     two = table["pipeline serve --workers 2"]["concurrency_32"]["images_per_s"]
+    unlogged = table["pipeline serve, no prediction log"]["concurrency_32"]["images_per_s"]
     table["ratios"] = {
+        "log_on_over_off_at_32": round(ours["concurrency_32"]["images_per_s"] / unlogged, 3),
         "two_workers_over_one_at_32": round(two / ours["concurrency_32"]["images_per_s"], 2),
         "two_workers_at_32_over_bare_batch_256": round(two / bare_batch_256, 3),
         "pipeline_over_mlflow_at_32": round(

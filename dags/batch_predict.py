@@ -69,6 +69,7 @@ def batch_predict():
                 f"{pinned['name']}/{pinned['version']}",
                 confined(here / params["input"], roots, "input", ds.PREDICT_ROOTS),
                 confined(here / output, roots, "output", ds.PREDICT_ROOTS),
+                ds.config().monitor,  # the prediction log
             )
 
     score(resolve_model())

@@ -409,6 +409,15 @@ class ServeConfig(_Block):
     workers: int = Field(1, ge=1, le=64)  # processes, each with its model, batcher and limits
 
 
+class MonitorConfig(_Block):
+    """What the champion is asked: the prediction log (docs/monitoring.md)."""
+
+    log: bool = True  # record scored images of `pipeline serve` and `pipeline predict`
+    sample_rate: float = Field(1.0, gt=0, le=1)  # share of scored images recorded (refusals: all)
+    store: str = ""  # "": Parquet files under outputs/monitor/; postgresql://...: a table
+    buffer: int = Field(10_000, ge=1)  # rows waiting to be written; more are dropped, counted
+
+
 class TrackingConfig(_Block):
     experiment: str = Field("image-classifier", min_length=1)
 
@@ -424,6 +433,7 @@ class Config(_Block):
     compress: CompressConfig = CompressConfig()
     explain: ExplainConfig = ExplainConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     presets: dict[str, dict[str, Any]] = {}  # name -> {dotted.key: value}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

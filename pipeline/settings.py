@@ -83,6 +83,11 @@ class Settings:
         return (self.shared or self.root) / ".mlflow"
 
     @property
+    def prediction_log(self) -> Path:
+        """The embedded prediction log (git-ignored): Parquet files by day, the project's."""
+        return (self.shared or self.root) / "outputs" / "monitor" / "predictions"
+
+    @property
     def locks(self) -> Path:
         """The promotion locks: the project's, shared by its experiments' workspaces."""
         return (self.shared or self.root) / "outputs" / "locks"

@@ -161,9 +161,12 @@ def rollback(args, settings: Settings) -> int:
 
 
 def predict(args, settings: Settings) -> int:
+    from pipeline.config import MonitorConfig
     from pipeline.stages.predict import predict_stage
 
-    return _print(predict_stage(settings, args.model, args.input, args.output))
+    exists = settings.params.exists()  # outside a project: the defaults
+    monitor = load_config(settings.params).monitor if exists else MonitorConfig()
+    return _print(predict_stage(settings, args.model, args.input, args.output, monitor))
 
 
 def _webhook(settings: Settings, url: str, name: str, alias: str) -> None:
@@ -197,7 +200,8 @@ def serve(args, settings: Settings) -> int:
     if args.webhook_url:
         for followed in filter(None, (alias, args.shadow)):
             _webhook(settings, args.webhook_url, name, followed)
-    return run(settings, cfg.serve, (name, alias), (args.host, args.port), args.shadow)
+    target, address = (name, alias), (args.host, args.port)
+    return run(settings, cfg.serve, target, address, args.shadow, cfg.monitor)
 
 
 def reproduce(args, settings: Settings) -> int:

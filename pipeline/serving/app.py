@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeline.config import ServeConfig
+from pipeline.config import MonitorConfig, ServeConfig
 from pipeline.serving import webhook
 from pipeline.serving.batcher import Batcher
 from pipeline.serving.metrics import Metrics, exposition
@@ -40,6 +40,8 @@ MB = 1024 * 1024
 # between threads cost more than decoding a few small images.
 INLINE_BYTES = 64 * 1024
 WEBHOOK_BYTES = 64 * 1024  # an alias event is a few hundred bytes
+SERVING = "serving"  # in the workers' folder: the version the last worker to switch serves
+READY_S = 120  # a worker's time to load and warm up before uvicorn's supervisor gives up on it
 
 
 class State:
@@ -52,10 +54,18 @@ class State:
         target: tuple[str, str],
         shadow: str = "",
         shared: str | None = None,
+        monitor: MonitorConfig | None = None,
     ):
         self.settings, self.cfg, (self.name, self.alias) = settings, cfg, target
         self.shared = shared  # the workers' folder (metrics, nudges); None: the only process
-        self.metrics = Metrics(cfg.max_batch)
+        self.metrics = Metrics(cfg.max_batch, shadow=bool(shadow))
+        self.log = None  # the prediction log, opened at startup (pipeline.monitoring)
+        if monitor is not None:
+            from pipeline.monitoring.log import open_log
+
+            self.log = open_log(
+                settings, monitor, lambda o, n: self.metrics.logged.labels(o).inc(n)
+            )
         self.shadow = Shadow(shadow, self.metrics) if shadow else None
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, self.metrics.batch.observe)
         self.served: Served | None = None
@@ -64,10 +74,13 @@ class State:
 
     def switch(self, served: Served) -> None:
         """Answer with `served` from the next request on (requests already decoding finish
-        with the version they started with)."""
+        with the version they started with). With workers, the version is written to the
+        workers' folder, where a replacement worker finds it (`_WorkerConfig`)."""
         if self.served is not None:
             self.metrics.switches.inc()
         self.served = served
+        if self.shared is not None:
+            Path(self.shared, SERVING).write_text(str(served.version))
         self.metrics.version.set(served.version)
         self.metrics.temperature.set(served.temperature)
 
@@ -79,12 +92,14 @@ def create_app(
     shadow: str = "",
     shared: str | None = None,
     first: Served | None = None,
+    monitor: MonitorConfig | None = None,
 ) -> FastAPI:
     """The app serving `target` (name, alias); with `shadow` (an alias), that version scores
     each request too, off the response path (`serving.shadow`). `shared`: the folder of the
     server's worker processes; `first`: the version already loaded, else it loads in the
-    background while `/ready` says 503."""
-    state = State(settings, cfg, target, shadow, shared)
+    background while `/ready` says 503. `monitor`: the prediction log's config (None: no log).
+    """
+    state = State(settings, cfg, target, shadow, shared, monitor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,6 +111,8 @@ def create_app(
         yield
         for task in tasks:
             task.cancel()
+        if state.log is not None:
+            state.log.close()
         for follower in getattr(app.state, "followers", ()):
             follower.stop()
 
@@ -198,6 +215,11 @@ async def _first_load(state: State, app: FastAPI) -> None:
 
 def _serve_first(state: State, app: FastAPI, served: Served) -> None:
     """Answer with `served` and start following the alias (and the shadow's)."""
+    import gc
+
+    # What is loaded by now (torch, MLflow, the model) lives as long as the server: kept out
+    # of the collector's full passes, which otherwise walk it all and stall answers.
+    gc.freeze()
     state.switch(served)
     log.info("serving %s version %s (@%s)", served.name, served.version, served.alias)
     failed = state.metrics.follow_failures.labels
@@ -256,12 +278,14 @@ async def _invocations(state: State, request: Request) -> Response:
     except Refused as refused:
         metrics.requests.labels("refused").inc()
         metrics.refusals.labels(refused.reason).inc()
+        if state.log is not None:
+            state.log.refused("serve", (served.name, served.version), refused.reason)
         log.info("refused (%s): %s", refused.reason, refused)
         return _error(refused.status, str(refused))
     finally:
         state.batcher.stop_decoding()
     try:
-        logits = await state.batcher.score(served, pixels)
+        logits, features = await state.batcher.score(served, pixels)
     except Exception:
         metrics.images.labels("failed").inc(len(pixels))
         raise
@@ -269,8 +293,14 @@ async def _invocations(state: State, request: Request) -> Response:
     metrics.images.labels("ok").inc(len(pixels))
     if state.shadow is not None:
         state.shadow.offer(pixels, served, logits)
+    probs, columns = _columns(logits, served, metrics)
+    if state.log is not None:
+        model = (served.name, served.version)
+        reasons = columns.get("abstained")
+        state.log.scored("serve", model, pixels, features, probs, columns["prediction"], reasons)
+    rows = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
     return JSONResponse(
-        {"predictions": _records(logits, served, metrics), "model": _named(served)},
+        {"predictions": rows, "model": _named(served)},
         headers={"X-Model-Version": f"{served.name}/{served.version}"},
     )
 
@@ -324,10 +354,10 @@ def _pixels(body: bytes, mime: str, served: Served, max_images: int) -> np.ndarr
         raise Refused(400, "contract", str(exc)) from None
 
 
-def _records(logits: np.ndarray, served: Served, metrics: Metrics) -> list[dict]:
-    """One row per image: MLflow's columns of calibrated probabilities; with abstention on,
-    `prediction` "unknown" where it abstains, `abstained` (why, or null) and `set` (the
-    conformal prediction set's classes)."""
+def _columns(logits: np.ndarray, served: Served, metrics: Metrics) -> tuple[np.ndarray, dict]:
+    """The calibrated probabilities (N x classes) and the answer's columns: MLflow's of the
+    probabilities; with abstention on, `prediction` "unknown" where it abstains, `abstained`
+    (why, or null) and `set` (the conformal prediction set's classes)."""
     from pipeline.tracking.served import rows
     from pipeline.training.calibration import softmax
     from pipeline.training.conformal import UNKNOWN
@@ -347,7 +377,7 @@ def _records(logits: np.ndarray, served: Served, metrics: Metrics) -> list[dict]
             metrics.unknown.labels(why).inc()
     for name in columns["prediction"]:
         metrics.predictions.labels(str(served.version), name).inc()
-    return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+    return probs, columns
 
 
 def _named(served: Served) -> dict:
@@ -368,11 +398,13 @@ def run(
     target: tuple[str, str],
     address: tuple[str, int],
     shadow: str = "",
+    monitor: MonitorConfig | None = None,
 ) -> int:
     """Serve `target` (name, alias) on `address` (host, port) until SIGTERM or SIGINT (a
     graceful stop; the CLI exits 143 or 130), or until the first load fails (1, the reason
-    logged in one line); with `shadow`, that alias scores each request too. ConfigError when the
-    address cannot be had. With `cfg.workers` > 1, see `_supervise`."""
+    logged in one line); with `shadow`, that alias scores each request too; with `monitor`, the
+    prediction log records what was asked. ConfigError when the address cannot be had. With
+    `cfg.workers` > 1, see `_supervise`."""
     import socket
 
     from pipeline.errors import ConfigError
@@ -390,8 +422,8 @@ def run(
     # keep-alive idle 5 s; one log line per event, none per request
     common = {"timeout_keep_alive": 5, "access_log": False, "log_config": None}
     if cfg.workers > 1:
-        return _supervise((settings, cfg, target, shadow), common, listening)
-    app = create_app(settings, cfg, target, shadow)
+        return _supervise((settings, cfg, target, shadow, monitor), common, listening)
+    app = create_app(settings, cfg, target, shadow, monitor=monitor)
     config = uvicorn.Config(app, http=with_head_bounds(cfg.header_timeout_s), **common)
     server = uvicorn.Server(config)
     app.state.stop = lambda: setattr(server, "should_exit", True)
@@ -418,7 +450,9 @@ def _supervise(job: tuple, common: dict, listening) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared  # each worker's prometheus_client reads it
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
-        config = _WorkerConfig((*job, shared), workers=job[1].workers, **common)
+        config = _WorkerConfig(
+            (*job, shared), workers=job[1].workers, timeout_worker_healthcheck=READY_S, **common
+        )
         supervisor = _Supervisor(config, sockets=[listening])
         supervisor.run()
     finally:
@@ -436,28 +470,59 @@ class _WorkerConfig(uvicorn.Config):
     """uvicorn's config as each worker process receives it (pickled). The app and the bounded
     protocol cannot be pickled, so `load`, in the worker, builds them. It loads the alias's
     version first, before the worker accepts a connection (so a worker never answers
-    "loading"), and exits with uvicorn's STARTUP_FAILURE, which stops the server, when it
-    cannot."""
+    "loading"). When it cannot: at the server's start it exits with uvicorn's STARTUP_FAILURE,
+    which stops the server; a worker replacing one that died loads the version the others
+    serve instead (they keep it while the alias's fails to load), and follows the alias from
+    there."""
 
     def __init__(self, job: tuple, **kwargs):
+        import os
+
         super().__init__(app="pipeline.serving.app:create_app", **kwargs)  # replaced in `load`
-        self.job = job
+        self.job, self.supervisor = job, os.getpid()
 
     def load(self) -> None:
         from uvicorn.config import STARTUP_FAILURE
 
         from pipeline.serving.connections import with_head_bounds
 
-        settings, cfg, (name, alias), shadow, shared = self.job
+        settings, cfg, (name, alias), shadow, monitor, shared = self.job
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        _die_with_parent(self.supervisor)
         try:
             first = load(settings, name, alias, cfg)
+        except Exception as exc:  # noqa: BLE001  (one line; at the start the supervisor stops)
+            serving = Path(shared, SERVING)
+            if not serving.exists():
+                log.error("could not load %s@%s: %s", name, alias, exc)
+                sys.exit(STARTUP_FAILURE)
+            version = int(serving.read_text())
+            log.warning(
+                "could not load %s@%s (%s): serving version %s, as the other workers do",
+                *(name, alias, exc, version),
+            )
+            first = load(settings, name, alias, cfg, pinned=version)  # else: died, replaced
+        try:
+            self.app = create_app(settings, cfg, (name, alias), shadow, shared, first, monitor)
         except Exception as exc:  # noqa: BLE001  (one line; the supervisor then stops)
-            log.error("could not load %s@%s: %s", name, alias, exc)
+            log.error("could not start serving %s@%s: %s", name, alias, exc)
             sys.exit(STARTUP_FAILURE)
-        self.app = create_app(settings, cfg, (name, alias), shadow, shared, first)
         self.http = with_head_bounds(cfg.header_timeout_s)
         super().load()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux send this worker SIGTERM when its supervisor, process `parent`, dies (even by
+    SIGKILL), so no worker is left serving unsupervised on the port."""
+    import ctypes
+    import os
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux: nothing to ask
+        return
+    if os.getppid() != parent:  # it died before the request took hold
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Supervisor(uvicorn.supervisors.Multiprocess):

@@ -40,8 +40,9 @@ class Batcher:
         self.decoding -= 1
         self.arrived.set()
 
-    async def score(self, served, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities (N x classes) of `pixels` by `served`, scored in a batch."""
+    async def score(self, served, pixels: np.ndarray):
+        """What `served.score` gives for `pixels` (an array of N rows, or a tuple of them and
+        None), scored in a batch with other requests'."""
         answer = asyncio.get_running_loop().create_future()
         await self.queue.put(_Request(served, pixels, answer))
         self.arrived.set()
@@ -57,7 +58,7 @@ class Batcher:
             self.observe(len(pixels))
             try:
                 loop = asyncio.get_running_loop()
-                probs = await loop.run_in_executor(self.pool, first.served.score, pixels)
+                scored = await loop.run_in_executor(self.pool, first.served.score, pixels)
             except Exception as exc:  # noqa: BLE001  (each waiting request gets the failure)
                 for request in batch:
                     if not request.answer.done():
@@ -67,7 +68,7 @@ class Batcher:
             for request in batch:
                 end = start + len(request.pixels)
                 if not request.answer.done():  # a client that left cancelled its future
-                    request.answer.set_result(probs[start:end])
+                    request.answer.set_result(_rows(scored, start, end))
                 start = end
 
     async def _fill(self, batch: list[_Request]) -> list[_Request]:
@@ -92,3 +93,9 @@ class Batcher:
             batch.append(request)
             size += len(request.pixels)
         return batch
+
+
+def _rows(scored, start: int, end: int):
+    if isinstance(scored, tuple):
+        return tuple(None if part is None else part[start:end] for part in scored)
+    return scored[start:end]

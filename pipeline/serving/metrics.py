@@ -11,7 +11,7 @@ LATENCY_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 
 
 class Metrics:
-    def __init__(self, max_batch: int):
+    def __init__(self, max_batch: int, shadow: bool = False):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -75,10 +75,21 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.shadow_version = Gauge(
-            "pipeline_serve_shadow_version",
-            "The shadow's registered version (--shadow)",
-            multiprocess_mode="liveall",
+        self.shadow_version = (
+            Gauge(
+                "pipeline_serve_shadow_version",
+                "The shadow's registered version (--shadow)",
+                multiprocess_mode="liveall",
+                registry=r,
+            )
+            if shadow
+            else None
+        )
+        self.logged = Counter(
+            "pipeline_serve_logged_rows",
+            "Prediction log rows (monitor.log): written, or dropped (a full buffer, a failed "
+            "write)",
+            ["outcome"],
             registry=r,
         )
         self.follow_failures = Counter(

@@ -53,11 +53,12 @@ class Served:
             "input": list(self.contract.shape),
         }
 
-    def score(self, pixels: np.ndarray) -> np.ndarray:
-        """Logits (N x classes, float32) of float32 N x C x H x W pixels on 0..255."""
-        from pipeline.training.inference import logits
+    def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N x classes, float32) of float32 N x C x H x W pixels on 0..255, and the
+        penultimate features the prediction log profiles (N x D; None for ONNX)."""
+        from pipeline.training.inference import logits_and_features
 
-        return logits(self.model, pixels)
+        return logits_and_features(self.model, pixels)
 
 
 def where(settings: Settings, name: str, alias: str) -> int:
@@ -69,17 +70,21 @@ def where(settings: Settings, name: str, alias: str) -> int:
         return int(versions.resolve(store.client(settings), f"{name}@{alias}").version)
 
 
-def load(settings: Settings, name: str, alias: str, cfg: ServeConfig) -> Served:
-    """`name@alias` as it is now: its weights checked against the digest registered with the
-    version (CheckpointError on a mismatch), loaded, and scored once on a blank image so the
-    first request pays no first-call cost; with `cfg.abstain`, its held-out scores too
-    (LookupError for a version evaluated without them, ValueError for too few)."""
+def load(
+    settings: Settings, name: str, alias: str, cfg: ServeConfig, pinned: int | None = None
+) -> Served:
+    """`name@alias` as it is now (or version `pinned`, serving for the alias): its weights
+    checked against the digest registered with the version (CheckpointError on a mismatch),
+    loaded, and scored once on a blank image so the first request pays no first-call cost; with
+    `cfg.abstain`, its held-out scores too (LookupError for a version evaluated without them,
+    ValueError for too few)."""
     from pipeline.registry import versions
     from pipeline.tracking import server, store, weights
 
     with server.reachable(settings):
         client = store.client(settings)
-        version = versions.resolve(client, f"{name}@{alias}")
+        ref = f"{name}/{pinned}" if pinned is not None else f"{name}@{alias}"
+        version = versions.resolve(client, ref)
         sha256 = version.tags.get(versions.WEIGHTS_TAG)
         model, spec = weights.load_weights(version.run_id, sha256=sha256)
         temperature = weights.temperature(version.run_id)

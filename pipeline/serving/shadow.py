@@ -61,7 +61,7 @@ class Shadow(threading.Thread):
         if shadow is None or shadow.contract.shape != answering.contract.shape:
             self.metrics.shadow.labels("unscored").inc(len(pixels))
             return
-        theirs = np.asarray(shadow.contract.classes)[shadow.score(pixels).argmax(1)]
+        theirs = np.asarray(shadow.contract.classes)[shadow.score(pixels)[0].argmax(1)]
         ours = np.asarray(answering.contract.classes)[np.asarray(logits).argmax(1)]
         agree = int((theirs == ours).sum())
         self.metrics.shadow.labels("agree").inc(agree)

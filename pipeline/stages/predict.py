@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import MonitorConfig
 from pipeline.data import DataError
 from pipeline.data.inputs import open_inputs
 from pipeline.files import write_atomic
@@ -64,13 +65,18 @@ def pin_stage(settings: Settings, ref: str) -> dict:
     }
 
 
-def predict_stage(settings: Settings, ref: str, inputs: Path, output: Path) -> dict:
+def predict_stage(
+    settings: Settings, ref: str, inputs: Path, output: Path, monitor: MonitorConfig | None = None
+) -> dict:
     """Resolve `ref` once (pinning the version), score `inputs` (a folder of images or an .npy
     of N x C x H x W) a batch at a time through the model's input contract, write `output`
-    (.csv or .json). Files in a folder that are no images are listed under `skipped` in the
-    result. Raises DataError for unreadable inputs or another output suffix."""
+    (.csv or .json); with `monitor`, the prediction log records the scored images
+    (`pipeline.monitoring`). Files in a folder that are no images are listed under `skipped`
+    in the result. Raises DataError for unreadable inputs or another output suffix."""
+    from pipeline.monitoring.log import open_log
     from pipeline.tracking import server, weights
-    from pipeline.training.inference import probabilities
+    from pipeline.training.calibration import softmax
+    from pipeline.training.inference import logits_and_features
 
     if Path(output).suffix not in (".csv", ".json"):
         raise DataError(f"{output}: the output must end in .csv or .json")
@@ -79,7 +85,24 @@ def predict_stage(settings: Settings, ref: str, inputs: Path, output: Path) -> d
         model, spec = weights.load_weights(pinned["run_id"], sha256=pinned["weights_sha256"])
         temperature = weights.temperature(pinned["run_id"])  # calibrated probabilities
     found = open_inputs(inputs, spec.input_contract())  # the model's own preprocessing
-    probs = np.concatenate([probabilities(model, b, temperature) for b in found.batches()])
-    write(output, found.names, probs, list(spec.classes), pinned)
+    classes = list(spec.classes)
+    log = open_log(settings, monitor) if monitor is not None else None
+    scored, start = [], 0
+    try:
+        for batch in found.batches():
+            logits, features = logits_and_features(model, batch)
+            probs = softmax(logits, temperature)
+            names, start = found.names[start : start + len(batch)], start + len(batch)
+            if log is not None:
+                answers = [classes[k] for k in probs.argmax(1)]
+                pixels = np.asarray(batch, np.float32)
+                model_id = (pinned["name"], pinned["version"])
+                log.scored("predict", model_id, pixels, features, probs, answers, None, names)
+            scored.append(probs)
+    finally:
+        if log is not None:
+            log.close()
+    probs = np.concatenate(scored)
+    write(output, found.names, probs, classes, pinned)
     out = {"model": pinned, "inputs": len(found.names), "output": str(output)}
     return {**out, "skipped": found.skipped} if found.skipped else out

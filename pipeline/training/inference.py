@@ -47,3 +47,22 @@ def probabilities(
 def logits(model: nn.Module, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Every image's logits, N x classes (float32)."""
     return batched(model, images, lambda out: out.float(), batch_size)
+
+
+def logits_and_features(
+    model: nn.Module, images: np.ndarray, batch_size: int = BATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every image's logits (N x classes, float32) and penultimate features (N x D float32: the
+    input of the model's last linear layer, where its classifier head begins), from one pass;
+    features None for a model without a linear layer (an ONNX model runs as one opaque module).
+    """
+    last = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+    if last is None:
+        return logits(model, images, batch_size), None
+    seen: list[torch.Tensor] = []
+    hook = last.register_forward_hook(lambda _m, args, _out: seen.append(args[0].flatten(1)))
+    try:
+        out = logits(model, images, batch_size)
+    finally:
+        hook.remove()
+    return out, torch.cat(seen).float().numpy()

@@ -326,6 +326,13 @@ def test_predict_from_the_cli_the_served_model_and_the_batch_dag(
     log = run(dags_test, project, env={"PIPELINE_PREDICT_ROOTS": f"/nonexistent:{tmp_path}"})
     assert "state=success" in log.stdout + log.stderr
     assert batch_out.read_text().splitlines() == lines  # same model, pinned, same predictions
+    from pipeline.monitoring.log import ParquetStore
+
+    logged = ParquetStore(project / "outputs" / "monitor" / "predictions").read().to_pylist()
+    logged.sort(key=lambda row: row["time"])
+    assert len(logged) == len(images) + 12 + 12  # pipeline predict twice, the batch DAG once
+    assert [r["input"] for r in logged[-12:]] == [line.split(",")[0] for line in lines[1:]]
+    assert {r["source"] for r in logged} == {"predict"}
 
 
 @pytest.mark.long

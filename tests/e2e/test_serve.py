@@ -130,6 +130,28 @@ def test_serve_answers_mlflows_payloads_alike_refuses_as_predict_and_counts(from
         )
         assert counted == 6 * sent
         assert ours.metric("pipeline_serve_batch_images_count") >= sent
+        logged = 6 * sent + 2  # each image, and each refusal
+        deadline = time.monotonic() + 30  # the log writes every few seconds, off the answers
+        while ours.metric("pipeline_serve_logged_rows_total", outcome="written") < logged:
+            assert time.monotonic() < deadline, ours.get("/metrics")
+            time.sleep(0.5)
+
+    # The prediction log: every image served and scored by pipeline predict, and the refusals
+    from pipeline.monitoring.log import ParquetStore
+
+    rows = ParquetStore(project / "outputs" / "monitor" / "predictions").read().to_pylist()
+    rows.sort(key=lambda row: row["time"])  # stable: a batch's rows share their time
+    served_rows = [r for r in rows if r["source"] == "serve"]
+    assert len(served_rows) == logged
+    assert [r["refused"] for r in served_rows if r["refused"]] == ["contract", "contract"]
+    assert {(r["model"], r["version"]) for r in served_rows} == {(NAME, 1)}
+    last = [r for r in served_rows if r["refused"] is None][-6:]  # the inputs pixels, again
+    assert np.allclose([r["probabilities"] for r in last], served, atol=1e-5)
+    assert np.allclose([r["mean"][0] for r in last], pixels.reshape(6, -1).mean(1), atol=1e-3)
+    scored = [r for r in rows if r["source"] == "predict"]
+    assert [r["input"] for r in scored] == [f"six.npy[{k}]" for k in range(6)]
+    assert np.allclose([r["probabilities"] for r in scored], served, atol=1e-5)
+    assert [r["prediction"] for r in scored] == [str(k) for k in served.argmax(1)]
 
 
 def _calibrated(project, run_id: str, pixels: np.ndarray) -> np.ndarray:
@@ -397,9 +419,13 @@ def test_serve_workers_follow_a_tracking_servers_webhook_at_once(from_template):
     a local address, as MLFLOW_WEBHOOK_ALLOWED_SCHEMES and ..._ALLOW_PRIVATE_IPS allow), served
     by two worker processes on one port: with polling once an hour, a promotion reaches both
     through the webhook that one of them takes; a forged delivery is refused; /metrics sums
-    both; a worker killed is replaced, on the alias's version; SIGTERM stops them all (143) and
-    removes their metrics folder; a version that cannot be loaded stops the server (1)."""
+    both; a worker killed is replaced, on the alias's version, or while that version cannot be
+    loaded, on the one the others serve; SIGTERM stops them all (143) and removes their metrics
+    folder; SIGKILL to the supervisor takes its workers too."""
     project = from_template("registered")
+    first = json.loads((project / "outputs" / "train.json").read_text())["run_id"]
+    weights = next((project / ".mlflow" / "artifacts").glob(f"*/{first}/artifacts/weights/*.pt"))
+    intact = weights.read_bytes()
     sends = {
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",  # a test has no certificate
@@ -446,10 +472,39 @@ def test_serve_workers_follow_a_tracking_servers_webhook_at_once(from_template):
             assert set(_versions(server).values()) == {2.0}  # the replacement: the alias's
             assert server.post(image)[0] == 200
             assert server.metric("pipeline_serve_requests_total", outcome="ok") == 13
+
+            weights.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))  # v1 no longer loads
+            run(
+                ["pipeline", "rollback", NAME, "--reason", "to a damaged version"], project, env=env
+            )
+            _until(
+                lambda: server.log.read_text().count("@champion: still on version 2") == 2,
+                lambda: server.log.read_text()[-3000:],
+            )
+            workers = [w for w in psutil.Process(server.proc.pid).children()]
+            served = [w for w in workers if str(w.pid) in _versions(server)]
+            served[0].kill()
+            _until(
+                lambda: str(served[0].pid) not in _versions(server) and len(_versions(server)) == 2,
+                lambda: _versions(server),
+            )
+            assert set(_versions(server).values()) == {2.0}
+            assert "serving version 2, as the other workers do" in server.log.read_text()
+            status, answer, _ = server.post(image)
+            assert (status, answer["model"]["version"]) == (200, 2)
+
+            served = [w for w in psutil.Process(server.proc.pid).children() if w.is_running()]
             server.proc.terminate()  # the parent only: it stops its workers
             assert server.proc.wait(60) == 143
-            assert not any(w.is_running() for w in served[1:])
+            assert not psutil.wait_procs(served, timeout=30)[1]  # workers, resource tracker
             assert not pathlib.Path(shared).exists()
+    weights.write_bytes(intact)
+    with PipelineServer(project, "--workers", "2") as server:  # champion: v1 again
+        _until(lambda: len(_versions(server)) == 2, lambda: _versions(server))
+        workers = psutil.Process(server.proc.pid).children()
+        server.proc.kill()
+        server.proc.wait(10)
+        assert not psutil.wait_procs(workers, timeout=60)[1]  # none left serving, unsupervised
     local = run(["pipeline", "serve", "--webhook-url", "http://x/webhook"], project, check=False)
     assert (
         local.returncode == 2 and "webhooks are sent by an MLflow tracking server" in local.stderr

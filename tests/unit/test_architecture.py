@@ -22,6 +22,7 @@ LAYERS = {
     "pipeline.stages": 5,
     "pipeline.serving": 5,  # uses the registry like a stage; only the CLI imports it
     "pipeline.registry": 4,
+    "pipeline.monitoring": 4,  # the prediction log: serving and the predict stage write it
     "pipeline.tracking": 3,
     "pipeline.training": 2,
     "pipeline.data": 1,

@@ -1,0 +1,1 @@
+"""Watching the champion in production: the prediction log (docs/monitoring.md)."""

@@ -1,0 +1,371 @@
+"""The prediction log: a row per scored image (sampled at `monitor.sample_rate`) and per refused
+request, from `pipeline serve`, `pipeline predict` and the batch-prediction DAG, written by a
+thread of its own off the request path. A full buffer drops rows and counts them: the log never
+slows or fails an answer. Stored as Parquet files by day in the project (the default) or in a
+PostgreSQL table (`monitor.store`), where it outgrows one machine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import MonitorConfig
+from pipeline.settings import Settings
+
+log = logging.getLogger("pipeline.monitor")
+FLUSH_S = 5.0  # a row waits at most this long to be written
+FLUSH_ROWS = 5_000  # or until this many wait
+TABLE = "pipeline_predictions"
+
+# column -> (pyarrow type name, PostgreSQL type)
+COLUMNS = {
+    "id": ("string", "text PRIMARY KEY"),
+    "time": ("timestamp", "timestamptz NOT NULL"),
+    "source": ("string", "text NOT NULL"),  # serve, predict
+    "model": ("string", "text NOT NULL"),
+    "version": ("int64", "bigint NOT NULL"),
+    "input": ("string", "text"),  # predict: the file's name
+    "mean": ("floats", "real[]"),  # per channel, of the pixels as the contract made them
+    "contrast": ("floats", "real[]"),  # standard deviation per channel
+    "embedding": ("floats", "real[]"),  # profile.EMBED_DIMS; null for an ONNX model
+    "prediction": ("string", "text"),  # the answer: a class, or "unknown"
+    "probability": ("float32", "real"),  # calibrated, of the most probable class
+    "probabilities": ("floats", "real[]"),  # calibrated, in the model's class order
+    "abstained": ("string", "text"),  # why "unknown" (serve.abstain), else null
+    "refused": ("string", "text"),  # a refused request's reason (a row without an image)
+}
+
+
+class PredictionLog:
+    """Rows in, written in batches by a daemon thread every `FLUSH_S` (sooner past
+    `FLUSH_ROWS`); `counted(outcome, n)` hears of rows `written` and `dropped`. Handing rows
+    over takes a lock and a list append, so the request path never waits on the writer. `close`
+    writes what waits."""
+
+    def __init__(
+        self,
+        store,
+        sample_rate: float,
+        capacity: int,
+        counted: Callable[[str, int], None] = lambda outcome, n: None,
+    ):
+        self.store, self.sample_rate, self.capacity = store, sample_rate, capacity
+        self.counted = counted
+        self.pending: list[tuple[int, tuple]] = []  # (rows, item), not yet taken by the writer
+        self.waiting = 0  # rows pending or being written
+        self.closing = False
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.rng = np.random.default_rng()
+        _warm_up()
+        self.thread = threading.Thread(target=self._write, name="prediction-log", daemon=True)
+        self.thread.start()
+
+    def scored(
+        self,
+        source: str,
+        model: tuple[str, int],
+        pixels: np.ndarray,
+        features: np.ndarray | None,
+        probs: np.ndarray,
+        predictions: list[str],
+        abstained: list[str | None] | None = None,
+        inputs: list[str] | None = None,
+    ) -> None:
+        """Log a sample of N scored images: float32 N x C x H x W `pixels`, N x D penultimate
+        `features` (or None), N x classes calibrated `probs`, the N answers. Only the sampled
+        images' profiles wait to be written (`profile.profile`: a few numbers, not pixels)."""
+        from pipeline.monitoring.profile import profile
+
+        if self.sample_rate < 1:
+            keep = np.flatnonzero(self.rng.random(len(pixels)) < self.sample_rate)
+            if len(keep) == 0:
+                return
+            pixels, probs = pixels[keep], probs[keep]
+            features = None if features is None else features[keep]
+            predictions, abstained, inputs = (
+                None if values is None else [values[k] for k in keep]
+                for values in (predictions, abstained, inputs)
+            )
+        made = profile(pixels, features)
+        item = (datetime.now(UTC), source, model, made, probs, predictions, abstained, inputs)
+        self._put(len(pixels), item)
+
+    def refused(self, source: str, model: tuple[str, int], reason: str) -> None:
+        """Log a refused request (not sampled: refusals are few and each one matters)."""
+        self._put(1, (datetime.now(UTC), source, model, reason))
+
+    def close(self, timeout_s: float = 60) -> None:
+        """Write what waits and stop the thread."""
+        with self.lock:
+            self.closing = True
+        self.wake.set()
+        self.thread.join(timeout_s)
+
+    def _put(self, rows: int, item: tuple) -> None:
+        with self.lock:
+            before = self.waiting
+            full = before + rows > self.capacity
+            if not full:
+                self.pending.append((rows, item))
+                self.waiting += rows
+        if full:
+            self.counted("dropped", rows)
+        elif before < FLUSH_ROWS <= before + rows:
+            self.wake.set()
+
+    def _write(self) -> None:
+        while True:
+            self.wake.wait(FLUSH_S)
+            self.wake.clear()
+            with self.lock:
+                taken, self.pending, closing = self.pending, [], self.closing
+            if taken:
+                self._flush(taken)
+            if closing:
+                return
+
+    def _flush(self, taken: list[tuple[int, tuple]]) -> None:
+        size = sum(rows for rows, _ in taken)
+        try:
+            self.store.write(_table([item for _, item in taken]))
+            self.counted("written", size)
+        except Exception as exc:  # noqa: BLE001  (the log must never stop serving)
+            log.warning("prediction log: %d rows not written: %s", size, exc)
+            self.counted("dropped", size)
+        finally:
+            with self.lock:
+                self.waiting -= size
+
+
+def _table(items: list[tuple]):
+    """The pyarrow Table of the rows of `items` (see `PredictionLog.scored` and `.refused`),
+    built a column at a time from the items' arrays: a flush holds the GIL for a few
+    milliseconds, not a Python loop per row."""
+    import pyarrow as pa
+
+    schema = _schema()
+    images = [item for item in items if len(item) == 8]
+    refusals = [item for item in items if len(item) == 4]
+    tables = []
+    if images:
+        counts = [len(item[4]) for item in images]
+
+        def each(values: list) -> list:  # one value per item, once per row of the item
+            return np.repeat(np.array(values, dtype=object), counts).tolist()
+
+        def listed(k: int) -> list:  # per-row values, None where an item gave none
+            return [
+                v for item, n in zip(images, counts, strict=True) for v in item[k] or [None] * n
+            ]
+
+        made = [item[3] for item in images]
+        probs = np.concatenate([item[4] for item in images])
+        columns = {
+            "time": pa.array(each([item[0] for item in images]), pa.timestamp("us", "UTC")),
+            "source": pa.array(each([item[1] for item in images]), pa.string()),
+            "model": pa.array(each([item[2][0] for item in images]), pa.string()),
+            "version": pa.array(each([int(item[2][1]) for item in images]), pa.int64()),
+            "input": pa.array(listed(7), pa.string()),
+            "mean": _lists([m["mean"] for m in made], counts),
+            "contrast": _lists([m["contrast"] for m in made], counts),
+            "embedding": _lists([m["embedding"] for m in made], counts),
+            "prediction": pa.array(listed(5), pa.string()),
+            "probability": pa.array(probs.max(1), pa.float32()),
+            "probabilities": _lists([item[4] for item in images], counts),
+            "abstained": pa.array(listed(6), pa.string()),
+            "refused": pa.nulls(len(probs), pa.string()),
+        }
+        tables.append(pa.table({"id": _ids(len(probs)), **columns}, schema=schema))
+    if refusals:
+        rows = [
+            dict.fromkeys(COLUMNS)
+            | {"time": when, "source": source, "model": name, "version": version, "refused": why}
+            for when, source, (name, version), why in refusals
+        ]
+        for row, id_ in zip(rows, _ids(len(rows)), strict=True):
+            row["id"] = id_
+        tables.append(pa.Table.from_pylist(rows, schema=schema))
+    return pa.concat_tables(tables)
+
+
+def _warm_up() -> None:
+    """Build and write a table once (in memory), so pyarrow and what it loads on first use
+    (pandas, the Parquet writer) load now, not in the writer's first flush, where they would
+    hold the GIL for up to a second of serving."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.monitoring.profile import profile
+
+    one = np.zeros((1, 1, 1, 1), np.float32)
+    made = profile(one, None)
+    table = _table([(datetime.now(UTC), "", ("", 0), made, one[0, 0], [""], None, None)])
+    pq.write_table(table, pa.BufferOutputStream())
+
+
+def _ids(n: int) -> list[str]:
+    """n random 128-bit ids in hex (as uuid4().hex, from one system call)."""
+    hexed = os.urandom(16 * n).hex()
+    return [hexed[k : k + 32] for k in range(0, 32 * n, 32)]
+
+
+def _lists(blocks: list, counts: list[int]):
+    """A list<float32> column: block k (a counts[k] x width array, or None) gives counts[k]
+    rows, null rows for None."""
+    import pyarrow as pa
+
+    widths = [0 if block is None else block.shape[1] for block in blocks]
+    offsets = np.concatenate([[0], np.cumsum(np.repeat(widths, counts))]).astype(np.int32)
+    present = [block.reshape(-1) for block in blocks if block is not None]
+    values = np.concatenate(present).astype(np.float32) if present else np.empty(0, np.float32)
+    missing = np.repeat([block is None for block in blocks], counts)
+    mask = pa.array(missing) if missing.any() else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)
+
+
+class ParquetStore:
+    """Parquet files under `root`, a folder per UTC day (`day=YYYY-MM-DD`, Hive-style), one file
+    per flush, written whole then renamed: a reader never sees half a file."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def write(self, table) -> None:
+        import pyarrow.parquet as pq
+
+        first, last = (table["time"][k].as_py().date() for k in (0, -1))
+        if first == last:  # rows come in time order; a flush across midnight is split
+            parts = [(first.isoformat(), table)]
+        else:
+            import pyarrow.compute as pc
+
+            dates = pc.strftime(table["time"], format="%Y-%m-%d")
+            parts = [(d, table.filter(pc.equal(dates, d))) for d in pc.unique(dates).to_pylist()]
+        for day, part in parts:
+            folder = self.root / f"day={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{time.time_ns()}-{os.getpid()}"
+            pq.write_table(part, folder / f".{name}.tmp")
+            os.replace(folder / f".{name}.tmp", folder / f"{name}.parquet")
+
+    def read(self, since: datetime | None = None, until: datetime | None = None):
+        """A pyarrow Table of the rows logged in [since, until)."""
+        import pyarrow as pa
+        import pyarrow.dataset as pads
+
+        if not self.root.exists():
+            return _schema().empty_table()
+        found = pads.dataset(self.root, format="parquet", partitioning="hive", schema=_schema())
+        where = None
+        for bound, op in ((since, "__ge__"), (until, "__lt__")):
+            if bound is not None:
+                test = getattr(pads.field("time"), op)(pa.scalar(bound, pa.timestamp("us", "UTC")))
+                where = test if where is None else where & test
+        return found.to_table(filter=where, columns=list(COLUMNS))
+
+
+class PostgresStore:
+    """The `pipeline_predictions` table of a PostgreSQL database (made when missing); a
+    connection per write (a flush every few seconds at most)."""
+
+    def __init__(self, uri: str):
+        import re
+
+        self.dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", uri)  # SQLAlchemy's form too
+        fields = ", ".join(f'"{name}" {kind}' for name, (_, kind) in COLUMNS.items())
+        with self._cursor() as cursor:
+            cursor.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({fields})")
+            cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time)")
+
+    @contextlib.contextmanager
+    def _cursor(self):
+        import re
+
+        import psycopg2
+
+        try:
+            connection = psycopg2.connect(self.dsn, connect_timeout=10)
+        except psycopg2.OperationalError as exc:
+            from pipeline.errors import ConfigError
+
+            shown = re.sub(r"//[^@/]*@", "//***@", self.dsn)  # never the password
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"monitor.store {shown}: cannot connect ({first}); start the database or "
+                "fix the URI"
+            ) from None
+        try:
+            with connection, connection.cursor() as cursor:  # one transaction
+                yield cursor
+        finally:
+            connection.close()
+
+    def write(self, table) -> None:
+        from psycopg2.extras import execute_values
+
+        rows = [tuple(row.values()) for row in table.select(list(COLUMNS)).to_pylist()]
+        quoted = ", ".join(f'"{name}"' for name in COLUMNS)
+        with self._cursor() as cursor:
+            execute_values(cursor, f"INSERT INTO {TABLE} ({quoted}) VALUES %s", rows)
+
+    def read(self, since: datetime | None = None, until: datetime | None = None):
+        """A pyarrow Table of the rows logged in [since, until)."""
+        import pyarrow as pa
+
+        quoted = ", ".join(f'"{name}"' for name in COLUMNS)
+        since = since or datetime(1970, 1, 1, tzinfo=UTC)
+        until = until or datetime(9999, 1, 1, tzinfo=UTC)
+        with self._cursor() as cursor:
+            cursor.execute(
+                f"SELECT {quoted} FROM {TABLE} WHERE time >= %s AND time < %s ORDER BY time",
+                (since, until),
+            )
+            found = cursor.fetchall()
+        columns = {name: [row[k] for row in found] for k, name in enumerate(COLUMNS)}
+        return pa.table(columns, schema=_schema())
+
+
+def open_store(settings: Settings, cfg: MonitorConfig):
+    """The store `cfg.store` names: "" the project's Parquet folder, or a PostgreSQL URI."""
+    if cfg.store.startswith(("postgresql://", "postgresql+", "postgres://")):
+        return PostgresStore(cfg.store)
+    if cfg.store:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(
+            f"monitor.store {cfg.store!r}: give a postgresql:// URI, or leave it empty for "
+            f"Parquet files under {settings.prediction_log}"
+        )
+    return ParquetStore(settings.prediction_log)
+
+
+def open_log(
+    settings: Settings, cfg: MonitorConfig, counted: Callable[[str, int], None] | None = None
+) -> PredictionLog | None:
+    """The prediction log `cfg` asks for, or None when `monitor.log` is off."""
+    if not cfg.log:
+        return None
+    store = open_store(settings, cfg)
+    return PredictionLog(store, cfg.sample_rate, cfg.buffer, counted or (lambda o, n: None))
+
+
+def _schema():
+    import pyarrow as pa
+
+    kinds = {
+        "string": pa.string(),
+        "timestamp": pa.timestamp("us", "UTC"),
+        "int64": pa.int64(),
+        "float32": pa.float32(),
+        "floats": pa.list_(pa.float32()),
+    }
+    return pa.schema([(name, kinds[kind]) for name, (kind, _) in COLUMNS.items()])
