@@ -136,7 +136,7 @@ class PredictionLog:
     def _flush(self, taken: list[tuple[int, tuple]]) -> None:
         size = sum(rows for rows, _ in taken)
         try:
-            self.store.write(_table([item for _, item in taken]))
+            self.store.write(table_of([item for _, item in taken]))
             self.counted("written", size)
         except Exception as exc:  # noqa: BLE001  (the log must never stop serving)
             log.warning("prediction log: %d rows not written: %s", size, exc)
@@ -146,7 +146,7 @@ class PredictionLog:
                 self.waiting -= size
 
 
-def _table(items: list[tuple]):
+def table_of(items: list[tuple]):
     """The pyarrow Table of the rows of `items` (see `PredictionLog.scored` and `.refused`),
     built a column at a time from the items' arrays: a flush holds the GIL for a few
     milliseconds, not a Python loop per row."""
@@ -194,7 +194,7 @@ def _table(items: list[tuple]):
         for row, id_ in zip(rows, _ids(len(rows)), strict=True):
             row["id"] = id_
         tables.append(pa.Table.from_pylist(rows, schema=schema))
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def _warm_up() -> None:
@@ -208,7 +208,7 @@ def _warm_up() -> None:
 
     one = np.zeros((1, 1, 1, 1), np.float32)
     made = profile(one, None)
-    table = _table([(datetime.now(UTC), "", ("", 0), made, one[0, 0], [""], None, None)])
+    table = table_of([(datetime.now(UTC), "", ("", 0), made, one[0, 0], [""], None, None)])
     pq.write_table(table, pa.BufferOutputStream())
 
 

@@ -501,7 +501,11 @@ class _WorkerConfig(uvicorn.Config):
                 "could not load %s@%s (%s): serving version %s, as the other workers do",
                 *(name, alias, exc, version),
             )
-            first = load(settings, name, alias, cfg, pinned=version)  # else: died, replaced
+            try:
+                first = load(settings, name, alias, cfg, pinned=version)
+            except Exception as again:  # noqa: BLE001  (the supervisor starts another)
+                log.error("could not load version %s either: %s", version, again)
+                sys.exit(1)
         try:
             self.app = create_app(settings, cfg, (name, alias), shadow, shared, first, monitor)
         except Exception as exc:  # noqa: BLE001  (one line; the supervisor then stops)

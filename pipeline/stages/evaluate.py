@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.context import RunContext
 from pipeline.data import DataError, Dataset, check_data, read_dataset
+from pipeline.monitoring.reference import ARTIFACT as REFERENCE
 from pipeline.settings import Settings
 
 
@@ -41,6 +42,7 @@ def evaluate_stage(
     # DVC's comparison of data/ with data.dvc runs in a child process while torch and MLflow load.
     data = check_data(cfg.base.dataset, settings.root, settings.data_dir, wait=False)
     import mlflow
+    import pyarrow.parquet
 
     from pipeline.tracking import store, weights
     from pipeline.training import inference, scoring
@@ -80,6 +82,11 @@ def evaluate_stage(
                 client.log_artifact(run_id, str(Path(tmp) / weights.CONFORMAL))
         for path in _plots(cm, ds.classes, logged, trained, folder, calibrated):
             client.log_artifact(run_id, str(path), "plots")
+        made = _reference(model, ds, trained, held, temperature, cfg.register_.model_name)
+        with tempfile.TemporaryDirectory() as tmp:  # monitor/reference.parquet
+            path = Path(tmp, Path(REFERENCE).name)
+            pyarrow.parquet.write_table(made, path)
+            client.log_artifact(run_id, str(path), str(Path(REFERENCE).parent))
     if series_dir is not None:
         write_series(series_dir, logged["history"], scores, ds.classes, ds.test.labels, preds)
     # DP-SGD's epsilon beside the scores, so that `dvc exp show` compares the two
@@ -159,6 +166,22 @@ def _held_out(model, ds: Dataset, trained: dict, private: bool):
     _, val = split_validation(ds.train, trained["train"]["val_fraction"], trained["base"]["seed"])
     logits = np.concatenate([inference.logits(model, images) for images, _ in val.chunks()])
     return logits, val.labels
+
+
+def _reference(model, ds: Dataset, trained: dict, held, temperature: float, name: str):
+    """The prediction-log rows monitoring compares the version's live rows with (a pyarrow
+    Table): the test split's and, where `_held_out` found one to use, the validation split's
+    (`monitoring.reference`)."""
+    from pipeline.data.store import chunks
+    from pipeline.monitoring import reference
+    from pipeline.training.batches import split_validation
+
+    splits = {"test": (rows for _, rows in chunks(ds.test.images, 256))}
+    if not isinstance(held, str):
+        fraction, seed = trained["train"]["val_fraction"], trained["base"]["seed"]
+        _, val = split_validation(ds.train, fraction, seed)
+        splits["validation"] = (images for images, _ in val.chunks(256))
+    return reference.reference(model, splits, temperature, list(ds.classes), name)
 
 
 def _calibrate(held, test_logits: np.ndarray, test_labels: np.ndarray) -> dict:

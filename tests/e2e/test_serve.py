@@ -157,6 +157,7 @@ def test_serve_answers_mlflows_payloads_alike_refuses_as_predict_and_counts(from
 def _calibrated(project, run_id: str, pixels: np.ndarray) -> np.ndarray:
     """softmax(logits / T) of the run's network, read from its artifacts on disk; T from the
     run's calibration.json, which must have lowered the test split's calibration error."""
+    import pyarrow.parquet
     import torch
 
     from pipeline.tracking.weights import read_weights
@@ -172,7 +173,15 @@ def _calibrated(project, run_id: str, pixels: np.ndarray) -> np.ndarray:
     net, _ = read_weights(artifacts / "weights" / "model.pt")
     with torch.no_grad():
         logits = net(torch.from_numpy(pixels.astype(np.float32))).numpy()
-    return softmax(logits, record["temperature"])
+    calibrated = softmax(logits, record["temperature"])
+    # monitoring's reference: prediction-log rows of the run's test and validation splits
+    reference = pyarrow.parquet.read_table(artifacts / "monitor" / "reference.parquet")
+    rows = reference.to_pylist()
+    test = [r for r in rows if r["source"] == "test"]
+    assert len(test) == len(np.load(project / "data" / "test_images.npy"))
+    assert np.allclose([r["probabilities"] for r in test[: len(pixels)]], calibrated, atol=1e-5)
+    assert 0 < sum(r["source"] == "validation" for r in rows) < len(test)
+    return calibrated
 
 
 def test_serve_follows_the_alias_under_load_without_a_failed_request(from_template):
