@@ -80,24 +80,11 @@ class PredictionLog:
         abstained: list[str | None] | None = None,
         inputs: list[str] | None = None,
     ) -> None:
-        """Log a sample of N scored images: float32 N x C x H x W `pixels`, N x D penultimate
-        `features` (or None), N x classes calibrated `probs`, the N answers. Only the sampled
-        images' profiles wait to be written (`profile.profile`: a few numbers, not pixels)."""
-        from pipeline.monitoring.profile import profile
-
-        if self.sample_rate < 1:
-            keep = np.flatnonzero(self.rng.random(len(pixels)) < self.sample_rate)
-            if len(keep) == 0:
-                return
-            pixels, probs = pixels[keep], probs[keep]
-            features = None if features is None else features[keep]
-            predictions, abstained, inputs = (
-                None if values is None else [values[k] for k in keep]
-                for values in (predictions, abstained, inputs)
-            )
-        made = profile(pixels, features)
-        item = (datetime.now(UTC), source, model, made, probs, predictions, abstained, inputs)
-        self._put(len(pixels), item)
+        """Log a sample of N scored images (see `sample`)."""
+        scored = (pixels, features, probs, predictions, abstained, inputs)
+        taken = sample(self.rng, self.sample_rate, source, model, *scored)
+        if taken is not None:
+            self._put(len(taken[4]), taken)
 
     def refused(self, source: str, model: tuple[str, int], reason: str) -> None:
         """Log a refused request (not sampled: refusals are few and each one matters)."""
@@ -144,6 +131,38 @@ class PredictionLog:
         finally:
             with self.lock:
                 self.waiting -= size
+
+
+def sample(
+    rng: np.random.Generator,
+    rate: float,
+    source: str,
+    model: tuple[str, int],
+    pixels: np.ndarray,
+    features: np.ndarray | None,
+    probs: np.ndarray,
+    predictions: list[str],
+    abstained: list[str | None] | None = None,
+    inputs: list[str] | None = None,
+) -> tuple | None:
+    """An item for `table_of`: about `rate` of N scored images (float32 N x C x H x W `pixels`,
+    N x D penultimate `features` or None, N x classes calibrated `probs`, the N answers, why
+    each abstained, the inputs' names), or None when none is drawn. It keeps the images'
+    profiles (`profile.profile`: a few numbers each), not their pixels."""
+    from pipeline.monitoring.profile import profile
+
+    if rate < 1:
+        keep = np.flatnonzero(rng.random(len(pixels)) < rate)
+        if len(keep) == 0:
+            return None
+        pixels, probs = pixels[keep], probs[keep]
+        features = None if features is None else features[keep]
+        predictions, abstained, inputs = (
+            None if values is None else [values[k] for k in keep]
+            for values in (predictions, abstained, inputs)
+        )
+    made = profile(pixels, features)
+    return (datetime.now(UTC), source, model, made, probs, predictions, abstained, inputs)
 
 
 def table_of(items: list[tuple]):
@@ -202,6 +221,7 @@ def _warm_up() -> None:
     (pandas, the Parquet writer) load now, not in the writer's first flush, where they would
     hold the GIL for up to a second of serving."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.monitoring.profile import profile
@@ -210,6 +230,7 @@ def _warm_up() -> None:
     made = profile(one, None)
     table = table_of([(datetime.now(UTC), "", ("", 0), made, one[0, 0], [""], None, None)])
     pq.write_table(table, pa.BufferOutputStream())
+    pc.min_max(table["time"])
 
 
 def _ids(n: int) -> list[str]:
@@ -240,14 +261,14 @@ class ParquetStore:
         self.root = Path(root)
 
     def write(self, table) -> None:
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        first, last = (table["time"][k].as_py().date() for k in (0, -1))
-        if first == last:  # rows come in time order; a flush across midnight is split
+        bounds = pc.min_max(table["time"]).as_py()
+        first, last = bounds["min"].date(), bounds["max"].date()
+        if first == last:  # a flush across midnight is split, each row to its own day
             parts = [(first.isoformat(), table)]
         else:
-            import pyarrow.compute as pc
-
             dates = pc.strftime(table["time"], format="%Y-%m-%d")
             parts = [(d, table.filter(pc.equal(dates, d))) for d in pc.unique(dates).to_pylist()]
         for day, part in parts:
@@ -270,7 +291,7 @@ class ParquetStore:
             if bound is not None:
                 test = getattr(pads.field("time"), op)(pa.scalar(bound, pa.timestamp("us", "UTC")))
                 where = test if where is None else where & test
-        return found.to_table(filter=where, columns=list(COLUMNS))
+        return found.to_table(filter=where, columns=list(COLUMNS)).sort_by("time")
 
 
 class PostgresStore:
@@ -280,15 +301,20 @@ class PostgresStore:
     def __init__(self, uri: str):
         import re
 
-        self.dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", uri)  # SQLAlchemy's form too
+        self.dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", uri, flags=re.I)
+        self._create()
+
+    def _create(self) -> None:
+        """The table and its index, when missing. Servers starting at once on an empty
+        database would race in CREATE ... IF NOT EXISTS: a transaction lock takes them in turn."""
         fields = ", ".join(f'"{name}" {kind}' for name, (_, kind) in COLUMNS.items())
         with self._cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
             cursor.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({fields})")
             cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time)")
 
     @contextlib.contextmanager
     def _cursor(self):
-        import re
 
         import psycopg2
 
@@ -297,7 +323,7 @@ class PostgresStore:
         except psycopg2.OperationalError as exc:
             from pipeline.errors import ConfigError
 
-            shown = re.sub(r"//[^@/]*@", "//***@", self.dsn)  # never the password
+            shown = shown_uri(self.dsn)
             first = str(exc).strip().splitlines()[0]
             raise ConfigError(
                 f"monitor.store {shown}: cannot connect ({first}); start the database or "
@@ -310,12 +336,20 @@ class PostgresStore:
             connection.close()
 
     def write(self, table) -> None:
+        import psycopg2.errors
         from psycopg2.extras import execute_values
 
         rows = [tuple(row.values()) for row in table.select(list(COLUMNS)).to_pylist()]
         quoted = ", ".join(f'"{name}"' for name in COLUMNS)
-        with self._cursor() as cursor:
-            execute_values(cursor, f"INSERT INTO {TABLE} ({quoted}) VALUES %s", rows)
+        for last_try in (False, True):
+            try:
+                with self._cursor() as cursor:
+                    execute_values(cursor, f"INSERT INTO {TABLE} ({quoted}) VALUES %s", rows)
+                return
+            except psycopg2.errors.UndefinedTable:  # the database was made anew meanwhile
+                if last_try:
+                    raise
+                self._create()
 
     def read(self, since: datetime | None = None, until: datetime | None = None):
         """A pyarrow Table of the rows logged in [since, until)."""
@@ -336,14 +370,14 @@ class PostgresStore:
 
 def open_store(settings: Settings, cfg: MonitorConfig):
     """The store `cfg.store` names: "" the project's Parquet folder, or a PostgreSQL URI."""
-    if cfg.store.startswith(("postgresql://", "postgresql+", "postgres://")):
+    if cfg.store.lower().startswith(("postgresql://", "postgresql+", "postgres://")):
         return PostgresStore(cfg.store)
     if cfg.store:
         from pipeline.errors import ConfigError
 
         raise ConfigError(
-            f"monitor.store {cfg.store!r}: give a postgresql:// URI, or leave it empty for "
-            f"Parquet files under {settings.prediction_log}"
+            f"monitor.store {shown_uri(cfg.store)!r}: give a postgresql:// URI, or leave it "
+            f"empty for Parquet files under {settings.prediction_log}"
         )
     return ParquetStore(settings.prediction_log)
 
@@ -356,6 +390,14 @@ def open_log(
         return None
     store = open_store(settings, cfg)
     return PredictionLog(store, cfg.sample_rate, cfg.buffer, counted or (lambda o, n: None))
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` with its password hidden, as `user:password@` or a `password=` parameter."""
+    import re
+
+    uri = re.sub(r"//[^@/]*@", "//***@", uri)
+    return re.sub(r"(password=)[^&;\s]*", r"\1***", uri, flags=re.I)
 
 
 def _schema():

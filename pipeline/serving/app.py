@@ -182,6 +182,7 @@ def create_app(
         started = time.perf_counter()
         if state.in_flight >= state.cfg.max_in_flight:  # the probes above always answer
             state.metrics.requests.labels("busy").inc()
+            _log_refusal(state, state.served, "busy")
             state.metrics.latency.observe(time.perf_counter() - started)
             return _error(503, f"{state.in_flight} requests in progress (serve.max_in_flight)")
         state.in_flight += 1
@@ -261,6 +262,7 @@ async def _invocations(state: State, request: Request) -> Response:
     metrics, served = state.metrics, state.served
     if served is None:
         metrics.requests.labels("unready").inc()
+        _log_refusal(state, served, "unready")
         return _error(503, "the model is still loading; retry when /ready is 200")
     state.batcher.start_decoding()
     try:
@@ -278,8 +280,7 @@ async def _invocations(state: State, request: Request) -> Response:
     except Refused as refused:
         metrics.requests.labels("refused").inc()
         metrics.refusals.labels(refused.reason).inc()
-        if state.log is not None:
-            state.log.refused("serve", (served.name, served.version), refused.reason)
+        _log_refusal(state, served, refused.reason)
         log.info("refused (%s): %s", refused.reason, refused)
         return _error(refused.status, str(refused))
     finally:
@@ -303,6 +304,12 @@ async def _invocations(state: State, request: Request) -> Response:
         {"predictions": rows, "model": _named(served)},
         headers={"X-Model-Version": f"{served.name}/{served.version}"},
     )
+
+
+def _log_refusal(state: State, served: Served | None, reason: str) -> None:
+    if state.log is not None:  # version 0: none loaded yet
+        version = served.version if served is not None else 0
+        state.log.refused("serve", (state.name, version), reason)
 
 
 async def _body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -411,6 +418,10 @@ def run(
     from pipeline.serving.connections import with_head_bounds
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if monitor is not None and monitor.log:  # a store that cannot be had: one line, at once
+        from pipeline.monitoring.log import open_store
+
+        open_store(settings, monitor)
     host, port = address
     try:  # bound here, so a port in use is one line, not uvicorn's startup failure
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

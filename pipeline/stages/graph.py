@@ -64,7 +64,7 @@ STAGES = (
         "evaluate",
         "pipeline.stages.evaluate:run",
         "score the trained model on the test split; calibrate it on its validation split",
-        ("serve.alpha", "serve.ood_rate"),
+        ("serve.alpha", "serve.ood_rate", "register.model_name"),
         ("train",),
         "reports/metrics.json",
     ),

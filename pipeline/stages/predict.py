@@ -70,39 +70,58 @@ def predict_stage(
 ) -> dict:
     """Resolve `ref` once (pinning the version), score `inputs` (a folder of images or an .npy
     of N x C x H x W) a batch at a time through the model's input contract, write `output`
-    (.csv or .json); with `monitor`, the prediction log records the scored images
-    (`pipeline.monitoring`). Files in a folder that are no images are listed under `skipped`
+    (.csv or .json); with `monitor`, the prediction log records the scored images once the
+    output is written (`pipeline.monitoring`; a store that refuses them is reported in the
+    result, not raised). Files in a folder that are no images are listed under `skipped`
     in the result. Raises DataError for unreadable inputs or another output suffix."""
-    from pipeline.monitoring.log import open_log
+    from pipeline.monitoring import log
     from pipeline.tracking import server, weights
     from pipeline.training.calibration import softmax
     from pipeline.training.inference import logits_and_features
 
     if Path(output).suffix not in (".csv", ".json"):
         raise DataError(f"{output}: the output must end in .csv or .json")
+    try:  # before any scoring: a folder that cannot be had fails now, in one line
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"{output}: cannot make its folder ({exc.strerror}); give an output in a folder"
+        ) from None
     pinned = pin_stage(settings, ref)
     with server.reachable(settings):
         model, spec = weights.load_weights(pinned["run_id"], sha256=pinned["weights_sha256"])
         temperature = weights.temperature(pinned["run_id"])  # calibrated probabilities
     found = open_inputs(inputs, spec.input_contract())  # the model's own preprocessing
     classes = list(spec.classes)
-    log = open_log(settings, monitor) if monitor is not None else None
-    scored, start = [], 0
-    try:
-        for batch in found.batches():
-            logits, features = logits_and_features(model, batch)
-            probs = softmax(logits, temperature)
-            names, start = found.names[start : start + len(batch)], start + len(batch)
-            if log is not None:
-                answers = [classes[k] for k in probs.argmax(1)]
-                pixels = np.asarray(batch, np.float32)
-                model_id = (pinned["name"], pinned["version"])
-                log.scored("predict", model_id, pixels, features, probs, answers, None, names)
-            scored.append(probs)
-    finally:
-        if log is not None:
-            log.close()
-    probs = np.concatenate(scored)
-    write(output, found.names, probs, classes, pinned)
+    keep_log = monitor is not None and monitor.log
+    store = log.open_store(settings, monitor) if keep_log else None  # a bad one: before scoring
+    scored, logged, start, rng = [], [], 0, np.random.default_rng()
+    for batch in found.batches():
+        logits, features = logits_and_features(model, batch)
+        probs = softmax(logits, temperature)
+        names, start = found.names[start : start + len(batch)], start + len(batch)
+        if keep_log:
+            answers = [classes[k] for k in probs.argmax(1)]
+            pixels = np.asarray(batch, np.float32)
+            model_id = (pinned["name"], pinned["version"])
+            taken = (pixels, features, probs, answers, None, names)
+            logged.append(log.sample(rng, monitor.sample_rate, "predict", model_id, *taken))
+        scored.append(probs)
+    write(output, found.names, np.concatenate(scored), classes, pinned)
     out = {"model": pinned, "inputs": len(found.names), "output": str(output)}
+    if keep_log:  # only once the output exists: a failed run, retried, logs its images once
+        out |= _log(store, [item for item in logged if item is not None])
     return {**out, "skipped": found.skipped} if found.skipped else out
+
+
+def _log(store, items: list[tuple]) -> dict:
+    """Write the prediction log's rows of `items`: {"logged": rows}, or {"not_logged": rows,
+    "log_failure": why} when the store refuses them (the predictions stand)."""
+    from pipeline.monitoring.log import table_of
+
+    table = table_of(items)
+    try:
+        store.write(table)
+    except Exception as exc:  # noqa: BLE001  (the log never fails a prediction)
+        return {"not_logged": table.num_rows, "log_failure": f"{type(exc).__name__}: {exc}"}
+    return {"logged": table.num_rows}

@@ -105,6 +105,10 @@ def test_serve_answers_mlflows_payloads_alike_refuses_as_predict_and_counts(from
         served = np.array([[row[f"p_{k}"] for k in range(10)] for row in answer["predictions"]])
         assert np.allclose(served, _calibrated(project, run_id, pixels), atol=1e-5)
         np.save(project / "six.npy", pixels)
+        inside_a_file = project / "six.npy" / "six.csv"  # fails before scoring: nothing logged
+        predict = ["pipeline", "predict", "--input", str(project / "six.npy"), "--output"]
+        failed = run([*predict, str(inside_a_file)], project, check=False)
+        assert failed.returncode == 1 and "cannot make its folder" in failed.stderr
         out = project / "six.csv"
         run(
             ["pipeline", "predict", "--input", str(project / "six.npy"), "--output", str(out)],

@@ -144,3 +144,70 @@ def test_features_are_the_input_of_the_last_linear_layer():
         want = body(torch.from_numpy(images)).numpy()
         assert np.allclose(features, want) and np.allclose(logits, model[1](torch.tensor(want)))
     assert logits_and_features(nn.Flatten(), images)[1] is None  # no linear layer: no features
+
+
+def test_each_row_lands_in_its_own_days_folder_across_midnight(tmp_path):
+    from pipeline.monitoring.log import table_of
+
+    _, _, probs, answers = _scored(1)
+    made = profile(np.zeros((1, 1, 2, 2), np.float32), None)
+    before, after = datetime(2026, 12, 7, 23, 59, 58, tzinfo=UTC), datetime(2026, 12, 8, tzinfo=UTC)
+    items = [  # as a flush takes them: images first, then refusals
+        (before, "serve", ("m", 1), made, probs, answers, None, None),
+        (after, "serve", ("m", 1), made, probs, answers, None, None),
+        (before + timedelta(seconds=1), "serve", ("m", 1), "contract"),
+    ]
+    store = ParquetStore(tmp_path)
+    store.write(table_of(items))
+    days = sorted(day.name for day in tmp_path.iterdir())
+    assert days == ["day=2026-12-07", "day=2026-12-08"]
+    by_day = {
+        name: sorted(row["time"].date().isoformat() for row in _rows_in(tmp_path / name))
+        for name in days
+    }
+    assert by_day == {"day=2026-12-07": ["2026-12-07"] * 2, "day=2026-12-08": ["2026-12-08"]}
+    assert [r["time"] for r in store.read().to_pylist()] == sorted(t for t, *_ in items)
+
+
+def _rows_in(folder):
+    import pyarrow.parquet as pq
+
+    return [row for path in folder.glob("*.parquet") for row in pq.read_table(path).to_pylist()]
+
+
+def test_postgresql_tables_are_made_by_concurrent_servers_and_again_when_gone(new_database):
+    import psycopg2
+
+    uri = f"postgresql://postgres@127.0.0.1:5432/{new_database('race')}"
+    failures = []
+
+    def start() -> None:
+        try:
+            PostgresStore(uri)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(exc)
+
+    starting = [threading.Thread(target=start) for _ in range(6)]
+    for thread in starting:
+        thread.start()
+    for thread in starting:
+        thread.join()
+    assert failures == []
+    store = PostgresStore(uri)
+    with psycopg2.connect(uri) as connection, connection.cursor() as cursor:
+        cursor.execute("DROP TABLE pipeline_predictions")  # the database made anew, say
+    connection.close()
+    log = PredictionLog(store, 1.0, 100)
+    log.scored("serve", ("m", 1), *_scored(3)[:3], _scored(3)[3])
+    log.close()
+    assert store.read().num_rows == 3
+
+
+def test_a_stores_password_is_never_shown():
+    from pipeline.monitoring.log import shown_uri
+
+    assert shown_uri("mysql://u:hunter2@h/db") == "mysql://***@h/db"
+    assert "hunter2" not in shown_uri("postgresql://h:5432/db?user=u&password=hunter2")
+    with pytest.raises(ConfigError) as said:
+        open_store(Settings.from_env("/tmp"), MonitorConfig(store="mysql://u:hunter2@h/db"))
+    assert "hunter2" not in str(said.value)
