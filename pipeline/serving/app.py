@@ -100,6 +100,8 @@ def create_app(
     background while `/ready` says 503. `monitor`: the prediction log's config (None: no log).
     """
     state = State(settings, cfg, target, shadow, shared, monitor)
+    if first is not None:  # its gauges say so from the start, not 0 until the lifespan begins
+        state.switch(first)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -221,7 +223,8 @@ def _serve_first(state: State, app: FastAPI, served: Served) -> None:
     # What is loaded by now (torch, MLflow, the model) lives as long as the server: kept out
     # of the collector's full passes, which otherwise walk it all and stall answers.
     gc.freeze()
-    state.switch(served)
+    if state.served is not served:
+        state.switch(served)
     log.info("serving %s version %s (@%s)", served.name, served.version, served.alias)
     failed = state.metrics.follow_failures.labels
 

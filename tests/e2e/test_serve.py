@@ -451,7 +451,7 @@ def test_serve_workers_follow_a_tracking_servers_webhook_at_once(from_template):
         args = ["--set", "serve.poll_s=3600", "--webhook-url", "{url}/webhook", "--workers", "2"]
         with PipelineServer(project, *args, env=env) as server:
             _until(lambda: len(_versions(server)) == 2, lambda: _versions(server))
-            assert set(_versions(server).values()) == {1.0}
+            assert set(_versions(server).values()) == {1.0}  # each serving from its first gauge
             forged = urllib.request.Request(
                 f"{server.url}/webhook", b"{}", {"Content-Type": "application/json"}
             )
