@@ -185,6 +185,25 @@ def http_load(body: bytes, seconds: float, bare_batch_256: float) -> dict:
     return table
 
 
+def log_pairs(body: bytes, seconds: float, pairs: int) -> dict:
+    """`pipeline serve` with the prediction log, then without, `pairs` times in turn, at 32
+    client threads: each cell, and images/s with the log over without, summed over the pairs
+    (alternating cancels the machine's drift, which is larger than the log's cost)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ROOT}/.mlflow/mlflow.db"}
+    command = [str(BIN / "pipeline"), "serve"]
+    cells: dict[str, list] = {"on": [], "off": []}
+    for _ in range(pairs):
+        for name, extra in (("on", []), ("off", ["--set", "monitor.log=false"])):
+            port = _free_port()
+            server = _start([*command, *extra, "--port", str(port)], port, env)
+            try:
+                cells[name].append(_throughput(port, body, 32, seconds))
+            finally:
+                _stop(server)
+    total = {name: sum(cell["images_per_s"] for cell in runs) for name, runs in cells.items()}
+    return {**cells, "on_over_off": round(total["on"] / total["off"], 3)}
+
+
 def alias_flip(body: bytes, seconds: float) -> dict:
     """Failed requests and the time to the new version when the champion moves under load at
     8 threads, in a copy of the registry (the project's own is left as it is)."""
@@ -219,7 +238,7 @@ def alias_flip(body: bytes, seconds: float) -> dict:
     }
 
 
-def main(repeats: int, images: int, seconds: float) -> dict:
+def main(repeats: int, images: int, seconds: float, pairs: int = 0) -> dict:
     import mlflow
     import torch
     from mlflow import MlflowClient
@@ -266,6 +285,8 @@ def main(repeats: int, images: int, seconds: float) -> dict:
         "http": http_load(body, seconds, bare_256),
         "alias_flip": alias_flip(body, seconds),
     }
+    if pairs:
+        result["prediction_log_pairs"] = log_pairs(body, seconds, pairs)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -276,5 +297,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=256 * 4)
     parser.add_argument("--seconds", type=float, default=5.0, help="per HTTP load cell")
+    parser.add_argument(
+        "--pairs", type=int, default=0, help="alternating runs with and without the log"
+    )
     args = parser.parse_args()
-    print(json.dumps(main(args.repeats, args.images, args.seconds), indent=2))
+    print(json.dumps(main(args.repeats, args.images, args.seconds, args.pairs), indent=2))

@@ -178,7 +178,7 @@ def _webhook(settings: Settings, url: str, name: str, alias: str) -> None:
 
 
 def serve(args, settings: Settings) -> int:
-    from pipeline.serving.app import run
+    from pipeline.serving.app import Job, run
     from pipeline.serving.model import where
 
     if args.workers is not None:  # checked as the param is
@@ -200,8 +200,8 @@ def serve(args, settings: Settings) -> int:
     if args.webhook_url:
         for followed in filter(None, (alias, args.shadow)):
             _webhook(settings, args.webhook_url, name, followed)
-    target, address = (name, alias), (args.host, args.port)
-    return run(settings, cfg.serve, target, address, args.shadow, cfg.monitor)
+    job = Job(settings, cfg.serve, (name, alias), args.shadow, cfg.monitor)
+    return run(job, (args.host, args.port))
 
 
 def reproduce(args, settings: Settings) -> int:

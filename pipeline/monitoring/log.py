@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,20 +70,9 @@ class PredictionLog:
         self.thread = threading.Thread(target=self._write, name="prediction-log", daemon=True)
         self.thread.start()
 
-    def scored(
-        self,
-        source: str,
-        model: tuple[str, int],
-        pixels: np.ndarray,
-        features: np.ndarray | None,
-        probs: np.ndarray,
-        predictions: list[str],
-        abstained: list[str | None] | None = None,
-        inputs: list[str] | None = None,
-    ) -> None:
-        """Log a sample of N scored images (see `sample`)."""
-        scored = (pixels, features, probs, predictions, abstained, inputs)
-        taken = sample(self.rng, self.sample_rate, source, model, *scored)
+    def scored(self, source: str, model: tuple[str, int], images: Scored) -> None:
+        """Log a sample of `images` (see `sample`) that `model` (name, version) scored."""
+        taken = sample(self.rng, self.sample_rate, source, model, images)
         if taken is not None:
             self._put(len(taken[4]), taken)
 
@@ -133,24 +123,25 @@ class PredictionLog:
                 self.waiting -= size
 
 
+class Scored(NamedTuple):
+    """N scored images as the log takes them."""
+
+    pixels: np.ndarray  # float32 N x C x H x W, as the model's input contract made them
+    features: np.ndarray | None  # N x D penultimate features; None for an ONNX model
+    probs: np.ndarray  # N x classes, calibrated
+    predictions: list[str]  # the answers
+    abstained: list[str | None] | None = None  # why each is "unknown" (serve.abstain)
+    inputs: list[str] | None = None  # the inputs' names (pipeline predict)
+
+
 def sample(
-    rng: np.random.Generator,
-    rate: float,
-    source: str,
-    model: tuple[str, int],
-    pixels: np.ndarray,
-    features: np.ndarray | None,
-    probs: np.ndarray,
-    predictions: list[str],
-    abstained: list[str | None] | None = None,
-    inputs: list[str] | None = None,
+    rng: np.random.Generator, rate: float, source: str, model: tuple[str, int], images: Scored
 ) -> tuple | None:
-    """An item for `table_of`: about `rate` of N scored images (float32 N x C x H x W `pixels`,
-    N x D penultimate `features` or None, N x classes calibrated `probs`, the N answers, why
-    each abstained, the inputs' names), or None when none is drawn. It keeps the images'
-    profiles (`profile.profile`: a few numbers each), not their pixels."""
+    """An item for `table_of`: about `rate` of `images`, or None when none is drawn. It keeps
+    the images' profiles (`profile.profile`: a few numbers each), not their pixels."""
     from pipeline.monitoring.profile import profile
 
+    pixels, features, probs, predictions, abstained, inputs = images
     if rate < 1:
         keep = np.flatnonzero(rng.random(len(pixels)) < rate)
         if len(keep) == 0:
@@ -224,11 +215,9 @@ def _warm_up() -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.monitoring.profile import profile
-
     one = np.zeros((1, 1, 1, 1), np.float32)
-    made = profile(one, None)
-    table = table_of([(datetime.now(UTC), "", ("", 0), made, one[0, 0], [""], None, None)])
+    item = sample(np.random.default_rng(), 1.0, "", ("", 0), Scored(one, None, one[0, 0], [""]))
+    table = table_of([item])
     pq.write_table(table, pa.BufferOutputStream())
     pc.min_max(table["time"])
 

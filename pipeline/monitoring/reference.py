@@ -5,7 +5,6 @@ stored with the run the version registers (`ARTIFACT`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 
 import numpy as np
 
@@ -23,12 +22,11 @@ def reference(
     "validation", "test"), `model` `name`, `version` 0 (not registered yet), one row per image
     of each split's chunks (uint8 N x C x H x W), scored once more by `model` at `temperature`.
     Memory: one chunk and the rows."""
-    from pipeline.monitoring.log import table_of
-    from pipeline.monitoring.profile import profile
+    from pipeline.monitoring.log import Scored, sample, table_of
     from pipeline.training.calibration import softmax
     from pipeline.training.inference import logits_and_features
 
-    items, now = [], datetime.now(UTC)
+    items, every = [], np.random.default_rng()  # rate 1: every image, the generator unused
     for split, chunks in splits.items():
         for chunk in chunks:
             pixels = np.asarray(chunk, np.float32)
@@ -36,6 +34,6 @@ def reference(
             probs = softmax(logits, temperature)
             answers = [classes[k] for k in probs.argmax(1)]
             items.append(
-                (now, split, (name, 0), profile(pixels, features), probs, answers, None, None)
+                sample(every, 1.0, split, (name, 0), Scored(pixels, features, probs, answers))
             )
     return table_of(items)

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,29 +45,36 @@ SERVING = "serving"  # in the workers' folder: the version the last worker to sw
 READY_S = 120  # a worker's time to load and warm up before uvicorn's supervisor gives up on it
 
 
-class State:
-    """What the routes share: the version answering now, the batcher and the metrics."""
+@dataclass(frozen=True)
+class Job:
+    """What a server serves, and how: `target` (name, alias) under `cfg`'s limits; `shadow`, an
+    alias that scores each request too, off the response path (`serving.shadow`); `monitor`,
+    the prediction log's config (None: no log). Pickled whole to each worker process."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        cfg: ServeConfig,
-        target: tuple[str, str],
-        shadow: str = "",
-        shared: str | None = None,
-        monitor: MonitorConfig | None = None,
-    ):
-        self.settings, self.cfg, (self.name, self.alias) = settings, cfg, target
-        self.shared = shared  # the workers' folder (metrics, nudges); None: the only process
-        self.metrics = Metrics(cfg.max_batch, shadow=bool(shadow))
-        self.log = None  # the prediction log, opened at startup (pipeline.monitoring)
-        if monitor is not None:
+    settings: Settings
+    cfg: ServeConfig
+    target: tuple[str, str]
+    shadow: str = ""
+    monitor: MonitorConfig | None = None
+
+
+class State:
+    """What the routes share: the version answering now, the batcher and the metrics.
+    `shared`: the folder of the server's worker processes (metrics, nudges); None: the only
+    process."""
+
+    def __init__(self, job: Job, shared: str | None = None):
+        self.settings, self.cfg, (self.name, self.alias) = job.settings, job.cfg, job.target
+        self.shared = shared
+        cfg = job.cfg
+        self.metrics = Metrics(cfg.max_batch, shadow=bool(job.shadow))
+        self.log = None  # the prediction log (pipeline.monitoring)
+        if job.monitor is not None:
             from pipeline.monitoring.log import open_log
 
-            self.log = open_log(
-                settings, monitor, lambda o, n: self.metrics.logged.labels(o).inc(n)
-            )
-        self.shadow = Shadow(shadow, self.metrics) if shadow else None
+            counted = self.metrics.logged.labels
+            self.log = open_log(job.settings, job.monitor, lambda o, n: counted(o).inc(n))
+        self.shadow = Shadow(job.shadow, self.metrics) if job.shadow else None
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, self.metrics.batch.observe)
         self.served: Served | None = None
         self.failure: str | None = None  # why the first load failed: the server then stops
@@ -85,21 +93,10 @@ class State:
         self.metrics.temperature.set(served.temperature)
 
 
-def create_app(
-    settings: Settings,
-    cfg: ServeConfig,
-    target: tuple[str, str],
-    shadow: str = "",
-    shared: str | None = None,
-    first: Served | None = None,
-    monitor: MonitorConfig | None = None,
-) -> FastAPI:
-    """The app serving `target` (name, alias); with `shadow` (an alias), that version scores
-    each request too, off the response path (`serving.shadow`). `shared`: the folder of the
-    server's worker processes; `first`: the version already loaded, else it loads in the
-    background while `/ready` says 503. `monitor`: the prediction log's config (None: no log).
-    """
-    state = State(settings, cfg, target, shadow, shared, monitor)
+def create_app(job: Job, shared: str | None = None, first: Served | None = None) -> FastAPI:
+    """The app serving `job` (`shared`: as `State` takes it); `first`: the version already
+    loaded, else it loads in the background while `/ready` says 503."""
+    state = State(job, shared)
     if first is not None:  # its gauges say so from the start, not 0 until the lifespan begins
         state.switch(first)
 
@@ -299,9 +296,12 @@ async def _invocations(state: State, request: Request) -> Response:
         state.shadow.offer(pixels, served, logits)
     probs, columns = _columns(logits, served, metrics)
     if state.log is not None:
+        from pipeline.monitoring.log import Scored
+
         model = (served.name, served.version)
         reasons = columns.get("abstained")
-        state.log.scored("serve", model, pixels, features, probs, columns["prediction"], reasons)
+        images = Scored(pixels, features, probs, columns["prediction"], reasons)
+        state.log.scored("serve", model, images)
     rows = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
     return JSONResponse(
         {"predictions": rows, "model": _named(served)},
@@ -402,29 +402,21 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
-def run(
-    settings: Settings,
-    cfg: ServeConfig,
-    target: tuple[str, str],
-    address: tuple[str, int],
-    shadow: str = "",
-    monitor: MonitorConfig | None = None,
-) -> int:
-    """Serve `target` (name, alias) on `address` (host, port) until SIGTERM or SIGINT (a
-    graceful stop; the CLI exits 143 or 130), or until the first load fails (1, the reason
-    logged in one line); with `shadow`, that alias scores each request too; with `monitor`, the
-    prediction log records what was asked. ConfigError when the address cannot be had. With
-    `cfg.workers` > 1, see `_supervise`."""
+def run(job: Job, address: tuple[str, int]) -> int:
+    """Serve `job` on `address` (host, port) until SIGTERM or SIGINT (a graceful stop; the CLI
+    exits 143 or 130), or until the first load fails (1, the reason logged in one line).
+    ConfigError when the address or the prediction log's store cannot be had. With
+    `job.cfg.workers` > 1, see `_supervise`."""
     import socket
 
     from pipeline.errors import ConfigError
     from pipeline.serving.connections import with_head_bounds
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    if monitor is not None and monitor.log:  # a store that cannot be had: one line, at once
+    if job.monitor is not None and job.monitor.log:  # a store that cannot be had: at once
         from pipeline.monitoring.log import open_store
 
-        open_store(settings, monitor)
+        open_store(job.settings, job.monitor)
     host, port = address
     try:  # bound here, so a port in use is one line, not uvicorn's startup failure
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -435,10 +427,10 @@ def run(
         ) from None
     # keep-alive idle 5 s; one log line per event, none per request
     common = {"timeout_keep_alive": 5, "access_log": False, "log_config": None}
-    if cfg.workers > 1:
-        return _supervise((settings, cfg, target, shadow, monitor), common, listening)
-    app = create_app(settings, cfg, target, shadow, monitor=monitor)
-    config = uvicorn.Config(app, http=with_head_bounds(cfg.header_timeout_s), **common)
+    if job.cfg.workers > 1:
+        return _supervise(job, common, listening)
+    app = create_app(job)
+    config = uvicorn.Config(app, http=with_head_bounds(job.cfg.header_timeout_s), **common)
     server = uvicorn.Server(config)
     app.state.stop = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[listening])
@@ -448,8 +440,8 @@ def run(
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def _supervise(job: tuple, common: dict, listening) -> int:
-    """Run `cfg.workers` worker processes on `listening` under uvicorn's supervisor, which
+def _supervise(job: Job, common: dict, listening) -> int:
+    """Run `job.cfg.workers` worker processes on `listening` under uvicorn's supervisor, which
     replaces a worker that dies (SIGHUP: replaces each in turn, SIGTTIN/SIGTTOU: one more or
     fewer). Their metrics meet in a temporary folder, removed at the end. A worker that cannot
     load the alias's version stops the server (1)."""
@@ -465,7 +457,7 @@ def _supervise(job: tuple, common: dict, listening) -> int:
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
         config = _WorkerConfig(
-            (*job, shared), workers=job[1].workers, timeout_worker_healthcheck=READY_S, **common
+            job, shared, workers=job.cfg.workers, timeout_worker_healthcheck=READY_S, **common
         )
         supervisor = _Supervisor(config, sockets=[listening])
         supervisor.run()
@@ -489,18 +481,19 @@ class _WorkerConfig(uvicorn.Config):
     serve instead (they keep it while the alias's fails to load), and follows the alias from
     there."""
 
-    def __init__(self, job: tuple, **kwargs):
+    def __init__(self, job: Job, shared: str, **kwargs):
         import os
 
         super().__init__(app="pipeline.serving.app:create_app", **kwargs)  # replaced in `load`
-        self.job, self.supervisor = job, os.getpid()
+        self.job, self.shared, self.supervisor = job, shared, os.getpid()
 
     def load(self) -> None:
         from uvicorn.config import STARTUP_FAILURE
 
         from pipeline.serving.connections import with_head_bounds
 
-        settings, cfg, (name, alias), shadow, monitor, shared = self.job
+        job, shared = self.job, self.shared
+        settings, cfg, (name, alias) = job.settings, job.cfg, job.target
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         _die_with_parent(self.supervisor)
         try:
@@ -521,7 +514,7 @@ class _WorkerConfig(uvicorn.Config):
                 log.error("could not load version %s either: %s", version, again)
                 sys.exit(1)
         try:
-            self.app = create_app(settings, cfg, (name, alias), shadow, shared, first, monitor)
+            self.app = create_app(job, shared, first)
         except Exception as exc:  # noqa: BLE001  (one line; the supervisor then stops)
             log.error("could not start serving %s@%s: %s", name, alias, exc)
             sys.exit(STARTUP_FAILURE)

@@ -96,16 +96,16 @@ def predict_stage(
     keep_log = monitor is not None and monitor.log
     store = log.open_store(settings, monitor) if keep_log else None  # a bad one: before scoring
     scored, logged, start, rng = [], [], 0, np.random.default_rng()
+    model_id = (pinned["name"], pinned["version"])
     for batch in found.batches():
-        logits, features = logits_and_features(model, batch)
+        pixels = np.asarray(batch, np.float32)  # once, for the model and the log's profile
+        logits, features = logits_and_features(model, pixels)
         probs = softmax(logits, temperature)
         names, start = found.names[start : start + len(batch)], start + len(batch)
         if keep_log:
             answers = [classes[k] for k in probs.argmax(1)]
-            pixels = np.asarray(batch, np.float32)
-            model_id = (pinned["name"], pinned["version"])
-            taken = (pixels, features, probs, answers, None, names)
-            logged.append(log.sample(rng, monitor.sample_rate, "predict", model_id, *taken))
+            images = log.Scored(pixels, features, probs, answers, None, names)
+            logged.append(log.sample(rng, monitor.sample_rate, "predict", model_id, images))
         scored.append(probs)
     write(output, found.names, np.concatenate(scored), classes, pinned)
     out = {"model": pinned, "inputs": len(found.names), "output": str(output)}

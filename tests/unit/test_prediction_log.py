@@ -15,7 +15,13 @@ from torch import nn
 
 from pipeline.config import MonitorConfig
 from pipeline.errors import ConfigError
-from pipeline.monitoring.log import ParquetStore, PostgresStore, PredictionLog, open_store
+from pipeline.monitoring.log import (
+    ParquetStore,
+    PostgresStore,
+    PredictionLog,
+    Scored,
+    open_store,
+)
 from pipeline.monitoring.profile import EMBED_DIMS, profile
 from pipeline.settings import Settings
 from pipeline.training.inference import logits_and_features
@@ -39,7 +45,7 @@ def test_rows_carry_the_profile_and_answer_and_refusals_are_rows(tmp_path):
     log = PredictionLog(store, 1.0, 1000, counts)
     pixels, features, probs, answers = _scored(5)
     abstained = [None, "ood", None, None, None]
-    log.scored("serve", ("m", 3), pixels, features, probs, answers, abstained)
+    log.scored("serve", ("m", 3), Scored(pixels, features, probs, answers, abstained))
     log.refused("serve", ("m", 3), "contract")
     log.close()
     assert counts == {"written": 6}
@@ -65,7 +71,7 @@ def test_sampling_keeps_about_the_rate_and_a_full_buffer_drops_without_waiting(t
     store, counts = ParquetStore(tmp_path), _Counts()
     log = PredictionLog(store, 0.25, 100_000, counts)
     for seed in range(20):
-        log.scored("serve", ("m", 1), *_scored(200, seed)[:3], _scored(200, seed)[3])
+        log.scored("serve", ("m", 1), Scored(*_scored(200, seed)))
     log.close()
     kept = store.read().num_rows
     assert abs(kept - 1000) < 4 * (4000 * 0.25 * 0.75) ** 0.5  # binomial, 4 sd
@@ -79,8 +85,8 @@ def test_sampling_keeps_about_the_rate_and_a_full_buffer_drops_without_waiting(t
 
     log = PredictionLog(Stuck(tmp_path / "stuck"), 1.0, 8, counts)
     pixels, features, probs, answers = _scored(5)
-    log.scored("serve", ("m", 1), pixels, features, probs, answers)  # 5 waiting
-    log.scored("serve", ("m", 1), pixels, features, probs, answers)  # 10 > 8: dropped
+    log.scored("serve", ("m", 1), Scored(pixels, features, probs, answers))  # 5 waiting
+    log.scored("serve", ("m", 1), Scored(pixels, features, probs, answers))  # 10 > 8: dropped
     assert counts == {"dropped": 5}
     blocked.set()
     log.close()
@@ -98,10 +104,10 @@ def test_a_failed_write_is_counted_dropped_and_the_log_goes_on(tmp_path):
             super().write(columns)
 
     log = PredictionLog(Flaky(tmp_path), 1.0, 100, counts)
-    log.scored("predict", ("m", 1), *_scored(3)[:3], _scored(3)[3])
+    log.scored("predict", ("m", 1), Scored(*_scored(3)))
     log.close()  # the first flush fails
     log = PredictionLog(Flaky(tmp_path), 1.0, 100, counts)
-    log.scored("predict", ("m", 1), *_scored(4)[:3], _scored(4)[3], inputs=list("abcd"))
+    log.scored("predict", ("m", 1), Scored(*_scored(4), inputs=list("abcd")))
     log.close()
     assert counts == {"dropped": 3, "written": 4}
     assert [r["input"] for r in Flaky(tmp_path).read().to_pylist()] == list("abcd")
@@ -112,7 +118,7 @@ def test_parquet_reads_by_time_and_postgresql_gives_back_the_same_rows(tmp_path,
     postgres = PostgresStore(f"postgresql://postgres@127.0.0.1:5432/{new_database('log')}")
     for store in (parquet, postgres):
         log = PredictionLog(store, 1.0, 100)
-        log.scored("serve", ("m", 2), *_scored(4)[:3], _scored(4)[3])
+        log.scored("serve", ("m", 2), Scored(*_scored(4)))
         log.refused("serve", ("m", 2), "too_large")
         log.close()
     mine, theirs = parquet.read().to_pylist(), postgres.read().to_pylist()
@@ -198,7 +204,7 @@ def test_postgresql_tables_are_made_by_concurrent_servers_and_again_when_gone(ne
         cursor.execute("DROP TABLE pipeline_predictions")  # the database made anew, say
     connection.close()
     log = PredictionLog(store, 1.0, 100)
-    log.scored("serve", ("m", 1), *_scored(3)[:3], _scored(3)[3])
+    log.scored("serve", ("m", 1), Scored(*_scored(3)))
     log.close()
     assert store.read().num_rows == 3
 
